@@ -1,0 +1,85 @@
+"""bgpool: supervised background workers beside a Python application.
+
+Declare workers with `WorkerSpec` / `PoolConfig`, run them with `Pool`, reach them
+from any process with `connect()`; inside a worker, `get_worker_handle()` is the
+readiness signal and the stop signal. See README.md.
+
+The names that need pydantic (the declarations, `Pool`, the reporting models) are
+imported on first use, so a worker or the supervisor that never touches them
+does not pay for the import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BgpoolError,
+    CatchAllLimitReached,
+    EnsureTimeout,
+    PoolClosed,
+    StartupError,
+    VarsNotPublished,
+    WorkerAborted,
+    WorkerBootFailed,
+    WorkerNotDeclared,
+)
+from .handle import WorkerHandle, WorkerInfo, current_worker, get_worker_handle
+from .names import GLOBAL_SCOPE, Scope, next_scope
+
+if TYPE_CHECKING:
+    from .client import Pool, PoolClient, connect
+    from .declarations import PoolConfig, WorkerSpec
+    from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus
+
+_LAZY = {
+    "Pool": "client",
+    "PoolClient": "client",
+    "connect": "client",
+    "PoolConfig": "declarations",
+    "WorkerSpec": "declarations",
+    "ErrorInfo": "models",
+    "WorkerDiagnostics": "models",
+    "WorkerStatus": "models",
+}
+
+__all__ = [
+    "GLOBAL_SCOPE",
+    "BgpoolError",
+    "CatchAllLimitReached",
+    "EnsureTimeout",
+    "ErrorInfo",
+    "Pool",
+    "PoolClient",
+    "PoolClosed",
+    "PoolConfig",
+    "Scope",
+    "StartupError",
+    "VarsNotPublished",
+    "WorkerAborted",
+    "WorkerBootFailed",
+    "WorkerDiagnostics",
+    "WorkerHandle",
+    "WorkerInfo",
+    "WorkerNotDeclared",
+    "WorkerSpec",
+    "WorkerStatus",
+    "connect",
+    "current_worker",
+    "get_worker_handle",
+    "next_scope",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bgpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,417 @@
+"""The application's side: `PoolClient` (any process, via `connect()`) and `Pool`
+(the process that owns the pool and its supervisor).
+
+A client validates arguments, answers `ensure()` for ready workers from the
+shared-memory table (no system call), and sends everything else to the
+supervisor over the control socket, one short-lived connection per request so
+any number of threads can call it at once. It never forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from . import handle, protocol
+from .declarations import PoolConfig, WorkerSpec
+from .errors import ERRORS, BgpoolError, PoolClosed, StartupError, _WithDiagnostics
+from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus, status_of
+from .names import Scope, name_problem
+from .platform import unlink_shm
+from .table import Kind, TableReader
+
+_request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+    "bgpool_request_scope", default=None
+)
+
+REPLY_MARGIN = 30.0
+"""Seconds a client waits for a reply beyond the deadline the supervisor enforces."""
+
+
+def _check_names(names: object) -> list[str]:
+    """SPEC's validation of `ensure()`'s `names`, before anything starts."""
+    if isinstance(names, str):
+        batch = [names]
+    elif isinstance(names, Sequence) and not isinstance(names, bytes | bytearray):
+        batch = list(names)
+        if not batch:
+            raise ValueError("names must not be empty")
+    else:
+        raise TypeError(f"names must be a str or a sequence of str, not {type(names).__name__}")
+    for name in batch:
+        if not isinstance(name, str):
+            raise TypeError(f"worker names must be str, not {type(name).__name__}")
+        if (problem := name_problem(name)) is not None:
+            raise ValueError(f"worker name {name!r} {problem}")
+    if len(set(batch)) != len(batch):
+        duplicates = sorted({n for n in batch if batch.count(n) > 1})
+        raise ValueError(f"duplicate worker names: {', '.join(duplicates)}")
+    return batch
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number > 0, not {timeout!r}")
+
+
+class PoolClient:
+    """A connection to a running pool, from any process of the application."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._table: TableReader | None = None
+        self._directory: dict[tuple[int, str], tuple[int, int]] = {}
+        self._scopes: dict[int, str] = {0: ""}
+        self._ensure_timeout = 30.0
+        self._attach()
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _attach(self) -> None:
+        """Say hello to the supervisor; map its table; learn the named workers."""
+        hello = self._request({"op": "hello"}, timeout=10.0)
+        self._ensure_timeout = float(hello["ensure_timeout"])
+        self._scopes.update({int(sid): str(label) for sid, label in hello["scopes"]})
+        self._table = TableReader.attach(str(hello["table"]))
+        for index, slot in enumerate(self._table.slots()):
+            if slot.kind == Kind.NAMED and slot.instance == 0:
+                self._directory[(slot.scope_id, slot.name)] = (self._table.offset(index), slot.gen)
+
+    def _closed(self) -> BgpoolError:
+        return PoolClosed("pool is closed")
+
+    def _reader(self) -> TableReader:
+        if self._table is None:
+            raise self._closed()
+        return self._table
+
+    def _request(self, message: protocol.Message, timeout: float | None) -> protocol.Message:
+        """One request on a fresh connection; raise the error it answers with."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self._address)
+                reply = protocol.request(sock, message)
+            except (FileNotFoundError, ConnectionError, protocol.ProtocolError):
+                raise self._closed() from None
+            except TimeoutError:
+                raise BgpoolError("the supervisor did not answer in time") from None
+        finally:
+            sock.close()
+        if not reply.get("ok"):
+            self._raise_reply(reply)
+        return reply
+
+    def _raise_reply(self, reply: protocol.Message) -> None:
+        """Raise the error an error reply names, with its diagnostics as models:
+        one `WorkerDiagnostics` (the first worker the message names), or a list
+        of them for `StartupError`."""
+        kind = ERRORS.get(str(reply.get("error")), BgpoolError)
+        message = str(reply.get("message", "the supervisor reported an error"))
+        if not issubclass(kind, _WithDiagnostics):
+            raise kind(message)
+        models = [self._diagnostics_model(d) for d in reply.get("diagnostics") or []]
+        if issubclass(kind, StartupError):
+            raise kind(message, models)
+        raise kind(message, models[0] if models else None)
+
+    @property
+    def address(self) -> str:
+        """The control socket's path (what `BGPOOL_ADDRESS` holds)."""
+        return self._address
+
+    # -- scopes ----------------------------------------------------------------
+
+    def _scope_id(self, scope: Scope | str | None) -> int:
+        """SPEC's resolution order: argument, request scope, the calling worker's
+        own scope, global; a scope with no declarations falls back to global."""
+        if scope is None:
+            scope = _request_scope.get()
+            if scope is None:
+                own = handle.own_scope_id()
+                scope_id = 0 if own is None else own
+                return scope_id if scope_id in self._scopes else 0
+        if isinstance(scope, Scope):
+            return scope.id if scope.id in self._scopes else 0
+        if isinstance(scope, str):
+            matches = [sid for sid, label in self._scopes.items() if label == scope]
+            if len(matches) != 1:
+                raise ValueError(f"no single declared scope is labelled {scope!r}")
+            return matches[0]
+        raise TypeError(f"scope must be a Scope, a scope label or None, not {type(scope).__name__}")
+
+    @contextlib.contextmanager
+    def request_scope(self, scope: Scope) -> Iterator[None]:
+        """Resolve `ensure()`/`diagnostics()` names in `scope` inside the block
+        (a context variable: per thread and per asyncio task)."""
+        if not isinstance(scope, Scope):
+            raise TypeError(f"scope must be a Scope, not {type(scope).__name__}")
+        token = _request_scope.set(scope)
+        try:
+            yield
+        finally:
+            _request_scope.reset(token)
+
+    # -- the API ---------------------------------------------------------------
+
+    def ensure(
+        self,
+        names: str | Sequence[str],
+        timeout: float | None = None,
+        *,
+        scope: Scope | str | None = None,
+        fail_fast: bool = False,
+    ) -> None:
+        """Start the named workers that are not running and block until each is
+        ready, or raise (`EnsureTimeout`, `WorkerAborted`, `WorkerBootFailed`,
+        `WorkerNotDeclared`, `CatchAllLimitReached`, `PoolClosed`)."""
+        _check_timeout(timeout)
+        scope_id = self._scope_id(scope)
+        table = self._reader()
+        directory = self._directory
+        if type(names) is str:  # the hot path: one name, already resolved and ready
+            entry = directory.get((scope_id, names))
+            if entry is not None and table.name_ready(*entry):
+                return
+        batch = _check_names(names)
+        if all(
+            (entry := directory.get((scope_id, name))) is not None and table.name_ready(*entry)
+            for name in batch
+        ):
+            return
+        deadline = self._ensure_timeout if timeout is None else float(timeout)
+        reply = self._request(
+            {
+                "op": "ensure",
+                "names": batch,
+                "scope": scope_id,
+                "timeout": deadline,
+                "fail_fast": bool(fail_fast),
+            },
+            timeout=deadline + REPLY_MARGIN,
+        )
+        for name, slot, gen in reply["resolved"]:
+            directory[(scope_id, name)] = (table.offset(slot), gen)
+
+    def status(self) -> list[WorkerStatus]:
+        """Every worker instance (declared named instances, hosted catch-all
+        names), read from the table without a round trip."""
+        return [status_of(s) for s in self._reader().slots() if s.kind != Kind.FREE]
+
+    def diagnostics(self, name: str, *, scope: Scope | str | None = None) -> WorkerDiagnostics:
+        """Why worker `name` is in its state: last exit, exception, instances."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        if (problem := name_problem(name)) is not None:
+            raise ValueError(f"worker name {name!r} {problem}")
+        scope_id = self._scope_id(scope)
+        reply = self._request({"op": "diagnostics", "name": name, "scope": scope_id}, timeout=10.0)
+        return self._diagnostics_model(reply["diagnostics"])
+
+    def _diagnostics_model(self, data: dict[str, Any]) -> WorkerDiagnostics:
+        reader = self._reader()
+        fields = {k: v for k, v in data.items() if k != "slots"}
+        instances = [status_of(reader.read(i)) for i in data["slots"]]
+        error = fields.pop("last_error")
+        return WorkerDiagnostics(
+            **fields,
+            last_error=ErrorInfo(**error) if error else None,
+            instances=instances,
+        )
+
+    def close(self) -> None:
+        """Unmap the table. The client must not be used afterwards."""
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+
+    def __enter__(self) -> PoolClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(address: str | None = None) -> PoolClient:
+    """A client of the running pool at `address`, else at `$BGPOOL_ADDRESS`."""
+    if address is None:
+        address = os.environ.get("BGPOOL_ADDRESS")
+        if not address:
+            raise BgpoolError(
+                "no pool address: pass connect(address=...) or set BGPOOL_ADDRESS "
+                "(Pool.start() sets it for the processes the application starts)"
+            )
+    return PoolClient(address)
+
+
+_SUPERVISOR_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, {root!r}); from bgpool.supervisor import main; main()"
+)
+
+
+class Pool(PoolClient):
+    """A pool of background workers owned by this process.
+
+    `start()` launches the supervisor (a fresh interpreter in its own process
+    group, so a terminal's Ctrl-C reaches the application, which decides) and
+    returns once every eager worker is ready. `shutdown()` drains everything and
+    leaves nothing behind. Usable as a context manager.
+    """
+
+    def __init__(self, config: PoolConfig | Sequence[WorkerSpec]) -> None:
+        if not isinstance(config, PoolConfig):
+            config = PoolConfig(workers=list(config))
+        self.config = config
+        self._process: subprocess.Popen[bytes] | None = None
+        self._table_name: str | None = None
+        self._address = ""
+        self._table = None
+        self._directory = {}
+        self._scopes = {0: ""}
+        self._ensure_timeout = config.ensure_timeout
+        self._closing = False
+        self._closed_for_good = False
+
+    def _closed(self) -> BgpoolError:
+        if self._process is None and not self._closing:
+            return BgpoolError("the pool is not started: call start() first")
+        if self._closing and not self._closed_for_good:
+            return PoolClosed("pool is shutting down")
+        return PoolClosed("pool is closed")
+
+    def _bootstrap(self, boot_fd: int) -> bytes:
+        config = self.config
+        workers = [
+            {
+                "index": index,
+                "name": spec.name,
+                "target": spec.target,
+                "script": str(config.script_path(index) or "") or None,
+                "num": spec.num,
+                "cap": spec.instance_cap,
+                "max_failures": spec.max_consecutive_failures,
+                "env": spec.env,
+                "args": spec.args,
+                "scope_id": spec.scope.id,
+                "scope_label": spec.scope.label,
+            }
+            for index, spec in enumerate(config.workers)
+        ]
+        return json.dumps(
+            {
+                "owner_pid": os.getpid(),
+                "boot_fd": boot_fd,
+                "sys_path": [os.path.abspath(p) for p in sys.path],
+                "workers": workers,
+                "settings": {
+                    "ensure_timeout": config.ensure_timeout,
+                    "grace_period": config.grace_period,
+                    "restart_grace_period": config.restart_grace_period,
+                    "start_method": config.start_method,
+                },
+            }
+        ).encode()
+
+    def start(self) -> None:
+        """Start the supervisor and every eager worker; return once all eager
+        instances are ready. Raises `StartupError` (with nothing left running)
+        if one aborts or `ensure_timeout` passes first."""
+        if self._process is not None or self._closing:
+            raise BgpoolError("a Pool can be started only once")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        boot_r, boot_w = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _SUPERVISOR_BOOTSTRAP.format(root=root)],
+                stdin=subprocess.PIPE,
+                pass_fds=(boot_w,),
+                process_group=0,
+            )
+            os.close(boot_w)
+            assert self._process.stdin is not None
+            with self._process.stdin as stdin:
+                stdin.write(self._bootstrap(boot_w))
+            info = self._read_boot(boot_r)
+        except BaseException:
+            self.shutdown()
+            raise
+        finally:
+            os.close(boot_r)
+        self._table_name = info["table"]
+        self._address = info["address"]
+        try:
+            self._attach()
+            os.environ["BGPOOL_ADDRESS"] = self._address
+            self._request({"op": "start"}, timeout=self.config.ensure_timeout + REPLY_MARGIN)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _read_boot(self, boot_r: int) -> dict[str, str]:
+        """The supervisor's first words: its address and table name."""
+        data = b""
+        while not data.endswith(b"\n"):
+            ready, _, _ = select.select([boot_r], [], [], self.config.ensure_timeout)
+            chunk = os.read(boot_r, 4096) if ready else b""
+            if not chunk:
+                raise StartupError(
+                    "could not start the pool: the supervisor process "
+                    + ("did not start in time" if not ready else "exited during start-up")
+                    + " (its error, if any, is on stderr)"
+                )
+            data += chunk
+        info: dict[str, str] = json.loads(data)
+        return info
+
+    def restart_workers(self) -> None:
+        """Drain every running instance and respawn it; return once all are
+        respawned. Lazy workers never ensured stay unstarted; readiness stays."""
+        self._reader()
+        grace = self.config.restart_grace_period
+        self._request({"op": "restart"}, timeout=grace + REPLY_MARGIN)
+
+    def shutdown(self) -> None:
+        """Drain every worker (EOF on its handle), force-kill after
+        `grace_period`, and remove the table, socket and directory. Idempotent."""
+        process = self._process
+        if process is None or self._closing:
+            return
+        self._closing = True
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=self.config.grace_period + REPLY_MARGIN)
+        except subprocess.TimeoutExpired:
+            process.kill()  # its workers follow through their parent-death signal
+            process.wait()
+        self.close()
+        if self._table_name is not None:
+            unlink_shm(self._table_name)  # left over only if the supervisor died
+        if self._address:
+            shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
+            if os.environ.get("BGPOOL_ADDRESS") == self._address:
+                del os.environ["BGPOOL_ADDRESS"]
+        self._closed_for_good = True
+
+    def __enter__(self) -> Pool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,229 @@
+"""What the application declares: `WorkerSpec` and `PoolConfig` (pydantic v2).
+
+Everything a user can get wrong is checked here, when the models are built and
+before any process starts, and reported at once with each mistake's field path
+(`workers.2.target`). Knows nothing of processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .names import GLOBAL_SCOPE, Scope, name_problem
+
+DEFAULT_MAX_INSTANCES = 16
+
+_MODULE_TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def target_kind(target: str) -> Literal["module", "script"]:
+    """Whether `target` names a `module:function` or a script path."""
+    return "script" if target.endswith(".py") else "module"
+
+
+def _no_nul(value: str, what: str) -> None:
+    if "\0" in value:
+        raise ValueError(f"{what} must not contain NUL")
+
+
+class WorkerSpec(BaseModel):
+    """One declaration: a named worker (or a pool of them), or a catch-all.
+
+    See SPEC's field table; `name=None` makes the declaration a catch-all that
+    hosts any name `ensure()` asks for in its scope, up to `max_instances`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    target: str
+    name: str | None = None
+    num: Annotated[int, Field(ge=0)] = 0
+    max_instances: Annotated[int, Field(ge=1)] | None = None
+    max_consecutive_failures: int = 6
+    env: dict[str, str] = Field(default_factory=dict)
+    args: list[str] = Field(default_factory=list)
+    scope: Scope = GLOBAL_SCOPE
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, target: str) -> str:
+        _no_nul(target, "target")
+        if target_kind(target) == "module" and not _MODULE_TARGET.match(target):
+            raise ValueError(
+                "target must be 'package.module:function' or a path to a .py script, "
+                f"not {target!r}"
+            )
+        return target
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str | None) -> str | None:
+        if name is not None and (problem := name_problem(name)) is not None:
+            raise ValueError(f"name {problem}")
+        return name
+
+    @field_validator("max_consecutive_failures")
+    @classmethod
+    def _check_failures(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("must be -1 (never give up) or at least 1")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not key or "=" in key:
+                raise ValueError(f"environment variable name {key!r} is not valid")
+            _no_nul(key, "environment variable names")
+            _no_nul(value, f"environment variable {key}")
+        return env
+
+    @field_validator("args")
+    @classmethod
+    def _check_args(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            _no_nul(arg, "args")
+        return args
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> WorkerSpec:
+        if self.name is None and self.num != 0:
+            raise ValueError("num must be 0 on a catch-all (name=None): it starts on ensure()")
+        if self.name is not None and self.max_instances is not None:
+            raise ValueError("max_instances applies only to a catch-all (name=None)")
+        return self
+
+    @property
+    def is_catch_all(self) -> bool:
+        """Whether this declaration hosts any name ensure() asks for."""
+        return self.name is None
+
+    @property
+    def instance_cap(self) -> int:
+        """How many table slots the declaration needs: its instances, or for a
+        catch-all the number of names it may host."""
+        if self.name is None:
+            return self.max_instances or DEFAULT_MAX_INSTANCES
+        return max(self.num, 1)
+
+
+def _finite(value: float, *, positive: bool) -> float:
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError("must be a finite number " + ("> 0" if positive else ">= 0"))
+    return value
+
+
+class PoolConfig(BaseModel):
+    """A pool's declarations and settings. Building it checks every target exists."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers: list[WorkerSpec]
+    ensure_timeout: float = 30.0
+    grace_period: float = 30.0
+    restart_grace_period: float = 6.0
+    start_method: Literal["fork", "spawn"] = "fork"
+    root: Path | None = None
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
+
+    _scripts: dict[int, Path] = PrivateAttr(default_factory=dict)
+
+    @field_validator("ensure_timeout")
+    @classmethod
+    def _check_timeout(cls, value: float) -> float:
+        return _finite(value, positive=True)
+
+    @field_validator("grace_period", "restart_grace_period")
+    @classmethod
+    def _check_grace(cls, value: float) -> float:
+        return _finite(value, positive=False)
+
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, root: Path | None) -> Path | None:
+        if root is not None and not root.is_dir():
+            raise ValueError(f"root {str(root)!r} is not a directory")
+        return root.resolve() if root is not None else None
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> PoolConfig:
+        errors: list[Any] = []
+
+        def fail(index: int, field: str, kind: str, message: str, value: object) -> None:
+            errors.append(
+                {
+                    "type": PydanticCustomError(kind, message),
+                    "loc": ("workers", index, field),
+                    "input": value,
+                }
+            )
+
+        named: dict[tuple[Scope, str], int] = {}
+        catch_alls: dict[Scope, int] = {}
+        base = self.root or Path.cwd()
+        for index, spec in enumerate(self.workers):
+            if spec.name is None:
+                if spec.scope in catch_alls:
+                    fail(
+                        index,
+                        "name",
+                        "duplicate_catch_all",
+                        f"a second catch-all in scope {spec.scope!r}; the first is "
+                        f"workers.{catch_alls[spec.scope]}",
+                        None,
+                    )
+                catch_alls.setdefault(spec.scope, index)
+            else:
+                key = (spec.scope, spec.name)
+                if key in named:
+                    fail(
+                        index,
+                        "name",
+                        "duplicate_name",
+                        f'worker "{spec.name}" is already declared in this scope '
+                        f"(workers.{named[key]})",
+                        spec.name,
+                    )
+                named.setdefault(key, index)
+            problem = self._locate(index, spec.target, base)
+            if problem is not None:
+                fail(index, "target", "target_not_found", problem, spec.target)
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+    def _locate(self, index: int, target: str, base: Path) -> str | None:
+        """Check that `target` exists; remember a script's absolute path."""
+        if target_kind(target) == "script":
+            path = (base / target).resolve()
+            if not path.is_file():
+                return f"script {str(path)!r} does not exist"
+            self._scripts[index] = path
+            return None
+        module = target.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError) as exc:
+            return f"module {module!r} cannot be found: {exc}"
+        return None if found else f"module {module!r} cannot be found"
+
+    def script_path(self, index: int) -> Path | None:
+        """The absolute path of declaration `index`'s script target, if it is one."""
+        return self._scripts.get(index)

@@ -1,0 +1,115 @@
+"""The API a worker uses from inside its own process: `get_worker_handle()` and
+`current_worker()`.
+
+Knows nothing of the supervisor beyond two file descriptors it was given: the
+read end of its stop pipe (EOF means "stop") and the write end of its notify
+pipe (where it reports readiness and, on a crash, its exception).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from dataclasses import dataclass
+
+from . import protocol
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Who the current worker is: `name` as it was ensured (a catch-all instance
+    sees the name it hosts), `scope` label (`""` for the global scope) and
+    `instance` index within a pool (from 0)."""
+
+    name: str
+    scope: str
+    instance: int
+
+
+@dataclass(frozen=True)
+class _Context:
+    info: WorkerInfo
+    scope_id: int
+    stop_fd: int
+    notify_fd: int
+
+
+_context: _Context | None = None
+_handle: WorkerHandle | None = None
+_lock = threading.Lock()
+
+
+class WorkerHandle:
+    """The stop signal of a running worker.
+
+    `fileno()` becomes readable (at EOF) when the supervisor asks the worker to
+    stop, so it works with `select`, `selectors` and asyncio's `add_reader`.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._stopped = False
+
+    def fileno(self) -> int:
+        """The stop pipe's read end; readable once a stop was requested."""
+        return self._fd
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a stop is requested or `timeout` seconds pass; return
+        whether a stop was requested."""
+        if not self._stopped:
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            self._stopped = bool(poller.poll(None if timeout is None else timeout * 1000))
+        return self._stopped
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether the supervisor asked this worker to stop (never blocks)."""
+        return self.wait(0)
+
+
+def current_worker() -> WorkerInfo | None:
+    """The current worker's identity, or None outside a bgpool worker."""
+    return _context.info if _context is not None else None
+
+
+def get_worker_handle() -> WorkerHandle:
+    """Return this worker's stop handle; the first call marks the worker ready.
+
+    Raises `RuntimeError` outside a bgpool worker process.
+    """
+    global _handle
+    if _context is None:
+        raise RuntimeError("get_worker_handle() can only be called inside a bgpool worker")
+    with _lock:
+        if _handle is None:
+            _handle = WorkerHandle(_context.stop_fd)
+            notify({"t": "ready"})
+        return _handle
+
+
+def notify(message: protocol.Message) -> None:
+    """Send `message` to the supervisor. If it is gone, there is nobody to tell:
+    the stop pipe's EOF tells the worker the same."""
+    if _context is None:
+        return
+    data = protocol.encode(message)
+    try:
+        while data:
+            data = data[os.write(_context.notify_fd, data) :]
+    except OSError:
+        pass
+
+
+def own_scope_id() -> int | None:
+    """The scope id of the current worker (for `ensure()` from inside a worker)."""
+    return _context.scope_id if _context is not None else None
+
+
+def install(info: WorkerInfo, scope_id: int, stop_fd: int, notify_fd: int) -> None:
+    """Make this process a worker (called by the runtime in the child only)."""
+    global _context, _handle
+    _context = _Context(info, scope_id, stop_fd, notify_fd)
+    _handle = None

@@ -1,0 +1,79 @@
+"""Which declaration answers a name: (scope, name) to a named declaration or a
+scope's catch-all. Pure: no processes, no I/O.
+
+Lives in the supervisor, which receives the declarations as plain data (`Decl`)
+and is the authority on resolution; clients only cache its answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+GLOBAL_SCOPE_ID = 0
+
+
+@dataclass
+class Decl:
+    """The supervisor's view of one `WorkerSpec`."""
+
+    index: int
+    name: str | None
+    target: str
+    script: str | None
+    num: int
+    cap: int
+    max_failures: int
+    env: dict[str, str]
+    args: list[str]
+    scope_id: int
+    scope_label: str
+    first_slot: int = 0
+    hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
+
+    @property
+    def eager(self) -> bool:
+        """Whether `start()` starts it (a named declaration with num >= 1)."""
+        return self.name is not None and self.num >= 1
+
+    @classmethod
+    def from_message(cls, data: dict[str, Any]) -> Decl:
+        """Build from the JSON the application sent."""
+        return cls(**data)
+
+
+class Registry:
+    """All declarations, indexed for resolution, with their table slots laid out:
+    a named declaration takes max(num, 1) consecutive slots, a catch-all `cap`."""
+
+    def __init__(self, decls: list[Decl]) -> None:
+        self.decls = decls
+        self.named: dict[tuple[int, str], Decl] = {}
+        self.catch_alls: dict[int, Decl] = {}
+        slot = 0
+        for decl in decls:
+            decl.first_slot = slot
+            slot += decl.cap
+            if decl.name is None:
+                self.catch_alls[decl.scope_id] = decl
+            else:
+                self.named[(decl.scope_id, decl.name)] = decl
+        self.nslots = slot
+        self.scopes = {decl.scope_id: decl.scope_label for decl in decls}
+
+    def effective_scope(self, scope_id: int) -> int:
+        """A scope that declares no workers falls back to the global scope."""
+        return scope_id if scope_id in self.scopes else GLOBAL_SCOPE_ID
+
+    def resolve(self, scope_id: int, name: str) -> Decl | None:
+        """The declaration serving `name` in `scope_id` (after fallback): the named
+        one, else the scope's catch-all, else None."""
+        scope_id = self.effective_scope(scope_id)
+        return self.named.get((scope_id, name)) or self.catch_alls.get(scope_id)
+
+    def scope_by_label(self, label: str) -> int | None:
+        """The declared scope with this label, if exactly one has it."""
+        matches = [sid for sid, lab in self.scopes.items() if lab == label]
+        if not matches and label == "":
+            return GLOBAL_SCOPE_ID
+        return matches[0] if len(matches) == 1 else None

@@ -1,0 +1,83 @@
+"""What bgpool reports: pydantic models for status and diagnostics, JSON-ready."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .table import Slot
+
+StateName = Literal["starting", "ready", "backoff", "crashed", "aborted", "stopping", "stopped"]
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ErrorInfo(_Report):
+    """The exception that ended a worker's run, as data (never re-raised)."""
+
+    type: str
+    message: str
+    filename: str | None
+    lineno: int | None
+    traceback: str
+
+
+class WorkerStatus(_Report):
+    """One worker instance, as the readiness table shows it."""
+
+    name: str
+    scope: str
+    instance: int
+    pid: int | None
+    state: StateName
+    ever_ready: bool
+    attempts: int
+    consecutive_failures: int
+    last_exit_status: int | None
+    started_at: datetime | None
+    ready_at: datetime | None
+
+
+class WorkerDiagnostics(_Report):
+    """Why a worker is in the state it is in: one per name, with its instances.
+
+    `last_exit_status` is negative when the process was killed by a signal, named
+    in `last_signal`; `last_error` is the exception of the last failed run.
+    """
+
+    name: str
+    scope: str
+    target: str
+    state: StateName
+    ever_ready: bool
+    attempts: int
+    consecutive_failures: int
+    last_exit_status: int | None
+    last_signal: str | None
+    last_error: ErrorInfo | None
+    instances: list[WorkerStatus]
+
+
+def _when(timestamp: float) -> datetime | None:
+    return datetime.fromtimestamp(timestamp, UTC) if timestamp else None
+
+
+def status_of(slot: Slot) -> WorkerStatus:
+    """A table slot as a `WorkerStatus`."""
+    return WorkerStatus(
+        name=slot.name,
+        scope=slot.scope_label,
+        instance=slot.instance,
+        pid=slot.pid or None,
+        state=slot.state.label,  # type: ignore[arg-type]
+        ever_ready=slot.ever_ready,
+        attempts=slot.attempts,
+        consecutive_failures=slot.failures,
+        last_exit_status=slot.last_exit,
+        started_at=_when(slot.started_at),
+        ready_at=_when(slot.ready_at),
+    )

@@ -1,0 +1,129 @@
+"""Every operating-system-specific call bgpool makes, behind small functions.
+
+Linux first: prctl (parent-death signal, child subreaper), SO_PEERCRED, pidfd,
+/dev/shm. Another platform is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+
+import psutil
+
+LINUX = sys.platform.startswith("linux")
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(None, use_errno=True) if LINUX else None
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc is None:
+        return
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def set_parent_death_signal(sig: signal.Signals) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies.
+
+    Runs in the worker after fork. The kernel ties it to the thread that forked,
+    which in the supervisor is its only thread.
+    """
+    _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def set_child_subreaper() -> None:
+    """Make orphaned descendants of this process its children (not init's), so the
+    supervisor can reap and kill what a worker left behind."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a connected AF_UNIX socket."""
+    if LINUX:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    raise OSError("peer credentials are not supported on this platform")
+
+
+def pidfd_open(pid: int) -> int:
+    """A file descriptor that becomes readable when process `pid` exits."""
+    return os.pidfd_open(pid)
+
+
+def map_shm_readonly(name: str) -> mmap.mmap:
+    """Map a POSIX shared-memory segment read-only, without registering it with
+    multiprocessing's resource tracker (which on Python < 3.13 would unlink it
+    when this reader exits: CPython #82300)."""
+    fd = os.open(f"/dev/shm/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+def unlink_shm(name: str) -> None:
+    """Remove a shared-memory segment by name; missing is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/dev/shm/{name}")
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each worker costs the
+    supervisor a few descriptors) and return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor above stdio except `keep` (runs in a fresh child,
+    so no sibling's stop pipe survives into it)."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """`pid` and all its descendants, parents first; empty if it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def signal_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:
+    """Send `sig` to each process that still exists (the pid is checked against
+    its start time by psutil, so a recycled pid is never hit)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.send_signal(sig)
+
+
+def children(pid: int) -> list[psutil.Process]:
+    """The direct children of `pid` (empty if it is gone)."""
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []

@@ -1,0 +1,50 @@
+"""Restart policy: pure functions from a worker's history to the supervisor's next
+step. No I/O and no clock of their own, so every case is cheap to test.
+"""
+
+from __future__ import annotations
+
+MAX_BACKOFF = 1.0
+"""The longest wait between two restarts, in seconds."""
+
+STABLE_RUN = 10.0
+"""A run at least this long (seconds) resets the consecutive-failure count."""
+
+CLEAN_EXIT_INTERVAL = 0.1
+"""Shortest time between two starts of one instance after clean exits: at most
+10 restarts a second, so a target that returns at once cannot spin a core."""
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait before restarting after the `failures`-th failure in a row.
+
+    Quadratic, capped at one second: 0, 0.1, 0.4, 0.9, 1.0, 1.0, ... The first
+    restart is immediate so a one-off crash costs no latency.
+    """
+    if failures <= 1:
+        return 0.0
+    return min(MAX_BACKOFF, 0.1 * (failures - 1) ** 2)
+
+
+def should_abort(failures: int, ever_ready: bool, max_failures: int) -> bool:
+    """Whether an instance is given up: only while it has never been ready, once
+    `failures` consecutive boot failures reach the cap (-1 never gives up)."""
+    return not ever_ready and max_failures != -1 and failures >= max_failures
+
+
+def count_failures(previous: int, *, failed: bool, run_seconds: float) -> int:
+    """The consecutive-failure count after an exit: a run that lasted
+    `STABLE_RUN` seconds or more starts the count afresh."""
+    base = 0 if run_seconds >= STABLE_RUN else previous
+    return base + 1 if failed else base
+
+
+def restart_delay(*, failed: bool, failures: int, since_last_start: float) -> float:
+    """Seconds to wait before the next start after an exit outside a drain.
+
+    A failure backs off by `failures` (which counts it); a clean exit after
+    readiness is only paced to `CLEAN_EXIT_INTERVAL` between starts.
+    """
+    if failed:
+        return backoff_delay(failures)
+    return max(0.0, CLEAN_EXIT_INTERVAL - since_last_start)

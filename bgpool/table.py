@@ -1,0 +1,312 @@
+"""The readiness table: a shared-memory segment, one fixed-size slot per worker
+instance, written by the supervisor alone and read by any process of the
+application without a system call.
+
+Layout: a 64-byte header, then `nslots` slots of `SLOT.size` bytes. A name's
+instances occupy consecutive slots; the first (instance 0) is the name's
+*primary* slot and carries the name-level `name_ready` flag that `ensure()`'s
+fast path reads.
+
+Consistency: each slot starts with a sequence counter (a seqlock). The writer
+makes it odd, writes the fields, then makes it even; a reader retries while it
+is odd or changed under it, so multi-field reads are never torn and nobody
+takes a lock across processes.
+
+Identity: a slot's `gen` changes whenever the slot is handed to another name (a
+catch-all place freed and reused), so a reader's cached (slot, gen) never
+answers for the wrong name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import mmap
+import secrets
+import struct
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any
+
+from . import platform
+from .names import MAX_LABEL_BYTES, MAX_NAME_BYTES
+
+
+class State(enum.IntEnum):
+    """The lifecycle state of one worker instance."""
+
+    STOPPED = 0  # not running and not scheduled (lazy, drained, or never started)
+    STARTING = 1  # process spawned, handle not taken in this run
+    READY = 2  # handle taken in this run
+    BACKOFF = 3  # exited; waiting before the next start
+    CRASHED = 4  # exited abnormally; restart due now
+    ABORTED = 5  # given up after max_consecutive_failures boot failures
+    STOPPING = 6  # drain in progress
+
+    @property
+    def label(self) -> str:
+        """The state as users see it: `"ready"`, `"backoff"`, ..."""
+        return self.name.lower()
+
+
+class Kind(enum.IntEnum):
+    """What a slot belongs to."""
+
+    FREE = 0
+    NAMED = 1
+    CATCH_ALL = 2
+
+
+MAGIC = b"BGPOOL\x01\x00"
+HEADER = struct.Struct("<8sIIIi")  # magic, version, nslots, slot size, supervisor pid
+HEADER_SIZE = 64
+VERSION = 1
+
+SLOT = struct.Struct(
+    "<II"  # seq, gen
+    "BBBBB3x"  # name_ready, kind, state, ever_ready, has_exit
+    "Q"  # scope id
+    "HHHH"  # declaration index, instance, pool size, name length
+    "iIIiII"  # pid, attempts, consecutive failures, last exit status, crashes, restarts
+    "dd"  # started_at, ready_at (wall clock, 0 = never)
+    f"{MAX_NAME_BYTES}sH{MAX_LABEL_BYTES}s"  # name, label length, scope label
+    "6x"
+)
+_SEQ = struct.Struct("<I")
+_GEN = struct.Struct("<4xI")
+_READY_AT = 8  # offset of name_ready in a slot
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One instance's published state, as every reader sees it."""
+
+    gen: int
+    name_ready: bool
+    kind: Kind
+    state: State
+    ever_ready: bool
+    last_exit: int | None
+    scope_id: int
+    decl: int
+    instance: int
+    pool_size: int
+    pid: int
+    attempts: int
+    failures: int
+    crashes: int
+    restarts: int
+    started_at: float
+    ready_at: float
+    name: str
+    scope_label: str
+
+
+def _pack_slot(buf: memoryview, offset: int, seq: int, slot: Slot) -> None:
+    name = slot.name.encode()
+    label = slot.scope_label.encode()
+    SLOT.pack_into(
+        buf,
+        offset,
+        seq,
+        slot.gen,
+        slot.name_ready,
+        slot.kind,
+        slot.state,
+        slot.ever_ready,
+        slot.last_exit is not None,
+        slot.scope_id,
+        slot.decl,
+        slot.instance,
+        slot.pool_size,
+        len(name),
+        slot.pid,
+        slot.attempts,
+        slot.failures,
+        slot.last_exit or 0,
+        slot.crashes,
+        slot.restarts,
+        slot.started_at,
+        slot.ready_at,
+        name,
+        len(label),
+        label,
+    )
+
+
+def _unpack_slot(raw: tuple[Any, ...]) -> Slot:
+    (
+        _,
+        gen,
+        name_ready,
+        kind,
+        state,
+        ever_ready,
+        has_exit,
+        scope_id,
+        decl,
+        instance,
+        pool_size,
+        name_len,
+        pid,
+        attempts,
+        failures,
+        last_exit,
+        crashes,
+        restarts,
+        started_at,
+        ready_at,
+        name,
+        label_len,
+        label,
+    ) = raw
+    return Slot(
+        gen=gen,
+        name_ready=bool(name_ready),
+        kind=Kind(kind),
+        state=State(state),
+        ever_ready=bool(ever_ready),
+        last_exit=last_exit if has_exit else None,
+        scope_id=scope_id,
+        decl=decl,
+        instance=instance,
+        pool_size=pool_size,
+        pid=pid,
+        attempts=attempts,
+        failures=failures,
+        crashes=crashes,
+        restarts=restarts,
+        started_at=started_at,
+        ready_at=ready_at,
+        name=name[:name_len].decode(),
+        scope_label=label[:label_len].decode(),
+    )
+
+
+class TableReader:
+    """Read access to a table, from any process."""
+
+    def __init__(self, buf: memoryview, nslots: int) -> None:
+        self._buf = buf
+        self.nslots = nslots
+
+    @classmethod
+    def attach(cls, name: str) -> TableReader:
+        """Map table `name` read-only (no resource-tracker registration)."""
+        mapping = platform.map_shm_readonly(name)
+        reader = cls(memoryview(mapping), 0)
+        reader._mapping = mapping
+        magic, version, nslots, slot_size, _ = HEADER.unpack_from(reader._buf, 0)
+        if magic != MAGIC or version != VERSION or slot_size != SLOT.size:
+            reader.close()
+            raise ValueError(f"shared memory segment {name!r} is not a bgpool table")
+        reader.nslots = nslots
+        return reader
+
+    _mapping: mmap.mmap | None = None
+
+    def close(self) -> None:
+        """Unmap the table; the object must not be used afterwards."""
+        self._buf.release()
+        if self._mapping is not None:
+            self._mapping.close()
+            self._mapping = None
+
+    @staticmethod
+    def offset(index: int) -> int:
+        """Where slot `index` starts in the segment."""
+        return HEADER_SIZE + index * SLOT.size
+
+    def read(self, index: int) -> Slot:
+        """Slot `index`, consistently (retries while the writer is in it)."""
+        buf, off = self._buf, self.offset(index)
+        while True:
+            seq = _SEQ.unpack_from(buf, off)[0]
+            if seq & 1:
+                continue
+            raw = SLOT.unpack_from(buf, off)
+            if _SEQ.unpack_from(buf, off)[0] == seq:
+                return _unpack_slot(raw)
+
+    def slots(self) -> list[Slot]:
+        """Every slot, in table order."""
+        return [self.read(i) for i in range(self.nslots)]
+
+    def name_ready(self, offset: int, gen: int) -> bool:
+        """The hot path of `ensure()`: whether the slot at `offset`, still holding
+        generation `gen`, says its name is ready. Two loads, no syscall, no seqlock:
+        the flag is read before the generation, a slot whose name was ever ready is
+        never handed to another name, and generations only grow, so a set flag
+        followed by the expected generation can only be that name's."""
+        return self._buf[offset + _READY_AT] == 1 and _GEN.unpack_from(self._buf, offset)[0] == gen
+
+    def find(self, scope_id: int, name: str) -> tuple[int, int] | None:
+        """The primary slot (index, gen) holding `name` in scope `scope_id`."""
+        for index in range(self.nslots):
+            slot = self.read(index)
+            if (
+                slot.kind != Kind.FREE
+                and slot.instance == 0
+                and slot.scope_id == scope_id
+                and slot.name == name
+            ):
+                return index, slot.gen
+        return None
+
+
+@contextmanager
+def _untracked() -> Iterator[None]:
+    """Keep multiprocessing's resource tracker out of segment creation and unlink.
+
+    On Python < 3.13 SharedMemory registers every segment with a tracker process
+    that unlinks it, with a "leaked shared_memory" warning, when the registering
+    process exits (CPython #82300). The supervisor owns the segment's lifetime
+    itself, and is single-threaded, so swapping the hooks around the calls is safe.
+    """
+    saved = resource_tracker.register, resource_tracker.unregister
+
+    def _skip(name: Any, rtype: str) -> None:
+        return None
+
+    resource_tracker.register = resource_tracker.unregister = _skip
+    try:
+        yield
+    finally:
+        resource_tracker.register, resource_tracker.unregister = saved
+
+
+class TableWriter(TableReader):
+    """The supervisor's side: creates, writes and removes the segment."""
+
+    def __init__(self, nslots: int, supervisor_pid: int) -> None:
+        size = HEADER_SIZE + max(nslots, 1) * SLOT.size
+        name = "bgp_" + secrets.token_hex(8)
+        if sys.version_info >= (3, 13):
+            self._shm = shared_memory.SharedMemory(name, create=True, size=size, track=False)
+        else:
+            with _untracked():
+                self._shm = shared_memory.SharedMemory(name, create=True, size=size)
+        self.name = self._shm.name
+        assert self._shm.buf is not None
+        super().__init__(self._shm.buf, nslots)
+        HEADER.pack_into(self._buf, 0, MAGIC, VERSION, nslots, SLOT.size, supervisor_pid)
+        self._seqs = [0] * nslots
+
+    def write(self, index: int, slot: Slot) -> None:
+        """Publish slot `index` (seqlock: odd while writing, even when done)."""
+        off = self.offset(index)
+        seq = self._seqs[index] + 1
+        _SEQ.pack_into(self._buf, off, seq)
+        _pack_slot(self._buf, off, seq, slot)
+        _SEQ.pack_into(self._buf, off, seq + 1)
+        self._seqs[index] = seq + 1
+
+    def destroy(self) -> None:
+        """Unmap and unlink the segment."""
+        self._buf.release()
+        self._shm.close()
+        with _untracked(), contextlib.suppress(FileNotFoundError):
+            self._shm.unlink()

@@ -1,0 +1,104 @@
+"""The sentences bgpool says about a worker's failure. Pure formatting, so each
+error text of SPEC is produced in exactly one place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+
+def signal_name(status: int | None) -> str | None:
+    """`"SIGKILL"` for an exit status of -9; None for a normal exit."""
+    if status is None or status >= 0:
+        return None
+    try:
+        return signal.Signals(-status).name
+    except ValueError:
+        return f"signal {-status}"
+
+
+def exit_words(status: int | None) -> str:
+    """`exit status 1`, or `killed by SIGKILL` for a death by signal."""
+    if status is None:
+        return "did not start"
+    name = signal_name(status)
+    return f"killed by {name}" if name else f"exit status {status}"
+
+
+def _display_path(path: str) -> str:
+    """A path relative to the current directory when it lies below it."""
+    relative = os.path.relpath(path) if os.path.isabs(path) else path
+    return path if relative.startswith("..") else relative
+
+
+def error_words(error: dict[str, Any] | None) -> str:
+    """`RuntimeError: boom (myapp/x.py, line 12)`, or "" without an error."""
+    if not error:
+        return ""
+    text = f"{error['type']}: {error['message']}" if error["message"] else str(error["type"])
+    if error.get("filename"):
+        text += f" ({_display_path(error['filename'])}, line {error['lineno']})"
+    return text
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed run of a worker: enough to explain it in one sentence."""
+
+    attempt: int
+    status: int | None
+    target: str
+    error: dict[str, Any] | None
+
+    def cause(self) -> str:
+        """`exit status 1, target myapp/x.py): RuntimeError: boom (...)`, the tail
+        shared by every failure sentence."""
+        words = error_words(self.error)
+        return f"{exit_words(self.status)}, target {self.target})" + (f": {words}" if words else "")
+
+
+def seconds(value: float) -> str:
+    """`5s`, `0.5s`: a duration as users wrote it."""
+    return f"{value:g}s"
+
+
+def not_ready(name: str, timeout: float, failure: Failure | None, missing: str) -> str:
+    """EnsureTimeout's message for one worker."""
+    if failure is None:
+        return f'background worker "{name}" did not {missing} within {seconds(timeout)}'
+    return (
+        f'background worker "{name}" did not become ready within {seconds(timeout)}; '
+        f"last attempt {failure.attempt} failed ({failure.cause()}"
+    )
+
+
+def boot_failed(name: str, failure: Failure) -> str:
+    """WorkerBootFailed's message (fail_fast)."""
+    return (
+        f'background worker "{name}" failed to boot: attempt {failure.attempt} failed '
+        f"({failure.cause()}"
+    )
+
+
+def aborted(name: str, failures: int, failure: Failure) -> str:
+    """WorkerAborted's message."""
+    return (
+        f'background worker "{name}" failed to start: {failures} consecutive failures '
+        f"(last {failure.cause()}"
+    )
+
+
+def not_declared(name: str) -> str:
+    """WorkerNotDeclared's message."""
+    return f'no background worker configured for name "{name}"'
+
+
+def limit_reached(name: str, cap: int) -> str:
+    """CatchAllLimitReached's message."""
+    return (
+        f'cannot start background worker "{name}": limit of {cap} reached '
+        "(raise max_instances or declare it as a named worker)"
+    )

@@ -1,0 +1,205 @@
+"""The worker's runtime: what runs in a new worker process, between the fork and
+the target, and after the target returns or raises.
+
+Runs in the child only. With `start_method="fork"` the child runs the target
+directly (its modules were preloaded by the supervisor, so nothing is imported
+twice); with `"spawn"` it replaces itself with a fresh interpreter first. Either
+way, before any user code runs, the child: leaves the supervisor's process
+group, asks for SIGKILL when the supervisor dies, resets signal handling to a
+new interpreter's, and closes every descriptor but stdio and its own two pipe
+ends (so it holds no sibling's stop pipe).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import importlib
+import json
+import os
+import runpy
+import signal
+import sys
+import traceback
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import NoReturn
+
+from . import handle, platform
+
+TRACEBACK_TAIL_LINES = 40
+TRACEBACK_TAIL_CHARS = 8000
+
+
+@dataclass(frozen=True)
+class Boot:
+    """Everything a new worker needs to know, as plain data."""
+
+    name: str
+    scope_id: int
+    scope_label: str
+    instance: int
+    target: str
+    script: str | None
+    args: list[str]
+    env: dict[str, str]
+    supervisor_pid: int
+    stop_fd: int
+    notify_fd: int
+    sys_path: list[str]
+
+
+def _reset_signals() -> None:
+    """Give the child the signal handling of a new Python process, not the
+    supervisor's (its wake-up fd and handlers mean nothing here)."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _detach(boot: Boot) -> None:
+    """Cut the child loose from the supervisor's process state."""
+    _reset_signals()
+    os.setpgid(0, 0)
+    platform.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != boot.supervisor_pid:
+        os._exit(1)  # the supervisor died before the prctl took effect
+    platform.close_fds_except({boot.stop_fd, boot.notify_fd})
+    os.environ.update(boot.env)
+
+
+def run_forked(boot: Boot) -> NoReturn:
+    """Entry point in the child of a fork, for `start_method="fork"`."""
+    code = 1
+    try:
+        gc.freeze()  # never collect the supervisor's objects (they hold closed fds)
+        atexit._clear()  # the supervisor's exit handlers are not this process's
+        _detach(boot)
+        code = _run(boot)
+    finally:
+        os._exit(code)
+
+
+_SPAWN_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, {root!r}); "
+    "from bgpool.worker import spawned_main; spawned_main()"
+)
+
+
+def exec_spawned(boot: Boot) -> NoReturn:
+    """Entry point in the child of a fork, for `start_method="spawn"`: replace
+    the process with a fresh interpreter that runs `spawned_main()`."""
+    try:
+        _detach(boot)
+        os.set_inheritable(boot.stop_fd, True)
+        os.set_inheritable(boot.notify_fd, True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = _SPAWN_BOOTSTRAP.format(root=root)
+        os.execve(
+            sys.executable,
+            [sys.executable, "-c", code, json.dumps(asdict(boot))],
+            dict(os.environ),
+        )
+    finally:
+        os._exit(1)
+
+
+def spawned_main() -> NoReturn:
+    """Entry point of a spawned worker's fresh interpreter."""
+    boot = Boot(**json.loads(sys.argv[1]))
+    sys.path[:] = boot.sys_path
+    os.set_inheritable(boot.stop_fd, False)
+    os.set_inheritable(boot.notify_fd, False)
+    os._exit(_run(boot))
+
+
+def _run(boot: Boot) -> int:
+    """Run the target; return the exit status the process should end with."""
+    handle.install(
+        handle.WorkerInfo(boot.name, boot.scope_label, boot.instance),
+        boot.scope_id,
+        boot.stop_fd,
+        boot.notify_fd,
+    )
+    os.environ["BGPOOL_WORKER"] = boot.name
+    sys.argv = [boot.script or boot.target, *boot.args]
+    try:
+        if boot.script is not None:
+            runpy.run_path(boot.script, run_name="__main__")
+        else:
+            module, _, attribute = boot.target.partition(":")
+            target: object = importlib.import_module(module)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+            if not callable(target):
+                raise TypeError(f"target {boot.target} is not callable")
+            target()
+        code = 0
+    except SystemExit as exc:
+        code = _exit_status(exc.code)
+    except BaseException as exc:
+        handle.notify({"t": "error", **describe(exc)})
+        traceback.print_exception(type(exc), exc, _user_traceback(exc.__traceback__))
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+    return code
+
+
+def _exit_status(code: object) -> int:
+    """The status `sys.exit(code)` gives, as the interpreter would compute it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+_OWN_FILES = {__file__, runpy.__file__}
+
+
+def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
+    """Skip the runtime's and runpy's frames at the top of a traceback."""
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
+        tb = tb.tb_next
+    return tb
+
+
+def describe(exc: BaseException) -> dict[str, object]:
+    """A crash as data for diagnostics: type, message, where, traceback tail."""
+    kind = type(exc)
+    qualified = (
+        kind.__qualname__
+        if kind.__module__ in ("builtins", "__main__")
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    tb = _user_traceback(exc.__traceback__)
+    frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith("<frozen")]
+    filename: str | None = None
+    lineno: int | None = None
+    if isinstance(exc, SyntaxError) and exc.filename:
+        filename, lineno = exc.filename, exc.lineno
+    elif frames:
+        filename, lineno = frames[-1].filename, frames[-1].lineno
+    lines = "".join(traceback.format_exception(kind, exc, tb)).splitlines()
+    tail = "\n".join(lines[-TRACEBACK_TAIL_LINES:])[-TRACEBACK_TAIL_CHARS:]
+    return {
+        "type": qualified,
+        "message": str(exc)[:TRACEBACK_TAIL_CHARS],
+        "filename": filename,
+        "lineno": lineno,
+        "traceback": tail,
+    }
