@@ -14,6 +14,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -106,6 +107,7 @@ def run(config_path: str) -> int:
         signal.signal(sig, lambda *_: None)
     selector = selectors.DefaultSelector()
     watch = _Watch(pool.address)
+    stopper: threading.Thread | None = None
     try:
         print(f"bgpool: pool running, BGPOOL_ADDRESS={pool.address}", flush=True)
         for status in pool.status():
@@ -118,21 +120,28 @@ def run(config_path: str) -> int:
             for key, _ in selector.select():
                 if key.data == "signal":
                     received = set(os.read(wake_r, 64))
-                    if received & {signal.SIGTERM, signal.SIGINT}:
+                    if received & {signal.SIGTERM, signal.SIGINT} and stopper is None:
                         print("bgpool: stopping (draining workers)", flush=True)
-                        return 0
-                    if signal.SIGHUP in received:
+                        # Drain in the background so the drain's events still print.
+                        stopper = threading.Thread(target=pool.shutdown)
+                        stopper.start()
+                    elif signal.SIGHUP in received and stopper is None:
                         print("bgpool: restarting workers", flush=True)
                         pool.restart_workers()
                     continue
                 events = watch.events()
                 if events is None:
-                    print("bgpool: the supervisor exited", file=sys.stderr)
-                    return 1
+                    if stopper is None:
+                        print("bgpool: the supervisor exited", file=sys.stderr)
+                        return 1
+                    print("bgpool: stopped", flush=True)
+                    return 0
                 for event in events:
                     print(_line(event["worker"], event["scope"], event["instance"],
                                 event["state"], event["detail"]), flush=True)  # fmt: skip
     finally:
+        if stopper is not None:
+            stopper.join()
         selector.close()
         watch.sock.close()
         pool.shutdown()

@@ -77,6 +77,7 @@ class PoolClient:
         self._table: TableReader | None = None
         self._directory: dict[tuple[int, str], tuple[int, int]] = {}
         self._scopes: dict[int, str] = {0: ""}
+        self._own_scope = 0
         self._ensure_timeout = 30.0
         self._attach()
 
@@ -87,6 +88,8 @@ class PoolClient:
         hello = self._request({"op": "hello"}, timeout=10.0)
         self._ensure_timeout = float(hello["ensure_timeout"])
         self._scopes.update({int(sid): str(label) for sid, label in hello["scopes"]})
+        own = handle.own_scope_id()
+        self._own_scope = own if own is not None and own in self._scopes else 0
         self._table = TableReader.attach(str(hello["table"]))
         for index, slot in enumerate(self._table.slots()):
             if slot.kind == Kind.NAMED and slot.instance == 0:
@@ -144,9 +147,7 @@ class PoolClient:
         if scope is None:
             scope = _request_scope.get()
             if scope is None:
-                own = handle.own_scope_id()
-                scope_id = 0 if own is None else own
-                return scope_id if scope_id in self._scopes else 0
+                return self._own_scope
         if isinstance(scope, Scope):
             return scope.id if scope.id in self._scopes else 0
         if isinstance(scope, str):
@@ -181,8 +182,12 @@ class PoolClient:
         """Start the named workers that are not running and block until each is
         ready, or raise (`EnsureTimeout`, `WorkerAborted`, `WorkerBootFailed`,
         `WorkerNotDeclared`, `CatchAllLimitReached`, `PoolClosed`)."""
-        _check_timeout(timeout)
-        scope_id = self._scope_id(scope)
+        if timeout is not None:
+            _check_timeout(timeout)
+        if scope is None and _request_scope.get() is None:
+            scope_id = self._own_scope
+        else:
+            scope_id = self._scope_id(scope)
         table = self._reader()
         directory = self._directory
         if type(names) is str:  # the hot path: one name, already resolved and ready
@@ -284,6 +289,7 @@ class Pool(PoolClient):
         self._table = None
         self._directory = {}
         self._scopes = {0: ""}
+        self._own_scope = 0
         self._ensure_timeout = config.ensure_timeout
         self._closing = False
         self._closed_for_good = False

@@ -36,6 +36,16 @@ def target_kind(target: str) -> Literal["module", "script"]:
     return "script" if target.endswith(".py") else "module"
 
 
+def _field_error(loc: str | tuple[str | int, ...], kind: str, message: str, value: object) -> Any:
+    """One entry of a ValidationError raised by a cross-field check, so it still
+    names the field it is about."""
+    return {
+        "type": PydanticCustomError(kind, message),
+        "loc": (loc,) if isinstance(loc, str) else loc,
+        "input": value,
+    }
+
+
 def _no_nul(value: str, what: str) -> None:
     if "\0" in value:
         raise ValueError(f"{what} must not contain NUL")
@@ -103,10 +113,19 @@ class WorkerSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> WorkerSpec:
+        errors = []
         if self.name is None and self.num != 0:
-            raise ValueError("num must be 0 on a catch-all (name=None): it starts on ensure()")
+            errors.append(_field_error(
+                "num", "catch_all_num", "num must be 0 on a catch-all (name=None): "
+                "it starts one instance per name on ensure()", self.num,
+            ))  # fmt: skip
         if self.name is not None and self.max_instances is not None:
-            raise ValueError("max_instances applies only to a catch-all (name=None)")
+            errors.append(_field_error(
+                "max_instances", "named_max_instances",
+                "max_instances applies only to a catch-all (name=None)", self.max_instances,
+            ))  # fmt: skip
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     @property
@@ -167,13 +186,7 @@ class PoolConfig(BaseModel):
         errors: list[Any] = []
 
         def fail(index: int, field: str, kind: str, message: str, value: object) -> None:
-            errors.append(
-                {
-                    "type": PydanticCustomError(kind, message),
-                    "loc": ("workers", index, field),
-                    "input": value,
-                }
-            )
+            errors.append(_field_error(("workers", index, field), kind, message, value))
 
         named: dict[tuple[Scope, str], int] = {}
         catch_alls: dict[Scope, int] = {}

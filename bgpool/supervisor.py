@@ -543,7 +543,7 @@ class Supervisor:
     ) -> None:
         inst.state = state
         self._publish(inst)
-        log.log(level, "%s: %s", inst.label, detail)
+        log.log(level, "%s %s: %s", inst.label, state.label, detail)
         event = {
             "event": "state",
             "worker": inst.worker.name,
@@ -582,7 +582,7 @@ class Supervisor:
         except OSError as exc:
             for fd in (stop_r, stop_w, notify_r, notify_w):
                 os.close(fd)
-            log.error("%s: cannot fork: %s", inst.label, exc)
+            log.error("%s cannot be forked: %s", inst.label, exc)
             inst.run_error = {
                 "type": "OSError",
                 "message": f"cannot fork: {exc}",
@@ -607,7 +607,7 @@ class Supervisor:
         self.selector.register(
             notify_r, selectors.EVENT_READ, functools.partial(self._on_notify, inst)
         )
-        self._set_state(inst, State.STARTING, f"spawned (pid {pid}, attempt {inst.attempts})")
+        self._set_state(inst, State.STARTING, f"pid {pid}, attempt {inst.attempts}")
 
     def _on_notify(self, inst: Instance, _fd: object = None) -> None:
         """Read what the worker reported: readiness, or its exception."""
@@ -623,7 +623,7 @@ class Supervisor:
         try:
             messages = inst.decoder.feed(data)
         except ProtocolError as exc:
-            log.warning("%s: ignoring its reports after a malformed one: %s", inst.label, exc)
+            log.warning("%s sent a malformed report, ignoring it from now: %s", inst.label, exc)
             self._close_notify(inst)
             return
         for message in messages:
@@ -648,7 +648,7 @@ class Supervisor:
         worker.name_ready = True
         elapsed = (time.monotonic() - inst.started_mono) * 1000
         if inst.state == State.STARTING:
-            self._set_state(inst, State.READY, f"ready in {elapsed:.1f} ms")
+            self._set_state(inst, State.READY, f"took its handle {elapsed:.1f} ms after spawn")
         if first:
             for other in worker.instances:
                 self._publish(other)
@@ -703,7 +703,7 @@ class Supervisor:
             self._set_state(
                 inst,
                 State.ABORTED,
-                f"aborted after {inst.failures} consecutive boot failures ({words})",
+                f"gave up after {inst.failures} consecutive boot failures; last: {words}",
                 logging.ERROR,
             )
             if decl.name is None:
@@ -714,9 +714,11 @@ class Supervisor:
             failed=failed, failures=inst.failures, since_last_start=run_seconds
         )
         if failed:
-            self._set_state(inst, State.CRASHED, f"crashed ({words})", logging.WARNING)
+            self._set_state(inst, State.CRASHED, words, logging.WARNING)
+        if not failed:
+            log.info("%s exited (%s); restarting it", inst.label, words)
         if delay > 0:
-            self._set_state(inst, State.BACKOFF, f"restarting in {delay:g}s ({words})")
+            self._set_state(inst, State.BACKOFF, f"restart in {delay:g}s after {words}")
             inst.timer = self.timers.call_later(delay, lambda: self._respawn(inst))
         else:
             self._respawn(inst)
@@ -744,27 +746,29 @@ class Supervisor:
                 if respawn:
                     self._respawn(inst)
                 else:
-                    self._set_state(inst, State.STOPPED, "backoff cancelled by a drain")
+                    self._set_state(inst, State.STOPPED, "pending restart cancelled by a drain")
             return
         inst.draining = True
         inst.respawn_after_drain = respawn
         if inst.stop_w is not None:
             os.close(inst.stop_w)
             inst.stop_w = None
-        self._set_state(inst, State.STOPPING, f"stop requested (grace {grace:g}s)")
+        self._set_state(inst, State.STOPPING, f"stop pipe closed, grace period {grace:g}s")
         inst.timer = self.timers.call_later(grace, lambda: self._terminate(inst))
 
     def _terminate(self, inst: Instance) -> None:
         if inst.pid is None:
             return
-        log.warning("%s: did not stop within its grace period; sending SIGTERM", inst.label)
+        log.warning(
+            "%s did not stop within its grace period: SIGTERM to its process tree", inst.label
+        )
         self._signal_tree(inst.pid, signal.SIGTERM)
         inst.timer = self.timers.call_later(FORCE_KILL_DELAY, lambda: self._kill(inst))
 
     def _kill(self, inst: Instance) -> None:
         if inst.pid is None:
             return
-        log.warning("%s: still running after SIGTERM; sending SIGKILL", inst.label)
+        log.warning("%s still running 1s after SIGTERM: SIGKILL to its process tree", inst.label)
         self._signal_tree(inst.pid, signal.SIGKILL)
 
     @staticmethod
@@ -782,10 +786,10 @@ class Supervisor:
             inst.timer.cancel()
         inst.draining = False
         if inst.respawn_after_drain and not self.closing:
-            log.info("%s: drained (%s); restarting", inst.label, texts.exit_words(status))
+            log.info("%s drained (%s); restarting it", inst.label, texts.exit_words(status))
             self._respawn(inst)
         else:
-            self._set_state(inst, State.STOPPED, f"stopped ({texts.exit_words(status)})")
+            self._set_state(inst, State.STOPPED, texts.exit_words(status))
         self._progress_restarts(inst)
         if self.closing and not self.by_pid:
             self.finished = True

@@ -1,0 +1,128 @@
+"""The shared-memory readiness table: layout, identity, seqlock, lifetime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import stat
+import warnings
+from pathlib import Path
+
+import pytest
+
+from bgpool.table import Kind, Slot, State, TableReader, TableWriter
+
+
+def slot(**changes: object) -> Slot:
+    base: dict[str, object] = dict(
+        gen=1, name_ready=False, kind=Kind.NAMED, state=State.STOPPED, ever_ready=False,
+        last_exit=None, scope_id=0, decl=0, instance=0, pool_size=1, pid=0, attempts=0,
+        failures=0, crashes=0, restarts=0, started_at=0.0, ready_at=0.0, name="w",
+        scope_label="",
+    )  # fmt: skip
+    base.update(changes)
+    return Slot(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def table() -> TableWriter:
+    writer = TableWriter(4, os.getpid())
+    yield writer
+    writer.destroy()
+
+
+def test_round_trip_of_every_field(table: TableWriter) -> None:
+    written = slot(
+        gen=7, name_ready=True, state=State.BACKOFF, ever_ready=True, last_exit=-9,
+        scope_id=2**40, decl=3, instance=2, pool_size=3, pid=12345, attempts=9, failures=4,
+        crashes=5, restarts=6, started_at=1.5, ready_at=2.5, name="ünï\x7e" * 20,
+        scope_label="api.example.com",
+    )  # fmt: skip
+    table.write(2, written)
+    reader = TableReader.attach(table.name)
+    try:
+        assert reader.read(2) == written
+        assert reader.nslots == 4
+        assert reader.find(2**40, written.name) is None  # instance 2 is not a primary slot
+        table.write(1, slot(name="p", scope_id=5))
+        assert reader.find(5, "p") == (1, 1)
+    finally:
+        reader.close()
+
+
+def test_fast_path_needs_the_flag_and_the_generation(table: TableWriter) -> None:
+    reader = TableReader.attach(table.name)
+    try:
+        offset = reader.offset(0)
+        table.write(0, slot(gen=3))
+        assert not reader.name_ready(offset, 3)
+        table.write(0, slot(gen=3, name_ready=True))
+        assert reader.name_ready(offset, 3)
+        assert not reader.name_ready(offset, 2)  # an older identity of the slot
+    finally:
+        reader.close()
+
+
+def test_segment_is_private_and_removed_without_tracker_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer = TableWriter(1, os.getpid())
+        path = Path("/dev/shm") / writer.name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert len(writer.name) <= 31
+        writer.destroy()
+    assert not path.exists()
+
+
+READER = """
+import sys, time
+from bgpool.table import TableReader
+reader = TableReader.attach(sys.argv[1])
+seconds = float(sys.argv[2])
+torn = reads = 0
+deadline = time.monotonic() + seconds
+while True:
+    s = reader.read(0)
+    reads += 1
+    # the writer always keeps these fields equal: a mix means a torn read
+    if not (s.attempts == s.failures == s.crashes == s.restarts == s.pid):
+        torn += 1
+    if time.monotonic() > deadline:
+        break
+print(s.name, torn, reads)
+reader.close()
+"""
+
+
+def _readers(name: str, count: int, seconds: float) -> list[subprocess.Popen[str]]:
+    root = str(Path(__file__).resolve().parent.parent)
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", READER, name, str(seconds)],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": root},
+        )  # fmt: skip
+        for _ in range(count)
+    ]
+
+
+def test_readers_attaching_do_not_unlink_the_segment(table: TableWriter) -> None:
+    table.write(0, slot())
+    [reader] = _readers(table.name, 1, 0.0)
+    out, _ = reader.communicate(timeout=30)
+    assert reader.returncode == 0
+    assert out.split()[0] == "w"
+    assert (Path("/dev/shm") / table.name).exists()
+
+
+def test_no_torn_reads_while_the_writer_hammers_a_slot(table: TableWriter) -> None:
+    readers = _readers(table.name, 2, 1.0)
+    n = 0
+    while any(r.poll() is None for r in readers):
+        n += 1
+        table.write(0, slot(attempts=n, failures=n, crashes=n, restarts=n, pid=n,
+                            name="w" * (n % 100 + 1)))  # fmt: skip
+    results = [r.communicate(timeout=30)[0].split() for r in readers]
+    assert [int(torn) for _, torn, _ in results] == [0, 0]
+    assert all(int(reads) > 1000 for _, _, reads in results)
+    assert n > 1000
