@@ -1,0 +1,409 @@
+"""Isolation between processes: stop pipes held by nobody but their worker and the
+supervisor, no orphans when the supervisor dies, private socket and segment modes,
+what a worker sees of itself (environment, current_worker(), its handle), and the
+``spawn`` start method (SPEC "Shape", "Worker API", "Lifecycle").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import (
+    ROOT,
+    alive,
+    fd_links,
+    gone,
+    pipe_holders,
+    read_json,
+    spec,
+    starts,
+    state,
+    subprocess_env,
+    supervisor_of,
+    the_status,
+    unix_socket_inodes,
+    wait_for,
+)
+
+import bgpool
+
+
+def _reports(
+    make_pool: Any, sentinel_dir: Path, names: list[str], **config: Any
+) -> tuple[Any, dict[str, Any]]:
+    """A pool of eager ``report`` workers; returns (pool, name -> report)."""
+    pool = make_pool(
+        [
+            spec(
+                n,
+                "report",
+                num=1,
+                env={"REPORT": str(sentinel_dir / f"{n}.json"), "REPORT_KEYS": "INHERITED,OWN"},
+            )
+            for n in names
+        ],
+        **config,
+    )
+    reports = {
+        n: wait_for(lambda n=n: read_json(sentinel_dir / f"{n}.json"), what=f"{n} report")
+        for n in names
+    }
+    return pool, reports
+
+
+def _tree_pids() -> list[int]:
+    me = psutil.Process()
+    return [me.pid] + [p.pid for p in me.children(recursive=True)]
+
+
+# ------------------------------------------------------------------ stop pipes
+
+
+def test_each_stop_pipe_is_held_only_by_its_worker_and_the_supervisor(
+    make_pool: Any, sentinel_dir: Path
+) -> None:
+    names = ["w0", "w1", "w2"]
+    _pool, reports = _reports(make_pool, sentinel_dir, names)
+    sup = supervisor_of(reports["w0"]["pid"])
+    tree = _tree_pids()
+    for n in names:
+        r = reports[n]
+        assert r["stop_pipe_link"] == f"pipe:[{r['stop_pipe_inode']}]", r["stop_pipe_link"]
+        holders = pipe_holders(r["stop_pipe_inode"], tree)
+        assert sorted(holders) == sorted([r["pid"], sup.pid]), (
+            f"stop pipe of {n} (worker {r['pid']}, supervisor {sup.pid}) held by {holders}"
+        )
+
+
+def test_drain_delivers_eof_to_every_worker_at_once(make_pool: Any, sentinel_dir: Path) -> None:
+    # Each worker lingers 1 s after its EOF. Had a worker inherited a sibling's write
+    # end, that sibling would only see EOF once the holder exits, a second later.
+    eof_log = sentinel_dir / "eof.log"
+    logs = [sentinel_dir / f"w{i}.starts" for i in range(3)]
+    pool = make_pool(
+        [
+            spec(
+                f"w{i}",
+                "eof_recorder",
+                num=1,
+                env={"EOF_LOG": str(eof_log), "LINGER": "1.0", "STARTS": str(logs[i])},
+            )
+            for i in range(3)
+        ]
+    )
+    pids = {starts(log)[0][0] for log in logs}
+    t0 = time.monotonic()
+    pool.shutdown()
+    eofs = starts(eof_log)
+    assert {pid for pid, _ in eofs} == pids
+    latest = max(ts for _, ts in eofs)
+    assert latest - t0 < 0.5, [ts - t0 for _, ts in eofs]
+
+
+def test_restarting_drains_each_worker_independently(make_pool: Any, sentinel_dir: Path) -> None:
+    eof_log = sentinel_dir / "eof.log"
+    pool = make_pool(
+        [
+            spec(f"w{i}", "eof_recorder", num=1, env={"EOF_LOG": str(eof_log), "LINGER": "1.0"})
+            for i in range(3)
+        ],
+        restart_grace_period=5.0,
+    )
+    old = {the_status(pool, f"w{i}").pid for i in range(3)}
+    t0 = time.monotonic()
+    pool.restart_workers()
+    eofs = [(pid, ts) for pid, ts in starts(eof_log) if pid in old]
+    assert {pid for pid, _ in eofs} == old
+    assert max(ts for _, ts in eofs) - t0 < 0.5, [ts - t0 for _, ts in eofs]
+
+
+# ------------------------------------------------------------- supervisor death
+
+
+def test_supervisor_sigkill_leaves_no_worker_alive(make_pool: Any, sentinel_dir: Path) -> None:
+    pool = make_pool(
+        [
+            spec("watcher", "idle", num=1, env={"SENTINEL": str(sentinel_dir / "w.pid")}),
+            spec("deaf", "stuck", num=1, env={"SENTINEL": str(sentinel_dir / "d.pid")}),
+        ]
+    )
+    pids = [the_status(pool, n).pid for n in ("watcher", "deaf")]
+    sup = supervisor_of(pids[0])
+    assert supervisor_of(pids[1]).pid == sup.pid
+    os.kill(sup.pid, signal.SIGKILL)
+    try:
+        wait_for(lambda: all(gone(p) for p in pids), timeout=2.0, what="workers gone")
+    finally:
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+    pool.shutdown()  # cleans up what the supervisor could not (the leak check verifies)
+
+
+# ------------------------------------------------------------ private resources
+
+
+def test_control_socket_and_segment_are_private(make_pool: Any) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    pool = make_pool([spec("eager", "idle", num=1)])
+    address = pool.address
+    assert os.environ["BGPOOL_ADDRESS"] == address
+
+    sock = os.stat(address)
+    assert stat.S_ISSOCK(sock.st_mode)
+    assert stat.S_IMODE(sock.st_mode) == 0o600
+    directory = Path(address).parent
+    assert directory.parent == Path(tempfile.gettempdir())
+    assert directory.name.startswith("bgpool-")
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
+    segments = [n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("bgp_")]
+    assert segments, "no /dev/shm/bgp_* segment"
+    for name in segments:
+        assert stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode) == 0o600, name
+
+    pool.shutdown()
+    assert not os.path.exists(address)
+    assert not directory.exists()
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in segments)
+
+
+def test_no_worker_holds_the_control_socket(make_pool: Any, sentinel_dir: Path) -> None:
+    pool, reports = _reports(make_pool, sentinel_dir, ["a", "b"])
+    inodes = unix_socket_inodes(pool.address)
+    assert inodes, "control socket not found in /proc/net/unix"
+    sup = supervisor_of(reports["a"]["pid"])
+    assert {f"socket:[{i}]" for i in inodes} & fd_links(sup.pid), "supervisor must listen"
+    for name, r in reports.items():
+        held = {f"socket:[{i}]" for i in inodes} & set(r["fds"].values())
+        assert not held, f"worker {name} holds the control socket"
+
+
+# ------------------------------------------------------------- worker's view
+
+
+def test_workers_get_address_name_and_environment(
+    make_pool: Any, sentinel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INHERITED", "from-the-application")
+    monkeypatch.setenv("OWN", "overridden")
+    pool = make_pool(
+        [
+            spec(
+                "reporter",
+                "report",
+                num=1,
+                env={
+                    "REPORT": str(sentinel_dir / "r.json"),
+                    "REPORT_KEYS": "INHERITED,OWN",
+                    "OWN": "from-the-spec",
+                },
+            )
+        ]
+    )
+    r = wait_for(lambda: read_json(sentinel_dir / "r.json"), what="report")
+    assert r["BGPOOL_ADDRESS"] == pool.address
+    assert os.environ["BGPOOL_ADDRESS"] == pool.address
+    assert r["BGPOOL_WORKER"] == "reporter"
+    assert r["env"] == {"INHERITED": "from-the-application", "OWN": "from-the-spec"}
+    assert r["pid"] == the_status(pool, "reporter").pid
+
+
+def test_current_worker_describes_the_instance(make_pool: Any, sentinel_dir: Path) -> None:
+    _pool, reports = _reports(make_pool, sentinel_dir, ["me"])
+    r = reports["me"]
+    assert r["worker"] == {"name": "me", "scope": "", "instance": 0}
+    assert r["worker_before_handle"] == r["worker"]
+
+
+def test_worker_api_outside_a_worker() -> None:
+    assert bgpool.current_worker() is None
+    with pytest.raises(RuntimeError):
+        bgpool.get_worker_handle()
+
+
+def test_handle_api_select_wait_and_stop_requested(make_pool: Any, sentinel_dir: Path) -> None:
+    ready_file, result_file = sentinel_dir / "ready.json", sentinel_dir / "result.json"
+    pool = make_pool(
+        [
+            spec(
+                "h",
+                "select_waiter",
+                num=1,
+                env={"READY_FILE": str(ready_file), "RESULT": str(result_file)},
+            )
+        ]
+    )
+    before = wait_for(lambda: read_json(ready_file), what="handle checked before the drain")
+    assert before == {"stop_requested_at_start": False, "wait_short_timeout": False}
+    pool.shutdown()
+    result = read_json(result_file)
+    assert result is not None, "the worker did not see the drain through select()"
+    assert result["select_readable"] is True
+    assert result["read_after_select"] is True  # EOF
+    assert result["stop_requested_after"] is True
+    assert result["wait_after"] is True
+    assert result["wait_none_after"] is True
+    assert result["same_handle"] is True
+
+
+def test_handle_is_the_same_object_on_every_call(make_pool: Any, sentinel_dir: Path) -> None:
+    _pool, reports = _reports(make_pool, sentinel_dir, ["me"])
+    assert reports["me"]["same_handle"] is True
+    assert reports["me"]["stop_requested"] is False
+
+
+def test_each_worker_has_its_own_process_group(make_pool: Any, sentinel_dir: Path) -> None:
+    _pool, reports = _reports(make_pool, sentinel_dir, ["a", "b"])
+    sup = supervisor_of(reports["a"]["pid"])
+    for r in reports.values():
+        assert r["ppid"] == sup.pid  # workers are children of the supervisor
+        assert r["pgid"] == r["pid"]
+    assert os.getpgid(sup.pid) not in {r["pgid"] for r in reports.values()}
+
+
+def test_worker_starts_with_default_signal_dispositions(make_pool: Any, sentinel_dir: Path) -> None:
+    _pool, reports = _reports(make_pool, sentinel_dir, ["me"])
+    r = reports["me"]
+    assert r["blocked_signals"] == []
+    assert r["handlers"]["SIGTERM"] == "SIG_DFL"
+    assert r["handlers"]["SIGHUP"] == "SIG_DFL"
+    assert r["handlers"]["SIGCHLD"] == "SIG_DFL"
+    assert r["handlers"]["SIGUSR1"] == "SIG_DFL"
+
+
+def test_worker_inherits_the_application_cwd(make_pool: Any, sentinel_dir: Path) -> None:
+    _pool, reports = _reports(make_pool, sentinel_dir, ["me"])
+    assert reports["me"]["cwd"] == os.getcwd()
+
+
+# ----------------------------------------------------------------- spawn
+
+
+def test_spawn_start_method(make_pool: Any, sentinel_dir: Path) -> None:
+    pool, reports = _reports(make_pool, sentinel_dir, ["s"], start_method="spawn")
+    r = reports["s"]
+    assert r["worker"] == {"name": "s", "scope": "", "instance": 0}
+    assert r["BGPOOL_WORKER"] == "s"
+    assert r["BGPOOL_ADDRESS"] == pool.address
+    sup = supervisor_of(r["pid"])
+    assert sorted(pipe_holders(r["stop_pipe_inode"], _tree_pids())) == sorted([r["pid"], sup.pid])
+    assert state(the_status(pool, "s").state) == "ready"
+
+
+def test_spawn_start_method_records_boot_failures(make_pool: Any) -> None:
+    pool = make_pool(
+        [spec("x", "crash_at_boot", max_consecutive_failures=-1)], start_method="spawn"
+    )
+    with pytest.raises(bgpool.WorkerBootFailed) as info:
+        pool.ensure("x", timeout=20, fail_fast=True)
+    err = info.value.diagnostics.last_error
+    assert (err.type, err.message) == ("RuntimeError", "boom")
+    assert info.value.diagnostics.last_exit_status == 1
+
+
+def test_spawn_start_method_drains_promptly(make_pool: Any) -> None:
+    pool = make_pool([spec("a", "idle", num=1)], start_method="spawn", grace_period=30.0)
+    pid = the_status(pool, "a").pid
+    t0 = time.monotonic()
+    pool.shutdown()
+    assert time.monotonic() - t0 < 3.0
+    assert gone(pid)
+
+
+# ------------------------------------------------------------- control socket
+
+
+class _Evil:
+    """Unpickling this creates a file: proof that client bytes were unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def _raw_send(address: str, payload: bytes) -> None:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_UNIX, kind) as s:
+            try:
+                s.connect(address)
+            except OSError:
+                continue
+            s.settimeout(1.0)
+            with contextlib.suppress(OSError):
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                s.recv(65536)
+            return
+    raise AssertionError(f"could not connect to {address}")
+
+
+def test_supervisor_survives_garbage_and_never_unpickles(
+    make_pool: Any, sentinel_dir: Path
+) -> None:
+    pool = make_pool([spec("eager", "idle", num=1), spec("lazy", "idle")])
+    marker = sentinel_dir / "unpickled"
+    evil = pickle.dumps(_Evil(str(marker)))
+    payloads = [
+        b"\x00\xff garbage \n",
+        b"{not json}\n",
+        evil,
+        struct.pack(">I", len(evil)) + evil,
+        struct.pack("<I", len(evil)) + evil,
+        struct.pack(">Q", len(evil)) + evil,
+        evil + b"\n",
+        b"\xff" * 70000,
+    ]
+    for payload in payloads:
+        _raw_send(pool.address, payload)
+    pool.ensure("lazy", timeout=5)  # the supervisor still serves requests
+    assert {s.name for s in pool.status()} == {"eager", "lazy"}
+    assert not marker.exists(), "the supervisor unpickled bytes sent by a client"
+
+
+def test_application_exits_cleanly_without_warnings(sentinel_dir: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import bgpool
+        from bgpool import Pool, PoolConfig, WorkerSpec
+        config = PoolConfig(grace_period=5, workers=[
+            WorkerSpec(name="eager", target="fixtures.workers:idle", num=1),
+            WorkerSpec(name="lazy", target="fixtures.workers:idle"),
+        ])
+        with Pool(config) as pool:
+            pool.ensure("lazy", timeout=10)
+            pool.status()
+            pool.diagnostics("eager")
+        print("DONE")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", code],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "DONE"
+    for bad in ("ResourceWarning", "resource_tracker", "leaked", "Traceback"):
+        assert bad not in proc.stderr, proc.stderr
