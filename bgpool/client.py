@@ -9,6 +9,7 @@ any number of threads can call it at once. It never forks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import json
@@ -341,6 +342,7 @@ class Pool(PoolClient):
         if self._process is not None or self._closing:
             raise BgpoolError("a Pool can be started only once")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        atexit.register(self.shutdown)  # a pool left running is drained at exit
         boot_r, boot_w = os.pipe()
         try:
             self._process = subprocess.Popen(
@@ -399,6 +401,7 @@ class Pool(PoolClient):
         if process is None or self._closing:
             return
         self._closing = True
+        atexit.unregister(self.shutdown)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         try:

@@ -21,6 +21,7 @@ Nothing here is imported by worker-side code.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import importlib
@@ -46,7 +47,7 @@ from .errors import CatchAllLimitReached, PoolClosed, WorkerNotDeclared
 from .lookup import Decl, Registry
 from .names import name_problem
 from .protocol import FrameDecoder, Message, ProtocolError
-from .table import Kind, Slot, State, TableWriter
+from .table import BOOT_BUCKETS, Kind, Slot, State, TableWriter
 from .timers import Timer, Timers
 from .worker import Boot, exec_spawned, run_forked
 
@@ -86,6 +87,8 @@ class Instance:
         self.started_at = 0.0
         self.ready_at = 0.0
         self.started_mono = 0.0
+        self.boot_sum = 0.0
+        self.boot_buckets = [0] * len(BOOT_BUCKETS)
         self.stop_w: int | None = None
         self.notify_r: int | None = None
         self.decoder = FrameDecoder()
@@ -646,9 +649,13 @@ class Supervisor:
         inst.ready_at = time.time()
         first = not worker.name_ready
         worker.name_ready = True
-        elapsed = (time.monotonic() - inst.started_mono) * 1000
+        elapsed = time.monotonic() - inst.started_mono
+        inst.boot_sum += elapsed
+        inst.boot_buckets[bisect.bisect_left(BOOT_BUCKETS, elapsed)] += 1
         if inst.state == State.STARTING:
-            self._set_state(inst, State.READY, f"took its handle {elapsed:.1f} ms after spawn")
+            self._set_state(
+                inst, State.READY, f"took its handle {elapsed * 1000:.1f} ms after spawn"
+            )
         if first:
             for other in worker.instances:
                 self._publish(other)
@@ -863,6 +870,8 @@ class Supervisor:
                 restarts=inst.restarts,
                 started_at=inst.started_at,
                 ready_at=inst.ready_at,
+                boot_sum=inst.boot_sum,
+                boot_buckets=tuple(inst.boot_buckets),
                 name=worker.name,
                 scope_label=decl.scope_label,
             ),
@@ -946,6 +955,8 @@ def _free_slot(gen: int) -> Slot:
         restarts=0,
         started_at=0.0,
         ready_at=0.0,
+        boot_sum=0.0,
+        boot_buckets=(0,) * len(BOOT_BUCKETS),
         name="",
         scope_label="",
     )

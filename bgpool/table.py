@@ -63,19 +63,27 @@ class Kind(enum.IntEnum):
 MAGIC = b"BGPOOL\x01\x00"
 HEADER = struct.Struct("<8sIIIi")  # magic, version, nslots, slot size, supervisor pid
 HEADER_SIZE = 64
-VERSION = 1
+VERSION = 2
 
-SLOT = struct.Struct(
-    "<II"  # seq, gen
+BOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+"""Upper bounds (seconds) of the spawn-to-ready histogram kept per slot."""
+
+_SEQ = struct.Struct("<I")
+_BODY = struct.Struct(
+    "<I"  # gen
     "BBBBB3x"  # name_ready, kind, state, ever_ready, has_exit
     "Q"  # scope id
     "HHHH"  # declaration index, instance, pool size, name length
     "iIIiII"  # pid, attempts, consecutive failures, last exit status, crashes, restarts
-    "dd"  # started_at, ready_at (wall clock, 0 = never)
+    "ddd"  # started_at, ready_at (wall clock, 0 = never), boot seconds sum
+    f"{len(BOOT_BUCKETS)}I"  # boot histogram: count per bucket (not cumulative)
     f"{MAX_NAME_BYTES}sH{MAX_LABEL_BYTES}s"  # name, label length, scope label
-    "6x"
 )
-_SEQ = struct.Struct("<I")
+"""A slot after its sequence counter. Packed separately from the counter because
+`struct.pack_into` zeroes its whole target before writing: over the counter, that
+would make a half-written slot look consistent to a reader."""
+
+SLOT = struct.Struct(f"<I{_BODY.size}s4x")  # seq, body, padding to a multiple of 8
 _GEN = struct.Struct("<4xI")
 _READY_AT = 8  # offset of name_ready in a slot
 
@@ -101,89 +109,39 @@ class Slot:
     restarts: int
     started_at: float
     ready_at: float
+    boot_sum: float
+    boot_buckets: tuple[int, ...]
     name: str
     scope_label: str
 
 
-def _pack_slot(buf: memoryview, offset: int, seq: int, slot: Slot) -> None:
+def _pack_body(buf: memoryview, offset: int, slot: Slot) -> None:
     name = slot.name.encode()
     label = slot.scope_label.encode()
-    SLOT.pack_into(
-        buf,
-        offset,
-        seq,
-        slot.gen,
-        slot.name_ready,
-        slot.kind,
-        slot.state,
-        slot.ever_ready,
-        slot.last_exit is not None,
-        slot.scope_id,
-        slot.decl,
-        slot.instance,
-        slot.pool_size,
-        len(name),
-        slot.pid,
-        slot.attempts,
-        slot.failures,
-        slot.last_exit or 0,
-        slot.crashes,
-        slot.restarts,
-        slot.started_at,
-        slot.ready_at,
-        name,
-        len(label),
-        label,
-    )
+    _BODY.pack_into(
+        buf, offset, slot.gen,
+        slot.name_ready, slot.kind, slot.state, slot.ever_ready, slot.last_exit is not None,
+        slot.scope_id, slot.decl, slot.instance, slot.pool_size, len(name),
+        slot.pid, slot.attempts, slot.failures, slot.last_exit or 0, slot.crashes, slot.restarts,
+        slot.started_at, slot.ready_at, slot.boot_sum, *slot.boot_buckets,
+        name, len(label), label,
+    )  # fmt: skip
 
 
-def _unpack_slot(raw: tuple[Any, ...]) -> Slot:
-    (
-        _,
-        gen,
-        name_ready,
-        kind,
-        state,
-        ever_ready,
-        has_exit,
-        scope_id,
-        decl,
-        instance,
-        pool_size,
-        name_len,
-        pid,
-        attempts,
-        failures,
-        last_exit,
-        crashes,
-        restarts,
-        started_at,
-        ready_at,
-        name,
-        label_len,
-        label,
-    ) = raw
+def _unpack_body(body: bytes) -> Slot:
+    (gen, name_ready, kind, state, ever_ready, has_exit, scope_id, decl, instance,
+     pool_size, name_len, pid, attempts, failures, last_exit, crashes, restarts,
+     started_at, ready_at, boot_sum, *rest) = _BODY.unpack(body)  # fmt: skip
+    buckets = tuple(rest[: len(BOOT_BUCKETS)])
+    name, label_len, label = rest[len(BOOT_BUCKETS) :]
     return Slot(
-        gen=gen,
-        name_ready=bool(name_ready),
-        kind=Kind(kind),
-        state=State(state),
-        ever_ready=bool(ever_ready),
-        last_exit=last_exit if has_exit else None,
-        scope_id=scope_id,
-        decl=decl,
-        instance=instance,
-        pool_size=pool_size,
-        pid=pid,
-        attempts=attempts,
-        failures=failures,
-        crashes=crashes,
-        restarts=restarts,
-        started_at=started_at,
-        ready_at=ready_at,
-        name=name[:name_len].decode(),
-        scope_label=label[:label_len].decode(),
-    )
+        gen=gen, name_ready=bool(name_ready), kind=Kind(kind), state=State(state),
+        ever_ready=bool(ever_ready), last_exit=last_exit if has_exit else None,
+        scope_id=scope_id, decl=decl, instance=instance, pool_size=pool_size, pid=pid,
+        attempts=attempts, failures=failures, crashes=crashes, restarts=restarts,
+        started_at=started_at, ready_at=ready_at, boot_sum=boot_sum, boot_buckets=buckets,
+        name=name[:name_len].decode(), scope_label=label[:label_len].decode(),
+    )  # fmt: skip
 
 
 class TableReader:
@@ -227,9 +185,9 @@ class TableReader:
             seq = _SEQ.unpack_from(buf, off)[0]
             if seq & 1:
                 continue
-            raw = SLOT.unpack_from(buf, off)
+            body = SLOT.unpack_from(buf, off)[1]
             if _SEQ.unpack_from(buf, off)[0] == seq:
-                return _unpack_slot(raw)
+                return _unpack_body(body)
 
     def slots(self) -> list[Slot]:
         """Every slot, in table order."""
@@ -300,7 +258,7 @@ class TableWriter(TableReader):
         off = self.offset(index)
         seq = self._seqs[index] + 1
         _SEQ.pack_into(self._buf, off, seq)
-        _pack_slot(self._buf, off, seq, slot)
+        _pack_body(self._buf, off + _SEQ.size, slot)
         _SEQ.pack_into(self._buf, off, seq + 1)
         self._seqs[index] = seq + 1
 

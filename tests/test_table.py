@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from bgpool.table import Kind, Slot, State, TableReader, TableWriter
+from bgpool.table import BOOT_BUCKETS, Kind, Slot, State, TableReader, TableWriter
 
 
 def slot(**changes: object) -> Slot:
     base: dict[str, object] = dict(
         gen=1, name_ready=False, kind=Kind.NAMED, state=State.STOPPED, ever_ready=False,
         last_exit=None, scope_id=0, decl=0, instance=0, pool_size=1, pid=0, attempts=0,
-        failures=0, crashes=0, restarts=0, started_at=0.0, ready_at=0.0, name="w",
+        failures=0, crashes=0, restarts=0, started_at=0.0, ready_at=0.0, boot_sum=0.0,
+        boot_buckets=(0,) * len(BOOT_BUCKETS), name="w",
         scope_label="",
     )  # fmt: skip
     base.update(changes)
@@ -36,7 +37,8 @@ def test_round_trip_of_every_field(table: TableWriter) -> None:
     written = slot(
         gen=7, name_ready=True, state=State.BACKOFF, ever_ready=True, last_exit=-9,
         scope_id=2**40, decl=3, instance=2, pool_size=3, pid=12345, attempts=9, failures=4,
-        crashes=5, restarts=6, started_at=1.5, ready_at=2.5, name="ünï\x7e" * 20,
+        crashes=5, restarts=6, started_at=1.5, ready_at=2.5, boot_sum=0.25,
+        boot_buckets=tuple(range(len(BOOT_BUCKETS))), name="ünï\x7e" * 20,
         scope_label="api.example.com",
     )  # fmt: skip
     table.write(2, written)
