@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import handle, protocol
 from .declarations import PoolConfig, WorkerSpec
@@ -31,6 +31,9 @@ from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus, status_of
 from .names import Scope, name_problem
 from .platform import unlink_shm
 from .table import Kind, TableReader
+
+if TYPE_CHECKING:
+    from .metrics import HealthServer
 
 _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "bgpool_request_scope", default=None
@@ -294,6 +297,8 @@ class Pool(PoolClient):
         self._ensure_timeout = config.ensure_timeout
         self._closing = False
         self._closed_for_good = False
+        self._health: HealthServer | None = None
+        self._stdio: tuple[int | None, int | None] = (None, None)  # bgpool run's live view
 
     def _closed(self) -> BgpoolError:
         if self._process is None and not self._closing:
@@ -317,6 +322,7 @@ class Pool(PoolClient):
                 "args": spec.args,
                 "scope_id": spec.scope.id,
                 "scope_label": spec.scope.label,
+                "output": spec.output,
             }
             for index, spec in enumerate(config.workers)
         ]
@@ -348,6 +354,8 @@ class Pool(PoolClient):
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _SUPERVISOR_BOOTSTRAP.format(root=root)],
                 stdin=subprocess.PIPE,
+                stdout=self._stdio[0],
+                stderr=self._stdio[1],
                 pass_fds=(boot_w,),
                 process_group=0,
             )
@@ -366,10 +374,37 @@ class Pool(PoolClient):
         try:
             self._attach()
             os.environ["BGPOOL_ADDRESS"] = self._address
+            if self.config.metrics_port is not None:
+                self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
             self._request({"op": "start"}, timeout=self.config.ensure_timeout + REPLY_MARGIN)
         except BaseException:
             self.shutdown()
             raise
+
+    def _serve_metrics(self, host: str, port: int) -> None:
+        from .metrics import HealthServer
+
+        eager = {(spec.scope.id, spec.name) for spec in self.config.workers if spec.num >= 1}
+
+        def alive() -> tuple[bool, dict[str, Any]]:
+            running = self._process is not None and self._process.poll() is None
+            return running and not self._closing, {}
+
+        def ready() -> tuple[bool, dict[str, Any]]:
+            waiting = [
+                f"{s.name}.{s.instance}"
+                for s in self._reader().slots()
+                if (s.scope_id, s.name) in eager and s.kind == Kind.NAMED and not s.ever_ready
+            ]
+            return not waiting and alive()[0], {"waiting": waiting}
+
+        self._health = HealthServer(self, host, port, alive, ready)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port `/metrics`, `/healthz` and `/readyz` are served on (the
+        actual one when `metrics_port=0` asked for any free port)."""
+        return self._health.port if self._health is not None else None
 
     def _read_boot(self, boot_r: int) -> dict[str, str]:
         """The supervisor's first words: its address and table name."""
@@ -409,6 +444,8 @@ class Pool(PoolClient):
         except subprocess.TimeoutExpired:
             process.kill()  # its workers follow through their parent-death signal
             process.wait()
+        if self._health is not None:
+            self._health.close()
         self.close()
         if self._table_name is not None:
             unlink_shm(self._table_name)  # left over only if the supervisor died

@@ -68,6 +68,7 @@ class WorkerSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     args: list[str] = Field(default_factory=list)
     scope: Scope = GLOBAL_SCOPE
+    output: Literal["prefix", "inherit"] = "prefix"
 
     @field_validator("target")
     @classmethod
@@ -160,6 +161,7 @@ class PoolConfig(BaseModel):
     start_method: Literal["fork", "spawn"] = "fork"
     root: Path | None = None
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    metrics_host: str = "127.0.0.1"
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
 
     _scripts: dict[int, Path] = PrivateAttr(default_factory=dict)

@@ -28,6 +28,7 @@ class Decl:
     args: list[str]
     scope_id: int
     scope_label: str
+    output: str = "prefix"
     first_slot: int = 0
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
 

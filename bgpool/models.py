@@ -46,7 +46,8 @@ class WorkerDiagnostics(_Report):
     """Why a worker is in the state it is in: one per name, with its instances.
 
     `last_exit_status` is negative when the process was killed by a signal, named
-    in `last_signal`; `last_error` is the exception of the last failed run.
+    in `last_signal`; `last_error` is the exception of the last failed run and
+    `last_output` the last lines it wrote (when its output is relayed).
     """
 
     name: str
@@ -59,6 +60,7 @@ class WorkerDiagnostics(_Report):
     last_exit_status: int | None
     last_signal: str | None
     last_error: ErrorInfo | None
+    last_output: list[str] = []
     instances: list[WorkerStatus]
 
 

@@ -22,6 +22,7 @@ Nothing here is imported by worker-side code.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import functools
 import importlib
@@ -41,7 +42,7 @@ from typing import Any
 
 import psutil
 
-from . import platform, policy, texts
+from . import output, platform, policy, texts
 from .control import Connection, Listener
 from .errors import CatchAllLimitReached, PoolClosed, WorkerNotDeclared
 from .lookup import Decl, Registry
@@ -91,6 +92,8 @@ class Instance:
         self.boot_buckets = [0] * len(BOOT_BUCKETS)
         self.stop_w: int | None = None
         self.notify_r: int | None = None
+        self.outputs: list[int] = []  # read ends of its stdout/stderr pipes
+        self.tail: collections.deque[str] = collections.deque(maxlen=output.TAIL_LINES)
         self.decoder = FrameDecoder()
         self.run_error: dict[str, Any] | None = None
         self.timer: Timer | None = None
@@ -163,6 +166,7 @@ class Supervisor:
         self.registry = Registry(decls)
         self.timers = Timers()
         self.selector = selectors.DefaultSelector()
+        self.relay = output.Relay(self.selector)
         self.table = TableWriter(self.registry.nslots, self.pid)
         self.listener = Listener()
         self.workers: dict[tuple[int, str], Worker] = {}
@@ -480,6 +484,7 @@ class Supervisor:
             "last_exit_status": last.last_exit,
             "last_signal": texts.signal_name(last.last_exit),
             "last_error": failure.error if failure is not None else None,
+            "last_output": list(failure.output) if failure is not None else [],
             "slots": [i.slot for i in insts],
         }
 
@@ -505,6 +510,7 @@ class Supervisor:
                 "last_exit_status": None,
                 "last_signal": None,
                 "last_error": None,
+                "last_output": [],
                 "slots": [],
             }
         else:
@@ -566,6 +572,7 @@ class Supervisor:
         worker, decl = inst.worker, inst.worker.decl
         stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
         notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2 if decl.output == "prefix" else 0)]
         boot = Boot(
             name=worker.name,
             scope_id=decl.scope_id,
@@ -579,11 +586,13 @@ class Supervisor:
             stop_fd=stop_r,
             notify_fd=notify_w,
             sys_path=sys.path,
+            stdout_fd=pipes[0][1] if pipes else None,
+            stderr_fd=pipes[1][1] if pipes else None,
         )
         try:
             pid = os.fork()
         except OSError as exc:
-            for fd in (stop_r, stop_w, notify_r, notify_w):
+            for fd in (stop_r, stop_w, notify_r, notify_w, *(fd for p in pipes for fd in p)):
                 os.close(fd)
             log.error("%s cannot be forked: %s", inst.label, exc)
             inst.run_error = {
@@ -601,6 +610,12 @@ class Supervisor:
         os.close(stop_r)
         os.close(notify_w)
         os.set_blocking(notify_r, False)
+        inst.tail = collections.deque(maxlen=output.TAIL_LINES)
+        inst.outputs = []
+        for stream, (read_end, write_end) in enumerate(pipes, start=1):
+            os.close(write_end)
+            self.relay.attach(read_end, stream, inst.label, inst.tail)
+            inst.outputs.append(read_end)
         inst.pid, inst.stop_w, inst.notify_r = pid, stop_w, notify_r
         inst.decoder = FrameDecoder()
         inst.run_error = None
@@ -680,6 +695,8 @@ class Supervisor:
         if inst.notify_r is not None:
             self._on_notify(inst)  # its last words (readiness, exception) come first
             self._close_notify(inst)
+        for fd in inst.outputs:
+            self.relay.drain(fd)
         if inst.stop_w is not None:
             os.close(inst.stop_w)
             inst.stop_w = None
@@ -702,7 +719,9 @@ class Supervisor:
         inst.failures = policy.count_failures(inst.failures, failed=failed, run_seconds=run_seconds)
         words = texts.exit_words(status)
         if failed:
-            worker.last_failure = texts.Failure(inst.attempts, status, decl.target, inst.run_error)
+            worker.last_failure = texts.Failure(
+                inst.attempts, status, decl.target, inst.run_error, tuple(inst.tail)
+            )
             if boot_failure:
                 worker.boot_failures += 1
             words += f": {texts.error_words(inst.run_error)}" if inst.run_error else ""
@@ -890,6 +909,7 @@ class Supervisor:
         earlier one failed: nothing may be left behind."""
         steps: list[Callable[[], None]] = [
             self._reap_leftovers,
+            self.relay.close,
             self._close_connections,
             self.selector.close,
             self.listener.close,

@@ -52,6 +52,7 @@ class Failure:
     status: int | None
     target: str
     error: dict[str, Any] | None
+    output: tuple[str, ...] = ()
 
     def cause(self) -> str:
         """`exit status 1, target myapp/x.py): RuntimeError: boom (...)`, the tail

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import gc
 import importlib
+import io
 import json
 import os
 import runpy
@@ -48,6 +49,8 @@ class Boot:
     stop_fd: int
     notify_fd: int
     sys_path: list[str]
+    stdout_fd: int | None = None  # pipes to the supervisor's relay, or inherit stdio
+    stderr_fd: int | None = None
 
 
 def _reset_signals() -> None:
@@ -72,6 +75,9 @@ def _detach(boot: Boot) -> None:
     platform.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != boot.supervisor_pid:
         os._exit(1)  # the supervisor died before the prctl took effect
+    for fd, target in ((boot.stdout_fd, 1), (boot.stderr_fd, 2)):
+        if fd is not None:
+            os.dup2(fd, target)
     platform.close_fds_except({boot.stop_fd, boot.notify_fd})
     os.environ.update(boot.env)
 
@@ -131,6 +137,9 @@ def _run(boot: Boot) -> int:
     )
     os.environ["BGPOOL_WORKER"] = boot.name
     sys.argv = [boot.script or boot.target, *boot.args]
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)  # a line reaches the relay when printed
     try:
         if boot.script is not None:
             runpy.run_path(boot.script, run_name="__main__")

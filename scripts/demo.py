@@ -50,7 +50,6 @@ def wait_for(predicate, timeout: float = 5.0) -> None:
 
 def main() -> int:
     begin = time.monotonic()
-    flaky_marker = config.workers[2].env["DEMO_FLAKY_MARKER"]
 
     step("1. start(): the supervisor comes up, the eager worker 'clock' becomes ready")
     pool = bgpool.Pool(config)
@@ -109,8 +108,6 @@ def main() -> int:
         t = time.perf_counter()
         pool.shutdown()
         print(f"   shutdown() took {(time.perf_counter() - t) * 1000:.0f} ms")
-        if os.path.exists(flaky_marker):
-            os.unlink(flaky_marker)
     leftovers = psutil.Process().children(recursive=True)
     print(f"   child processes left: {len(leftovers)}; table {table} exists: "
           f"{os.path.exists(table)}; socket exists: {os.path.exists(pool.address)}")

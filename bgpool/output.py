@@ -1,0 +1,210 @@
+"""Worker output, relayed by the supervisor a whole line at a time, prefixed with
+the worker's label (`job-runner.0 | ...`, as foreman and honcho do).
+
+Runs in the supervisor's loop. Each worker's stdout and stderr are pipes; the
+relay reads them without blocking, cuts complete lines, and queues them for the
+supervisor's own stdout or stderr. Writes happen only when the destination is
+writable and are at most `PIPE_BUF` bytes of whole lines, so a line is never
+split by another writer and a slow terminal never blocks the loop. When a
+destination falls behind, the relay stops reading the workers that feed it, so
+a flooding worker blocks in its own `write()` (as it would on a slow terminal)
+while the supervisor goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import select
+import selectors
+from collections.abc import Callable
+
+TAIL_LINES = 20
+"""How many of a worker's last output lines diagnostics keep."""
+
+MAX_LINE = 16384
+"""A longer line is relayed in pieces of this size."""
+
+HIGH_WATER = 256 * 1024
+"""Queued bytes for one destination past which its sources stop being read."""
+
+CHUNK = select.PIPE_BUF
+
+
+class _Destination:
+    """The supervisor's stdout or stderr and what is queued for it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.queued = 0
+        self.pollable = True
+        self.broken = False
+
+
+class _Source:
+    """One worker pipe (its stdout or its stderr)."""
+
+    def __init__(
+        self, fd: int, prefix: bytes, destination: _Destination, tail: collections.deque[str]
+    ) -> None:
+        self.fd = fd
+        self.prefix = prefix
+        self.destination = destination
+        self.tail = tail
+        self.partial = b""
+        self.paused = False
+
+
+class Relay:
+    """All worker output of one supervisor."""
+
+    def __init__(self, selector: selectors.BaseSelector, stdout: int = 1, stderr: int = 2) -> None:
+        self._selector = selector
+        self._destinations = {1: _Destination(stdout), 2: _Destination(stderr)}
+        self._sources: dict[int, _Source] = {}
+
+    def attach(self, fd: int, stream: int, label: str, tail: collections.deque[str]) -> None:
+        """Relay pipe `fd` (the read end of a worker's stream 1 or 2)."""
+        os.set_blocking(fd, False)
+        source = _Source(fd, f"{label} | ".encode(), self._destinations[stream], tail)
+        self._sources[fd] = source
+        self._selector.register(fd, selectors.EVENT_READ, self._reader(source))
+
+    def _reader(self, source: _Source) -> Callable[[object], None]:
+        def read(_fd: object) -> None:
+            self._read(source)
+
+        return read
+
+    def drain(self, fd: int) -> None:
+        """Read what a worker left in pipe `fd` (called when it exits, so its
+        last lines reach the diagnostics before the exit is judged)."""
+        source = self._sources.get(fd)
+        while source is not None and fd in self._sources and self._read(source):
+            pass
+
+    def _read(self, source: _Source) -> bool:
+        """Read one chunk; return whether more may follow."""
+        try:
+            data = os.read(source.fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._line(source, source.partial, final=True)
+            self._detach(source)
+            return False
+        data = source.partial + data
+        *lines, source.partial = data.split(b"\n")
+        for line in lines:
+            self._line(source, line)
+        while len(source.partial) > MAX_LINE:
+            self._line(source, source.partial[:MAX_LINE])
+            source.partial = source.partial[MAX_LINE:]
+        self._pace(source.destination)
+        return True
+
+    def _line(self, source: _Source, line: bytes, final: bool = False) -> None:
+        if final and not line:
+            return
+        source.tail.append(line.decode(errors="replace"))
+        self._queue(source.destination, source.prefix + line + b"\n")
+
+    def _queue(self, destination: _Destination, data: bytes) -> None:
+        if destination.broken:
+            return
+        destination.queue.append(data)
+        destination.queued += len(data)
+        self._flush(destination)
+
+    def _flush(self, destination: _Destination) -> None:
+        """Write whole lines while the destination takes them without blocking."""
+        while destination.queue:
+            if destination.pollable and not _writable(destination.fd):
+                break
+            chunk = _take(destination.queue, CHUNK)
+            try:
+                written = os.write(destination.fd, chunk)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.EBADF, errno.EIO):
+                    destination.broken = True  # nobody reads it: drop output from now on
+                    destination.queue.clear()
+                    destination.queued = 0
+                    break
+                raise
+            destination.queued -= written
+            if written < len(chunk):
+                destination.queue.appendleft(chunk[written:])
+                break
+        self._wait_writable(destination)
+        self._pace(destination)
+
+    def _wait_writable(self, destination: _Destination) -> None:
+        key = self._selector.get_map().get(destination.fd)
+        if destination.queue and key is None and destination.pollable:
+            try:
+                self._selector.register(
+                    destination.fd, selectors.EVENT_WRITE, lambda _fd: self._flush(destination)
+                )
+            except (PermissionError, ValueError):
+                destination.pollable = False  # a regular file: always writable
+        elif not destination.queue and key is not None:
+            self._selector.unregister(destination.fd)
+
+    def _pace(self, destination: _Destination) -> None:
+        """Stop reading the sources of a destination that fell behind; resume
+        them once it caught up."""
+        behind = destination.queued > HIGH_WATER
+        for source in self._sources.values():
+            if source.destination is destination and source.paused != behind:
+                source.paused = behind
+                if behind:
+                    self._selector.unregister(source.fd)
+                else:
+                    self._selector.register(source.fd, selectors.EVENT_READ, self._reader(source))
+
+    def _detach(self, source: _Source) -> None:
+        del self._sources[source.fd]
+        if not source.paused:
+            self._selector.unregister(source.fd)
+        os.close(source.fd)
+
+    def close(self) -> None:
+        """Relay what is left, blocking if need be (the supervisor is exiting),
+        and close every worker pipe."""
+        for source in list(self._sources.values()):
+            self._line(source, source.partial, final=True)
+            self._detach(source)
+        for destination in self._destinations.values():
+            key = self._selector.get_map().get(destination.fd)
+            if key is not None:
+                self._selector.unregister(destination.fd)
+            destination.pollable = False
+            self._flush(destination)
+
+
+def _writable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+def _take(queue: collections.deque[bytes], limit: int) -> bytes:
+    """Up to `limit` bytes of whole queued lines; a longer line goes in pieces
+    (a write of at most PIPE_BUF bytes to a pipe that polls writable does not
+    block and is not interleaved with other writers)."""
+    first = queue.popleft()
+    if len(first) > limit:
+        queue.appendleft(first[limit:])
+        return first[:limit]
+    parts = [first]
+    size = len(first)
+    while queue and size + len(queue[0]) <= limit:
+        size += len(queue[0])
+        parts.append(queue.popleft())
+    return b"".join(parts)
