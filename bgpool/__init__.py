@@ -25,11 +25,11 @@ from .errors import (
     WorkerBootFailed,
     WorkerNotDeclared,
 )
-from .handle import WorkerHandle, WorkerInfo, current_worker, get_worker_handle
+from .handle import WorkerHandle, WorkerInfo, current_worker, get_worker_handle, set_vars
 from .names import GLOBAL_SCOPE, Scope, next_scope
 
 if TYPE_CHECKING:
-    from .client import Pool, PoolClient, connect
+    from .client import Pool, PoolClient, connect, get_vars
     from .declarations import PoolConfig, WorkerSpec
     from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus
 
@@ -37,6 +37,7 @@ _LAZY = {
     "Pool": "client",
     "PoolClient": "client",
     "connect": "client",
+    "get_vars": "client",
     "PoolConfig": "declarations",
     "WorkerSpec": "declarations",
     "ErrorInfo": "models",
@@ -67,8 +68,10 @@ __all__ = [
     "WorkerStatus",
     "connect",
     "current_worker",
+    "get_vars",
     "get_worker_handle",
     "next_scope",
+    "set_vars",
 ]
 
 

@@ -21,16 +21,27 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import handle, protocol
 from .declarations import PoolConfig, WorkerSpec
-from .errors import ERRORS, BgpoolError, PoolClosed, StartupError, _WithDiagnostics
+from .errors import (
+    ERRORS,
+    BgpoolError,
+    PoolClosed,
+    StartupError,
+    VarsNotPublished,
+    _WithDiagnostics,
+)
 from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus, status_of
 from .names import Scope, name_problem
 from .platform import unlink_shm
+from .snapshot import SnapshotError, decode
 from .table import Kind, TableReader
+from .varstore import Reader, segment_name
 
 if TYPE_CHECKING:
     from .metrics import HealthServer
@@ -73,6 +84,20 @@ def _check_timeout(timeout: object) -> None:
         raise ValueError(f"timeout must be a finite number > 0, not {timeout!r}")
 
 
+class _VarsView:
+    """What one process knows of one name's vars: where they are, and the last
+    snapshot it decoded (returned as is while the generation is unchanged)."""
+
+    __slots__ = ("generation", "offset", "reader", "slot_generation", "value")
+
+    def __init__(self, reader: Reader, offset: int, slot_generation: int) -> None:
+        self.reader = reader
+        self.offset = offset
+        self.slot_generation = slot_generation
+        self.generation = 0
+        self.value: Mapping[str, Any] | None = None
+
+
 class PoolClient:
     """A connection to a running pool, from any process of the application."""
 
@@ -80,6 +105,8 @@ class PoolClient:
         self._address = address
         self._table: TableReader | None = None
         self._directory: dict[tuple[int, str], tuple[int, int]] = {}
+        self._vars: dict[tuple[int, str], _VarsView] = {}
+        self._table_name = ""
         self._scopes: dict[int, str] = {0: ""}
         self._own_scope = 0
         self._ensure_timeout = 30.0
@@ -94,7 +121,8 @@ class PoolClient:
         self._scopes.update({int(sid): str(label) for sid, label in hello["scopes"]})
         own = handle.own_scope_id()
         self._own_scope = own if own is not None and own in self._scopes else 0
-        self._table = TableReader.attach(str(hello["table"]))
+        self._table_name = str(hello["table"])
+        self._table = TableReader.attach(self._table_name)
         for index, slot in enumerate(self._table.slots()):
             if slot.kind == Kind.NAMED and slot.instance == 0:
                 self._directory[(slot.scope_id, slot.name)] = (self._table.offset(index), slot.gen)
@@ -238,14 +266,67 @@ class PoolClient:
         fields = {k: v for k, v in data.items() if k != "slots"}
         instances = [status_of(reader.read(i)) for i in data["slots"]]
         error = fields.pop("last_error")
+        published = fields.pop("vars_published_at")
         return WorkerDiagnostics(
             **fields,
             last_error=ErrorInfo(**error) if error else None,
+            vars_published_at=datetime.fromtimestamp(published, UTC) if published else None,
             instances=instances,
         )
 
+    def get_vars(self, name: str, *, scope: Scope | str | None = None) -> Mapping[str, Any]:
+        """The latest vars snapshot worker `name` published: a deeply read-only
+        mapping, the same object while it is unchanged. A pure read: it never
+        starts a worker. `WorkerNotDeclared` for an undeclared name,
+        `VarsNotPublished` before its first `set_vars()`."""
+        if scope is None and _request_scope.get() is None:
+            scope_id = self._own_scope
+        else:
+            scope_id = self._scope_id(scope)
+        table = self._reader()
+        view = self._vars.get((scope_id, name))
+        if view is None or table.generation(view.offset) != view.slot_generation:
+            view = self._locate_vars(scope_id, name)
+        if view.value is not None and view.reader.generation() == view.generation:
+            return view.value
+        try:
+            found = view.reader.read()
+            if found is None:
+                raise VarsNotPublished(f'background worker "{name}" has not published any vars yet')
+            view.value, view.generation = decode(found[2]), found[0]
+        except (SnapshotError, TimeoutError) as exc:
+            raise BgpoolError(
+                f'the vars of background worker "{name}" are unreadable: {exc}'
+            ) from None
+        return view.value
+
+    def _locate_vars(self, scope_id: int, name: str) -> _VarsView:
+        """Find (and remember) where `name`'s vars live: from the directory of
+        named workers, else by asking the supervisor (catch-all names)."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        if (problem := name_problem(name)) is not None:
+            raise ValueError(f"worker name {name!r} {problem}")
+        table = self._reader()
+        entry = self._directory.get((scope_id, name))
+        if entry is None:
+            reply = self._request({"op": "locate", "name": name, "scope": scope_id}, timeout=10.0)
+            if reply["slot"] is None:  # a catch-all name not hosted now
+                raise VarsNotPublished(f'background worker "{name}" has not published any vars yet')
+            entry = (table.offset(reply["slot"]), reply["gen"])
+        old = self._vars.pop((scope_id, name), None)
+        if old is not None:
+            old.reader.close()
+        offset, generation = entry
+        reader = Reader(segment_name(self._table_name, table.index(offset)))
+        view = self._vars[(scope_id, name)] = _VarsView(reader, offset, generation)
+        return view
+
     def close(self) -> None:
-        """Unmap the table. The client must not be used afterwards."""
+        """Unmap the table and vars. The client must not be used afterwards."""
+        for view in self._vars.values():
+            view.reader.close()
+        self._vars.clear()
         if self._table is not None:
             self._table.close()
             self._table = None
@@ -255,6 +336,22 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_default_client: tuple[int, PoolClient] | None = None
+_default_lock = threading.Lock()
+
+
+def get_vars(name: str, *, scope: Scope | str | None = None) -> Mapping[str, Any]:
+    """`get_vars()` through this process's default client (`connect()` to
+    `$BGPOOL_ADDRESS`, made on first use): what a worker calls to read another
+    worker's vars."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None or _default_client[0] != os.getpid():
+            _default_client = (os.getpid(), connect())
+        client = _default_client[1]
+    return client.get_vars(name, scope=scope)
 
 
 def connect(address: str | None = None) -> PoolClient:
@@ -288,15 +385,17 @@ class Pool(PoolClient):
             config = PoolConfig(workers=list(config))
         self.config = config
         self._process: subprocess.Popen[bytes] | None = None
-        self._table_name: str | None = None
+        self._table_name = ""
         self._address = ""
         self._table = None
         self._directory = {}
+        self._vars = {}
         self._scopes = {0: ""}
         self._own_scope = 0
         self._ensure_timeout = config.ensure_timeout
         self._closing = False
         self._closed_for_good = False
+        self._owner_pid = os.getpid()
         self._health: HealthServer | None = None
         self._stdio: tuple[int | None, int | None] = (None, None)  # bgpool run's live view
 
@@ -323,6 +422,7 @@ class Pool(PoolClient):
                 "scope_id": spec.scope.id,
                 "scope_label": spec.scope.label,
                 "output": spec.output,
+                "ready_on": spec.ready_on,
             }
             for index, spec in enumerate(config.workers)
         ]
@@ -337,16 +437,19 @@ class Pool(PoolClient):
                     "grace_period": config.grace_period,
                     "restart_grace_period": config.restart_grace_period,
                     "start_method": config.start_method,
+                    "max_vars_bytes": config.max_vars_bytes,
                 },
             }
         ).encode()
 
     def start(self) -> None:
-        """Start the supervisor and every eager worker; return once all eager
-        instances are ready. Raises `StartupError` (with nothing left running)
-        if one aborts or `ensure_timeout` passes first."""
+        """Start the supervisor and every eager worker; return once each eager
+        worker is ready (for a pool, its first ready instance). Raises
+        `StartupError`, with nothing left running, if an eager instance is
+        aborted or `ensure_timeout` passes first."""
         if self._process is not None or self._closing:
             raise BgpoolError("a Pool can be started only once")
+        self._owner_pid = os.getpid()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         atexit.register(self.shutdown)  # a pool left running is drained at exit
         boot_r, boot_w = os.pipe()
@@ -392,10 +495,11 @@ class Pool(PoolClient):
 
         def ready() -> tuple[bool, dict[str, Any]]:
             waiting = [
-                f"{s.name}.{s.instance}"
+                f"{s.scope_label}:{s.name}" if s.scope_label else s.name
                 for s in self._reader().slots()
-                if (s.scope_id, s.name) in eager and s.kind == Kind.NAMED and not s.ever_ready
-            ]
+                if (s.scope_id, s.name) in eager and s.kind == Kind.NAMED
+                and s.instance == 0 and not s.name_ready
+            ]  # fmt: skip
             return not waiting and alive()[0], {"waiting": waiting}
 
         self._health = HealthServer(self, host, port, alive, ready)
@@ -433,6 +537,11 @@ class Pool(PoolClient):
         """Drain every worker (EOF on its handle), force-kill after
         `grace_period`, and remove the table, socket and directory. Idempotent."""
         process = self._process
+        if os.getpid() != self._owner_pid:
+            # A forked child (a gunicorn worker, say) inherited this Pool: the
+            # supervisor is its parent's to stop. Only let go of our mappings.
+            self.close()
+            return
         if process is None or self._closing:
             return
         self._closing = True
@@ -446,9 +555,12 @@ class Pool(PoolClient):
             process.wait()
         if self._health is not None:
             self._health.close()
+        nslots = self._table.nslots if self._table is not None else 0
         self.close()
-        if self._table_name is not None:
-            unlink_shm(self._table_name)  # left over only if the supervisor died
+        if self._table_name:  # left over only if the supervisor died
+            unlink_shm(self._table_name)
+            for slot in range(nslots):
+                unlink_shm(segment_name(self._table_name, slot))
         if self._address:
             shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
             if os.environ.get("BGPOOL_ADDRESS") == self._address:

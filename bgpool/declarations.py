@@ -69,6 +69,7 @@ class WorkerSpec(BaseModel):
     args: list[str] = Field(default_factory=list)
     scope: Scope = GLOBAL_SCOPE
     output: Literal["prefix", "inherit"] = "prefix"
+    ready_on: Literal["handle", "vars"] = "handle"
 
     @field_validator("target")
     @classmethod

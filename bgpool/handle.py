@@ -1,9 +1,10 @@
-"""The API a worker uses from inside its own process: `get_worker_handle()` and
-`current_worker()`.
+"""The API a worker uses from inside its own process: `get_worker_handle()`,
+`current_worker()` and `set_vars()`.
 
-Knows nothing of the supervisor beyond two file descriptors it was given: the
-read end of its stop pipe (EOF means "stop") and the write end of its notify
-pipe (where it reports readiness and, on a crash, its exception).
+Knows nothing of the supervisor beyond what it was given: the read end of its
+stop pipe (EOF means "stop"), the write end of its notify pipe (where it reports
+readiness, publications and, on a crash, its exception), and the name of its
+vars segment.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import os
 import select
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import protocol
+from . import protocol, snapshot
+from .varstore import Publisher
 
 
 @dataclass(frozen=True)
@@ -28,15 +31,19 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
-class _Context:
+class Context:
     info: WorkerInfo
     scope_id: int
     stop_fd: int
     notify_fd: int
+    vars_segment: str
+    max_vars_bytes: int
 
 
-_context: _Context | None = None
+_context: Context | None = None
 _handle: WorkerHandle | None = None
+_publisher: Publisher | None = None
+_announced = False  # whether this run told the supervisor it published
 _lock = threading.Lock()
 
 
@@ -90,6 +97,38 @@ def get_worker_handle() -> WorkerHandle:
         return _handle
 
 
+def set_vars(mapping: Mapping[str, object]) -> None:
+    """Publish `mapping` as this worker name's vars snapshot.
+
+    Every process of the application sees it (`get_vars()`) once this returns.
+    Values: None, bool, int, float, str, bytes, lists, tuples and str-keyed
+    dicts, nested; anything else raises `TypeError` naming where it was found,
+    and nothing is published. Larger than `PoolConfig.max_vars_bytes` once
+    encoded: `ValueError`. Identical to the current snapshot: nothing changes.
+    Outside a worker: `RuntimeError`.
+    """
+    global _publisher, _announced
+    if _context is None:
+        raise RuntimeError("set_vars() can only be called inside a bgpool worker")
+    snapshot.check(mapping)
+    data = snapshot.encode(dict(mapping))
+    if len(data) > _context.max_vars_bytes:
+        raise ValueError(
+            f"vars snapshot is {len(data)} bytes encoded, over max_vars_bytes "
+            f"({_context.max_vars_bytes})"
+        )
+    with _lock:
+        if _publisher is None:
+            _publisher = Publisher(_context.vars_segment, _context.max_vars_bytes)
+        published = _publisher.publish(data)
+        if published is not None or not _announced:
+            # The supervisor hears of the first publication of each run even when
+            # it changed nothing: with ready_on="vars" it is what makes the run ready.
+            _announced = True
+            generation, when = published or _publisher.current()
+            notify({"t": "vars", "gen": generation, "at": when})
+
+
 def notify(message: protocol.Message) -> None:
     """Send `message` to the supervisor. If it is gone, there is nobody to tell:
     the stop pipe's EOF tells the worker the same."""
@@ -108,8 +147,9 @@ def own_scope_id() -> int | None:
     return _context.scope_id if _context is not None else None
 
 
-def install(info: WorkerInfo, scope_id: int, stop_fd: int, notify_fd: int) -> None:
+def install(context: Context) -> None:
     """Make this process a worker (called by the runtime in the child only)."""
-    global _context, _handle
-    _context = _Context(info, scope_id, stop_fd, notify_fd)
-    _handle = None
+    global _context, _handle, _publisher, _announced
+    _context = context
+    _handle = _publisher = None
+    _announced = False

@@ -29,6 +29,7 @@ class Decl:
     scope_id: int
     scope_label: str
     output: str = "prefix"
+    ready_on: str = "handle"
     first_slot: int = 0
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
 

@@ -61,6 +61,8 @@ class WorkerDiagnostics(_Report):
     last_signal: str | None
     last_error: ErrorInfo | None
     last_output: list[str] = []
+    vars_generation: int = 0
+    vars_published_at: datetime | None = None
     instances: list[WorkerStatus]
 
 

@@ -73,6 +73,12 @@ def map_shm_readonly(name: str) -> mmap.mmap:
         os.close(fd)
 
 
+def open_shm(name: str, *, create: bool) -> int:
+    """Open a POSIX shared-memory segment read-write (0600, created if asked)."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    return os.open(f"/dev/shm/{name}", flags, 0o600)
+
+
 def unlink_shm(name: str) -> None:
     """Remove a shared-memory segment by name; missing is fine."""
     with contextlib.suppress(FileNotFoundError):

@@ -42,7 +42,7 @@ from typing import Any
 
 import psutil
 
-from . import output, platform, policy, texts
+from . import output, platform, policy, texts, varstore
 from .control import Connection, Listener
 from .errors import CatchAllLimitReached, PoolClosed, WorkerNotDeclared
 from .lookup import Decl, Registry
@@ -57,8 +57,6 @@ log = logging.getLogger("bgpool")
 FORCE_KILL_DELAY = 1.0
 """Seconds between SIGTERM and SIGKILL when a drain's grace period has passed."""
 
-HANDLE_STEP = "call get_worker_handle()"
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -68,6 +66,7 @@ class Settings:
     grace_period: float
     restart_grace_period: float
     start_method: str
+    max_vars_bytes: int
 
 
 class Instance:
@@ -96,6 +95,8 @@ class Instance:
         self.tail: collections.deque[str] = collections.deque(maxlen=output.TAIL_LINES)
         self.decoder = FrameDecoder()
         self.run_error: dict[str, Any] | None = None
+        self.handle_taken = False  # in this run
+        self.published = False  # in this run (set_vars called)
         self.timer: Timer | None = None
         self.respawn_after_drain = False
         self.draining = False
@@ -116,6 +117,8 @@ class Worker:
         count = max(decl.num, 1) if decl.name is not None else 1
         self.instances = [Instance(self, i, first_slot + i) for i in range(count)]
         self.name_ready = False
+        self.vars_generation = 0
+        self.vars_published_at = 0.0
         self.boot_failures = 0
         self.last_failure: texts.Failure | None = None
 
@@ -129,6 +132,14 @@ class Worker:
     def aborted(self) -> bool:
         """Whether every instance was given up."""
         return all(inst.state == State.ABORTED for inst in self.instances)
+
+    @property
+    def missing_step(self) -> str:
+        """What the worker has not done yet to be ready, for timeout messages."""
+        waits_for_vars = self.decl.ready_on == "vars"
+        if waits_for_vars and any(i.handle_taken and not i.published for i in self.instances):
+            return "call set_vars()"
+        return "call get_worker_handle()"
 
     @property
     def failing(self) -> bool:
@@ -303,6 +314,8 @@ class Supervisor:
             self._await_startup(conn)
         elif op == "diagnostics":
             self._diagnose(conn, message)
+        elif op == "locate":
+            self._locate(conn, message)
         elif op == "restart":
             self._restart_all(conn)
         elif op == "watch":
@@ -397,14 +410,14 @@ class Supervisor:
 
     def _settle(self, waiter: Waiter) -> bool:
         """Answer `waiter` if its outcome is known; return whether it was."""
-        if waiter.startup:
+        if waiter.startup:  # every eager name ready; any instance aborted first fails
             failed = [
                 w for w in waiter.workers if any(i.state == State.ABORTED for i in w.instances)
             ]
             if failed:
                 self._answer(waiter, self._startup_error(failed, waiter.timeout))
                 return True
-            if all(i.ever_ready for w in waiter.workers for i in w.instances):
+            if all(w.name_ready for w in waiter.workers):
                 self._answer(waiter, {"ok": True})
                 return True
             return False
@@ -438,12 +451,12 @@ class Supervisor:
     def _expire(self, waiter: Waiter) -> None:
         waiter.timer = None
         if waiter.startup:
-            pending = [w for w in waiter.workers if not all(i.ever_ready for i in w.instances)]
+            pending = [w for w in waiter.workers if not w.name_ready]
             self._answer(waiter, self._startup_error(pending, waiter.timeout))
             return
         pending = [w for w in waiter.workers if not w.name_ready]
         text = "; ".join(
-            texts.not_ready(w.name, waiter.timeout, w.last_failure, HANDLE_STEP) for w in pending
+            texts.not_ready(w.name, waiter.timeout, w.last_failure, w.missing_step) for w in pending
         )
         self._answer(waiter, self._failure("EnsureTimeout", text, *pending))
 
@@ -464,7 +477,7 @@ class Supervisor:
                 failures = max(i.failures for i in worker.instances)
                 reasons.append(texts.aborted(worker.name, failures, failure))
             else:
-                reasons.append(texts.not_ready(worker.name, timeout, failure, HANDLE_STEP))
+                reasons.append(texts.not_ready(worker.name, timeout, failure, worker.missing_step))
         text = "could not start the pool: " + "; ".join(reasons)
         return self._failure("StartupError", text, *workers)
 
@@ -485,8 +498,24 @@ class Supervisor:
             "last_signal": texts.signal_name(last.last_exit),
             "last_error": failure.error if failure is not None else None,
             "last_output": list(failure.output) if failure is not None else [],
+            "vars_generation": worker.vars_generation,
+            "vars_published_at": worker.vars_published_at or None,
             "slots": [i.slot for i in insts],
         }
+
+    def _locate(self, conn: Connection, message: Message) -> None:
+        """Where a name's slot is (for get_vars()); a pure read: hosts nothing."""
+        name = message["name"]
+        if not isinstance(name, str) or name_problem(name):
+            raise ValueError("bad worker name")
+        scope_id = self._scope_of(message)
+        decl = self.registry.resolve(scope_id, name) if scope_id >= 0 else None
+        if decl is None:
+            self._error(conn, WorkerNotDeclared, texts.not_declared(name))
+            return
+        worker = self.workers.get((decl.scope_id, name))
+        slot = worker.instances[0].slot if worker is not None else None
+        conn.send({"ok": True, "slot": slot, "gen": worker.gen if worker is not None else 0})
 
     def _diagnose(self, conn: Connection, message: Message) -> None:
         name = message["name"]
@@ -511,6 +540,8 @@ class Supervisor:
                 "last_signal": None,
                 "last_error": None,
                 "last_output": [],
+                "vars_generation": 0,
+                "vars_published_at": None,
                 "slots": [],
             }
         else:
@@ -537,6 +568,7 @@ class Supervisor:
         del self.workers[(decl.scope_id, worker.name)]
         self.gens[slot] += 1
         self.table.write(slot, _free_slot(self.gens[slot]))
+        platform.unlink_shm(varstore.segment_name(self.table.name, slot))  # its vars go too
 
     def _wake(self, worker: Worker) -> None:
         """Start the instances of a worker that is not running (a fresh try
@@ -586,6 +618,8 @@ class Supervisor:
             stop_fd=stop_r,
             notify_fd=notify_w,
             sys_path=sys.path,
+            vars_segment=varstore.segment_name(self.table.name, worker.instances[0].slot),
+            max_vars_bytes=self.settings.max_vars_bytes,
             stdout_fd=pipes[0][1] if pipes else None,
             stderr_fd=pipes[1][1] if pipes else None,
         )
@@ -619,6 +653,7 @@ class Supervisor:
         inst.pid, inst.stop_w, inst.notify_r = pid, stop_w, notify_r
         inst.decoder = FrameDecoder()
         inst.run_error = None
+        inst.handle_taken = inst.published = False
         inst.attempts += 1
         inst.started_at, inst.started_mono, inst.ready_at = time.time(), time.monotonic(), 0.0
         self.by_pid[pid] = inst
@@ -646,7 +681,10 @@ class Supervisor:
             return
         for message in messages:
             if message.get("t") == "ready":
-                self._on_ready(inst)
+                inst.handle_taken = True
+                self._maybe_ready(inst)
+            elif message.get("t") == "vars":
+                self._on_vars(inst, message)
             elif message.get("t") == "error":
                 inst.run_error = _error_record(message)
 
@@ -656,9 +694,25 @@ class Supervisor:
             os.close(inst.notify_r)
             inst.notify_r = None
 
+    def _on_vars(self, inst: Instance, message: Message) -> None:
+        """The worker published vars (or re-published the same in a new run)."""
+        generation, when = message.get("gen"), message.get("at")
+        if type(generation) is int and type(when) is float:
+            inst.worker.vars_generation = generation
+            inst.worker.vars_published_at = when
+        inst.published = True
+        self._maybe_ready(inst)
+
+    def _maybe_ready(self, inst: Instance) -> None:
+        """Readiness: the handle taken, and with ready_on="vars" a publication
+        too, both in the current run."""
+        ready = inst.handle_taken and (inst.worker.decl.ready_on == "handle" or inst.published)
+        if ready and not inst.ready_at:  # (reset to 0 at each spawn)
+            self._on_ready(inst)
+
     def _on_ready(self, inst: Instance) -> None:
-        """The worker took its handle (from STARTING; a worker already draining
-        is recorded as ready but keeps STOPPING)."""
+        """The run became ready (from STARTING; a worker already draining is
+        recorded as ready but keeps STOPPING)."""
         worker = inst.worker
         inst.ever_ready = True
         inst.ready_at = time.time()
@@ -913,6 +967,7 @@ class Supervisor:
             self._close_connections,
             self.selector.close,
             self.listener.close,
+            self._remove_vars,
             self.table.destroy,
             *(functools.partial(os.close, fd) for fd in (self._wake_r, self._wake_w)),
         ]
@@ -920,6 +975,10 @@ class Supervisor:
             steps.append(functools.partial(os.close, self._owner_fd))
         for step in steps:
             self._guarded(step)
+
+    def _remove_vars(self) -> None:
+        for slot in range(self.registry.nslots):
+            platform.unlink_shm(varstore.segment_name(self.table.name, slot))
 
     def _reap_leftovers(self) -> None:
         """SIGTERM, then SIGKILL, whatever descendants are left: orphans that

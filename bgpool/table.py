@@ -115,11 +115,11 @@ class Slot:
     scope_label: str
 
 
-def _pack_body(buf: memoryview, offset: int, slot: Slot) -> None:
+def _pack_body(slot: Slot) -> bytes:
     name = slot.name.encode()
     label = slot.scope_label.encode()
-    _BODY.pack_into(
-        buf, offset, slot.gen,
+    return _BODY.pack(
+        slot.gen,
         slot.name_ready, slot.kind, slot.state, slot.ever_ready, slot.last_exit is not None,
         slot.scope_id, slot.decl, slot.instance, slot.pool_size, len(name),
         slot.pid, slot.attempts, slot.failures, slot.last_exit or 0, slot.crashes, slot.restarts,
@@ -177,6 +177,15 @@ class TableReader:
     def offset(index: int) -> int:
         """Where slot `index` starts in the segment."""
         return HEADER_SIZE + index * SLOT.size
+
+    @staticmethod
+    def index(offset: int) -> int:
+        """The slot starting at `offset`."""
+        return (offset - HEADER_SIZE) // SLOT.size
+
+    def generation(self, offset: int) -> int:
+        """The identity generation of the slot at `offset` (one load)."""
+        return int(_GEN.unpack_from(self._buf, offset)[0])
 
     def read(self, index: int) -> Slot:
         """Slot `index`, consistently (retries while the writer is in it)."""
@@ -257,8 +266,12 @@ class TableWriter(TableReader):
         """Publish slot `index` (seqlock: odd while writing, even when done)."""
         off = self.offset(index)
         seq = self._seqs[index] + 1
+        body = _pack_body(slot)
         _SEQ.pack_into(self._buf, off, seq)
-        _pack_body(self._buf, off + _SEQ.size, slot)
+        # One copy, not pack_into: pack_into zero-fills its target first, so a
+        # reader's lock-free load of an unchanged field (the hot path's flag and
+        # generation) could see 0 in passing.
+        self._buf[off + _SEQ.size : off + _SEQ.size + _BODY.size] = body
         _SEQ.pack_into(self._buf, off, seq + 1)
         self._seqs[index] = seq + 1
 

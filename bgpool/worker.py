@@ -49,6 +49,8 @@ class Boot:
     stop_fd: int
     notify_fd: int
     sys_path: list[str]
+    vars_segment: str
+    max_vars_bytes: int
     stdout_fd: int | None = None  # pipes to the supervisor's relay, or inherit stdio
     stderr_fd: int | None = None
 
@@ -130,10 +132,14 @@ def spawned_main() -> NoReturn:
 def _run(boot: Boot) -> int:
     """Run the target; return the exit status the process should end with."""
     handle.install(
-        handle.WorkerInfo(boot.name, boot.scope_label, boot.instance),
-        boot.scope_id,
-        boot.stop_fd,
-        boot.notify_fd,
+        handle.Context(
+            info=handle.WorkerInfo(boot.name, boot.scope_label, boot.instance),
+            scope_id=boot.scope_id,
+            stop_fd=boot.stop_fd,
+            notify_fd=boot.notify_fd,
+            vars_segment=boot.vars_segment,
+            max_vars_bytes=boot.max_vars_bytes,
+        )
     )
     os.environ["BGPOOL_WORKER"] = boot.name
     sys.argv = [boot.script or boot.target, *boot.args]

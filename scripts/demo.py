@@ -1,14 +1,19 @@
-"""The bgpool demo: one pool from fixtures/demo/config.py, start to clean shutdown.
+"""The bgpool demo: one pool from fixtures/demo/config.py, start to clean shutdown,
+then a gunicorn application whose workers read vars a bgpool worker publishes.
 
 Run it with ./scripts/demo (which sets up .venv first).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,8 +116,56 @@ def main() -> int:
     leftovers = psutil.Process().children(recursive=True)
     print(f"   child processes left: {len(leftovers)}; table {table} exists: "
           f"{os.path.exists(table)}; socket exists: {os.path.exists(pool.address)}")
+    web_ok = web_demo()
     print(f"\ndemo finished in {time.monotonic() - begin:.1f} s")
-    return 1 if leftovers or os.path.exists(table) else 0
+    return 1 if leftovers or os.path.exists(table) or not web_ok else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def web_demo() -> bool:
+    step("7. a web application: gunicorn's master owns a pool, its 3 workers read a bgpool "
+         "worker's vars")
+    print("   (fixtures/webapp: the 'flags' worker publishes a snapshot every 0.1 s with "
+          "set_vars();\n    each request calls ensure('flags') and get_vars('flags'))")
+    port = free_port()
+    env = {**os.environ, "WEBAPP_BIND": f"127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "fixtures/webapp/gunicorn_conf.py",
+         "--log-level", "warning", "fixtures.webapp.app:application"],
+        cwd=ROOT, env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    print("   gunicorn did not come up")
+                    return False
+                time.sleep(0.05)
+        seen = set()
+        for _ in range(6):
+            reply = json.loads(urllib.request.urlopen(url, timeout=5).read())
+            seen.add(reply["served_by"])
+            flags = reply["flags"]
+            print(f"   GET / -> served by pid {reply['served_by']}: counter={flags['counter']} "
+                  f"dark_mode={flags['dark_mode']} (published by pid {flags['publisher']})")
+            time.sleep(0.12)
+        print(f"   {len(seen)} gunicorn worker(s) answered, each reading the same snapshot")
+    finally:
+        server.send_signal(signal.SIGTERM)  # on_exit drains the pool
+        server.wait(timeout=30)
+    left = psutil.Process().children(recursive=True)
+    print(f"   gunicorn stopped (exit {server.returncode}); processes left: {len(left)}")
+    return server.returncode == 0 and not left
 
 
 if __name__ == "__main__":
