@@ -329,6 +329,9 @@ def _client_command(action: Callable[[PoolClient], int], address: str | None) ->
     except BgpoolError as exc:
         _print_error(exc)
         return 1
+    except (TypeError, ValueError) as exc:  # an argument the API refused
+        print(f"bgpool: {exc}", file=sys.stderr)
+        return 2
 
 
 def status(address: str | None, as_json: bool) -> int:

@@ -26,7 +26,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from . import handle, protocol
+from . import handle, platform, protocol
+from .control import private_address
 from .declarations import PoolConfig, WorkerSpec
 from .errors import (
     ERRORS,
@@ -106,6 +107,7 @@ class PoolClient:
         self._table: TableReader | None = None
         self._directory: dict[tuple[int, str], tuple[int, int]] = {}
         self._vars: dict[tuple[int, str], _VarsView] = {}
+        self._gone = False  # the supervisor died (set by the owner's watcher)
         self._table_name = ""
         self._scopes: dict[int, str] = {0: ""}
         self._own_scope = 0
@@ -131,7 +133,7 @@ class PoolClient:
         return PoolClosed("pool is closed")
 
     def _reader(self) -> TableReader:
-        if self._table is None:
+        if self._table is None or self._gone:
             raise self._closed()
         return self._table
 
@@ -390,6 +392,8 @@ class Pool(PoolClient):
         self._table = None
         self._directory = {}
         self._vars = {}
+        self._gone = False
+        self._watcher: threading.Thread | None = None
         self._scopes = {0: ""}
         self._own_scope = 0
         self._ensure_timeout = config.ensure_timeout
@@ -402,7 +406,7 @@ class Pool(PoolClient):
     def _closed(self) -> BgpoolError:
         if self._process is None and not self._closing:
             return BgpoolError("the pool is not started: call start() first")
-        if self._closing and not self._closed_for_good:
+        if self._closing and not self._closed_for_good and not self._gone:
             return PoolClosed("pool is shutting down")
         return PoolClosed("pool is closed")
 
@@ -452,6 +456,7 @@ class Pool(PoolClient):
         self._owner_pid = os.getpid()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         atexit.register(self.shutdown)  # a pool left running is drained at exit
+        self._address = private_address()
         boot_r, boot_w = os.pipe()
         try:
             self._process = subprocess.Popen(
@@ -461,6 +466,7 @@ class Pool(PoolClient):
                 stderr=self._stdio[1],
                 pass_fds=(boot_w,),
                 process_group=0,
+                env={**os.environ, "BGPOOL_ADDRESS": self._address},
             )
             os.close(boot_w)
             assert self._process.stdin is not None
@@ -468,14 +474,19 @@ class Pool(PoolClient):
                 stdin.write(self._bootstrap(boot_w))
             info = self._read_boot(boot_r)
         except BaseException:
+            if self._process is None:
+                shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
             self.shutdown()
             raise
         finally:
             os.close(boot_r)
         self._table_name = info["table"]
-        self._address = info["address"]
         try:
             self._attach()
+            self._watcher = threading.Thread(
+                target=self._watch_supervisor, name="bgpool-watcher", daemon=True
+            )
+            self._watcher.start()
             os.environ["BGPOOL_ADDRESS"] = self._address
             if self.config.metrics_port is not None:
                 self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
@@ -483,6 +494,23 @@ class Pool(PoolClient):
         except BaseException:
             self.shutdown()
             raise
+
+    def _watch_supervisor(self) -> None:
+        """Runs in a thread of the owner: wait for the supervisor to end. If it
+        died unexpectedly, its workers got SIGKILL from their parent-death
+        signal, but what they forked did not: kill every process that still
+        carries this pool's address, and close the pool."""
+        assert self._process is not None
+        pidfd = os.pidfd_open(self._process.pid)
+        try:
+            select.select([pidfd], [], [])
+        finally:
+            os.close(pidfd)
+        if self._closing:
+            return
+        self._gone = True
+        stragglers = platform.processes_with_env("BGPOOL_ADDRESS", self._address)
+        platform.signal_tree(stragglers, signal.SIGKILL)
 
     def _serve_metrics(self, host: str, port: int) -> None:
         from .metrics import HealthServer
@@ -553,6 +581,8 @@ class Pool(PoolClient):
         except subprocess.TimeoutExpired:
             process.kill()  # its workers follow through their parent-death signal
             process.wait()
+        if self._watcher is not None:
+            self._watcher.join()
         if self._health is not None:
             self._health.close()
         nslots = self._table.nslots if self._table is not None else 0

@@ -81,12 +81,17 @@ class Connection:
             callback()
 
 
-class Listener:
-    """The listening socket and its private directory."""
+def private_address() -> str:
+    """A socket path in a fresh private (0700) directory."""
+    return os.path.join(tempfile.mkdtemp(prefix="bgpool-"), "control.sock")
 
-    def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="bgpool-")  # created 0700
-        self.address = os.path.join(self.directory, "control.sock")
+
+class Listener:
+    """The listening socket at `address`, in a private directory it removes."""
+
+    def __init__(self, address: str) -> None:
+        self.directory = os.path.dirname(address)
+        self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.bind(self.address)

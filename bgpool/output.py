@@ -18,6 +18,7 @@ import errno
 import os
 import select
 import selectors
+import time
 from collections.abc import Callable
 
 TAIL_LINES = 20
@@ -29,7 +30,15 @@ MAX_LINE = 16384
 HIGH_WATER = 256 * 1024
 """Queued bytes for one destination past which its sources stop being read."""
 
+LOG_LIMIT = 4 * 1024 * 1024
+"""Queued bytes past which the supervisor's own log lines are dropped (counted):
+they cannot be held back like a worker's pipe."""
+
 CHUNK = select.PIPE_BUF
+
+FINAL_FLUSH = 1.0
+"""Seconds the exiting supervisor waits for its stdout/stderr to take what is
+still queued."""
 
 
 class _Destination:
@@ -64,6 +73,8 @@ class Relay:
         self._selector = selector
         self._destinations = {1: _Destination(stdout), 2: _Destination(stderr)}
         self._sources: dict[int, _Source] = {}
+        self._dropped = 0
+        self._closed = False
 
     def attach(self, fd: int, stream: int, label: str, tail: collections.deque[str]) -> None:
         """Relay pipe `fd` (the read end of a worker's stream 1 or 2)."""
@@ -71,6 +82,19 @@ class Relay:
         source = _Source(fd, f"{label} | ".encode(), self._destinations[stream], tail)
         self._sources[fd] = source
         self._selector.register(fd, selectors.EVENT_READ, self._reader(source))
+
+    def write_log(self, line: str) -> None:
+        """Queue one of the supervisor's own log lines for stderr, never blocking:
+        past `LOG_LIMIT` queued bytes, lines are dropped and counted instead."""
+        destination = self._destinations[2]
+        if destination.queued > LOG_LIMIT:
+            self._dropped += 1
+            return
+        if self._dropped:
+            note = f"bgpool: {self._dropped} log lines dropped (stderr was not read)\n"
+            self._dropped = 0
+            self._queue(destination, note.encode())
+        self._queue(destination, line.encode(errors="replace") + b"\n")
 
     def _reader(self, source: _Source) -> Callable[[object], None]:
         def read(_fd: object) -> None:
@@ -145,6 +169,8 @@ class Relay:
         self._pace(destination)
 
     def _wait_writable(self, destination: _Destination) -> None:
+        if self._closed:
+            return
         key = self._selector.get_map().get(destination.fd)
         if destination.queue and key is None and destination.pollable:
             try:
@@ -174,18 +200,28 @@ class Relay:
             self._selector.unregister(source.fd)
         os.close(source.fd)
 
-    def close(self) -> None:
-        """Relay what is left, blocking if need be (the supervisor is exiting),
-        and close every worker pipe."""
+    def close(self, patience: float = FINAL_FLUSH) -> None:
+        """Close every worker pipe and relay what is queued, waiting at most
+        `patience` seconds for a destination nobody reads (the supervisor is
+        exiting: it must not hang on it). What did not fit is dropped."""
         for source in list(self._sources.values()):
             self._line(source, source.partial, final=True)
             self._detach(source)
         for destination in self._destinations.values():
-            key = self._selector.get_map().get(destination.fd)
-            if key is not None:
+            if self._selector.get_map().get(destination.fd) is not None:
                 self._selector.unregister(destination.fd)
-            destination.pollable = False
-            self._flush(destination)
+        self._closed = True
+        deadline = time.monotonic() + patience
+        for destination in self._destinations.values():
+            while destination.queue and not destination.broken:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if destination.pollable:
+                    poller = select.poll()
+                    poller.register(destination.fd, select.POLLOUT)
+                    poller.poll(remaining * 1000)
+                self._flush(destination)
 
 
 def _writable(fd: int) -> bool:

@@ -110,6 +110,20 @@ def close_fds_except(keep: set[int]) -> None:
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
+def processes_with_env(name: str, value: str) -> list[psutil.Process]:
+    """Live processes of ours whose environment has `name=value`: every process
+    a pool started carries its unique BGPOOL_ADDRESS, even one that left the
+    process tree (re-parented to init) or started its own session."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(name) == value:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     """`pid` and all its descendants, parents first; empty if it is gone."""
     try:

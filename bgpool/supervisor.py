@@ -171,7 +171,7 @@ class Waiter:
 class Supervisor:
     """The event loop and the state machine of every worker instance."""
 
-    def __init__(self, decls: list[Decl], settings: Settings, owner_pid: int) -> None:
+    def __init__(self, decls: list[Decl], settings: Settings, owner_pid: int, address: str) -> None:
         self.settings = settings
         self.pid = os.getpid()
         self.registry = Registry(decls)
@@ -179,7 +179,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.relay = output.Relay(self.selector)
         self.table = TableWriter(self.registry.nslots, self.pid)
-        self.listener = Listener()
+        self.listener = Listener(address)
         self.workers: dict[tuple[int, str], Worker] = {}
         self.by_pid: dict[int, Instance] = {}
         self.gens = [1] * self.registry.nslots
@@ -1069,17 +1069,44 @@ def _preload(decls: list[Decl]) -> None:
         log.warning("a preloaded module started a thread: forking workers may deadlock")
 
 
+_LOG_FORMAT = "bgpool[%(process)d] %(levelname)s %(message)s"
+
+
+class _RelayHandler(logging.Handler):
+    """Log records through the output relay, so logging never blocks the loop
+    on a stderr nobody reads (the relay queues and writes when it can)."""
+
+    def __init__(self, relay: output.Relay) -> None:
+        super().__init__()
+        self._relay = relay
+        self.setFormatter(logging.Formatter(_LOG_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._relay.write_log(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 @contextlib.contextmanager
 def _logging_to_stderr(level: str) -> Iterator[None]:
+    """Plain stderr logging until the loop's relay takes over (`_relay_logging`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"bgpool[{os.getpid()}] %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
     try:
         yield
     finally:
+        for other in list(log.handlers):
+            log.removeHandler(other)
+
+
+def _relay_logging(relay: output.Relay) -> None:
+    for handler in list(log.handlers):
         log.removeHandler(handler)
+    log.addHandler(_RelayHandler(relay))
 
 
 def main() -> None:
@@ -1102,17 +1129,16 @@ def main() -> None:
         platform.set_child_subreaper()
         if settings.start_method == "fork":
             _preload(decls)
-        supervisor = Supervisor(decls, settings, bootstrap["owner_pid"])
+        # The owner put BGPOOL_ADDRESS in our environment at exec, so every
+        # worker and everything it starts carries it where /proc shows it.
+        supervisor = Supervisor(
+            decls, settings, bootstrap["owner_pid"], os.environ["BGPOOL_ADDRESS"]
+        )
+        _relay_logging(supervisor.relay)
         try:
-            os.environ["BGPOOL_ADDRESS"] = supervisor.listener.address
             supervisor.install_signals()
             with os.fdopen(boot_fd, "w") as boot:
-                boot.write(
-                    json.dumps(
-                        {"address": supervisor.listener.address, "table": supervisor.table.name}
-                    )
-                    + "\n"
-                )
+                boot.write(json.dumps({"table": supervisor.table.name}) + "\n")
             supervisor.start_eager()
             supervisor.run()
         except BaseException:

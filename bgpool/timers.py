@@ -12,6 +12,10 @@ import itertools
 import time
 from collections.abc import Callable
 
+MAX_WAIT = 3600.0
+"""The longest the loop blocks at once: a far deadline (an ensure() timeout of
+1e300 s) must not overflow the poll call's timeout."""
+
 
 class Timer:
     """A scheduled call; `cancel()` it to drop it."""
@@ -52,7 +56,7 @@ class Timers:
             heapq.heappop(self._heap)
         if not self._heap:
             return None
-        return max(0.0, self._heap[0][0] - self.clock())
+        return min(MAX_WAIT, max(0.0, self._heap[0][0] - self.clock()))
 
     def run_due(self) -> None:
         """Run every timer that is due, earliest first."""
