@@ -29,12 +29,13 @@ from .handle import WorkerHandle, WorkerInfo, current_worker, get_worker_handle,
 from .names import GLOBAL_SCOPE, Scope, next_scope
 
 if TYPE_CHECKING:
-    from .client import Pool, PoolClient, connect, get_vars
+    from .client import PoolClient, connect, get_vars
     from .declarations import PoolConfig, WorkerSpec
     from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus
+    from .pool import Pool
 
 _LAZY = {
-    "Pool": "client",
+    "Pool": "pool",
     "PoolClient": "client",
     "connect": "client",
     "get_vars": "client",

@@ -27,10 +27,11 @@ from datetime import datetime
 from pathlib import Path
 
 from . import protocol
-from .client import Pool, PoolClient, connect
+from .client import PoolClient, connect
 from .declarations import PoolConfig
 from .errors import BgpoolError, StartupError, _WithDiagnostics
 from .models import WorkerDiagnostics, WorkerStatus
+from .pool import Pool
 
 
 def load_config(path: str) -> PoolConfig:

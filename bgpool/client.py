@@ -1,5 +1,5 @@
-"""The application's side: `PoolClient` (any process, via `connect()`) and `Pool`
-(the process that owns the pool and its supervisor).
+"""The application's side of a pool: `PoolClient` (any process, via `connect()`;
+`Pool` extends it in the process that owns the pool).
 
 A client validates arguments, answers `ensure()` for ready workers from the
 shared-memory table (no system call), and sends everything else to the
@@ -9,26 +9,17 @@ any number of threads can call it at once. It never forks.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import contextvars
-import json
 import math
 import os
-import select
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from . import handle, platform, protocol
-from .control import private_address
-from .declarations import PoolConfig, WorkerSpec
+from . import handle, protocol
 from .errors import (
     ERRORS,
     BgpoolError,
@@ -39,13 +30,12 @@ from .errors import (
 )
 from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus, status_of
 from .names import Scope, name_problem
-from .platform import unlink_shm
 from .snapshot import SnapshotError, decode
 from .table import Kind, TableReader
 from .varstore import Reader, segment_name
 
 if TYPE_CHECKING:
-    from .metrics import HealthServer
+    pass
 
 _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "bgpool_request_scope", default=None
@@ -366,240 +356,3 @@ def connect(address: str | None = None) -> PoolClient:
                 "(Pool.start() sets it for the processes the application starts)"
             )
     return PoolClient(address)
-
-
-_SUPERVISOR_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, {root!r}); from bgpool.supervisor import main; main()"
-)
-
-
-class Pool(PoolClient):
-    """A pool of background workers owned by this process.
-
-    `start()` launches the supervisor (a fresh interpreter in its own process
-    group, so a terminal's Ctrl-C reaches the application, which decides) and
-    returns once every eager worker is ready. `shutdown()` drains everything and
-    leaves nothing behind. Usable as a context manager.
-    """
-
-    def __init__(self, config: PoolConfig | Sequence[WorkerSpec]) -> None:
-        if not isinstance(config, PoolConfig):
-            config = PoolConfig(workers=list(config))
-        self.config = config
-        self._process: subprocess.Popen[bytes] | None = None
-        self._table_name = ""
-        self._address = ""
-        self._table = None
-        self._directory = {}
-        self._vars = {}
-        self._gone = False
-        self._watcher: threading.Thread | None = None
-        self._scopes = {0: ""}
-        self._own_scope = 0
-        self._ensure_timeout = config.ensure_timeout
-        self._closing = False
-        self._closed_for_good = False
-        self._owner_pid = os.getpid()
-        self._health: HealthServer | None = None
-        self._stdio: tuple[int | None, int | None] = (None, None)  # bgpool run's live view
-
-    def _closed(self) -> BgpoolError:
-        if self._process is None and not self._closing:
-            return BgpoolError("the pool is not started: call start() first")
-        if self._closing and not self._closed_for_good and not self._gone:
-            return PoolClosed("pool is shutting down")
-        return PoolClosed("pool is closed")
-
-    def _bootstrap(self, boot_fd: int) -> bytes:
-        config = self.config
-        workers = [
-            {
-                "index": index,
-                "name": spec.name,
-                "target": spec.target,
-                "script": str(config.script_path(index) or "") or None,
-                "num": spec.num,
-                "cap": spec.instance_cap,
-                "max_failures": spec.max_consecutive_failures,
-                "env": spec.env,
-                "args": spec.args,
-                "scope_id": spec.scope.id,
-                "scope_label": spec.scope.label,
-                "output": spec.output,
-                "ready_on": spec.ready_on,
-            }
-            for index, spec in enumerate(config.workers)
-        ]
-        return json.dumps(
-            {
-                "owner_pid": os.getpid(),
-                "boot_fd": boot_fd,
-                "sys_path": [os.path.abspath(p) for p in sys.path],
-                "workers": workers,
-                "settings": {
-                    "ensure_timeout": config.ensure_timeout,
-                    "grace_period": config.grace_period,
-                    "restart_grace_period": config.restart_grace_period,
-                    "start_method": config.start_method,
-                    "max_vars_bytes": config.max_vars_bytes,
-                },
-            }
-        ).encode()
-
-    def start(self) -> None:
-        """Start the supervisor and every eager worker; return once each eager
-        worker is ready (for a pool, its first ready instance). Raises
-        `StartupError`, with nothing left running, if an eager instance is
-        aborted or `ensure_timeout` passes first."""
-        if self._process is not None or self._closing:
-            raise BgpoolError("a Pool can be started only once")
-        self._owner_pid = os.getpid()
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        atexit.register(self.shutdown)  # a pool left running is drained at exit
-        self._address = private_address()
-        boot_r, boot_w = os.pipe()
-        try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", _SUPERVISOR_BOOTSTRAP.format(root=root)],
-                stdin=subprocess.PIPE,
-                stdout=self._stdio[0],
-                stderr=self._stdio[1],
-                pass_fds=(boot_w,),
-                process_group=0,
-                env={**os.environ, "BGPOOL_ADDRESS": self._address},
-            )
-            os.close(boot_w)
-            assert self._process.stdin is not None
-            with self._process.stdin as stdin:
-                stdin.write(self._bootstrap(boot_w))
-            info = self._read_boot(boot_r)
-        except BaseException:
-            if self._process is None:
-                shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
-            self.shutdown()
-            raise
-        finally:
-            os.close(boot_r)
-        self._table_name = info["table"]
-        try:
-            self._attach()
-            self._watcher = threading.Thread(
-                target=self._watch_supervisor, name="bgpool-watcher", daemon=True
-            )
-            self._watcher.start()
-            os.environ["BGPOOL_ADDRESS"] = self._address
-            if self.config.metrics_port is not None:
-                self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
-            self._request({"op": "start"}, timeout=self.config.ensure_timeout + REPLY_MARGIN)
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def _watch_supervisor(self) -> None:
-        """Runs in a thread of the owner: wait for the supervisor to end. If it
-        died unexpectedly, its workers got SIGKILL from their parent-death
-        signal, but what they forked did not: kill every process that still
-        carries this pool's address, and close the pool."""
-        assert self._process is not None
-        pidfd = os.pidfd_open(self._process.pid)
-        try:
-            select.select([pidfd], [], [])
-        finally:
-            os.close(pidfd)
-        if self._closing:
-            return
-        self._gone = True
-        stragglers = platform.processes_with_env("BGPOOL_ADDRESS", self._address)
-        platform.signal_tree(stragglers, signal.SIGKILL)
-
-    def _serve_metrics(self, host: str, port: int) -> None:
-        from .metrics import HealthServer
-
-        eager = {(spec.scope.id, spec.name) for spec in self.config.workers if spec.num >= 1}
-
-        def alive() -> tuple[bool, dict[str, Any]]:
-            running = self._process is not None and self._process.poll() is None
-            return running and not self._closing, {}
-
-        def ready() -> tuple[bool, dict[str, Any]]:
-            waiting = [
-                f"{s.scope_label}:{s.name}" if s.scope_label else s.name
-                for s in self._reader().slots()
-                if (s.scope_id, s.name) in eager and s.kind == Kind.NAMED
-                and s.instance == 0 and not s.name_ready
-            ]  # fmt: skip
-            return not waiting and alive()[0], {"waiting": waiting}
-
-        self._health = HealthServer(self, host, port, alive, ready)
-
-    @property
-    def metrics_port(self) -> int | None:
-        """The port `/metrics`, `/healthz` and `/readyz` are served on (the
-        actual one when `metrics_port=0` asked for any free port)."""
-        return self._health.port if self._health is not None else None
-
-    def _read_boot(self, boot_r: int) -> dict[str, str]:
-        """The supervisor's first words: its address and table name."""
-        data = b""
-        while not data.endswith(b"\n"):
-            ready, _, _ = select.select([boot_r], [], [], self.config.ensure_timeout)
-            chunk = os.read(boot_r, 4096) if ready else b""
-            if not chunk:
-                raise StartupError(
-                    "could not start the pool: the supervisor process "
-                    + ("did not start in time" if not ready else "exited during start-up")
-                    + " (its error, if any, is on stderr)"
-                )
-            data += chunk
-        info: dict[str, str] = json.loads(data)
-        return info
-
-    def restart_workers(self) -> None:
-        """Drain every running instance and respawn it; return once all are
-        respawned. Lazy workers never ensured stay unstarted; readiness stays."""
-        self._reader()
-        grace = self.config.restart_grace_period
-        self._request({"op": "restart"}, timeout=grace + REPLY_MARGIN)
-
-    def shutdown(self) -> None:
-        """Drain every worker (EOF on its handle), force-kill after
-        `grace_period`, and remove the table, socket and directory. Idempotent."""
-        process = self._process
-        if os.getpid() != self._owner_pid:
-            # A forked child (a gunicorn worker, say) inherited this Pool: the
-            # supervisor is its parent's to stop. Only let go of our mappings.
-            self.close()
-            return
-        if process is None or self._closing:
-            return
-        self._closing = True
-        atexit.unregister(self.shutdown)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=self.config.grace_period + REPLY_MARGIN)
-        except subprocess.TimeoutExpired:
-            process.kill()  # its workers follow through their parent-death signal
-            process.wait()
-        if self._watcher is not None:
-            self._watcher.join()
-        if self._health is not None:
-            self._health.close()
-        nslots = self._table.nslots if self._table is not None else 0
-        self.close()
-        if self._table_name:  # left over only if the supervisor died
-            unlink_shm(self._table_name)
-            for slot in range(nslots):
-                unlink_shm(segment_name(self._table_name, slot))
-        if self._address:
-            shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
-            if os.environ.get("BGPOOL_ADDRESS") == self._address:
-                del os.environ["BGPOOL_ADDRESS"]
-        self._closed_for_good = True
-
-    def __enter__(self) -> Pool:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()

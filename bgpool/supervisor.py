@@ -25,18 +25,15 @@ import bisect
 import collections
 import contextlib
 import functools
-import importlib
-import json
 import logging
 import math
 import os
 import selectors
 import signal
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +42,13 @@ import psutil
 from . import output, platform, policy, texts, varstore
 from .control import Connection, Listener
 from .errors import CatchAllLimitReached, PoolClosed, WorkerNotDeclared
+from .instances import Instance, Worker, error_record
 from .lookup import Decl, Registry
 from .names import name_problem
 from .protocol import FrameDecoder, Message, ProtocolError
-from .table import BOOT_BUCKETS, Kind, Slot, State, TableWriter
-from .timers import Timer, Timers
+from .table import BOOT_BUCKETS, Slot, State, TableWriter
+from .timers import Timers
+from .waiters import Waiter
 from .worker import Boot, exec_spawned, run_forked
 
 log = logging.getLogger("bgpool")
@@ -67,105 +66,6 @@ class Settings:
     restart_grace_period: float
     start_method: str
     max_vars_bytes: int
-
-
-class Instance:
-    """One worker process slot: its current process, history and timers."""
-
-    def __init__(self, worker: Worker, index: int, slot: int) -> None:
-        self.worker = worker
-        self.index = index
-        self.slot = slot
-        self.state = State.STOPPED
-        self.pid: int | None = None
-        self.attempts = 0
-        self.failures = 0
-        self.crashes = 0
-        self.restarts = 0
-        self.ever_ready = False
-        self.last_exit: int | None = None
-        self.started_at = 0.0
-        self.ready_at = 0.0
-        self.started_mono = 0.0
-        self.boot_sum = 0.0
-        self.boot_buckets = [0] * len(BOOT_BUCKETS)
-        self.stop_w: int | None = None
-        self.notify_r: int | None = None
-        self.outputs: list[int] = []  # read ends of its stdout/stderr pipes
-        self.tail: collections.deque[str] = collections.deque(maxlen=output.TAIL_LINES)
-        self.decoder = FrameDecoder()
-        self.run_error: dict[str, Any] | None = None
-        self.handle_taken = False  # in this run
-        self.published = False  # in this run (set_vars called)
-        self.timer: Timer | None = None
-        self.respawn_after_drain = False
-        self.draining = False
-
-    @property
-    def label(self) -> str:
-        """`job-runner.0`, or `api:job-runner.0` in a labelled scope."""
-        return f"{self.worker.label}.{self.index}"
-
-
-class Worker:
-    """A name in a scope: a named declaration's instances, or one catch-all name."""
-
-    def __init__(self, decl: Decl, name: str, first_slot: int, gen: int) -> None:
-        self.decl = decl
-        self.name = name
-        self.gen = gen
-        count = max(decl.num, 1) if decl.name is not None else 1
-        self.instances = [Instance(self, i, first_slot + i) for i in range(count)]
-        self.name_ready = False
-        self.vars_generation = 0
-        self.vars_published_at = 0.0
-        self.boot_failures = 0
-        self.last_failure: texts.Failure | None = None
-
-    @property
-    def label(self) -> str:
-        """The worker's name, prefixed by its scope label if it has one."""
-        label = self.decl.scope_label
-        return f"{label}:{self.name}" if label else self.name
-
-    @property
-    def aborted(self) -> bool:
-        """Whether every instance was given up."""
-        return all(inst.state == State.ABORTED for inst in self.instances)
-
-    @property
-    def missing_step(self) -> str:
-        """What the worker has not done yet to be ready, for timeout messages."""
-        waits_for_vars = self.decl.ready_on == "vars"
-        if waits_for_vars and any(i.handle_taken and not i.published for i in self.instances):
-            return "call set_vars()"
-        return "call get_worker_handle()"
-
-    @property
-    def failing(self) -> bool:
-        """Whether the latest run ended in a boot failure not yet recovered."""
-        return any(not i.ever_ready and i.failures > 0 for i in self.instances)
-
-
-class Waiter:
-    """A pending `ensure()` (or `start()`) call: answered exactly once."""
-
-    def __init__(
-        self,
-        conn: Connection,
-        workers: list[Worker],
-        timeout: float,
-        *,
-        fail_fast: bool = False,
-        startup: bool = False,
-    ) -> None:
-        self.conn = conn
-        self.workers = workers
-        self.timeout = timeout
-        self.fail_fast = fail_fast
-        self.startup = startup
-        self.seen = {id(w): w.boot_failures for w in workers}
-        self.timer: Timer | None = None
 
 
 class Supervisor:
@@ -410,39 +310,10 @@ class Supervisor:
 
     def _settle(self, waiter: Waiter) -> bool:
         """Answer `waiter` if its outcome is known; return whether it was."""
-        if waiter.startup:  # every eager name ready; any instance aborted first fails
-            failed = [
-                w for w in waiter.workers if any(i.state == State.ABORTED for i in w.instances)
-            ]
-            if failed:
-                self._answer(waiter, self._startup_error(failed, waiter.timeout))
-                return True
-            if all(w.name_ready for w in waiter.workers):
-                self._answer(waiter, {"ok": True})
-                return True
-            return False
-        pending = [w for w in waiter.workers if not w.name_ready]
-        if not pending:
-            resolved = [[w.name, w.instances[0].slot, w.gen] for w in waiter.workers]
-            self._answer(waiter, {"ok": True, "resolved": resolved})
-            return True
-        for worker in pending:
-            failure = worker.last_failure
-            if worker.aborted and failure is not None:
-                text = texts.aborted(
-                    worker.name, max(i.failures for i in worker.instances), failure
-                )
-                self._answer(waiter, self._failure("WorkerAborted", text, worker))
-                return True
-            if (
-                waiter.fail_fast
-                and failure is not None
-                and (worker.boot_failures > waiter.seen[id(worker)] or worker.failing)
-            ):
-                text = texts.boot_failed(worker.name, failure)
-                self._answer(waiter, self._failure("WorkerBootFailed", text, worker))
-                return True
-        return False
+        reply = waiter.outcome()
+        if reply is not None:
+            self._answer(waiter, reply)
+        return reply is not None
 
     def _settle_all(self) -> None:
         for waiter in list(self.waiters):
@@ -450,102 +321,40 @@ class Supervisor:
 
     def _expire(self, waiter: Waiter) -> None:
         waiter.timer = None
-        if waiter.startup:
-            pending = [w for w in waiter.workers if not w.name_ready]
-            self._answer(waiter, self._startup_error(pending, waiter.timeout))
-            return
-        pending = [w for w in waiter.workers if not w.name_ready]
-        text = "; ".join(
-            texts.not_ready(w.name, waiter.timeout, w.last_failure, w.missing_step) for w in pending
-        )
-        self._answer(waiter, self._failure("EnsureTimeout", text, *pending))
+        self._answer(waiter, waiter.expired())
 
-    def _failure(self, error: str, text: str, *workers: Worker) -> Message:
-        return {
-            "ok": False,
-            "error": error,
-            "message": text,
-            "diagnostics": [self._diagnostics(w) for w in workers],
-        }
-
-    def _startup_error(self, workers: list[Worker], timeout: float) -> Message:
-        reasons = []
-        for worker in workers:
-            failure = worker.last_failure
-            if worker.aborted or any(i.state == State.ABORTED for i in worker.instances):
-                assert failure is not None
-                failures = max(i.failures for i in worker.instances)
-                reasons.append(texts.aborted(worker.name, failures, failure))
-            else:
-                reasons.append(texts.not_ready(worker.name, timeout, failure, worker.missing_step))
-        text = "could not start the pool: " + "; ".join(reasons)
-        return self._failure("StartupError", text, *workers)
-
-    def _diagnostics(self, worker: Worker) -> dict[str, Any]:
-        insts = worker.instances
-        state = min((i.state for i in insts), key=_STATE_RANK.__getitem__)
-        last = max(insts, key=lambda i: i.started_mono)
-        failure = worker.last_failure
-        return {
-            "name": worker.name,
-            "scope": worker.decl.scope_label,
-            "target": worker.decl.target,
-            "state": state.label,
-            "ever_ready": worker.name_ready,
-            "attempts": sum(i.attempts for i in insts),
-            "consecutive_failures": max(i.failures for i in insts),
-            "last_exit_status": last.last_exit,
-            "last_signal": texts.signal_name(last.last_exit),
-            "last_error": failure.error if failure is not None else None,
-            "last_output": list(failure.output) if failure is not None else [],
-            "vars_generation": worker.vars_generation,
-            "vars_published_at": worker.vars_published_at or None,
-            "slots": [i.slot for i in insts],
-        }
+    def _lookup(self, conn: Connection, message: Message) -> tuple[Decl, Worker | None] | None:
+        """The declaration and, if running or hosted, the worker a request's
+        `name` and `scope` resolve to; replies WorkerNotDeclared and returns
+        None when none does. Starts nothing."""
+        name = message["name"]
+        if not isinstance(name, str) or name_problem(name):
+            raise ValueError("bad worker name")
+        scope_id = self._scope_of(message)
+        decl = self.registry.resolve(scope_id, name) if scope_id >= 0 else None
+        if decl is None:
+            self._error(conn, WorkerNotDeclared, texts.not_declared(name))
+            return None
+        return decl, self.workers.get((decl.scope_id, name))
 
     def _locate(self, conn: Connection, message: Message) -> None:
-        """Where a name's slot is (for get_vars()); a pure read: hosts nothing."""
-        name = message["name"]
-        if not isinstance(name, str) or name_problem(name):
-            raise ValueError("bad worker name")
-        scope_id = self._scope_of(message)
-        decl = self.registry.resolve(scope_id, name) if scope_id >= 0 else None
-        if decl is None:
-            self._error(conn, WorkerNotDeclared, texts.not_declared(name))
-            return
-        worker = self.workers.get((decl.scope_id, name))
-        slot = worker.instances[0].slot if worker is not None else None
-        conn.send({"ok": True, "slot": slot, "gen": worker.gen if worker is not None else 0})
+        """Where a name's slot is (for get_vars())."""
+        found = self._lookup(conn, message)
+        if found is not None:
+            worker = found[1]
+            slot = worker.instances[0].slot if worker is not None else None
+            conn.send({"ok": True, "slot": slot, "gen": worker.gen if worker is not None else 0})
 
     def _diagnose(self, conn: Connection, message: Message) -> None:
-        name = message["name"]
-        if not isinstance(name, str) or name_problem(name):
-            raise ValueError("bad worker name")
-        scope_id = self._scope_of(message)
-        decl = self.registry.resolve(scope_id, name) if scope_id >= 0 else None
-        if decl is None:
-            self._error(conn, WorkerNotDeclared, texts.not_declared(name))
+        found = self._lookup(conn, message)
+        if found is None:
             return
-        worker = self.workers.get((decl.scope_id, name))
+        decl, worker = found
         if worker is None:  # a catch-all name not hosted now
-            diagnostics = {
-                "name": name,
-                "scope": decl.scope_label,
-                "target": decl.target,
-                "state": State.STOPPED.label,
-                "ever_ready": False,
-                "attempts": 0,
-                "consecutive_failures": 0,
-                "last_exit_status": None,
-                "last_signal": None,
-                "last_error": None,
-                "last_output": [],
-                "vars_generation": 0,
-                "vars_published_at": None,
-                "slots": [],
-            }
+            diagnostics = Worker(decl, message["name"], 0, 0).diagnostics()
+            diagnostics["slots"] = []
         else:
-            diagnostics = self._diagnostics(worker)
+            diagnostics = worker.diagnostics()
         conn.send({"ok": True, "diagnostics": diagnostics})
 
     # -- state transitions -------------------------------------------------------
@@ -567,7 +376,7 @@ class Supervisor:
         decl.hosted.discard(worker.name)
         del self.workers[(decl.scope_id, worker.name)]
         self.gens[slot] += 1
-        self.table.write(slot, _free_slot(self.gens[slot]))
+        self.table.write(slot, Slot(gen=self.gens[slot]))
         platform.unlink_shm(varstore.segment_name(self.table.name, slot))  # its vars go too
 
     def _wake(self, worker: Worker) -> None:
@@ -686,7 +495,7 @@ class Supervisor:
             elif message.get("t") == "vars":
                 self._on_vars(inst, message)
             elif message.get("t") == "error":
-                inst.run_error = _error_record(message)
+                inst.run_error = error_record(message)
 
     def _close_notify(self, inst: Instance) -> None:
         if inst.notify_r is not None:
@@ -922,33 +731,7 @@ class Supervisor:
     # -- table -----------------------------------------------------------------------
 
     def _publish(self, inst: Instance) -> None:
-        worker, decl = inst.worker, inst.worker.decl
-        self.table.write(
-            inst.slot,
-            Slot(
-                gen=worker.gen,
-                name_ready=worker.name_ready,
-                kind=Kind.CATCH_ALL if decl.name is None else Kind.NAMED,
-                state=inst.state,
-                ever_ready=inst.ever_ready,
-                last_exit=inst.last_exit,
-                scope_id=decl.scope_id,
-                decl=decl.index,
-                instance=inst.index,
-                pool_size=len(worker.instances),
-                pid=inst.pid or 0,
-                attempts=inst.attempts,
-                failures=inst.failures,
-                crashes=inst.crashes,
-                restarts=inst.restarts,
-                started_at=inst.started_at,
-                ready_at=inst.ready_at,
-                boot_sum=inst.boot_sum,
-                boot_buckets=tuple(inst.boot_buckets),
-                name=worker.name,
-                scope_label=decl.scope_label,
-            ),
-        )
+        self.table.write(inst.slot, inst.record())
 
     # -- teardown ------------------------------------------------------------------
 
@@ -996,157 +779,3 @@ class Supervisor:
         for key in list(self.selector.get_map().values()):
             if isinstance(key.data, Connection):
                 key.data.close()
-
-
-_STATE_RANK = {
-    state: rank
-    for rank, state in enumerate(
-        [
-            State.READY,
-            State.STARTING,
-            State.STOPPING,
-            State.CRASHED,
-            State.BACKOFF,
-            State.ABORTED,
-            State.STOPPED,
-        ]
-    )
-}
-"""Which instance state stands for a pool's name: the most alive one."""
-
-
-def _free_slot(gen: int) -> Slot:
-    return Slot(
-        gen=gen,
-        name_ready=False,
-        kind=Kind.FREE,
-        state=State.STOPPED,
-        ever_ready=False,
-        last_exit=None,
-        scope_id=0,
-        decl=0,
-        instance=0,
-        pool_size=0,
-        pid=0,
-        attempts=0,
-        failures=0,
-        crashes=0,
-        restarts=0,
-        started_at=0.0,
-        ready_at=0.0,
-        boot_sum=0.0,
-        boot_buckets=(0,) * len(BOOT_BUCKETS),
-        name="",
-        scope_label="",
-    )
-
-
-def _error_record(message: Message) -> dict[str, Any]:
-    """Keep only the expected fields of a worker's error report, as strings."""
-
-    def text(key: str, limit: int = 8000) -> str:
-        value = message.get(key)
-        return value[:limit] if isinstance(value, str) else ""
-
-    lineno = message.get("lineno")
-    return {
-        "type": text("type", 200) or "Exception",
-        "message": text("message"),
-        "filename": text("filename", 4096) or None,
-        "lineno": lineno if isinstance(lineno, int) and not isinstance(lineno, bool) else None,
-        "traceback": text("traceback"),
-    }
-
-
-def _preload(decls: list[Decl]) -> None:
-    """Import the targets' modules once, so each fork starts with them loaded."""
-    for module in sorted({d.target.partition(":")[0] for d in decls if d.script is None}):
-        try:
-            importlib.import_module(module)
-        except BaseException as exc:  # the worker will report it as a boot failure
-            log.warning("cannot preload %s (%s: %s)", module, type(exc).__name__, exc)
-    if threading.active_count() > 1:
-        log.warning("a preloaded module started a thread: forking workers may deadlock")
-
-
-_LOG_FORMAT = "bgpool[%(process)d] %(levelname)s %(message)s"
-
-
-class _RelayHandler(logging.Handler):
-    """Log records through the output relay, so logging never blocks the loop
-    on a stderr nobody reads (the relay queues and writes when it can)."""
-
-    def __init__(self, relay: output.Relay) -> None:
-        super().__init__()
-        self._relay = relay
-        self.setFormatter(logging.Formatter(_LOG_FORMAT))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._relay.write_log(self.format(record))
-        except Exception:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def _logging_to_stderr(level: str) -> Iterator[None]:
-    """Plain stderr logging until the loop's relay takes over (`_relay_logging`)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        for other in list(log.handlers):
-            log.removeHandler(other)
-
-
-def _relay_logging(relay: output.Relay) -> None:
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-    log.addHandler(_RelayHandler(relay))
-
-
-def main() -> None:
-    """Entry point of the supervisor process, started by `Pool.start()`.
-
-    Reads its bootstrap (declarations, settings, the owner's pid, sys.path) as
-    JSON from stdin, writes its address and table name on the boot pipe, then
-    runs until shut down.
-    """
-    bootstrap = json.loads(sys.stdin.buffer.read())
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)  # workers must not inherit the bootstrap pipe as stdin
-    os.close(devnull)
-    sys.path[:] = bootstrap["sys_path"]
-    boot_fd: int = bootstrap["boot_fd"]
-    with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
-        decls = [Decl.from_message(d) for d in bootstrap["workers"]]
-        settings = Settings(**bootstrap["settings"])
-        platform.raise_fd_limit()
-        platform.set_child_subreaper()
-        if settings.start_method == "fork":
-            _preload(decls)
-        # The owner put BGPOOL_ADDRESS in our environment at exec, so every
-        # worker and everything it starts carries it where /proc shows it.
-        supervisor = Supervisor(
-            decls, settings, bootstrap["owner_pid"], os.environ["BGPOOL_ADDRESS"]
-        )
-        _relay_logging(supervisor.relay)
-        try:
-            supervisor.install_signals()
-            with os.fdopen(boot_fd, "w") as boot:
-                boot.write(json.dumps({"table": supervisor.table.name}) + "\n")
-            supervisor.start_eager()
-            supervisor.run()
-        except BaseException:
-            supervisor.kill_everything()
-            raise
-        finally:
-            supervisor.close()
-
-
-if __name__ == "__main__":
-    main()

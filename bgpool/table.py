@@ -90,29 +90,30 @@ _READY_AT = 8  # offset of name_ready in a slot
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """One instance's published state, as every reader sees it."""
+    """One instance's published state, as every reader sees it (the defaults
+    are a free slot's)."""
 
     gen: int
-    name_ready: bool
-    kind: Kind
-    state: State
-    ever_ready: bool
-    last_exit: int | None
-    scope_id: int
-    decl: int
-    instance: int
-    pool_size: int
-    pid: int
-    attempts: int
-    failures: int
-    crashes: int
-    restarts: int
-    started_at: float
-    ready_at: float
-    boot_sum: float
-    boot_buckets: tuple[int, ...]
-    name: str
-    scope_label: str
+    name_ready: bool = False
+    kind: Kind = Kind.FREE
+    state: State = State.STOPPED
+    ever_ready: bool = False
+    last_exit: int | None = None
+    scope_id: int = 0
+    decl: int = 0
+    instance: int = 0
+    pool_size: int = 0
+    pid: int = 0
+    attempts: int = 0
+    failures: int = 0
+    crashes: int = 0
+    restarts: int = 0
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    boot_sum: float = 0.0
+    boot_buckets: tuple[int, ...] = (0,) * len(BOOT_BUCKETS)
+    name: str = ""
+    scope_label: str = ""
 
 
 def _pack_body(slot: Slot) -> bytes:

@@ -1,0 +1,116 @@
+"""The supervisor process's entry point: read the bootstrap the application sent,
+set up logging, preload the targets' modules, then run the `Supervisor`.
+
+Started by `Pool.start()` as a fresh interpreter (`python -c "...main()"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+from . import output, platform
+from .lookup import Decl
+from .supervisor import Settings, Supervisor
+
+log = logging.getLogger("bgpool")
+
+
+def _preload(decls: list[Decl]) -> None:
+    """Import the targets' modules once, so each fork starts with them loaded."""
+    for module in sorted({d.target.partition(":")[0] for d in decls if d.script is None}):
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # the worker will report it as a boot failure
+            log.warning("cannot preload %s (%s: %s)", module, type(exc).__name__, exc)
+    if threading.active_count() > 1:
+        log.warning("a preloaded module started a thread: forking workers may deadlock")
+
+
+_LOG_FORMAT = "bgpool[%(process)d] %(levelname)s %(message)s"
+
+
+class _RelayHandler(logging.Handler):
+    """Log records through the output relay, so logging never blocks the loop
+    on a stderr nobody reads (the relay queues and writes when it can)."""
+
+    def __init__(self, relay: output.Relay) -> None:
+        super().__init__()
+        self._relay = relay
+        self.setFormatter(logging.Formatter(_LOG_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._relay.write_log(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(level: str) -> Iterator[None]:
+    """Plain stderr logging until the loop's relay takes over (`_relay_logging`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        for other in list(log.handlers):
+            log.removeHandler(other)
+
+
+def _relay_logging(relay: output.Relay) -> None:
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    log.addHandler(_RelayHandler(relay))
+
+
+def main() -> None:
+    """Entry point of the supervisor process, started by `Pool.start()`.
+
+    Reads its bootstrap (declarations, settings, the owner's pid, sys.path) as
+    JSON from stdin, writes its address and table name on the boot pipe, then
+    runs until shut down.
+    """
+    bootstrap = json.loads(sys.stdin.buffer.read())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # workers must not inherit the bootstrap pipe as stdin
+    os.close(devnull)
+    sys.path[:] = bootstrap["sys_path"]
+    boot_fd: int = bootstrap["boot_fd"]
+    with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
+        decls = [Decl.from_message(d) for d in bootstrap["workers"]]
+        settings = Settings(**bootstrap["settings"])
+        platform.raise_fd_limit()
+        platform.set_child_subreaper()
+        if settings.start_method == "fork":
+            _preload(decls)
+        # The owner put BGPOOL_ADDRESS in our environment at exec, so every
+        # worker and everything it starts carries it where /proc shows it.
+        supervisor = Supervisor(
+            decls, settings, bootstrap["owner_pid"], os.environ["BGPOOL_ADDRESS"]
+        )
+        _relay_logging(supervisor.relay)
+        try:
+            supervisor.install_signals()
+            with os.fdopen(boot_fd, "w") as boot:
+                boot.write(json.dumps({"table": supervisor.table.name}) + "\n")
+            supervisor.start_eager()
+            supervisor.run()
+        except BaseException:
+            supervisor.kill_everything()
+            raise
+        finally:
+            supervisor.close()
+
+
+if __name__ == "__main__":
+    main()

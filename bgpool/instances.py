@@ -1,0 +1,180 @@
+"""The supervisor's picture of its workers: names, instances and what they did.
+
+Plain state, read and changed by the supervisor alone (which owns every
+transition); nothing here does I/O. A `Worker` is a name in a scope (a named
+declaration's instances, or one catch-all name); an `Instance` is one of its
+processes, with the history the table and diagnostics show.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from . import output, texts
+from .lookup import Decl
+from .protocol import FrameDecoder, Message
+from .table import BOOT_BUCKETS, Kind, Slot, State
+from .timers import Timer
+
+
+class Instance:
+    """One worker process slot: its current process, history and timers."""
+
+    def __init__(self, worker: Worker, index: int, slot: int) -> None:
+        self.worker = worker
+        self.index = index
+        self.slot = slot
+        self.state = State.STOPPED
+        self.pid: int | None = None
+        self.attempts = 0
+        self.failures = 0
+        self.crashes = 0
+        self.restarts = 0
+        self.ever_ready = False
+        self.last_exit: int | None = None
+        self.started_at = 0.0
+        self.ready_at = 0.0
+        self.started_mono = 0.0
+        self.boot_sum = 0.0
+        self.boot_buckets = [0] * len(BOOT_BUCKETS)
+        self.stop_w: int | None = None
+        self.notify_r: int | None = None
+        self.outputs: list[int] = []  # read ends of its stdout/stderr pipes
+        self.tail: collections.deque[str] = collections.deque(maxlen=output.TAIL_LINES)
+        self.decoder = FrameDecoder()
+        self.run_error: dict[str, Any] | None = None
+        self.handle_taken = False  # in this run
+        self.published = False  # in this run (set_vars called)
+        self.timer: Timer | None = None
+        self.respawn_after_drain = False
+        self.draining = False
+
+    @property
+    def label(self) -> str:
+        """`job-runner.0`, or `api:job-runner.0` in a labelled scope."""
+        return f"{self.worker.label}.{self.index}"
+
+    def record(self) -> Slot:
+        """This instance as the readiness table publishes it."""
+        return Slot(
+            gen=self.worker.gen,
+            name_ready=self.worker.name_ready,
+            kind=Kind.CATCH_ALL if self.worker.decl.name is None else Kind.NAMED,
+            state=self.state,
+            ever_ready=self.ever_ready,
+            last_exit=self.last_exit,
+            scope_id=self.worker.decl.scope_id,
+            decl=self.worker.decl.index,
+            instance=self.index,
+            pool_size=len(self.worker.instances),
+            pid=self.pid or 0,
+            attempts=self.attempts,
+            failures=self.failures,
+            crashes=self.crashes,
+            restarts=self.restarts,
+            started_at=self.started_at,
+            ready_at=self.ready_at,
+            boot_sum=self.boot_sum,
+            boot_buckets=tuple(self.boot_buckets),
+            name=self.worker.name,
+            scope_label=self.worker.decl.scope_label,
+        )
+
+
+class Worker:
+    """A name in a scope: a named declaration's instances, or one catch-all name."""
+
+    def __init__(self, decl: Decl, name: str, first_slot: int, gen: int) -> None:
+        self.decl = decl
+        self.name = name
+        self.gen = gen
+        count = max(decl.num, 1) if decl.name is not None else 1
+        self.instances = [Instance(self, i, first_slot + i) for i in range(count)]
+        self.name_ready = False
+        self.vars_generation = 0
+        self.vars_published_at = 0.0
+        self.boot_failures = 0
+        self.last_failure: texts.Failure | None = None
+
+    @property
+    def label(self) -> str:
+        """The worker's name, prefixed by its scope label if it has one."""
+        label = self.decl.scope_label
+        return f"{label}:{self.name}" if label else self.name
+
+    @property
+    def aborted(self) -> bool:
+        """Whether every instance was given up."""
+        return all(inst.state == State.ABORTED for inst in self.instances)
+
+    @property
+    def missing_step(self) -> str:
+        """What the worker has not done yet to be ready, for timeout messages."""
+        waits_for_vars = self.decl.ready_on == "vars"
+        if waits_for_vars and any(i.handle_taken and not i.published for i in self.instances):
+            return "call set_vars()"
+        return "call get_worker_handle()"
+
+    @property
+    def failing(self) -> bool:
+        """Whether the latest run ended in a boot failure not yet recovered."""
+        return any(not i.ever_ready and i.failures > 0 for i in self.instances)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What diagnostics() reports for this name, as plain data (the client
+        adds the instances' table slots)."""
+        insts = self.instances
+        state = min((i.state for i in insts), key=STATE_RANK.__getitem__)
+        last = max(insts, key=lambda i: i.started_mono)
+        failure = self.last_failure
+        return {
+            "name": self.name,
+            "scope": self.decl.scope_label,
+            "target": self.decl.target,
+            "state": state.label,
+            "ever_ready": self.name_ready,
+            "attempts": sum(i.attempts for i in insts),
+            "consecutive_failures": max(i.failures for i in insts),
+            "last_exit_status": last.last_exit,
+            "last_signal": texts.signal_name(last.last_exit),
+            "last_error": failure.error if failure is not None else None,
+            "last_output": list(failure.output) if failure is not None else [],
+            "vars_generation": self.vars_generation,
+            "vars_published_at": self.vars_published_at or None,
+            "slots": [i.slot for i in insts],
+        }
+
+
+STATE_RANK = {
+    state: rank
+    for rank, state in enumerate(
+        [
+            State.READY,
+            State.STARTING,
+            State.STOPPING,
+            State.CRASHED,
+            State.BACKOFF,
+            State.ABORTED,
+            State.STOPPED,
+        ]
+    )
+}
+"""Which instance state stands for a pool's name: the most alive one."""
+
+
+def error_record(message: Message) -> dict[str, Any]:
+    """Keep only the expected fields of a worker's error report, as strings."""
+
+    def text(key: str, limit: int = 8000) -> str:
+        value = message.get(key)
+        return value[:limit] if isinstance(value, str) else ""
+
+    lineno = message.get("lineno")
+    return {
+        "type": text("type", 200) or "Exception",
+        "message": text("message"),
+        "filename": text("filename", 4096) or None,
+        "lineno": lineno if isinstance(lineno, int) and not isinstance(lineno, bool) else None,
+        "traceback": text("traceback"),
+    }

@@ -1,0 +1,102 @@
+"""What a pending `ensure()` or `start()` hears, and when. Pure decisions over
+the supervisor's state: the supervisor asks after every event that may change
+an answer, and sends the reply a waiter returns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import texts
+from .instances import Worker
+from .protocol import Message
+from .table import State
+from .timers import Timer
+
+if TYPE_CHECKING:
+    from .control import Connection
+
+
+class Waiter:
+    """One pending call, answered exactly once: all its workers ready, one of
+    them aborted (or, with `fail_fast`, failed to boot), or its deadline."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        workers: list[Worker],
+        timeout: float,
+        *,
+        fail_fast: bool = False,
+        startup: bool = False,
+    ) -> None:
+        self.conn = conn
+        self.workers = workers
+        self.timeout = timeout
+        self.fail_fast = fail_fast
+        self.startup = startup  # start(): every eager name ready, no instance aborted
+        self.seen = {id(w): w.boot_failures for w in workers}
+        self.timer: Timer | None = None
+
+    def outcome(self) -> Message | None:
+        """The reply, if the outcome is known now."""
+        if self.startup:
+            failed = [w for w in self.workers if _any_aborted(w)]
+            if failed:
+                return startup_error(failed, self.timeout)
+            return {"ok": True} if all(w.name_ready for w in self.workers) else None
+        pending = [w for w in self.workers if not w.name_ready]
+        if not pending:
+            return {"ok": True, "resolved": [[w.name, w.instances[0].slot, w.gen]
+                                             for w in self.workers]}  # fmt: skip
+        for worker in pending:
+            failure = worker.last_failure
+            if failure is None:
+                continue
+            if worker.aborted:
+                failures = max(i.failures for i in worker.instances)
+                return failure_reply(
+                    "WorkerAborted", texts.aborted(worker.name, failures, failure), [worker]
+                )
+            if self.fail_fast and (worker.boot_failures > self.seen[id(worker)] or worker.failing):
+                return failure_reply(
+                    "WorkerBootFailed", texts.boot_failed(worker.name, failure), [worker]
+                )
+        return None
+
+    def expired(self) -> Message:
+        """The reply once the deadline passed: each worker not ready, and why."""
+        pending = [w for w in self.workers if not w.name_ready]
+        if self.startup:
+            return startup_error(pending, self.timeout)
+        text = "; ".join(
+            texts.not_ready(w.name, self.timeout, w.last_failure, w.missing_step) for w in pending
+        )
+        return failure_reply("EnsureTimeout", text, pending)
+
+
+def _any_aborted(worker: Worker) -> bool:
+    return any(i.state == State.ABORTED for i in worker.instances)
+
+
+def failure_reply(error: str, text: str, workers: list[Worker]) -> Message:
+    """An error reply with the diagnostics of the workers it is about."""
+    return {
+        "ok": False,
+        "error": error,
+        "message": text,
+        "diagnostics": [w.diagnostics() for w in workers],
+    }
+
+
+def startup_error(workers: list[Worker], timeout: float) -> Message:
+    """StartupError: each eager worker that was aborted or not ready in time."""
+    reasons = []
+    for worker in workers:
+        failure = worker.last_failure
+        if _any_aborted(worker) and failure is not None:
+            failures = max(i.failures for i in worker.instances)
+            reasons.append(texts.aborted(worker.name, failures, failure))
+        else:
+            reasons.append(texts.not_ready(worker.name, timeout, failure, worker.missing_step))
+    return failure_reply("StartupError", "could not start the pool: " + "; ".join(reasons), workers)
