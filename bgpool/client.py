@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import handle, protocol
 from .errors import (
@@ -33,9 +33,6 @@ from .names import Scope, name_problem
 from .snapshot import SnapshotError, decode
 from .table import Kind, TableReader
 from .varstore import Reader, segment_name
-
-if TYPE_CHECKING:
-    pass
 
 _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "bgpool_request_scope", default=None

@@ -198,3 +198,20 @@ def last_json_line(stdout: str) -> Any:
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert lines, "no output"
     return json.loads(lines[-1])
+
+
+def tenant_log(path: Path) -> list[tuple[int, str, str, int, float]]:
+    """The ``(pid, name, scope_label, instance, monotonic)`` lines written by the
+    ``tenant`` fixture's ``$LOG`` and ``$EOF_LOG``."""
+    text = read_text(path) or ""
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            pid, name, scope, instance, ts = line.split("\t")
+            out.append((int(pid), name, scope, int(instance), float(ts)))
+    return out
+
+
+def tenant_report(report_dir: Path, name: str, scope: str = "", instance: int = 0) -> Any:
+    """The JSON report the ``tenant`` fixture writes under ``$REPORT_DIR``, or None."""
+    return read_json(report_dir / f"{scope}~{name}~{instance}.json")
