@@ -15,14 +15,15 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import handle, protocol
+from . import handle, protocol, texts
 from .errors import (
     ERRORS,
     BgpoolError,
+    EnsureTimeout,
     PoolClosed,
     StartupError,
     VarsNotPublished,
@@ -39,7 +40,12 @@ _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
 )
 
 REPLY_MARGIN = 30.0
-"""Seconds a client waits for a reply beyond the deadline the supervisor enforces."""
+"""Seconds a client waits beyond a request's own duration (a restart's grace
+period, start()'s deadline) before it gives up on the supervisor."""
+
+ENSURE_SLACK = 1.0
+"""Seconds `ensure()` waits past its deadline for the supervisor's answer: a
+stopped or overloaded supervisor must not stretch the caller's deadline."""
 
 
 def _check_names(names: object) -> list[str]:
@@ -124,8 +130,14 @@ class PoolClient:
             raise self._closed()
         return self._table
 
-    def _request(self, message: protocol.Message, timeout: float | None) -> protocol.Message:
-        """One request on a fresh connection; raise the error it answers with."""
+    def _request(
+        self,
+        message: protocol.Message,
+        timeout: float | None,
+        silence: Callable[[], BgpoolError] | None = None,
+    ) -> protocol.Message:
+        """One request on a fresh connection; raise the error it answers with,
+        or `silence()` if no answer comes within `timeout` seconds."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -135,6 +147,8 @@ class PoolClient:
             except (FileNotFoundError, ConnectionError, protocol.ProtocolError):
                 raise self._closed() from None
             except TimeoutError:
+                if silence is not None:
+                    raise silence() from None
                 raise BgpoolError("the supervisor did not answer in time") from None
         finally:
             sock.close()
@@ -230,7 +244,8 @@ class PoolClient:
                 "timeout": deadline,
                 "fail_fast": bool(fail_fast),
             },
-            timeout=deadline + REPLY_MARGIN,
+            timeout=deadline + ENSURE_SLACK,
+            silence=lambda: EnsureTimeout(texts.no_answer(batch, deadline)),
         )
         for name, slot, gen in reply["resolved"]:
             directory[(scope_id, name)] = (table.offset(slot), gen)

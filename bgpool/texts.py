@@ -76,6 +76,15 @@ def not_ready(name: str, timeout: float, failure: Failure | None, missing: str) 
     )
 
 
+def no_answer(names: list[str], timeout: float) -> str:
+    """EnsureTimeout's message when the supervisor itself did not answer."""
+    quoted = ", ".join(f'"{name}"' for name in names)
+    return (
+        f"background worker{'s' if len(names) > 1 else ''} {quoted} did not become ready "
+        f"within {seconds(timeout)}: the supervisor did not answer (stopped or overloaded?)"
+    )
+
+
 def boot_failed(name: str, failure: Failure) -> str:
     """WorkerBootFailed's message (fail_fast)."""
     return (

@@ -807,3 +807,20 @@ def test_pool_accepts_a_pool_config(make_pool: Any) -> None:
     config = PoolConfig(workers=[spec("eager", "idle", num=1)], grace_period=5.0)
     pool = make_pool(config=config)
     assert state(the_status(pool, "eager").state) == "ready"
+
+
+def test_ensure_keeps_its_deadline_when_the_supervisor_is_stopped(
+    make_pool: Any, sigcont_on_exit: list[int]
+) -> None:
+    """A supervisor that cannot answer (SIGSTOPped here) must not stretch the
+    caller's deadline by more than the client's small slack."""
+    pool = make_pool([spec("lazy", "idle")])
+    supervisor = pool._process.pid
+    sigcont_on_exit.append(supervisor)
+    os.kill(supervisor, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(bgpool.EnsureTimeout, match="the supervisor did not answer"):
+        pool.ensure("lazy", timeout=0.5)
+    assert _elapsed(t0) < 3.0
+    os.kill(supervisor, signal.SIGCONT)
+    pool.ensure("lazy", timeout=10)  # and it recovers once it runs again
