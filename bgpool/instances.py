@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+import psutil
+
 from . import output, texts
 from .lookup import Decl
 from .protocol import FrameDecoder, Message
@@ -49,6 +51,7 @@ class Instance:
         self.timer: Timer | None = None
         self.respawn_after_drain = False
         self.draining = False
+        self.tree: list[psutil.Process] = []  # its descendants when a drain began
 
     @property
     def label(self) -> str:

@@ -15,6 +15,8 @@ import signal
 import socket
 import struct
 import sys
+from collections import defaultdict
+from collections.abc import Collection
 
 import psutil
 
@@ -111,9 +113,9 @@ def close_fds_except(keep: set[int]) -> None:
 
 
 def processes_with_env(name: str, value: str) -> list[psutil.Process]:
-    """Live processes of ours whose environment has `name=value`: every process
-    a pool started carries its unique BGPOOL_ADDRESS, even one that left the
-    process tree (re-parented to init) or started its own session."""
+    """Live processes of ours whose environment (as exec gave it) has
+    `name=value`: how a pool finds its processes even once they left the
+    process tree (re-parented to init) or started their own session."""
     found = []
     for proc in psutil.process_iter():
         try:
@@ -121,6 +123,23 @@ def processes_with_env(name: str, value: str) -> list[psutil.Process]:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
+    return found
+
+
+def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
+    """Each of `pids`' descendants, from one scan of the process table (a drain
+    of many workers must not scan it once per worker)."""
+    children: dict[int, list[psutil.Process]] = defaultdict(list)
+    for proc in psutil.process_iter(["ppid"]):
+        children[proc.info["ppid"]].append(proc)
+    found: dict[int, list[psutil.Process]] = {}
+    for pid in pids:
+        tree, stack = [], [pid]
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                tree.append(child)
+                stack.append(child.pid)
+        found[pid] = tree
     return found
 
 

@@ -9,6 +9,7 @@ the supervisor could not. Every other call is `PoolClient`'s.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -30,6 +31,10 @@ from .varstore import segment_name
 
 if TYPE_CHECKING:
     from .metrics import HealthServer
+
+POOL_MARK = "BGPOOL_POOL"
+"""Environment variable that marks every process of one pool (its value is the
+pool's address)."""
 
 
 _SUPERVISOR_BOOTSTRAP = (
@@ -58,6 +63,7 @@ class Pool(PoolClient):
         self._vars = {}
         self._gone = False
         self._watcher: threading.Thread | None = None
+        self._pidfd: int | None = None
         self._scopes = {0: ""}
         self._own_scope = 0
         self._ensure_timeout = config.ensure_timeout
@@ -130,8 +136,16 @@ class Pool(PoolClient):
                 stderr=self._stdio[1],
                 pass_fds=(boot_w,),
                 process_group=0,
-                env={**os.environ, "BGPOOL_ADDRESS": self._address},
+                # BGPOOL_POOL marks the supervisor and everything it starts (and
+                # only that: the application's own processes get BGPOOL_ADDRESS
+                # alone), visibly in /proc/<pid>/environ, for the straggler sweep.
+                env={**os.environ, "BGPOOL_ADDRESS": self._address, POOL_MARK: self._address},
             )
+            self._pidfd = os.pidfd_open(self._process.pid)
+            self._watcher = threading.Thread(
+                target=self._watch_supervisor, name="bgpool-watcher", daemon=True
+            )
+            self._watcher.start()
             os.close(boot_w)
             assert self._process.stdin is not None
             with self._process.stdin as stdin:
@@ -147,10 +161,6 @@ class Pool(PoolClient):
         self._table_name = info["table"]
         try:
             self._attach()
-            self._watcher = threading.Thread(
-                target=self._watch_supervisor, name="bgpool-watcher", daemon=True
-            )
-            self._watcher.start()
             os.environ["BGPOOL_ADDRESS"] = self._address
             if self.config.metrics_port is not None:
                 self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
@@ -160,21 +170,25 @@ class Pool(PoolClient):
             raise
 
     def _watch_supervisor(self) -> None:
-        """Runs in a thread of the owner: wait for the supervisor to end. If it
-        died unexpectedly, its workers got SIGKILL from their parent-death
-        signal, but what they forked did not: kill every process that still
-        carries this pool's address, and close the pool."""
-        assert self._process is not None
-        pidfd = os.pidfd_open(self._process.pid)
-        try:
-            select.select([pidfd], [], [])
-        finally:
-            os.close(pidfd)
-        if self._closing:
+        """Runs in a thread of the owner: wait for the supervisor to end, and
+        reap it. If it did not end cleanly (killed, or crashed, even in the
+        middle of a shutdown), its workers got SIGKILL from their parent-death
+        signal but what they forked did not: kill every process that still
+        carries this pool's mark, and close the pool."""
+        assert self._process is not None and self._pidfd is not None
+        select.select([self._pidfd], [], [])
+        if self._process.wait() == 0:
             return
         self._gone = True
-        stragglers = platform.processes_with_env("BGPOOL_ADDRESS", self._address)
+        stragglers = platform.processes_with_env(POOL_MARK, self._address)
         platform.signal_tree(stragglers, signal.SIGKILL)
+
+    def _signal_supervisor(self, sig: signal.Signals) -> None:
+        """Signal the supervisor through its pidfd: never another process that
+        reused its pid after it was reaped."""
+        assert self._pidfd is not None
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, sig)
 
     def _serve_metrics(self, host: str, port: int) -> None:
         from .metrics import HealthServer
@@ -182,8 +196,8 @@ class Pool(PoolClient):
         eager = {(spec.scope.id, spec.name) for spec in self.config.workers if spec.num >= 1}
 
         def alive() -> tuple[bool, dict[str, Any]]:
-            running = self._process is not None and self._process.poll() is None
-            return running and not self._closing, {}
+            running = self._process is not None and self._process.returncode is None
+            return running and not self._closing and not self._gone, {}
 
         def ready() -> tuple[bool, dict[str, Any]]:
             waiting = [
@@ -238,15 +252,14 @@ class Pool(PoolClient):
             return
         self._closing = True
         atexit.unregister(self.shutdown)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=self.config.grace_period + REPLY_MARGIN)
-        except subprocess.TimeoutExpired:
-            process.kill()  # its workers follow through their parent-death signal
-            process.wait()
-        if self._watcher is not None:
+        assert self._watcher is not None and self._pidfd is not None
+        self._signal_supervisor(signal.SIGTERM)
+        self._watcher.join(timeout=self.config.grace_period + REPLY_MARGIN)
+        if self._watcher.is_alive():
+            self._signal_supervisor(signal.SIGKILL)  # workers follow: parent-death signal
             self._watcher.join()
+        os.close(self._pidfd)
+        self._pidfd = None
         if self._health is not None:
             self._health.close()
         nslots = self._table.nslots if self._table is not None else 0

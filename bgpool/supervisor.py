@@ -669,11 +669,37 @@ class Supervisor:
             os.killpg(pid, sig)
         platform.signal_tree(procs, sig)
 
+    def _drain_all(self, grace: float, respawn: bool) -> set[Instance]:
+        """Drain every instance; return those now stopping. One scan of the
+        process table records what each has forked, so a descendant that
+        outlives its worker's exit (a daemon in its own session) is stopped too."""
+        instances = [inst for worker in self.workers.values() for inst in worker.instances]
+        running = [inst.pid for inst in instances if inst.pid is not None and not inst.draining]
+        trees = platform.descendants(running)
+        stopping = set()
+        for inst in instances:
+            if inst.pid in trees:
+                inst.tree = trees[inst.pid]
+            self._drain(inst, grace, respawn)
+            if inst.draining:
+                stopping.add(inst)
+        return stopping
+
     def _drained(self, inst: Instance, status: int) -> None:
-        """A draining instance exited: stop here, or respawn for a restart."""
+        """A draining instance exited: stop here, or respawn for a restart.
+        What it forked and left running gets SIGTERM, then SIGKILL."""
         if inst.timer is not None:
             inst.timer.cancel()
         inst.draining = False
+        survivors = [proc for proc in inst.tree if proc.is_running()]
+        inst.tree = []
+        if survivors:
+            log.warning("%s left %d process(es) behind: SIGTERM, SIGKILL 1s later",
+                        inst.label, len(survivors))  # fmt: skip
+            platform.signal_tree(survivors, signal.SIGTERM)
+            self.timers.call_later(
+                FORCE_KILL_DELAY, lambda: platform.signal_tree(survivors, signal.SIGKILL)
+            )
         if inst.respawn_after_drain and not self.closing:
             log.info("%s drained (%s); restarting it", inst.label, texts.exit_words(status))
             self._respawn(inst)
@@ -689,13 +715,7 @@ class Supervisor:
             if conn is not None:
                 self._error(conn, PoolClosed, "pool is shutting down")
             return
-        batch = set()
-        for worker in list(self.workers.values()):
-            for inst in worker.instances:
-                if inst.pid is not None or inst.state in (State.BACKOFF, State.CRASHED):
-                    self._drain(inst, self.settings.restart_grace_period, respawn=True)
-                    if inst.draining:
-                        batch.add(inst)
+        batch = self._drain_all(self.settings.restart_grace_period, respawn=True)
         self.restarts.append((batch, conn))
         self._progress_restarts(None)
 
@@ -722,9 +742,7 @@ class Supervisor:
             if conn is not None:
                 self._error(conn, PoolClosed, "pool is shutting down")
         self.restarts.clear()
-        for worker in self.workers.values():
-            for inst in worker.instances:
-                self._drain(inst, self.settings.grace_period, respawn=False)
+        self._drain_all(self.settings.grace_period, respawn=False)
         if not self.by_pid:
             self.finished = True
 
