@@ -39,6 +39,10 @@ _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "bgpool_request_scope", default=None
 )
 
+MAX_SOCKET_WAIT = 365 * 86400.0
+"""Longest a socket wait is armed for: a far deadline (timeout=1e300) is legal,
+but the OS's timeout type cannot hold it."""
+
 REPLY_MARGIN = 30.0
 """Seconds a client waits beyond a request's own duration (a restart's grace
 period, start()'s deadline) before it gives up on the supervisor."""
@@ -140,7 +144,7 @@ class PoolClient:
         or `silence()` if no answer comes within `timeout` seconds."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(timeout)
+            sock.settimeout(None if timeout is None else min(timeout, MAX_SOCKET_WAIT))
             try:
                 sock.connect(self._address)
                 reply = protocol.request(sock, message)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import itertools
 import threading
+import unicodedata
+
+_UNPRINTABLE = frozenset({"Cc", "Zl", "Zp"})  # C0, DEL, C1 controls; U+2028, U+2029
 
 MAX_NAME_BYTES = 128
 MAX_LABEL_BYTES = 128
@@ -21,8 +24,8 @@ def name_problem(name: str) -> str | None:
         return "must not be empty"
     if "\0" in name:
         return "must not contain NUL"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "must not contain control characters"
+    if any(unicodedata.category(c) in _UNPRINTABLE for c in name):
+        return "must not contain control characters or line separators"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"must be at most {MAX_NAME_BYTES} UTF-8 bytes"
     try:

@@ -191,7 +191,7 @@ class Supervisor:
         for message in messages:
             try:
                 self._dispatch(conn, message)
-            except (KeyError, TypeError, ValueError, ProtocolError) as exc:
+            except (KeyError, TypeError, ValueError, ArithmeticError, ProtocolError) as exc:
                 log.warning("dropping a control connection after a bad request: %s", exc)
                 conn.close()
                 return
@@ -269,11 +269,17 @@ class Supervisor:
         for name in names:
             if not isinstance(name, str) or name_problem(name):
                 raise ValueError("bad worker name")
-        timeout = message.get("timeout") or self.settings.ensure_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError("timeout must be a number")
+        timeout = message.get("timeout")
+        if timeout is None:
+            timeout = self.settings.ensure_timeout
+        elif type(timeout) not in (int, float):  # bool, str, containers: refused
+            raise TypeError("timeout must be a number or null")
+        timeout = float(timeout)  # OverflowError for an integer past float range
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError("timeout must be a finite number > 0")
+        fail_fast = message.get("fail_fast", False)
+        if type(fail_fast) is not bool:
+            raise TypeError("fail_fast must be a boolean")
         if self.closing:
             self._error(conn, PoolClosed, "pool is shutting down")
             return
@@ -285,7 +291,7 @@ class Supervisor:
             return
         for worker in workers:
             self._wake(worker)
-        self._wait(Waiter(conn, workers, timeout, fail_fast=bool(message.get("fail_fast"))))
+        self._wait(Waiter(conn, workers, timeout, fail_fast=fail_fast))
 
     def _await_startup(self, conn: Connection) -> None:
         eager = [w for w in self.workers.values() if w.decl.eager]
@@ -506,7 +512,10 @@ class Supervisor:
     def _on_vars(self, inst: Instance, message: Message) -> None:
         """The worker published vars (or re-published the same in a new run)."""
         generation, when = message.get("gen"), message.get("at")
-        if type(generation) is int and type(when) is float:
+        # A worker writes this pipe: keep only plausible values (a NaN or an
+        # out-of-range time would break every later diagnostics reply).
+        if type(generation) is int and 0 < generation < 2**63 and type(when) is float \
+                and 0.0 < when < 1e11:  # fmt: skip
             inst.worker.vars_generation = generation
             inst.worker.vars_published_at = when
         inst.published = True
