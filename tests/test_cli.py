@@ -181,3 +181,22 @@ def test_missing_config_file_exits_nonzero(cli: Any) -> None:
     run.close()
     assert code != 0
     assert "no_such_config.py" in "\n".join(run.output()) + run.stderr()
+
+
+def test_run_shows_pool_members_catch_all_names_and_scopes(cli: Any) -> None:
+    """Issue 3: `bgpool run`'s display covers every instance: each member of a
+    pool, each catch-all name (when hosted) and the scope of each."""
+    run = cli("fixtures/run_display_config.py")
+    run.wait_line("pool.0", "ready")
+    run.wait_line("pool.1", "ready")
+    run.wait_line("api:svc.0", "ready")
+    address = run.wait_line("BGPOOL_ADDRESS=").split("BGPOOL_ADDRESS=", 1)[1].split(",")[0]
+    ensure = subprocess.run(
+        [sys.executable, "-m", "bgpool", "ensure", "tenant-7", "--scope", "api",
+         "--address", address],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert ensure.returncode == 0, ensure.stderr
+    run.wait_line("api:tenant-7.0", "starting")
+    run.wait_line("api:tenant-7.0", "ready")
+    assert run.stop() == 0
