@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import shm_in_use_by_others
 
 import bgpool
 
@@ -108,29 +109,6 @@ def _our_processes() -> list[psutil.Process]:
     return found
 
 
-def _shm_mapped_by_others() -> set[str]:
-    """Segments ``bgp_*`` mapped or open in a live process that is not ours."""
-    ours = {p.pid for p in _our_processes()} | {os.getpid()}
-    names: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in ours:
-            continue
-        with (
-            contextlib.suppress(OSError),
-            open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f,
-        ):
-            for line in f:
-                if "/dev/shm/bgp_" in line:
-                    names.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(f"/proc/{entry}/fd/{fd}")
-                    if link.startswith("/dev/shm/bgp_"):
-                        names.add(link[len("/dev/shm/") :].split()[0])
-    return names
-
-
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     me = psutil.Process()
@@ -171,7 +149,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     new_shm = _shm_entries() - shm_before
     shm_deadline = time.monotonic() + 1.0
     while new_shm:
-        new_shm = (new_shm & _shm_entries()) - _shm_mapped_by_others()
+        new_shm = (new_shm & _shm_entries()) - shm_in_use_by_others(p.pid for p in _our_processes())
         if not new_shm or time.monotonic() >= shm_deadline:
             break
         time.sleep(0.05)

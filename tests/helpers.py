@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -215,3 +215,27 @@ def tenant_log(path: Path) -> list[tuple[int, str, str, int, float]]:
 def tenant_report(report_dir: Path, name: str, scope: str = "", instance: int = 0) -> Any:
     """The JSON report the ``tenant`` fixture writes under ``$REPORT_DIR``, or None."""
     return read_json(report_dir / f"{scope}~{name}~{instance}.json")
+
+
+def shm_in_use_by_others(ours: Iterable[int] = ()) -> set[str]:
+    """``bgp_*`` segments mapped or open by live processes other than us and
+    ``ours`` (another test run on the same machine): not ours to account for."""
+    skip = {os.getpid(), *ours}
+    names: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        with (
+            contextlib.suppress(OSError),
+            open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f,
+        ):
+            for line in f:
+                if "/dev/shm/bgp_" in line:
+                    names.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{entry}/fd/{fd}")
+                    if link.startswith("/dev/shm/bgp_"):
+                        names.add(link[len("/dev/shm/") :].split()[0])
+    return names

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
-import stat
 import warnings
 from pathlib import Path
 
@@ -102,8 +102,10 @@ def _readers(name: str, count: int, seconds: float) -> list[subprocess.Popen[str
     return [
         subprocess.Popen(
             [sys.executable, "-c", READER, name, str(seconds)],
-            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": root},
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": root},
+        )
         for _ in range(count)
     ]
 

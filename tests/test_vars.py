@@ -83,7 +83,9 @@ def test_disallowed_values_are_refused_with_their_path(
     make_pool: Any, sentinel_dir: Path, bad: str, message: str
 ) -> None:
     record = sentinel_dir / "record"
-    pool = make_pool([vspec("w", "publish_refused", num=1, env={"BAD": bad, "RECORD": str(record)})])
+    pool = make_pool(
+        [vspec("w", "publish_refused", num=1, env={"BAD": bad, "RECORD": str(record)})]
+    )
     text = wait_for(lambda: read_text(record), 10, "the refusal")
     assert text.startswith("TypeError: ") and message in text, text
     with pytest.raises(bgpool.VarsNotPublished, match='"w" has not published any vars yet'):
@@ -124,8 +126,14 @@ def test_same_object_while_unchanged_new_one_after_a_change(
 ) -> None:
     trigger, record = sentinel_dir / "trigger", sentinel_dir / "record"
     pool = make_pool(
-        [vspec("w", "publish_on_signal", num=1,
-               env={"TRIGGER": str(trigger), "RECORD": str(record)})]  # fmt: skip
+        [
+            vspec(
+                "w",
+                "publish_on_signal",
+                num=1,
+                env={"TRIGGER": str(trigger), "RECORD": str(record)},
+            )
+        ]
     )
     trigger.write_text("1")
     first = published(pool, "w")
@@ -144,7 +152,9 @@ def test_same_object_while_unchanged_new_one_after_a_change(
 
 def test_undeclared_and_unpublished_names(make_pool: Any) -> None:
     pool = make_pool([vspec("quiet", "handle_only", num=1)])
-    with pytest.raises(bgpool.WorkerNotDeclared, match='no background worker configured for name "x"'):
+    with pytest.raises(
+        bgpool.WorkerNotDeclared, match='no background worker configured for name "x"'
+    ):
         pool.get_vars("x")
     with pytest.raises(bgpool.VarsNotPublished) as caught:
         pool.get_vars("quiet")
@@ -153,7 +163,9 @@ def test_undeclared_and_unpublished_names(make_pool: Any) -> None:
 
 
 def test_get_vars_never_starts_a_worker(make_pool: Any) -> None:
-    pool = make_pool([vspec("lazy", "publish_case", env={"CASE": "scalars"}), vspec(None, "publish_case")])
+    pool = make_pool(
+        [vspec("lazy", "publish_case", env={"CASE": "scalars"}), vspec(None, "publish_case")]
+    )
     for name in ("lazy", "tenant-7"):
         with pytest.raises(bgpool.VarsNotPublished):
             pool.get_vars(name)
@@ -182,8 +194,10 @@ def test_catch_all_names_have_their_own_vars(make_pool: Any) -> None:
 def test_scopes_resolve_like_ensure(make_pool: Any) -> None:
     api = bgpool.next_scope("api")
     pool = make_pool(
-        [vspec("w", "publish_case", num=1, env={"CASE": "scalars"}),
-         vspec("w", "publish_case", num=1, env={"CASE": "bytes"}, scope=api)]  # fmt: skip
+        [
+            vspec("w", "publish_case", num=1, env={"CASE": "scalars"}),
+            vspec("w", "publish_case", num=1, env={"CASE": "bytes"}, scope=api),
+        ]
     )
     assert frozen_equal(published(pool, "w"), CASES["scalars"])
     assert frozen_equal(published(pool, "w", scope=api), CASES["bytes"])
@@ -222,8 +236,10 @@ def test_get_vars_from_another_process_and_from_a_worker(
 ) -> None:
     record = sentinel_dir / "record"
     pool = make_pool(
-        [vspec("src", "publish_case", num=1, env={"CASE": "mixed"}),
-         vspec("reader", "read_other", env={"OTHER": "src", "RECORD": str(record)})]  # fmt: skip
+        [
+            vspec("src", "publish_case", num=1, env={"CASE": "mixed"}),
+            vspec("reader", "read_other", env={"OTHER": "src", "RECORD": str(record)}),
+        ]
     )
     published(pool, "src")
     code = textwrap.dedent(
@@ -267,12 +283,20 @@ client.close()
 
 def test_no_torn_or_stale_snapshot_under_fast_publishing(make_pool: Any) -> None:
     pool = make_pool(
-        [WorkerSpec(name="flags", target="fixtures.webapp.flags:run", num=1, ready_on="vars",
-                    env={"FLAGS_INTERVAL": "0"})]  # fmt: skip
+        [
+            WorkerSpec(
+                name="flags",
+                target="fixtures.webapp.flags:run",
+                num=1,
+                ready_on="vars",
+                env={"FLAGS_INTERVAL": "0"},
+            )
+        ]
     )
     readers = [
-        subprocess.Popen([sys.executable, "-c", TORN_READER, "2.0"], stdout=subprocess.PIPE,
-                         text=True, cwd=ROOT)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", TORN_READER, "2.0"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
         for _ in range(3)
     ]
     results = [r.communicate(timeout=60)[0].split() for r in readers]

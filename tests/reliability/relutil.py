@@ -250,27 +250,6 @@ def shm_entries() -> set[str]:
     return {p.name for p in SHM.iterdir() if p.name.startswith("bgp_")}
 
 
-def shm_in_use_by_others(ours: Iterable[int] = ()) -> set[str]:
-    """``bgp_*`` segments mapped or open by processes that are not ours (another
-    test run on the same machine): they are not ours to account for."""
-    skip = {os.getpid(), *ours}
-    names: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in skip:
-            continue
-        with (
-            contextlib.suppress(OSError),
-            open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f,
-        ):
-            for line in f:
-                if "/dev/shm/bgp_" in line:
-                    names.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
-    return names
-
-
-# ------------------------------------------------------------------- PoolClosed
-
-
 def closed_calls(pool: Any, ready_name: str, lazy_name: str) -> dict[str, Callable[[], Any]]:
     """Every public call of a Pool that must raise ``PoolClosed`` once it is closed."""
     return {

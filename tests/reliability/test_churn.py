@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import state, wait_for
+from helpers import shm_in_use_by_others, state, wait_for
 
 import bgpool
 
@@ -23,7 +23,6 @@ from .relutil import (
     fd_count,
     resources,
     shm_entries,
-    shm_in_use_by_others,
     thread_count,
 )
 
