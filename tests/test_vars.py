@@ -344,8 +344,12 @@ def test_gunicorn_workers_serve_what_the_worker_publishes(no_leaks: None) -> Non
         replies = [first]
         servers = {first["served_by"]}
         deadline = time.monotonic() + 20
-        while (len(servers) < 2 or replies[-1]["flags"]["counter"] <= first["flags"]["counter"] + 3) \
-                and time.monotonic() < deadline:  # fmt: skip
+
+        def settled() -> bool:
+            advanced = replies[-1]["flags"]["counter"] > first["flags"]["counter"] + 3
+            return len(servers) >= 2 and advanced
+
+        while not settled() and time.monotonic() < deadline:
             replies.append(_get(url))
             servers.add(replies[-1]["served_by"])
         counters = [r["flags"]["counter"] for r in replies]
