@@ -100,6 +100,12 @@ class PoolClient:
     """A connection to a running pool, from any process of the application."""
 
     def __init__(self, address: str) -> None:
+        self._detached(address, 30.0)
+        self._attach()
+
+    def _detached(self, address: str, ensure_timeout: float) -> None:
+        """The state of a client not yet attached to its supervisor (`Pool`
+        starts this way and attaches in `start()`)."""
         self._address = address
         self._table: TableReader | None = None
         self._directory: dict[tuple[int, str], tuple[int, int]] = {}
@@ -108,8 +114,7 @@ class PoolClient:
         self._table_name = ""
         self._scopes: dict[int, str] = {0: ""}
         self._own_scope = 0
-        self._ensure_timeout = 30.0
-        self._attach()
+        self._ensure_timeout = ensure_timeout
 
     # -- plumbing ------------------------------------------------------------
 

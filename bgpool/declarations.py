@@ -131,11 +131,6 @@ class WorkerSpec(BaseModel):
         return self
 
     @property
-    def is_catch_all(self) -> bool:
-        """Whether this declaration hosts any name ensure() asks for."""
-        return self.name is None
-
-    @property
     def instance_cap(self) -> int:
         """How many table slots the declaration needs: its instances, or for a
         catch-all the number of names it may host."""

@@ -158,11 +158,3 @@ def signal_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.send_signal(sig)
-
-
-def children(pid: int) -> list[psutil.Process]:
-    """The direct children of `pid` (empty if it is gone)."""
-    try:
-        return psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return []

@@ -55,18 +55,10 @@ class Pool(PoolClient):
         if not isinstance(config, PoolConfig):
             config = PoolConfig(workers=list(config))
         self.config = config
+        self._detached("", config.ensure_timeout)
         self._process: subprocess.Popen[bytes] | None = None
-        self._table_name = ""
-        self._address = ""
-        self._table = None
-        self._directory = {}
-        self._vars = {}
-        self._gone = False
         self._watcher: threading.Thread | None = None
         self._pidfd: int | None = None
-        self._scopes = {0: ""}
-        self._own_scope = 0
-        self._ensure_timeout = config.ensure_timeout
         self._closing = False
         self._closed_for_good = False
         self._owner_pid = os.getpid()
