@@ -279,13 +279,32 @@ class PoolClient:
         fields = {k: v for k, v in data.items() if k != "slots"}
         instances = [status_of(reader.read(i)) for i in data["slots"]]
         error = fields.pop("last_error")
-        published = fields.pop("vars_published_at")
+        generation, published = self._vars_header(data["slots"])
         return WorkerDiagnostics(
             **fields,
             last_error=ErrorInfo(**error) if error else None,
+            vars_generation=generation,
             vars_published_at=datetime.fromtimestamp(published, UTC) if published else None,
             instances=instances,
         )
+
+    def _vars_header(self, slots: list[int]) -> tuple[int, float]:
+        """The generation and publish time of the vars of the name hosted at
+        `slots` ((0, 0.0) if none). Workers write the header: an implausible
+        time is left out rather than breaking diagnostics."""
+        if not slots:
+            return 0, 0.0
+        reader = Reader(segment_name(self._table_name, slots[0]))
+        try:
+            found = reader.read()
+        except TimeoutError:
+            found = None
+        finally:
+            reader.close()
+        if found is None:
+            return 0, 0.0
+        generation, when, _ = found
+        return generation, when if 0.0 < when < 1e11 else 0.0
 
     def get_vars(self, name: str, *, scope: Scope | str | None = None) -> Mapping[str, Any]:
         """The latest vars snapshot worker `name` published: a deeply read-only

@@ -104,14 +104,14 @@ def set_vars(mapping: Mapping[str, object]) -> None:
     Values: None, bool, int, float, str, bytes, lists, tuples and str-keyed
     dicts, nested; anything else raises `TypeError` naming where it was found,
     and nothing is published. Larger than `PoolConfig.max_vars_bytes` once
-    encoded: `ValueError`. Identical to the current snapshot: nothing changes.
+    encoded, or nested more than 2,000 containers deep: `ValueError`. Identical
+    to the current snapshot: nothing changes.
     Outside a worker: `RuntimeError`.
     """
     global _publisher, _announced
     if _context is None:
         raise RuntimeError("set_vars() can only be called inside a bgpool worker")
-    snapshot.check(mapping)
-    data = snapshot.encode(dict(mapping))
+    data = snapshot.encode(mapping)
     if len(data) > _context.max_vars_bytes:
         raise ValueError(
             f"vars snapshot is {len(data)} bytes encoded, over max_vars_bytes "
@@ -120,13 +120,14 @@ def set_vars(mapping: Mapping[str, object]) -> None:
     with _lock:
         if _publisher is None:
             _publisher = Publisher(_context.vars_segment, _context.max_vars_bytes)
-        published = _publisher.publish(data)
-        if published is not None or not _announced:
-            # The supervisor hears of the first publication of each run even when
-            # it changed nothing: with ready_on="vars" it is what makes the run ready.
+        _publisher.publish(data)
+        if not _announced:
+            # The supervisor hears of the first publication of each run, even one
+            # that changed nothing: with ready_on="vars" it makes the run ready.
+            # Later ones it is not told of: waking it would cost each publish
+            # a context switch, and diagnostics read the segment's header.
             _announced = True
-            generation, when = published or _publisher.current()
-            notify({"t": "vars", "gen": generation, "at": when})
+            notify({"t": "vars"})
 
 
 def notify(message: protocol.Message) -> None:

@@ -95,8 +95,6 @@ class Worker:
         count = max(decl.num, 1) if decl.name is not None else 1
         self.instances = [Instance(self, i, first_slot + i) for i in range(count)]
         self.name_ready = False
-        self.vars_generation = 0
-        self.vars_published_at = 0.0
         self.boot_failures = 0
         self.last_failure: texts.Failure | None = None
 
@@ -126,7 +124,7 @@ class Worker:
 
     def diagnostics(self) -> dict[str, Any]:
         """What diagnostics() reports for this name, as plain data (the client
-        adds the instances' table slots)."""
+        adds the instances' table rows and the vars' generation and time)."""
         insts = self.instances
         state = min((i.state for i in insts), key=STATE_RANK.__getitem__)
         last = max(insts, key=lambda i: i.started_mono)
@@ -143,8 +141,6 @@ class Worker:
             "last_signal": texts.signal_name(last.last_exit),
             "last_error": failure.error if failure is not None else None,
             "last_output": list(failure.output) if failure is not None else [],
-            "vars_generation": self.vars_generation,
-            "vars_published_at": self.vars_published_at or None,
             "slots": [i.slot for i in insts],
         }
 

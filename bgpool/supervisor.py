@@ -499,7 +499,7 @@ class Supervisor:
                 inst.handle_taken = True
                 self._maybe_ready(inst)
             elif message.get("t") == "vars":
-                self._on_vars(inst, message)
+                self._on_vars(inst)
             elif message.get("t") == "error":
                 inst.run_error = error_record(message)
 
@@ -509,15 +509,9 @@ class Supervisor:
             os.close(inst.notify_r)
             inst.notify_r = None
 
-    def _on_vars(self, inst: Instance, message: Message) -> None:
-        """The worker published vars (or re-published the same in a new run)."""
-        generation, when = message.get("gen"), message.get("at")
-        # A worker writes this pipe: keep only plausible values (a NaN or an
-        # out-of-range time would break every later diagnostics reply).
-        if type(generation) is int and 0 < generation < 2**63 and type(when) is float \
-                and 0.0 < when < 1e11:  # fmt: skip
-            inst.worker.vars_generation = generation
-            inst.worker.vars_published_at = when
+    def _on_vars(self, inst: Instance) -> None:
+        """The run published vars for the first time (perhaps the same as the
+        last run's: it counts for readiness all the same)."""
         inst.published = True
         self._maybe_ready(inst)
 

@@ -12,7 +12,9 @@ on it serialises them (last writer wins). Readers take no lock and make no
 system call while the snapshot is unchanged: they compare one generation
 number with the one they cached.
 
-The supervisor never maps these segments; it removes them with the pool.
+The supervisor never maps these segments (it is not told of each publish
+either: diagnostics read the generation and time from the header); it removes
+them with the pool.
 """
 
 from __future__ import annotations
@@ -53,19 +55,19 @@ class Publisher:
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)
+        self._last: tuple[int, bytes] | None = None  # (generation, bytes) last written here
 
-    def publish(self, data: bytes) -> tuple[int, float] | None:
-        """Make `data` the current snapshot; return its (generation, time), or
-        None when it equals the current one (nothing changes)."""
+    def publish(self, data: bytes) -> bool:
+        """Make `data` the current snapshot; False when it equals the current
+        one (nothing changes)."""
         buf = self._map
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             seq = _SEQ.unpack_from(buf, 0)[0]
             gen, active, len0, len1, _ = _META.unpack_from(buf, _META_AT)
             current = (len0, len1)[active]
-            start = HEADER_SIZE + active * self.capacity
-            if gen and current == len(data) and buf[start : start + current] == data:
-                return None
+            if gen and current == len(data) and self._current_bytes(gen, active, current) == data:
+                return False
             target = 1 - active if gen else 0
             start = HEADER_SIZE + target * self.capacity
             buf[start : start + len(data)] = data
@@ -76,14 +78,19 @@ class Publisher:
             _SEQ.pack_into(buf, 0, seq + 1)
             buf[_META_AT : _META_AT + _META.size] = meta  # one copy: no zero-fill to see
             _SEQ.pack_into(buf, 0, seq + 2)
-            return gen + 1, now
+            self._last = (gen + 1, data)
+            return True
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def current(self) -> tuple[int, float]:
-        """The (generation, time) of the current snapshot."""
-        gen, _, _, _, when = _META.unpack_from(self._map, _META_AT)
-        return int(gen), float(when)
+    def _current_bytes(self, gen: int, active: int, length: int) -> bytes:
+        """The current snapshot's bytes (under the lock): those this process
+        published if it was the last writer, which spares reading them back
+        from shared memory (a comparison stops at the first difference)."""
+        if self._last is not None and self._last[0] == gen:
+            return self._last[1]
+        start = HEADER_SIZE + active * self.capacity
+        return self._map[start : start + length]
 
     def close(self) -> None:
         """Unmap and close (the segment stays for readers)."""

@@ -1,6 +1,7 @@
 # Sourced by scripts/demo, scripts/test and scripts/bench: make sure .venv exists
 # and has the project installed with the requested extra, reinstalling only when
-# pyproject.toml changed since the last install.
+# the build's inputs (pyproject.toml, setup.py, the C codec) changed since the
+# last install or the compiled codec is missing.
 #   ensure_venv [EXTRA]
 ensure_venv() {
   local extra="${1:-}" spec="." stamp
@@ -24,7 +25,12 @@ ensure_venv() {
     "$py" -m venv .venv
     rm -f .venv/.installed*
   fi
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  local stale="" input
+  for input in pyproject.toml setup.py bgpool/_codec.c; do
+    if [ "$input" -nt "$stamp" ]; then stale=1; fi
+  done
+  if ! compgen -G "bgpool/_codec.*.so" >/dev/null; then stale=1; fi
+  if [ ! -f "$stamp" ] || [ -n "$stale" ]; then
     echo "installing bgpool${extra:+ with the $extra extra} into .venv" >&2
     if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&
            .venv/bin/python -m pip install --quiet -e "$spec"; } >.venv/install.log 2>&1; then

@@ -72,13 +72,13 @@ vars_visibility    From `set_vars()` returning in the worker (monotonic clock
                    apart. CLOCK_MONOTONIC is system-wide on Linux, so the two
                    stamps compare. Negative: the reader had the snapshot before
                    `set_vars()` returned (it is visible from the header flip
-                   on; set_vars() then still tells the supervisor). Baseline:
+                   on; set_vars() then still unlocks and returns). Baseline:
                    the same with a Manager dict written by this process and
                    polled by another.
 
-The vars cases run with two 10 kB snapshots (marshal-encoded size): "structured"
-(a routing table with flags: 128 small dicts, about 900 values, 259 containers
-to check and rebuild) and "flat" (one 10 kB string).
+The vars cases run with two 10 kB snapshots (10.2 kB in bgpool's format):
+"structured" (a routing table with flags: 188 small dicts, 379 containers to
+check and rebuild) and "flat" (one 10 kB string).
 
 Other processes on the machine inflate every number: the run prints the load
 average before it starts and how much CPU other processes used during it (also

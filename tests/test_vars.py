@@ -121,20 +121,18 @@ def test_set_vars_outside_a_worker_is_a_runtime_error() -> None:
 # -- reading ----------------------------------------------------------------------
 
 
+def signalled_publisher(make_pool: Any, sentinel_dir: Path) -> tuple[Any, Path, Path]:
+    """A pool whose worker "w" publishes {"n": k} when the trigger file says k
+    (then records k): the pool, the trigger and the record."""
+    trigger, record = sentinel_dir / "trigger", sentinel_dir / "record"
+    env = {"TRIGGER": str(trigger), "RECORD": str(record)}
+    return make_pool([vspec("w", "publish_on_signal", num=1, env=env)]), trigger, record
+
+
 def test_same_object_while_unchanged_new_one_after_a_change(
     make_pool: Any, sentinel_dir: Path
 ) -> None:
-    trigger, record = sentinel_dir / "trigger", sentinel_dir / "record"
-    pool = make_pool(
-        [
-            vspec(
-                "w",
-                "publish_on_signal",
-                num=1,
-                env={"TRIGGER": str(trigger), "RECORD": str(record)},
-            )
-        ]
-    )
+    pool, trigger, _ = signalled_publisher(make_pool, sentinel_dir)
     trigger.write_text("1")
     first = published(pool, "w")
     assert dict(first) == {"n": 1}
@@ -148,6 +146,29 @@ def test_same_object_while_unchanged_new_one_after_a_change(
     diagnostics = pool.diagnostics("w")
     assert diagnostics.vars_generation == 2
     assert diagnostics.vars_published_at is not None
+
+
+def test_diagnostics_follow_the_segment_at_once(make_pool: Any, sentinel_dir: Path) -> None:
+    pool, trigger, record = signalled_publisher(make_pool, sentinel_dir)
+    for n in range(1, 4):
+        trigger.write_text(str(n))
+        wait_for(lambda n=n: read_text(record) == str(n), 10, f"publication {n}")
+        # set_vars() has returned: the generation is there, not on its way
+        assert pool.diagnostics("w").vars_generation == n
+
+
+def test_a_worker_that_corrupts_its_header_cannot_break_diagnostics(
+    make_pool: Any, sentinel_dir: Path
+) -> None:
+    record = sentinel_dir / "record"
+    pool = make_pool(
+        [vspec("w", "publish_then_break_the_time", num=1, env={"RECORD": str(record)})]
+    )
+    wait_for(lambda: read_text(record) == "broken", 10, "the corruption")
+    diagnostics = pool.diagnostics("w")
+    assert diagnostics.vars_generation == 1
+    assert diagnostics.vars_published_at is None  # a NaN time is left out
+    assert dict(pool.get_vars("w")) == {"ok": 1}
 
 
 def test_undeclared_and_unpublished_names(make_pool: Any) -> None:

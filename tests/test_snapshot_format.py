@@ -1,0 +1,274 @@
+"""The vars format on its own (bgpool.snapshot over the C codec): what encodes,
+what comes back, and that no bytes whatever can crash a reader or give it
+anything but the allowed types. Pure: no processes."""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections import OrderedDict
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bgpool import snapshot
+from bgpool.snapshot import MAX_DEPTH, SnapshotError, decode, encode
+
+ALLOWED = (type(None), bool, int, float, str, bytes, tuple, MappingProxyType)
+
+
+def thawed(value: Any) -> Any:
+    """`value` as a reader should get it back: dicts read-only, lists tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: thawed(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(thawed(v) for v in value)
+    return value
+
+
+def same(got: Any, want: Any) -> bool:
+    """Equal, with the same types all the way down (so 1 is not True, and a
+    float NaN equals a NaN)."""
+    if type(got) is not type(want):
+        return False
+    if isinstance(got, MappingProxyType):
+        return list(got) == list(want) and all(same(got[k], want[k]) for k in got)
+    if isinstance(got, tuple):
+        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want, strict=True))
+    if isinstance(got, float) and math.isnan(got):
+        return math.isnan(want)
+    return bool(got == want)
+
+
+def only_allowed(value: Any) -> bool:
+    if isinstance(value, MappingProxyType):
+        return all(type(k) is str and only_allowed(v) for k, v in value.items())
+    if type(value) is tuple:
+        return all(only_allowed(v) for v in value)
+    return type(value) in ALLOWED
+
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**200), max_value=2**200)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text()
+    | st.binary()
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=6)
+        | st.lists(inner, max_size=6).map(tuple)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=6)
+    ),
+    max_leaves=40,
+)
+snapshots = st.dictionaries(st.text(max_size=8), values, max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(snapshots)
+def test_every_allowed_value_round_trips_deeply_read_only(value: dict[str, Any]) -> None:
+    got = decode(encode(value))
+    assert same(got, thawed(value))
+    assert only_allowed(got)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        0,
+        -1,
+        2**63 - 1,
+        -(2**63),
+        2**63,
+        -(2**63) - 1,
+        10**400,
+        -(10**400),
+        -0.0,
+        math.inf,
+        -math.inf,
+        5e-324,
+        "",
+        "a\x00b",
+        "\ud800 lone surrogate",
+        "héllo ✓ 日本 🐍",
+        "x" * 100,
+        b"",
+        b"\x00\xff" * 50,
+        [],
+        (),
+        {},
+    ],
+)
+def test_edge_values_round_trip(value: Any) -> None:
+    got = decode(encode({"v": value}))["v"]
+    assert same(got, thawed(value))
+
+
+def test_nan_round_trips() -> None:
+    assert math.isnan(decode(encode({"v": math.nan}))["v"])
+
+
+def test_deep_nesting_up_to_the_limit_round_trips_and_past_it_is_refused() -> None:
+    deepest: Any = "bottom"
+    for _ in range(MAX_DEPTH - 1):  # the top-level dict is the last level
+        deepest = [deepest]
+    got: Any = decode(encode({"d": deepest}))["d"]
+    for _ in range(MAX_DEPTH - 1):
+        assert type(got) is tuple and len(got) == 1
+        got = got[0]
+    assert got == "bottom"
+    with pytest.raises(ValueError, match=f"nested more than {MAX_DEPTH} levels deep"):
+        encode({"d": [deepest]})
+
+
+def test_a_container_inside_itself_is_a_value_error_not_a_crash() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="does a container hold itself"):
+        encode({"loop": loop})
+
+
+def test_equal_values_encode_to_equal_bytes() -> None:
+    # Distinct but equal key and value objects, built at run time.
+    keys = ["".join(["pa", "th"]), "path"]
+    first = {"routes": [{keys[0]: "/a" + str(i)} for i in range(3)], "n": 10**30}
+    second = {"routes": [{keys[1]: f"/a{i}"} for i in range(3)], "n": 10**30}
+    assert keys[0] is not keys[1]
+    assert encode(first) == encode(second)
+    assert encode(first) != encode({**first, "n": 10**30 + 1})
+
+
+def test_repeated_keys_are_written_once() -> None:
+    items = [{"a_long_field_name": i} for i in range(100)]
+    data = encode({"items": items})
+    assert data.count(b"a_long_field_name") == 1
+    assert decode(data)["items"][99]["a_long_field_name"] == 99
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"a": [1, {"b": (2, object())}]}, "vars['a'][1]['b'][1]: values of type object are not"),
+        ({"a": {"b": {3: "x"}}}, "vars['a']['b']: keys must be str, not int (3)"),
+        ({"c": Color.RED}, "vars['c']: values of type Color are not allowed"),
+        ({"t": Text("x")}, "vars['t']: values of type Text are not allowed"),
+        ({"k": {Text("x"): 1}}, "vars['k']: keys must be str, not Text ('x')"),
+        ({"o": OrderedDict()}, "vars['o']: values of type OrderedDict are not allowed"),
+        ({"b": bytearray(b"x")}, "vars['b']: values of type bytearray are not allowed"),
+        ({"m": memoryview(b"x")}, "vars['m']: values of type memoryview are not allowed"),
+        ({"s": frozenset()}, "vars['s']: values of type frozenset are not allowed"),
+        ({"z": 1j}, "vars['z']: values of type complex are not allowed"),
+        ({"e": ...}, "vars['e']: values of type ellipsis are not allowed"),
+        ({"f": len}, "vars['f']: values of type builtin_function_or_method are not"),
+        ({"\n": [[], [object()]]}, "vars['\\n'][1][0]: values of type object"),
+    ],
+)
+def test_disallowed_values_name_their_path(value: dict[str, Any], message: str) -> None:
+    with pytest.raises(TypeError) as caught:
+        encode(value)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize("top", [[1], (1,), "x", None, OrderedDict(a=1), MappingProxyType({})])
+def test_the_top_level_must_be_a_dict(top: Any) -> None:
+    with pytest.raises(TypeError, match="vars must be a dict with str keys, not"):
+        encode(top)
+
+
+# -- reading bytes no worker of ours wrote ------------------------------------------
+
+SAMPLE = {
+    "seq": 7,
+    "big": -(2**100),
+    "x": 1.5,
+    "flags": {"on": True, "off": False, "none": None},
+    "routes": [{"path": "/a", "tags": ["x", "é"]}, {"path": "/b", "tags": []}],
+    "raw": b"\x00\x01",
+    "\udcff key": "\ud800",
+}
+
+
+def test_every_truncation_of_a_snapshot_is_refused() -> None:
+    data = encode(SAMPLE)
+    for end in range(len(data)):
+        with pytest.raises(SnapshotError):
+            decode(data[:end])
+
+
+def test_random_corruption_never_crashes_and_never_gives_other_types() -> None:
+    data = bytearray(encode(SAMPLE))
+    rng = random.Random(2393)
+    decoded = refused = 0
+    for _ in range(20_000):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        try:
+            value = decode(bytes(damaged))
+        except SnapshotError:
+            refused += 1
+        else:
+            decoded += 1
+            assert only_allowed(value)
+    assert refused > 0 and decoded > 0  # both outcomes were exercised
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_decode_to_allowed_values_or_are_refused(data: bytes) -> None:
+    for candidate in (data, b"\x01m" + data):
+        try:
+            value = decode(candidate)
+        except SnapshotError:
+            continue
+        assert isinstance(value, MappingProxyType) and only_allowed(value)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "unknown format"),
+        (b"\x02m\x00", "unknown format"),
+        (b"\x01l\x00", "not a mapping"),
+        (b"\x01m\x00\x00", "trailing bytes"),
+        (b"\x01m\xff\xff\xff\xff\xff\xff\xff\xff\x7f", "a length runs past the end"),
+        (b"\x01m" + b"\xff" * 11, "varint too long"),
+        (b"\x01m\x01\x03N", "a key number that came before no key"),
+        (b"\x01m\x02\x02aN\x01N", "duplicate key"),
+        (b"\x01m\x01\x02\xffN", "invalid UTF-8"),
+        (b"\x01m\x01\x02aX", "unknown tag"),
+        (b"\x01m\x01\x02ad\x00", "cut short"),
+        (b"\x01m\x01\x02aI\x02\x05\x01", "bad big int"),
+        (b"\x01m\x01\x02a" + b"l\x01" * (MAX_DEPTH + 5) + b"N", "nested too deeply"),
+    ],
+)
+def test_malformed_bytes_say_what_is_wrong(data: bytes, why: str) -> None:
+    with pytest.raises(SnapshotError, match=why):
+        decode(data)
+
+
+def test_a_claimed_huge_container_allocates_nothing_before_its_items_exist() -> None:
+    # 2**42 items claimed, 3 bytes present: refused at once, before any tuple exists.
+    with pytest.raises(SnapshotError, match="runs past the end"):
+        decode(b"\x01m\x01\x02al\x80\x80\x80\x80\x80\x80\x01NNN")
+
+
+def test_the_module_reexports_its_limit() -> None:
+    assert snapshot.MAX_DEPTH == MAX_DEPTH == 2000
