@@ -24,12 +24,15 @@ Format, version 1. Integers in the headers are unsigned LEB128 varints.
               | 'l' varint(n) value{n}   list or tuple
               | 'm' varint(n) (key value){n}
                                          dict
-    key      := varint(2k) k bytes       a key not seen before in this snapshot:
-                                         UTF-8, numbered 0, 1, ... as they come
+    key      := varint(2k) k bytes       a key written out, in UTF-8; in a mapping
+                                         of at most NUMBERED_MAX items it is
+                                         numbered 0, 1, ... as they come
               | varint(2i + 1)           key number i again
 
-Repeated keys (the same fields in every item of a list) are written once, and
-a reader makes one str object for each, hashed once.
+Repeated keys (the same fields in every record of a list) are written once,
+and a reader makes one str object for each, hashed once. The keys of a large
+mapping (a table keyed by id, say) are seldom repeated elsewhere, so they are
+not numbered: that would only cost the writer a growing table.
 
 The decoder checks every length against the bytes that remain before it
 allocates anything, refuses unknown tags, duplicate keys, trailing bytes and
@@ -44,6 +47,7 @@ crash or an unbounded allocation.
 
 #define FORMAT 0x01
 #define MAX_DEPTH 2000 /* as marshal's; bounds the C stack of both walks */
+#define NUMBERED_MAX 32 /* the largest mapping whose keys are numbered */
 
 /* ------------------------------------------------------------------ encoder */
 
@@ -257,9 +261,10 @@ grow_keys(Encoder *e)
     return 0;
 }
 
-/* A dict key: its number if it came before, else its text. */
+/* A key of a mapping of at most NUMBERED_MAX items: its number if it came
+   before, else its text. */
 static int
-put_key(Encoder *e, PyObject *key)
+put_numbered_key(Encoder *e, PyObject *key)
 {
     Py_hash_t hash = PyObject_Hash(key); /* cached in the str */
     if (hash == -1 || (2 * (e->nkeys + 1) > e->capkeys && grow_keys(e) < 0)) {
@@ -316,7 +321,8 @@ encode_sequence(Encoder *e, PyObject *v, int depth)
 static int
 encode_dict(Encoder *e, PyObject *v, int depth)
 {
-    if (put_tagged_size(e, 'm', PyDict_GET_SIZE(v)) < 0) {
+    Py_ssize_t n = PyDict_GET_SIZE(v);
+    if (put_tagged_size(e, 'm', n) < 0) {
         return -1;
     }
     Py_ssize_t pos = 0;
@@ -325,7 +331,7 @@ encode_dict(Encoder *e, PyObject *v, int depth)
         if (!PyUnicode_CheckExact(key)) {
             return refuse(e, "keys must be str, not %S (%R)", Py_TYPE(key), key);
         }
-        if (put_key(e, key) < 0) {
+        if ((n <= NUMBERED_MAX ? put_numbered_key(e, key) : put_text(e, 0, key)) < 0) {
             return -1;
         }
         if (encode_value(e, item, depth + 1) < 0) {
@@ -455,10 +461,9 @@ malformed(const char *what)
     return NULL;
 }
 
-/* A varint, or -1 (with ValueError) if it is cut short or too large to be a
-   length of bytes that could follow. */
+/* A varint, or -1 (with ValueError) if it is cut short or longer than 64 bits. */
 static int
-get_varint(Decoder *d, uint64_t *out)
+get_long_varint(Decoder *d, uint64_t *out)
 {
     uint64_t v = 0;
     for (int shift = 0; shift < 64; shift += 7) {
@@ -478,6 +483,16 @@ get_varint(Decoder *d, uint64_t *out)
     }
     malformed("varint too long");
     return -1;
+}
+
+static inline int
+get_varint(Decoder *d, uint64_t *out)
+{
+    if (d->p < d->end && *d->p < 0x80) { /* most lengths and numbers: one byte */
+        *out = *d->p++;
+        return 0;
+    }
+    return get_long_varint(d, out);
 }
 
 /* A count of items or bytes, each of which needs at least one more byte. */
@@ -529,8 +544,10 @@ get_text(Decoder *d)
     return get_size(d, &n) < 0 ? NULL : get_utf8(d, n);
 }
 
+/* A key of a mapping; `numbered` if the mapping is small enough for its new
+   keys to be numbered. */
 static PyObject *
-get_key(Decoder *d)
+get_key(Decoder *d, int numbered)
 {
     uint64_t v;
     if (get_varint(d, &v) < 0) {
@@ -548,8 +565,8 @@ get_key(Decoder *d)
         return malformed("a length runs past the end");
     }
     PyObject *key = get_utf8(d, (Py_ssize_t)(v >> 1));
-    if (key == NULL) {
-        return NULL;
+    if (key == NULL || !numbered) {
+        return key;
     }
     if (d->nkeys == d->capkeys) {
         Py_ssize_t cap = d->capkeys ? d->capkeys * 2 : 64;
@@ -615,6 +632,19 @@ decode_sequence(Decoder *d, int depth)
     return tuple;
 }
 
+/* An empty dict with room for `n` items (no resizing on the way there). */
+static PyObject *
+new_dict(Py_ssize_t n)
+{
+#if PY_VERSION_HEX < 0x030D0000
+    /* Public from 3.2 to 3.12 (Include/cpython/dictobject.h). */
+    return n > 5 ? _PyDict_NewPresized(n) : PyDict_New();
+#else
+    (void)n;
+    return PyDict_New();
+#endif
+}
+
 static PyObject *
 decode_mapping(Decoder *d, int depth)
 {
@@ -622,12 +652,12 @@ decode_mapping(Decoder *d, int depth)
     if (get_size(d, &n) < 0) {
         return NULL;
     }
-    PyObject *dict = PyDict_New();
+    PyObject *dict = new_dict(n);
     if (dict == NULL) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = get_key(d);
+        PyObject *key = get_key(d, n <= NUMBERED_MAX);
         if (key == NULL) {
             goto error;
         }

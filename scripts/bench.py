@@ -76,9 +76,10 @@ vars_visibility    From `set_vars()` returning in the worker (monotonic clock
                    the same with a Manager dict written by this process and
                    polled by another.
 
-The vars cases run with two 10 kB snapshots (10.2 kB in bgpool's format):
-"structured" (a routing table with flags: 188 small dicts, 379 containers to
-check and rebuild) and "flat" (one 10 kB string).
+The vars cases run with three 10 kB snapshots (10.2 to 10.3 kB in bgpool's
+format): "structured" (a routing table with flags: 188 small dicts, 379
+containers to check and rebuild), "wide" (one mapping of 1,030 counters, every
+key a new string for the reader) and "flat" (one 10 kB string).
 
 Other processes on the machine inflate every number: the run prints the load
 average before it starts and how much CPU other processes used during it (also

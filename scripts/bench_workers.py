@@ -19,16 +19,20 @@ import select
 import sys
 import time
 
-SHAPES = ("structured", "flat")
+SHAPES = ("structured", "wide", "flat")
 
 
 def snapshot(seq: int, shape: str = "structured") -> dict[str, object]:
-    """A vars snapshot of about 10 kB once encoded (bgpool's format: 10.2 kB
-    either way); `seq` tells them apart. "structured": what a routing table
-    with feature flags looks like (188 small dicts, about 1,700 objects with the
-    keys, 379 containers to check and rebuild); "flat": one 10 kB string."""
+    """A vars snapshot of about 10 kB once encoded (bgpool's format: 10.2 to
+    10.3 kB); `seq` tells them apart. "structured": what a routing table with
+    feature flags looks like (188 small dicts, about 1,700 objects with the
+    keys, 379 containers to check and rebuild); "wide": one mapping of 1,030
+    counters keyed by name (every key new, the costliest per byte); "flat":
+    one 10 kB string."""
     if shape == "flat":
         return {"seq": seq, "blob": "x" * 10_220}
+    if shape == "wide":
+        return {"seq": seq, "counts": {f"key{i}": i * 7 for i in range(1030)}}
     return {
         "seq": seq,
         "version": "2025.1",

@@ -154,6 +154,22 @@ def test_repeated_keys_are_written_once() -> None:
     assert decode(data)["items"][99]["a_long_field_name"] == 99
 
 
+def test_keys_of_large_mappings_are_written_out_and_mix_with_numbered_ones() -> None:
+    # Large mappings (over 32 items) do not number their keys; small ones do.
+    # Both kinds share key texts here, in every order, and must still agree.
+    big = {f"field{i}": i for i in range(100)}
+    value = {
+        "before": [{"field1": "a", "field2": "b"}] * 3,
+        "big": big,
+        "after": [{"field2": "c", "field99": "d"}] * 3,
+        "bigger": {**big, "extra": [{"field1": 0}]},
+    }
+    data = encode(value)
+    assert same(decode(data), thawed(value))
+    assert data.count(b"field50") == 2  # once in each large mapping
+    assert data.count(b"field99") == 3  # and once for all the small ones
+
+
 class Color(enum.IntEnum):
     RED = 1
 
