@@ -6,8 +6,8 @@ few hundred microseconds; one pass in C each way costs a few dozen.
 
 Why not marshal (or pickle): a reader must get back only the value types a
 worker may publish. This format can express nothing else, so the decoder
-cannot produce a code object, a set or an instance, and it never calls back
-into Python code. Equal data always encodes to equal bytes (marshal's output
+cannot produce a code object, a set or an instance, and it calls nothing a
+worker could have defined (only int.from_bytes, for big ints). Equal data always encodes to equal bytes (marshal's output
 depends on reference counts), which is how a publish of unchanged data is
 recognised.
 

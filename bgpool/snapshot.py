@@ -37,8 +37,8 @@ def encode(value: object) -> bytes:
     try:
         return _codec.encode(value)
     except TypeError as exc:
-        if len(exc.args) != 2:
-            raise
+        if len(exc.args) != 2 or type(exc.args[1]) is not tuple:
+            raise  # not a refusal: the codec says (reason, path) for those
         reason, path = exc.args
         raise TypeError(f"{_path(path)}: {reason}") from None
 
