@@ -637,7 +637,7 @@ static PyObject *
 new_dict(Py_ssize_t n)
 {
 #if PY_VERSION_HEX < 0x030D0000
-    /* Public from 3.2 to 3.12 (Include/cpython/dictobject.h). */
+    /* Declared in Include/cpython/dictobject.h (non-limited API) up to 3.12. */
     return n > 5 ? _PyDict_NewPresized(n) : PyDict_New();
 #else
     (void)n;
