@@ -7,9 +7,9 @@ few hundred microseconds; one pass in C each way costs a few dozen.
 Why not marshal (or pickle): a reader must get back only the value types a
 worker may publish. This format can express nothing else, so the decoder
 cannot produce a code object, a set or an instance, and it calls nothing a
-worker could have defined (only int.from_bytes, for big ints). Equal data always encodes to equal bytes (marshal's output
-depends on reference counts), which is how a publish of unchanged data is
-recognised.
+worker could have defined (only int.from_bytes, for big ints). Equal data
+always encodes to equal bytes (marshal's output depends on reference counts),
+which is how a publish of unchanged data is recognised.
 
 Format, version 1. Integers in the headers are unsigned LEB128 varints.
 
@@ -34,10 +34,11 @@ and a reader makes one str object for each, hashed once. The keys of a large
 mapping (a table keyed by id, say) are seldom repeated elsewhere, so they are
 not numbered: that would only cost the writer a growing table.
 
-The decoder checks every length against the bytes that remain before it
-allocates anything, refuses unknown tags, duplicate keys, trailing bytes and
-nesting deeper than MAX_DEPTH, so arbitrary bytes give ValueError, never a
-crash or an unbounded allocation.
+The reader checks the whole snapshot before it builds any value (see "reader"
+below): every length against the bytes that remain, tags, key numbers, UTF-8,
+duplicate keys, trailing bytes and nesting deeper than MAX_DEPTH. So arbitrary
+bytes give ValueError from decode(), never a crash, an unbounded allocation or
+an error later, when a value is read.
 */
 
 #define PY_SSIZE_T_CLEAN
@@ -446,13 +447,24 @@ codec_encode(PyObject *Py_UNUSED(module), PyObject *value)
     return result;
 }
 
-/* ------------------------------------------------------------------ decoder */
+/* ------------------------------------------------------------------- reader */
+
+/* Reading happens in two steps. decode() checks the whole snapshot in one walk
+   that creates no Python object: every tag, length, key number and UTF-8
+   sequence, duplicate keys, trailing bytes, nesting depth. It records where
+   each mapping ends and where each numbered key is written, and returns the
+   outermost mapping as a Vars object whose dict is not built yet. A Vars
+   builds its dict the first time it is read: keys and plain values at once,
+   each nested mapping as another unbuilt Vars, each list as a tuple.
+
+   Why: a reader that polls for a new snapshot and reads one flag out of it
+   should not pay for a thousand objects it never touches. Cold (a reader that
+   was waiting), building them takes several times as long as hot. Reading
+   every value costs what it did when decode() built everything. */
 
 typedef struct {
     const unsigned char *p, *end;
-    PyObject **keys; /* the keys so far, by number (references owned) */
-    Py_ssize_t nkeys, capkeys;
-} Decoder;
+} Cursor;
 
 static PyObject *
 malformed(const char *what)
@@ -461,17 +473,23 @@ malformed(const char *what)
     return NULL;
 }
 
+static int
+refused(const char *what)
+{
+    malformed(what);
+    return -1;
+}
+
 /* A varint, or -1 (with ValueError) if it is cut short or longer than 64 bits. */
 static int
-get_long_varint(Decoder *d, uint64_t *out)
+get_long_varint(Cursor *c, uint64_t *out)
 {
     uint64_t v = 0;
     for (int shift = 0; shift < 64; shift += 7) {
-        if (d->p >= d->end) {
-            malformed("cut short");
-            return -1;
+        if (c->p >= c->end) {
+            return refused("cut short");
         }
-        unsigned char byte = *d->p++;
+        unsigned char byte = *c->p++;
         v |= (uint64_t)(byte & 0x7f) << shift;
         if (!(byte & 0x80)) {
             if (shift == 63 && byte > 1) {
@@ -481,121 +499,466 @@ get_long_varint(Decoder *d, uint64_t *out)
             return 0;
         }
     }
-    malformed("varint too long");
-    return -1;
+    return refused("varint too long");
 }
 
 static inline int
-get_varint(Decoder *d, uint64_t *out)
+get_varint(Cursor *c, uint64_t *out)
 {
-    if (d->p < d->end && *d->p < 0x80) { /* most lengths and numbers: one byte */
-        *out = *d->p++;
+    if (c->p < c->end && *c->p < 0x80) { /* most lengths and numbers: one byte */
+        *out = *c->p++;
         return 0;
     }
-    return get_long_varint(d, out);
+    return get_long_varint(c, out);
 }
 
 /* A count of items or bytes, each of which needs at least one more byte. */
 static int
-get_size(Decoder *d, Py_ssize_t *out)
+get_size(Cursor *c, Py_ssize_t *out)
 {
     uint64_t n;
-    if (get_varint(d, &n) < 0) {
+    if (get_varint(c, &n) < 0) {
         return -1;
     }
-    if (n > (uint64_t)(d->end - d->p)) {
-        malformed("a length runs past the end");
-        return -1;
+    if (n > (uint64_t)(c->end - c->p)) {
+        return refused("a length runs past the end");
     }
     *out = (Py_ssize_t)n;
     return 0;
 }
 
-static PyObject *
-get_utf8(Decoder *d, Py_ssize_t n)
+/* Is s[0:n] UTF-8, lone surrogates allowed (what "surrogatepass" accepts)? */
+static int
+valid_utf8(const unsigned char *s, Py_ssize_t n)
 {
-    const unsigned char *start = d->p;
-    d->p += n;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        if (n - i >= 32) { /* ASCII runs, 32 bytes at a time */
+            uint64_t words[4];
+            memcpy(words, s + i, 32);
+            if (!((words[0] | words[1] | words[2] | words[3]) & 0x8080808080808080ULL)) {
+                i += 32;
+                continue;
+            }
+        }
+        if (n - i >= 8) {
+            uint64_t word;
+            memcpy(&word, s + i, 8);
+            if (!(word & 0x8080808080808080ULL)) {
+                i += 8;
+                continue;
+            }
+        }
+        unsigned char lead = s[i];
+        if (lead < 0x80) {
+            i++;
+            continue;
+        }
+        Py_ssize_t more;
+        uint32_t cp;
+        if (lead >= 0xc2 && lead <= 0xdf) {
+            more = 1, cp = lead & 0x1f;
+        }
+        else if (lead >= 0xe0 && lead <= 0xef) {
+            more = 2, cp = lead & 0x0f;
+        }
+        else if (lead >= 0xf0 && lead <= 0xf4) {
+            more = 3, cp = lead & 0x07;
+        }
+        else {
+            return 0;
+        }
+        if (n - i <= more) {
+            return 0;
+        }
+        for (Py_ssize_t k = 1; k <= more; k++) {
+            if ((s[i + k] & 0xc0) != 0x80) {
+                return 0;
+            }
+            cp = (cp << 6) | (s[i + k] & 0x3f);
+        }
+        if ((more == 2 && cp < 0x800) || (more == 3 && (cp < 0x10000 || cp > 0x10ffff))) {
+            return 0; /* overlong, or past U+10FFFF */
+        }
+        i += more + 1;
+    }
+    return 1;
+}
+
+/* ---- the walk */
+
+typedef struct {
+    Py_ssize_t end;        /* the offset just past this mapping */
+    Py_ssize_t next;       /* the number of the first mapping after it and its contents */
+    Py_ssize_t keys_after; /* how many keys were numbered up to its end */
+} MapRecord;
+
+typedef struct {
+    Py_ssize_t at, len; /* where a numbered key's UTF-8 is */
+    PyObject *str;      /* made on first use (owned) */
+} KeyRecord;
+
+/* Texts seen (open addressing, at most half full): the keys of one large
+   mapping, or every numbered key of the snapshot. */
+typedef struct {
+    const unsigned char *s;
+    Py_ssize_t len;
+    uint64_t hash;
+} Text;
+
+typedef struct {
+    Text *slots;
+    Py_ssize_t used, cap;
+} TextSet;
+
+static uint64_t
+text_hash(const unsigned char *s, Py_ssize_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h = (h ^ s[i]) * 0x100000001b3ULL;
+    }
+    return h;
+}
+
+static Text *
+find_text(Text *slots, Py_ssize_t cap, const Text *t)
+{
+    size_t mask = (size_t)cap - 1;
+    for (size_t i = (size_t)t->hash & mask;; i = (i + 1) & mask) {
+        Text *slot = &slots[i];
+        if (slot->s == NULL || (slot->hash == t->hash && slot->len == t->len &&
+                                memcmp(slot->s, t->s, (size_t)t->len) == 0)) {
+            return slot;
+        }
+    }
+}
+
+/* Add s[0:n]: 1 if it is new, 0 if it was there, -1 on MemoryError. */
+static int
+add_text(TextSet *set, const unsigned char *s, Py_ssize_t n)
+{
+    if (2 * (set->used + 1) > set->cap) {
+        Py_ssize_t cap = set->cap ? set->cap * 2 : 64;
+        Text *slots = PyMem_Calloc((size_t)cap, sizeof(Text));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < set->cap; i++) {
+            if (set->slots[i].s != NULL) {
+                *find_text(slots, cap, &set->slots[i]) = set->slots[i];
+            }
+        }
+        PyMem_Free(set->slots);
+        set->slots = slots;
+        set->cap = cap;
+    }
+    Text t = {s, n, text_hash(s, n)};
+    Text *slot = find_text(set->slots, set->cap, &t);
+    if (slot->s != NULL) {
+        return 0;
+    }
+    *slot = t;
+    set->used++;
+    return 1;
+}
+
+typedef struct {
+    Cursor c;
+    const unsigned char *base;
+    MapRecord *maps;
+    Py_ssize_t nmaps, capmaps;
+    KeyRecord *keys;
+    Py_ssize_t nkeys, capkeys;
+    TextSet numbered; /* the text of every numbered key: none may be written twice */
+} Walk;
+
+static int
+grow_array(void **array, Py_ssize_t *cap, size_t item)
+{
+    Py_ssize_t n = *cap ? *cap * 2 : 16;
+    void *grown = PyMem_Realloc(*array, (size_t)n * item);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *array = grown;
+    *cap = n;
+    return 0;
+}
+
+/* Check one key of a mapping. A small mapping's keys are numbered, and
+   `seen` holds the numbers of its keys so far; a large one's are written out,
+   and `texts` holds them. */
+static int
+walk_key(Walk *w, Py_ssize_t *seen, Py_ssize_t nseen, TextSet *texts)
+{
+    uint64_t v;
+    if (get_varint(&w->c, &v) < 0) {
+        return -1;
+    }
+    Py_ssize_t number;
+    if (v & 1) {
+        if (texts != NULL) {
+            return refused("a key number in a mapping of more than 32 items");
+        }
+        if ((v >> 1) >= (uint64_t)w->nkeys) {
+            return refused("a key number that came before no key");
+        }
+        number = (Py_ssize_t)(v >> 1);
+    }
+    else {
+        if ((v >> 1) > (uint64_t)(w->c.end - w->c.p)) {
+            return refused("a length runs past the end");
+        }
+        const unsigned char *s = w->c.p;
+        Py_ssize_t n = (Py_ssize_t)(v >> 1);
+        w->c.p += n;
+        if (!valid_utf8(s, n)) {
+            return refused("invalid UTF-8");
+        }
+        int added = add_text(texts != NULL ? texts : &w->numbered, s, n);
+        if (added <= 0) {
+            return added < 0          ? -1
+                   : texts != NULL ? refused("duplicate key")
+                                   : refused("a key written out twice (numbered keys are not)");
+        }
+        if (texts != NULL) {
+            return 0;
+        }
+        if (w->nkeys == w->capkeys &&
+            grow_array((void **)&w->keys, &w->capkeys, sizeof(KeyRecord)) < 0) {
+            return -1;
+        }
+        w->keys[w->nkeys] = (KeyRecord){s - w->base, n, NULL};
+        number = w->nkeys++;
+    }
+    for (Py_ssize_t i = 0; i < nseen; i++) {
+        if (seen[i] == number) {
+            return refused("duplicate key");
+        }
+    }
+    seen[nseen] = number;
+    return 0;
+}
+
+/* Check a value that is not a container, its tag just read. */
+static inline int
+walk_scalar(Cursor *c, unsigned char tag)
+{
+    Py_ssize_t n;
+    uint64_t u;
+    switch (tag) {
+    case 'N':
+    case 'T':
+    case 'F':
+        return 0;
+    case 'i':
+        return get_varint(c, &u);
+    case 'I':
+        if (get_size(c, &n) < 0) {
+            return -1;
+        }
+        if (n < 1 || c->p[0] > 1) {
+            return refused("bad big int");
+        }
+        c->p += n;
+        return 0;
+    case 'd':
+        if (c->end - c->p < 8) {
+            return refused("cut short");
+        }
+        c->p += 8;
+        return 0;
+    case 's':
+    case 'b':
+        if (get_size(c, &n) < 0) {
+            return -1;
+        }
+        c->p += n;
+        return tag == 'b' || valid_utf8(c->p - n, n) ? 0 : refused("invalid UTF-8");
+    default:
+        return refused("unknown tag");
+    }
+}
+
+static int walk_container(Walk *w, unsigned char tag, int depth);
+
+/* Check the value at the cursor (containers nest `depth` deep around it). */
+static inline int
+walk_value(Walk *w, int depth)
+{
+    if (w->c.p >= w->c.end) {
+        return refused("cut short");
+    }
+    unsigned char tag = *w->c.p++;
+    return tag == 'l' || tag == 'm' ? walk_container(w, tag, depth) : walk_scalar(&w->c, tag);
+}
+
+static int
+walk_mapping(Walk *w, int depth)
+{
+    Py_ssize_t n;
+    if (get_size(&w->c, &n) < 0) {
+        return -1;
+    }
+    if (w->nmaps == w->capmaps &&
+        grow_array((void **)&w->maps, &w->capmaps, sizeof(MapRecord)) < 0) {
+        return -1;
+    }
+    Py_ssize_t number = w->nmaps++;
+    Py_ssize_t seen[NUMBERED_MAX];
+    TextSet texts = {NULL, 0, 0};
+    if (n > NUMBERED_MAX) { /* room for all its keys at once */
+        for (texts.cap = 64; texts.cap < 2 * n; texts.cap *= 2) {
+        }
+        if ((texts.slots = PyMem_Calloc((size_t)texts.cap, sizeof(Text))) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+        rc = walk_key(w, seen, n <= NUMBERED_MAX ? i : 0, n <= NUMBERED_MAX ? NULL : &texts);
+        if (rc == 0) {
+            rc = walk_value(w, depth + 1);
+        }
+    }
+    PyMem_Free(texts.slots);
+    w->maps[number] = (MapRecord){w->c.p - w->base, w->nmaps, w->nkeys};
+    return rc;
+}
+
+static int
+walk_container(Walk *w, unsigned char tag, int depth)
+{
+    if (depth >= MAX_DEPTH) {
+        return refused("nested too deeply");
+    }
+    if (tag == 'm') {
+        return walk_mapping(w, depth);
+    }
+    Py_ssize_t n;
+    if (get_size(&w->c, &n) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (walk_value(w, depth + 1) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- what the walk leaves: a Document, shared by the Vars built from it */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *data; /* the snapshot's bytes */
+    MapRecord *maps;
+    KeyRecord *keys;
+    Py_ssize_t nkeys;
+} Document;
+
+static void
+document_dealloc(Document *doc)
+{
+    for (Py_ssize_t i = 0; i < doc->nkeys; i++) {
+        Py_XDECREF(doc->keys[i].str);
+    }
+    PyMem_Free(doc->keys);
+    PyMem_Free(doc->maps);
+    Py_XDECREF(doc->data);
+    PyObject_Free(doc);
+}
+
+static PyTypeObject DocumentType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "bgpool._codec.Document",
+    .tp_basicsize = sizeof(Document),
+    .tp_dealloc = (destructor)document_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The checked bytes of one snapshot, read by its Vars.",
+};
+
+/* A mapping of a snapshot, read-only; its dict is built on first read. */
+typedef struct {
+    PyObject_HEAD
+    Document *doc;
+    Py_ssize_t at;          /* the offset of the mapping's item count */
+    Py_ssize_t number;      /* its MapRecord */
+    Py_ssize_t keys_before; /* keys numbered before it */
+    PyObject *dict;         /* NULL until built */
+} Vars;
+
+static PyTypeObject VarsType;
+
+/* ---- building values */
+
+typedef struct {
+    Cursor c;
+    Document *doc;
+    Py_ssize_t map;   /* the number of the next mapping to come */
+    Py_ssize_t nkeys; /* keys numbered so far */
+} Builder;
+
+/* A str from UTF-8 that the walk checked. */
+static PyObject *
+make_str(const unsigned char *s, Py_ssize_t n)
+{
     if (n > 1 && n <= 64) { /* short ASCII: skip the general decoder's set-up */
         unsigned char any = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
-            any |= start[i];
+            any |= s[i];
         }
         if (any < 0x80) {
-            PyObject *s = PyUnicode_New(n, 127);
-            if (s != NULL) {
-                memcpy(PyUnicode_1BYTE_DATA(s), start, (size_t)n);
+            PyObject *str = PyUnicode_New(n, 127);
+            if (str != NULL) {
+                memcpy(PyUnicode_1BYTE_DATA(str), s, (size_t)n);
             }
-            return s;
+            return str;
         }
     }
-    PyObject *s = PyUnicode_DecodeUTF8((const char *)start, n, "surrogatepass");
-    if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-        PyErr_Clear();
-        return malformed("invalid UTF-8");
-    }
-    return s;
+    return PyUnicode_DecodeUTF8((const char *)s, n, "surrogatepass");
 }
 
 static PyObject *
-get_text(Decoder *d)
+numbered_key(Document *doc, Py_ssize_t i)
+{
+    KeyRecord *key = &doc->keys[i];
+    if (key->str == NULL) {
+        key->str = make_str((const unsigned char *)PyBytes_AS_STRING(doc->data) + key->at,
+                            key->len);
+        if (key->str == NULL) {
+            return NULL;
+        }
+    }
+    Py_INCREF(key->str);
+    return key->str;
+}
+
+static PyObject *
+new_vars(Document *doc, Py_ssize_t at, Py_ssize_t number, Py_ssize_t keys_before)
+{
+    Vars *v = PyObject_New(Vars, &VarsType);
+    if (v != NULL) {
+        Py_INCREF(doc);
+        *v = (Vars){.ob_base = v->ob_base, doc, at, number, keys_before, NULL};
+    }
+    return (PyObject *)v;
+}
+
+static PyObject *
+get_big_int(Cursor *c)
 {
     Py_ssize_t n;
-    return get_size(d, &n) < 0 ? NULL : get_utf8(d, n);
-}
-
-/* A key of a mapping; `numbered` if the mapping is small enough for its new
-   keys to be numbered. */
-static PyObject *
-get_key(Decoder *d, int numbered)
-{
-    uint64_t v;
-    if (get_varint(d, &v) < 0) {
+    if (get_size(c, &n) < 0) {
         return NULL;
     }
-    if (v & 1) {
-        if ((v >> 1) >= (uint64_t)d->nkeys) {
-            return malformed("a key number that came before no key");
-        }
-        PyObject *key = d->keys[v >> 1];
-        Py_INCREF(key);
-        return key;
-    }
-    if ((v >> 1) > (uint64_t)(d->end - d->p)) {
-        return malformed("a length runs past the end");
-    }
-    PyObject *key = get_utf8(d, (Py_ssize_t)(v >> 1));
-    if (key == NULL || !numbered) {
-        return key;
-    }
-    if (d->nkeys == d->capkeys) {
-        Py_ssize_t cap = d->capkeys ? d->capkeys * 2 : 64;
-        PyObject **keys = PyMem_Realloc(d->keys, (size_t)cap * sizeof(PyObject *));
-        if (keys == NULL) {
-            Py_DECREF(key);
-            return PyErr_NoMemory();
-        }
-        d->keys = keys;
-        d->capkeys = cap;
-    }
-    Py_INCREF(key);
-    d->keys[d->nkeys++] = key;
-    return key;
-}
-
-static PyObject *
-get_big_int(Decoder *d)
-{
-    Py_ssize_t n;
-    if (get_size(d, &n) < 0) {
-        return NULL;
-    }
-    if (n < 1 || d->p[0] > 1) {
-        return malformed("bad big int");
-    }
-    int negative = d->p[0];
-    PyObject *bytes = PyBytes_FromStringAndSize((const char *)d->p + 1, n - 1);
-    d->p += n;
+    int negative = c->p[0];
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)c->p + 1, n - 1);
+    c->p += n;
     if (bytes == NULL) {
         return NULL;
     }
@@ -608,28 +971,91 @@ get_big_int(Decoder *d)
     return v;
 }
 
-static PyObject *decode_value(Decoder *d, int depth);
-
+/* The value at the cursor, of a snapshot the walk checked: a mapping comes
+   back unbuilt, and the cursor skips it. */
 static PyObject *
-decode_sequence(Decoder *d, int depth)
+build_value(Builder *b)
 {
+    Cursor *c = &b->c;
+    unsigned char tag = *c->p++;
     Py_ssize_t n;
-    if (get_size(d, &n) < 0) {
-        return NULL;
-    }
-    PyObject *tuple = PyTuple_New(n);
-    if (tuple == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = decode_value(d, depth + 1);
-        if (item == NULL) {
-            Py_DECREF(tuple);
+    switch (tag) {
+    case 'N':
+        Py_RETURN_NONE;
+    case 'T':
+        Py_RETURN_TRUE;
+    case 'F':
+        Py_RETURN_FALSE;
+    case 'i': {
+        uint64_t u;
+        if (get_varint(c, &u) < 0) {
             return NULL;
         }
-        PyTuple_SET_ITEM(tuple, i, item);
+        return PyLong_FromLongLong((long long)(u >> 1) ^ -(long long)(u & 1));
     }
-    return tuple;
+    case 'I':
+        return get_big_int(c);
+    case 'd': {
+        double x = PyFloat_Unpack8((const char *)c->p, 1);
+        c->p += 8;
+        if (x == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        return PyFloat_FromDouble(x);
+    }
+    case 's':
+    case 'b':
+        if (get_size(c, &n) < 0) {
+            return NULL;
+        }
+        c->p += n;
+        return tag == 's' ? make_str(c->p - n, n)
+                          : PyBytes_FromStringAndSize((const char *)c->p - n, n);
+    case 'l': {
+        if (get_size(c, &n) < 0) {
+            return NULL;
+        }
+        PyObject *tuple = PyTuple_New(n);
+        if (tuple == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = build_value(b);
+            if (item == NULL) {
+                Py_DECREF(tuple);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(tuple, i, item);
+        }
+        return tuple;
+    }
+    case 'm': {
+        const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(b->doc->data);
+        PyObject *v = new_vars(b->doc, c->p - base, b->map, b->nkeys);
+        MapRecord *skipped = &b->doc->maps[b->map];
+        c->p = base + skipped->end;
+        b->map = skipped->next;
+        b->nkeys = skipped->keys_after;
+        return v;
+    }
+    default: /* the walk let no other tag through */
+        return malformed("unknown tag");
+    }
+}
+
+static PyObject *
+build_key(Builder *b, int numbered)
+{
+    uint64_t v;
+    if (get_varint(&b->c, &v) < 0) {
+        return NULL;
+    }
+    if (v & 1) {
+        return numbered_key(b->doc, (Py_ssize_t)(v >> 1));
+    }
+    Py_ssize_t n = (Py_ssize_t)(v >> 1);
+    b->c.p += n;
+    return numbered ? numbered_key(b->doc, b->nkeys++) : make_str(b->c.p - n, n);
 }
 
 /* An empty dict with room for `n` items (no resizing on the way there). */
@@ -645,137 +1071,239 @@ new_dict(Py_ssize_t n)
 #endif
 }
 
+/* The dict of `self`, built on first use (a borrowed reference). */
 static PyObject *
-decode_mapping(Decoder *d, int depth)
+vars_dict(Vars *self)
 {
+    if (self->dict != NULL) {
+        return self->dict;
+    }
+    Document *doc = self->doc;
+    const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(doc->data);
+    Builder b = {{base + self->at, base + PyBytes_GET_SIZE(doc->data)},
+                 doc,
+                 self->number + 1,
+                 self->keys_before};
     Py_ssize_t n;
-    if (get_size(d, &n) < 0) {
+    if (get_size(&b.c, &n) < 0) {
         return NULL;
     }
     PyObject *dict = new_dict(n);
-    if (dict == NULL) {
-        return NULL;
+    for (Py_ssize_t i = 0; dict != NULL && i < n; i++) {
+        PyObject *key = build_key(&b, n <= NUMBERED_MAX);
+        PyObject *item = key == NULL ? NULL : build_value(&b);
+        if (item == NULL || PyDict_SetItem(dict, key, item) < 0) {
+            Py_CLEAR(dict);
+        }
+        Py_XDECREF(key);
+        Py_XDECREF(item);
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = get_key(d, n <= NUMBERED_MAX);
-        if (key == NULL) {
-            goto error;
-        }
-        PyObject *item = decode_value(d, depth + 1);
-        if (item == NULL) {
-            Py_DECREF(key);
-            goto error;
-        }
-        int rc = PyDict_SetItem(dict, key, item);
-        Py_DECREF(key);
-        Py_DECREF(item);
-        if (rc < 0) {
-            goto error;
-        }
-        if (PyDict_GET_SIZE(dict) != i + 1) {
-            malformed("duplicate key");
-            goto error;
-        }
+    if (dict != NULL && self->dict == NULL) {
+        self->dict = dict; /* building can run a finalizer, which may have read self */
     }
-    PyObject *proxy = PyDictProxy_New(dict);
-    Py_DECREF(dict);
-    return proxy;
-error:
-    Py_DECREF(dict);
-    return NULL;
+    else {
+        Py_XDECREF(dict);
+    }
+    return self->dict;
+}
+
+/* ---- the Vars type: a read-only mapping, as MappingProxyType over its dict */
+
+static void
+vars_dealloc(Vars *self)
+{
+    Py_XDECREF(self->dict);
+    Py_DECREF(self->doc);
+    PyObject_Free(self);
+}
+
+static Py_ssize_t
+vars_length(Vars *self)
+{
+    PyObject *dict = vars_dict(self);
+    return dict == NULL ? -1 : PyDict_GET_SIZE(dict);
 }
 
 static PyObject *
-decode_value(Decoder *d, int depth)
+vars_subscript(Vars *self, PyObject *key)
 {
-    if (d->p >= d->end) {
-        return malformed("cut short");
-    }
-    unsigned char tag = *d->p++;
-    switch (tag) {
-    case 'N':
-        Py_RETURN_NONE;
-    case 'T':
-        Py_RETURN_TRUE;
-    case 'F':
-        Py_RETURN_FALSE;
-    case 'i': {
-        uint64_t u;
-        if (get_varint(d, &u) < 0) {
-            return NULL;
-        }
-        return PyLong_FromLongLong((long long)(u >> 1) ^ -(long long)(u & 1));
-    }
-    case 'I':
-        return get_big_int(d);
-    case 'd': {
-        if (d->end - d->p < 8) {
-            return malformed("cut short");
-        }
-        double x = PyFloat_Unpack8((const char *)d->p, 1);
-        d->p += 8;
-        if (x == -1.0 && PyErr_Occurred()) {
-            return NULL;
-        }
-        return PyFloat_FromDouble(x);
-    }
-    case 's':
-        return get_text(d);
-    case 'b': {
-        Py_ssize_t n;
-        if (get_size(d, &n) < 0) {
-            return NULL;
-        }
-        PyObject *bytes = PyBytes_FromStringAndSize((const char *)d->p, n);
-        d->p += n;
-        return bytes;
-    }
-    case 'l':
-    case 'm':
-        if (depth >= MAX_DEPTH) {
-            return malformed("nested too deeply");
-        }
-        return tag == 'l' ? decode_sequence(d, depth) : decode_mapping(d, depth);
-    default:
-        return malformed("unknown tag");
-    }
+    PyObject *dict = vars_dict(self);
+    return dict == NULL ? NULL : PyObject_GetItem(dict, key);
 }
 
+static int
+vars_contains(Vars *self, PyObject *key)
+{
+    PyObject *dict = vars_dict(self);
+    return dict == NULL ? -1 : PyDict_Contains(dict, key);
+}
+
+static PyObject *
+vars_iter(Vars *self)
+{
+    PyObject *dict = vars_dict(self);
+    return dict == NULL ? NULL : PyObject_GetIter(dict);
+}
+
+static PyObject *
+vars_repr(Vars *self)
+{
+    PyObject *dict = vars_dict(self);
+    return dict == NULL ? NULL : PyUnicode_FromFormat("Vars(%R)", dict);
+}
+
+static PyObject *
+vars_richcompare(Vars *self, PyObject *other, int op)
+{
+    PyObject *dict = vars_dict(self);
+    if (dict == NULL) {
+        return NULL;
+    }
+    if (Py_IS_TYPE(other, &VarsType) && (other = vars_dict((Vars *)other)) == NULL) {
+        return NULL;
+    }
+    return PyObject_RichCompare(dict, other, op);
+}
+
+/* The names of the dict's methods that a Vars passes on (interned once). */
+enum { KEYS, VALUES, ITEMS, REVERSED, NAMES };
+static PyObject *method_names[NAMES];
+
+static PyObject *
+vars_pass_on(Vars *self, int method)
+{
+    PyObject *dict = vars_dict(self);
+    return dict == NULL ? NULL : PyObject_CallMethodNoArgs(dict, method_names[method]);
+}
+
+static PyObject *
+vars_keys(Vars *self, PyObject *Py_UNUSED(ignored))
+{
+    return vars_pass_on(self, KEYS);
+}
+
+static PyObject *
+vars_values(Vars *self, PyObject *Py_UNUSED(ignored))
+{
+    return vars_pass_on(self, VALUES);
+}
+
+static PyObject *
+vars_items(Vars *self, PyObject *Py_UNUSED(ignored))
+{
+    return vars_pass_on(self, ITEMS);
+}
+
+static PyObject *
+vars_reversed(Vars *self, PyObject *Py_UNUSED(ignored))
+{
+    return vars_pass_on(self, REVERSED);
+}
+
+static PyObject *
+vars_get(Vars *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "get expected 1 or 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    PyObject *dict = vars_dict(self);
+    if (dict == NULL) {
+        return NULL;
+    }
+    PyObject *value = PyDict_GetItemWithError(dict, args[0]);
+    if (value == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        value = nargs == 2 ? args[1] : Py_None;
+    }
+    return Py_NewRef(value);
+}
+
+static PyObject *
+vars_copy(Vars *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *dict = vars_dict(self);
+    return dict == NULL ? NULL : PyDict_Copy(dict);
+}
+
+static PyMethodDef vars_methods[] = {
+    {"keys", (PyCFunction)vars_keys, METH_NOARGS, "A view of the keys."},
+    {"values", (PyCFunction)vars_values, METH_NOARGS, "A view of the values."},
+    {"items", (PyCFunction)vars_items, METH_NOARGS, "A view of the (key, value) pairs."},
+    {"get", (PyCFunction)(void (*)(void))vars_get, METH_FASTCALL,
+     "The value of a key, else the default (None)."},
+    {"copy", (PyCFunction)vars_copy, METH_NOARGS, "A shallow copy, as a dict."},
+    {"__reversed__", (PyCFunction)vars_reversed, METH_NOARGS, "The keys, last first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods vars_as_mapping = {
+    .mp_length = (lenfunc)vars_length,
+    .mp_subscript = (binaryfunc)vars_subscript,
+};
+
+static PySequenceMethods vars_as_sequence = {
+    .sq_contains = (objobjproc)vars_contains,
+};
+
+static PyTypeObject VarsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "bgpool.Vars",
+    .tp_basicsize = sizeof(Vars),
+    .tp_dealloc = (destructor)vars_dealloc,
+    .tp_repr = (reprfunc)vars_repr,
+    .tp_as_sequence = &vars_as_sequence,
+    .tp_as_mapping = &vars_as_mapping,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_MAPPING,
+    .tp_doc = "A published vars mapping: read-only, its values built on first read.",
+    .tp_richcompare = (richcmpfunc)vars_richcompare,
+    .tp_iter = (getiterfunc)vars_iter,
+    .tp_methods = vars_methods,
+};
+
 PyDoc_STRVAR(decode_doc,
-"decode(data: bytes) -> MappingProxyType\n\n"
-"The deeply read-only value of a snapshot's bytes: mappings are\n"
-"MappingProxyTypes, sequences tuples. Bytes that are not a snapshot raise\n"
-"ValueError.");
+"decode(data: bytes) -> Vars\n\n"
+"The deeply read-only value of a snapshot's bytes: mappings are Vars (built\n"
+"on first read), sequences tuples. Bytes that are not a snapshot raise\n"
+"ValueError, whichever part of them is wrong.");
 
 static PyObject *
 codec_decode(PyObject *Py_UNUSED(module), PyObject *data)
 {
-    Py_buffer view;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+    PyObject *bytes = PyBytes_CheckExact(data) ? Py_NewRef(data) : PyBytes_FromObject(data);
+    if (bytes == NULL) {
         return NULL;
     }
-    Decoder d = {(const unsigned char *)view.buf, (const unsigned char *)view.buf + view.len,
-                 NULL, 0, 0};
-    PyObject *value = NULL;
-    if (d.p >= d.end || *d.p++ != FORMAT) {
+    const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(bytes);
+    Walk w = {{base, base + PyBytes_GET_SIZE(bytes)}, base, NULL, 0, 0, NULL, 0, 0, {NULL, 0, 0}};
+    int rc = -1;
+    if (w.c.p >= w.c.end || *w.c.p++ != FORMAT) {
         malformed("unknown format");
     }
-    else if (d.p >= d.end || *d.p != 'm') {
+    else if (w.c.p >= w.c.end || *w.c.p != 'm') {
         malformed("not a mapping");
     }
-    else {
-        value = decode_value(&d, 0);
-        if (value != NULL && d.p != d.end) {
-            Py_CLEAR(value);
-            malformed("trailing bytes");
-        }
+    else if ((rc = walk_value(&w, 0)) == 0 && w.c.p != w.c.end) {
+        rc = refused("trailing bytes");
     }
-    for (Py_ssize_t i = 0; i < d.nkeys; i++) {
-        Py_DECREF(d.keys[i]);
+    PyMem_Free(w.numbered.slots);
+    Document *doc = rc == 0 ? PyObject_New(Document, &DocumentType) : NULL;
+    if (doc == NULL) {
+        PyMem_Free(w.maps);
+        PyMem_Free(w.keys);
+        Py_DECREF(bytes);
+        return NULL;
     }
-    PyMem_Free(d.keys);
-    PyBuffer_Release(&view);
-    return value;
+    doc->data = bytes;
+    doc->maps = w.maps;
+    doc->keys = w.keys;
+    doc->nkeys = w.nkeys;
+    PyObject *top = new_vars(doc, 2, 0, 0);
+    Py_DECREF(doc);
+    return top;
 }
 
 /* ------------------------------------------------------------------ module */
@@ -789,6 +1317,19 @@ static PyMethodDef codec_methods[] = {
 static int
 codec_exec(PyObject *module)
 {
+    static const char *names[NAMES] = {"keys", "values", "items", "__reversed__"};
+    for (int i = 0; i < NAMES; i++) {
+        if (method_names[i] == NULL &&
+            (method_names[i] = PyUnicode_InternFromString(names[i])) == NULL) {
+            return -1;
+        }
+    }
+    if (PyType_Ready(&DocumentType) < 0 || PyType_Ready(&VarsType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "Vars", (PyObject *)&VarsType) < 0) {
+        return -1;
+    }
     return PyModule_AddIntConstant(module, "MAX_DEPTH", MAX_DEPTH);
 }
 

@@ -9,19 +9,20 @@ checks allowed).
 The bytes are bgpool's own format, encoded and decoded in C (`_codec.c` says
 why and describes it). It can express only the allowed types, so nothing a
 worker publishes can make a reader run code or hand it an unexpected object.
-What a reader gets is deeply read-only: mappings are `MappingProxyType`s,
-sequences tuples.
+What a reader gets is deeply read-only: mappings are `Vars` (a read-only
+`Mapping` that builds its dict on first read, so a reader pays only for what it
+reads), sequences tuples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from . import _codec
 
 MAX_DEPTH = _codec.MAX_DEPTH
+Vars = _codec.Vars
+Mapping.register(Vars)
 
 
 class SnapshotError(ValueError):
@@ -47,9 +48,9 @@ def _path(segments: Sequence[object]) -> str:
     return "vars" + "".join(f"[{segment!r}]" for segment in segments)
 
 
-def decode(data: bytes) -> MappingProxyType[str, Any]:
-    """The read-only value of published bytes; `SnapshotError` if they are not a
-    snapshot this module produced."""
+def decode(data: bytes) -> Vars:
+    """The read-only value of published bytes, all of them checked first;
+    `SnapshotError` if they are not a snapshot this module produced."""
     try:
         return _codec.decode(data)
     except ValueError as exc:

@@ -75,6 +75,11 @@ vars_visibility    From `set_vars()` returning in the worker (monotonic clock
                    on; set_vars() then still unlocks and returns). Baseline:
                    the same with a Manager dict written by this process and
                    polled by another.
+vars_read          In one process, no IPC: decoding a new 10 kB snapshot and
+                   reading one key, then decoding it and reading every value
+                   (what a reader pays, at most once per snapshot, for the
+                   mappings it leaves unread until it reads them). Baseline:
+                   `pickle.loads` of the same snapshot with the same reads.
 
 The vars cases run with three 10 kB snapshots (10.2 to 10.3 kB in bgpool's
 format): "structured" (a routing table with flags: 188 small dicts, 379
@@ -98,6 +103,7 @@ import marshal
 import math
 import multiprocessing
 import os
+import pickle
 import platform
 import resource
 import select
@@ -109,7 +115,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -125,6 +131,7 @@ import bench_workers  # noqa: E402
 import psutil  # noqa: E402
 
 import bgpool  # noqa: E402
+from bgpool import snapshot  # noqa: E402
 
 FORK = multiprocessing.get_context("fork")
 MIB = 1024 * 1024
@@ -294,6 +301,7 @@ CASES: dict[str, Case] = {
     "vars_visibility": Case(
         "set_vars() returned -> seen elsewhere", "us", "<= 100 us", lambda r, _: r.median <= 100
     ),
+    "vars_read": Case("decode a new 10 kB snapshot and read it", "us", None, None),
 }
 
 
@@ -334,11 +342,14 @@ class Bench:
         self.skipped.append(message)
 
     def finish(self) -> None:
-        """Ratios to each case's baseline, then the targets."""
+        """Ratios to the case's baseline (the last one recorded before the
+        row, where a case has one per variant), then the targets."""
         for case_id, case in CASES.items():
             rows = [r for r in self.rows if r.case == case_id]
-            baseline = next((r for r in rows if r.kind == "baseline"), None)
+            baseline = None
             for row in rows:
+                if row.kind == "baseline":
+                    baseline = row
                 if baseline is not None and baseline.median > 0:
                     row.ratio_to_baseline = row.median / baseline.median
                 if row.kind == "bgpool" and case.check is not None:
@@ -1068,6 +1079,45 @@ def case_vars(bench: Bench, steady: bgpool.Pool, vars_dir: Path) -> None:
         manager.shutdown()
 
 
+def case_vars_read(bench: Bench) -> None:
+    c = bench.config
+    calls = c.calls // 1000
+    for shape in bench_workers.SHAPES:
+        value = bench_workers.snapshot(1, shape)
+        data, pickled = snapshot.encode(value), pickle.dumps(value)
+        for read, what in ((_read_one_key, "one key"), (_read_all, "every value")):
+            for kind, subject, loads, blob in (
+                ("baseline", "baseline: pickle.loads()", pickle.loads, pickled),
+                ("bgpool", "bgpool decode", snapshot.decode, data),
+            ):
+                samples = per_call_us(_load_and_read, (loads, blob, read), calls, c.batches)
+                params = {"calls_per_sample": calls, "shape": shape, "read": what}
+                bench.add("vars_read", f"{subject}, {what} ({shape})", kind, samples, params)
+
+
+def _load_and_read(loads: Callable[[bytes], Any], blob: bytes, read: Callable[[Any], Any]) -> None:
+    read(loads(blob))
+
+
+def _read_one_key(value: Mapping[str, Any]) -> None:
+    value["seq"]
+
+
+_MAPPINGS = (dict, snapshot.Vars)
+_SEQUENCES = (list, tuple)
+
+
+def _read_all(value: Any) -> None:
+    """Read every value of a snapshot: a dict's or a Vars' through values()
+    (exact type checks: an ABC check would cost more than the reads)."""
+    if type(value) in _MAPPINGS:
+        for item in value.values():
+            _read_all(item)
+    elif type(value) in _SEQUENCES:
+        for item in value:
+            _read_all(item)
+
+
 def visibility(
     bench: Bench,
     subject: str,
@@ -1453,6 +1503,8 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
                     phase("hot ensure(): peers", case_hot_ensure_peers, bench, sd, cd)
                 if wanted("cold_ensure"):
                     phase("cold ensure()", case_cold_ensure, bench, sd, cd)
+        if wanted("vars_read"):
+            phase("decode and read a new snapshot", case_vars_read, bench)
         if wanted("batch_ensure"):
             phase(f"batch ensure() of {config.batch} names", case_batch, bench)
         if wanted("crash_to_ready"):

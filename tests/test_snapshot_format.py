@@ -5,9 +5,12 @@ anything but the allowed types. Pure: no processes."""
 from __future__ import annotations
 
 import enum
+import gc
 import math
 import random
+import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -16,36 +19,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bgpool import snapshot
-from bgpool.snapshot import MAX_DEPTH, SnapshotError, decode, encode
+from bgpool.snapshot import MAX_DEPTH, SnapshotError, Vars, decode, encode
 
-ALLOWED = (type(None), bool, int, float, str, bytes, tuple, MappingProxyType)
-
-
-def thawed(value: Any) -> Any:
-    """`value` as a reader should get it back: dicts read-only, lists tuples."""
-    if isinstance(value, dict):
-        return MappingProxyType({k: thawed(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple(thawed(v) for v in value)
-    return value
+ALLOWED = (type(None), bool, int, float, str, bytes, tuple, Vars)
 
 
 def same(got: Any, want: Any) -> bool:
-    """Equal, with the same types all the way down (so 1 is not True, and a
-    float NaN equals a NaN)."""
+    """`got` is what a reader should get back for `want`: equal, with the same
+    types all the way down (so 1 is not True, and a float NaN equals a NaN),
+    except that dicts come back as read-only Vars and lists as tuples."""
+    if isinstance(want, dict):
+        return (
+            type(got) is Vars
+            and list(got) == list(want)
+            and all(same(got[k], want[k]) for k in want)
+        )
+    if isinstance(want, list | tuple):
+        return (
+            type(got) is tuple
+            and len(got) == len(want)
+            and all(same(g, w) for g, w in zip(got, want, strict=True))
+        )
     if type(got) is not type(want):
         return False
-    if isinstance(got, MappingProxyType):
-        return list(got) == list(want) and all(same(got[k], want[k]) for k in got)
-    if isinstance(got, tuple):
-        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want, strict=True))
     if isinstance(got, float) and math.isnan(got):
         return math.isnan(want)
     return bool(got == want)
 
 
 def only_allowed(value: Any) -> bool:
-    if isinstance(value, MappingProxyType):
+    """Every value, read all the way down (which builds every mapping), is
+    of an allowed type."""
+    if isinstance(value, Vars):
         return all(type(k) is str and only_allowed(v) for k, v in value.items())
     if type(value) is tuple:
         return all(only_allowed(v) for v in value)
@@ -77,7 +82,7 @@ snapshots = st.dictionaries(st.text(max_size=8), values, max_size=8)
 @given(snapshots)
 def test_every_allowed_value_round_trips_deeply_read_only(value: dict[str, Any]) -> None:
     got = decode(encode(value))
-    assert same(got, thawed(value))
+    assert same(got, value)
     assert only_allowed(got)
 
 
@@ -110,7 +115,7 @@ def test_every_allowed_value_round_trips_deeply_read_only(value: dict[str, Any])
 )
 def test_edge_values_round_trip(value: Any) -> None:
     got = decode(encode({"v": value}))["v"]
-    assert same(got, thawed(value))
+    assert same(got, value)
 
 
 def test_nan_round_trips() -> None:
@@ -165,7 +170,7 @@ def test_keys_of_large_mappings_are_written_out_and_mix_with_numbered_ones() -> 
         "bigger": {**big, "extra": [{"field1": 0}]},
     }
     data = encode(value)
-    assert same(decode(data), thawed(value))
+    assert same(decode(data), value)
     assert data.count(b"field50") == 2  # once in each large mapping
     assert data.count(b"field99") == 3  # and once for all the small ones
 
@@ -206,6 +211,95 @@ def test_disallowed_values_name_their_path(value: dict[str, Any], message: str) 
 def test_the_top_level_must_be_a_dict(top: Any) -> None:
     with pytest.raises(TypeError, match="vars must be a dict with str keys, not"):
         encode(top)
+
+
+# -- the read-only mapping a reader gets --------------------------------------------
+
+
+def test_a_snapshot_reads_as_a_read_only_mapping() -> None:
+    got = decode(encode(SAMPLE))
+    assert isinstance(got, Mapping) and not isinstance(got, dict)
+    assert len(got) == len(SAMPLE) and list(got) == list(SAMPLE)
+    assert "seq" in got and "nope" not in got
+    assert got.get("seq") == 7 and got.get("nope") is None and got.get("nope", 3) == 3
+    assert list(got.keys()) == list(SAMPLE) and list(reversed(got)) == list(reversed(SAMPLE))
+    assert dict(got.items())["x"] == 1.5 and -(2**100) in got.values()
+    with pytest.raises(KeyError, match="nope"):
+        got["nope"]
+    with pytest.raises(TypeError):
+        got["x"] = 2  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del got["x"]  # type: ignore[attr-defined]
+    for method in ("update", "pop", "popitem", "setdefault", "clear"):
+        assert not hasattr(got, method)
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(got)
+    with pytest.raises(TypeError):
+        type(got)()
+    copy = got.copy()
+    copy["x"] = 2
+    assert type(copy) is dict and copy["flags"] is got["flags"] and got["x"] == 1.5
+    match got:
+        case {"seq": 7, "flags": {"on": True}}:
+            pass
+        case _:
+            pytest.fail("a Vars must match a mapping pattern")
+
+
+def test_equality_follows_the_values() -> None:
+    got, again = decode(encode(SAMPLE)), decode(encode(SAMPLE))
+    assert got == again and got is not again and (got != again) is False
+    assert got["flags"] == {"on": True, "off": False, "none": None}
+    assert got["flags"] == MappingProxyType({"on": True, "off": False, "none": None})
+    assert got["routes"][0] == {"path": "/a", "tags": ("x", "é")}
+    assert got["flags"] != {"on": True} and got != decode(encode({**SAMPLE, "seq": 8}))
+
+
+def test_repr_shows_the_values() -> None:
+    assert repr(decode(encode({"a": {"b": [1]}}))) == "Vars({'a': Vars({'b': (1,)})})"
+
+
+def test_a_mapping_is_built_once_and_a_repeated_key_is_one_object() -> None:
+    got = decode(encode({"routes": [{"path": "/a"}, {"path": "/b"}], "f": {"x": 1}}))
+    assert got["f"] is got["f"]
+    first, second = got["routes"]
+    assert next(iter(first)) is next(iter(second))
+
+
+def test_a_nested_mapping_outlives_the_snapshot_that_held_it() -> None:
+    inner = decode(encode({"a": {"b": {"c": "deep"}}}))["a"]
+    gc.collect()
+    assert inner["b"]["c"] == "deep"
+
+
+def test_every_check_is_made_before_anything_is_read() -> None:
+    # Bad UTF-8 deep inside a mapping nobody reads: decode() itself refuses it.
+    data = bytearray(encode({"a": 1, "deep": {"x": {"y": "zz"}}}))
+    data[data.rindex(b"zz")] = 0xFF
+    with pytest.raises(SnapshotError, match="invalid UTF-8"):
+        decode(bytes(data))
+
+
+def test_threads_reading_a_mapping_for_the_first_time_get_one_object() -> None:
+    got = decode(encode({"m": {f"k{i}": [i] for i in range(50)}}))
+    barrier = threading.Barrier(4)
+    results: list[Any] = []
+
+    def read() -> None:
+        barrier.wait()
+        results.append(got["m"])
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 4 and all(r is results[0] for r in results)
+
+
+def test_any_bytes_like_object_decodes() -> None:
+    data = encode(SAMPLE)
+    assert decode(bytearray(data)) == decode(memoryview(data)) == decode(data)
 
 
 # -- reading bytes no worker of ours wrote ------------------------------------------
@@ -254,7 +348,14 @@ def test_arbitrary_bytes_decode_to_allowed_values_or_are_refused(data: bytes) ->
             value = decode(candidate)
         except SnapshotError:
             continue
-        assert isinstance(value, MappingProxyType) and only_allowed(value)
+        assert isinstance(value, Vars) and only_allowed(value)
+
+
+# The start of a mapping of 33 items (too many for numbered keys), 32 of them
+# written out: "k0" to "k31", each None.
+LARGE = b"\x01m\x21" + b"".join(
+    bytes([2 * len(k)]) + k.encode() + b"N" for k in (f"k{i}" for i in range(32))
+)
 
 
 @pytest.mark.parametrize(
@@ -268,6 +369,10 @@ def test_arbitrary_bytes_decode_to_allowed_values_or_are_refused(data: bytes) ->
         (b"\x01m" + b"\xff" * 11, "varint too long"),
         (b"\x01m\x01\x03N", "a key number that came before no key"),
         (b"\x01m\x02\x02aN\x01N", "duplicate key"),
+        (b"\x01m\x02\x02aN\x02aN", "a key written out twice"),
+        (b"\x01m\x01\x02am\x01\x02aN", "a key written out twice"),
+        (LARGE + b"\x04k0N", "duplicate key"),
+        (LARGE + b"\x01N", "a key number in a mapping of more than 32 items"),
         (b"\x01m\x01\x02\xffN", "invalid UTF-8"),
         (b"\x01m\x01\x02aX", "unknown tag"),
         (b"\x01m\x01\x02ad\x00", "cut short"),
@@ -278,6 +383,38 @@ def test_arbitrary_bytes_decode_to_allowed_values_or_are_refused(data: bytes) ->
 def test_malformed_bytes_say_what_is_wrong(data: bytes, why: str) -> None:
     with pytest.raises(SnapshotError, match=why):
         decode(data)
+
+
+def _utf8_verdicts(texts: Any) -> list[tuple[bytes, bool, bool]]:
+    """(text, accepted as a str value by decode(), decodes with surrogatepass)."""
+    verdicts = []
+    for text in texts:
+        try:
+            decode(b"\x01m\x01\x02as" + bytes([len(text)]) + text)["a"]
+            accepted = True
+        except SnapshotError:
+            accepted = False
+        try:
+            text.decode("utf-8", "surrogatepass")
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        verdicts.append((text, accepted, valid))
+    return verdicts
+
+
+def test_the_utf8_check_agrees_with_python_on_every_short_sequence() -> None:
+    # Every 1- and 2-byte text, and every 3- and 4-byte start of a multi-byte
+    # sequence: overlongs, surrogates (passed through), past U+10FFFF, cut short.
+    texts = [bytes([a]) for a in range(256)]
+    texts += [bytes([a, b]) for a in range(256) for b in range(256)]
+    texts += [
+        bytes([a, b, c]) for a in range(0xE0, 0xF8) for b in range(256) for c in (0x80, 0xBF, 0x41)
+    ]
+    texts += [bytes([a, b, 0x80, 0x80]) for a in range(0xF0, 0xF8) for b in range(256)]
+    texts += [b"x" * k + t for t in (b"\xe2\x9c\x93", b"\xff", b"\xed\xa0\x80") for k in range(40)]
+    wrong = [(t, accepted) for t, accepted, valid in _utf8_verdicts(texts) if accepted != valid]
+    assert not wrong, wrong[:5]
 
 
 def test_a_claimed_huge_container_allocates_nothing_before_its_items_exist() -> None:

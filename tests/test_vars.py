@@ -14,7 +14,6 @@ import textwrap
 import time
 import urllib.request
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -33,7 +32,7 @@ def frozen_equal(frozen: Any, plain: Any) -> bool:
     """Whether a read-only value matches `plain` (lists compare as tuples)."""
     if isinstance(plain, dict):
         return (
-            isinstance(frozen, MappingProxyType)
+            isinstance(frozen, snapshot.Vars)
             and frozen.keys() == plain.keys()
             and all(frozen_equal(frozen[k], v) for k, v in plain.items())
         )
