@@ -1,15 +1,15 @@
-"""bgpool's one compiled part, the vars codec (bgpool/_codec.c); everything else
-is declared in pyproject.toml. Installing therefore needs a C compiler and
-Python's headers (`pip install -e .` builds it in place)."""
+"""bgpool's compiled parts, for shared state: the vars codec (bgpool/_codec.c)
+and the vars segment's seqlock (bgpool/_segment.c); everything else is declared
+in pyproject.toml. Installing therefore needs a C compiler and Python's headers
+(`pip install -e .` builds them in place)."""
 
 from setuptools import Extension, setup
 
+FLAGS = ["-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
 setup(
     ext_modules=[
-        Extension(
-            "bgpool._codec",
-            sources=["bgpool/_codec.c"],
-            extra_compile_args=["-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-        )
+        Extension(f"bgpool.{name}", sources=[f"bgpool/{name}.c"], extra_compile_args=FLAGS)
+        for name in ("_codec", "_segment")
     ]
 )

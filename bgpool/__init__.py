@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .declarations import PoolConfig, WorkerSpec
     from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus
     from .pool import Pool
+    from .snapshot import Vars
 
 _LAZY = {
     "Pool": "pool",
@@ -44,6 +45,7 @@ _LAZY = {
     "ErrorInfo": "models",
     "WorkerDiagnostics": "models",
     "WorkerStatus": "models",
+    "Vars": "snapshot",
 }
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "PoolConfig",
     "Scope",
     "StartupError",
+    "Vars",
     "VarsNotPublished",
     "WorkerAborted",
     "WorkerBootFailed",

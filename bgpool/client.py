@@ -31,7 +31,7 @@ from .errors import (
 )
 from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus, status_of
 from .names import Scope, name_problem
-from .snapshot import SnapshotError, decode
+from .snapshot import decode
 from .table import Kind, TableReader
 from .varstore import Reader, segment_name
 
@@ -297,7 +297,7 @@ class PoolClient:
         reader = Reader(segment_name(self._table_name, slots[0]))
         try:
             found = reader.read()
-        except TimeoutError:
+        except (TimeoutError, ValueError):  # stuck mid-flip, or a header gone wrong
             found = None
         finally:
             reader.close()
@@ -326,7 +326,7 @@ class PoolClient:
             if found is None:
                 raise VarsNotPublished(f'background worker "{name}" has not published any vars yet')
             view.value, view.generation = decode(found[2]), found[0]
-        except (SnapshotError, TimeoutError) as exc:
+        except (ValueError, TimeoutError) as exc:  # SnapshotError is a ValueError
             raise BgpoolError(
                 f'the vars of background worker "{name}" are unreadable: {exc}'
             ) from None

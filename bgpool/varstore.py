@@ -19,25 +19,16 @@ them with the pool.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
-import struct
-import time
 
-from . import platform
+from . import _segment, platform
 
-HEADER_SIZE = 64
-_SEQ = struct.Struct("<Q")  # at offset 0
-_META = struct.Struct("<QB3xIId")  # at offset 8: gen, active area, lengths of areas 0 and 1, time
-_META_AT = _SEQ.size
-_GEN = struct.Struct("<Q")  # the first field of the metadata
-# The metadata is written with one copy, never pack_into over the live header:
-# pack_into zero-fills first (pad bytes included), which readers could see.
+HEADER_SIZE = _segment.HEADER_SIZE  # the layout is _segment.c's
 
-STUCK_RETRIES = 100_000
-"""Reader retries before giving up on a header that stays mid-flip (its writer
-died between two stores of the flip)."""
+STUCK_SECONDS = 0.5
+"""How long a reader waits for a header that stays mid-flip before it gives up
+(its writer died between two stores of the flip, or is not being scheduled)."""
 
 
 def segment_name(table: str, slot: int) -> str:
@@ -55,42 +46,11 @@ class Publisher:
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)
-        self._last: tuple[int, bytes] | None = None  # (generation, bytes) last written here
 
     def publish(self, data: bytes) -> bool:
         """Make `data` the current snapshot; False when it equals the current
         one (nothing changes)."""
-        buf = self._map
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            seq = _SEQ.unpack_from(buf, 0)[0]
-            gen, active, len0, len1, _ = _META.unpack_from(buf, _META_AT)
-            current = (len0, len1)[active]
-            if gen and current == len(data) and self._current_bytes(gen, active, current) == data:
-                return False
-            target = 1 - active if gen else 0
-            start = HEADER_SIZE + target * self.capacity
-            buf[start : start + len(data)] = data
-            lengths = (len(data), len1) if target == 0 else (len0, len(data))
-            now = time.time()
-            seq += seq & 1  # a writer died mid-flip: start from the next even value
-            meta = _META.pack(gen + 1, target, *lengths, now)
-            _SEQ.pack_into(buf, 0, seq + 1)
-            buf[_META_AT : _META_AT + _META.size] = meta  # one copy: no zero-fill to see
-            _SEQ.pack_into(buf, 0, seq + 2)
-            self._last = (gen + 1, data)
-            return True
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _current_bytes(self, gen: int, active: int, length: int) -> bytes:
-        """The current snapshot's bytes (under the lock): those this process
-        published if it was the last writer, which spares reading them back
-        from shared memory (a comparison stops at the first difference)."""
-        if self._last is not None and self._last[0] == gen:
-            return self._last[1]
-        start = HEADER_SIZE + active * self.capacity
-        return self._map[start : start + length]
+        return _segment.publish(self._map, self._fd, self.capacity, data)
 
     def close(self) -> None:
         """Unmap and close (the segment stays for readers)."""
@@ -122,25 +82,14 @@ class Reader:
     def generation(self) -> int:
         """The current generation (0: nothing published yet). One load."""
         buf = self._mapped()
-        return 0 if buf is None else int(_GEN.unpack_from(buf, _META_AT)[0])
+        return 0 if buf is None else _segment.generation(buf)
 
     def read(self) -> tuple[int, float, bytes] | None:
         """The current (generation, publish time, bytes), or None if nothing
-        was published."""
+        was published. `TimeoutError` if the header stays mid-flip (its writer
+        died there), `ValueError` if a worker wrote nonsense into it."""
         buf = self._mapped()
-        if buf is None:
-            return None
-        for _ in range(STUCK_RETRIES):
-            seq = _SEQ.unpack_from(buf, 0)[0]
-            if seq & 1:
-                continue
-            gen, active, len0, len1, when = _META.unpack_from(buf, _META_AT)
-            length = (len0, len1)[active]
-            start = HEADER_SIZE + active * self._capacity
-            data = buf[start : start + length]
-            if _SEQ.unpack_from(buf, 0)[0] == seq:
-                return (gen, when, data) if gen else None
-        raise TimeoutError(f"vars segment {self._segment} stays mid-update")
+        return None if buf is None else _segment.read(buf, self._capacity, STUCK_SECONDS)
 
     def close(self) -> None:
         """Unmap."""

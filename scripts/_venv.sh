@@ -1,7 +1,7 @@
 # Sourced by scripts/demo, scripts/test and scripts/bench: make sure .venv exists
 # and has the project installed with the requested extra, reinstalling only when
-# the build's inputs (pyproject.toml, setup.py, the C codec) changed since the
-# last install or the compiled codec is missing.
+# the build's inputs (pyproject.toml, setup.py, the C sources) changed since the
+# last install or a compiled module is missing.
 #   ensure_venv [EXTRA]
 ensure_venv() {
   local extra="${1:-}" spec="." stamp
@@ -26,10 +26,12 @@ ensure_venv() {
     rm -f .venv/.installed*
   fi
   local stale="" input
-  for input in pyproject.toml setup.py bgpool/_codec.c; do
+  for input in pyproject.toml setup.py bgpool/*.c; do
     if [ "$input" -nt "$stamp" ]; then stale=1; fi
   done
-  if ! compgen -G "bgpool/_codec.*.so" >/dev/null; then stale=1; fi
+  for input in bgpool/*.c; do
+    if ! compgen -G "${input%.c}.*.so" >/dev/null; then stale=1; fi
+  done
   if [ ! -f "$stamp" ] || [ -n "$stale" ]; then
     echo "installing bgpool${extra:+ with the $extra extra} into .venv" >&2
     if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&

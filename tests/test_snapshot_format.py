@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bgpool
 from bgpool import snapshot
 from bgpool.snapshot import MAX_DEPTH, SnapshotError, Vars, decode, encode
 
@@ -218,7 +219,7 @@ def test_the_top_level_must_be_a_dict(top: Any) -> None:
 
 def test_a_snapshot_reads_as_a_read_only_mapping() -> None:
     got = decode(encode(SAMPLE))
-    assert isinstance(got, Mapping) and not isinstance(got, dict)
+    assert type(got) is bgpool.Vars and isinstance(got, Mapping) and not isinstance(got, dict)
     assert len(got) == len(SAMPLE) and list(got) == list(SAMPLE)
     assert "seq" in got and "nope" not in got
     assert got.get("seq") == 7 and got.get("nope") is None and got.get("nope", 3) == 3

@@ -160,14 +160,26 @@ def test_a_worker_that_corrupts_its_header_cannot_break_diagnostics(
     make_pool: Any, sentinel_dir: Path
 ) -> None:
     record = sentinel_dir / "record"
-    pool = make_pool(
-        [vspec("w", "publish_then_break_the_time", num=1, env={"RECORD": str(record)})]
-    )
+    env = {"RECORD": str(record), "BREAK": "time"}
+    pool = make_pool([vspec("w", "publish_then_break_the_header", num=1, env=env)])
     wait_for(lambda: read_text(record) == "broken", 10, "the corruption")
     diagnostics = pool.diagnostics("w")
     assert diagnostics.vars_generation == 1
     assert diagnostics.vars_published_at is None  # a NaN time is left out
     assert dict(pool.get_vars("w")) == {"ok": 1}
+
+
+@pytest.mark.parametrize("field", ["area", "length"])
+def test_a_header_that_points_outside_its_segment_is_refused(
+    make_pool: Any, sentinel_dir: Path, field: str
+) -> None:
+    record = sentinel_dir / "record"
+    env = {"RECORD": str(record), "BREAK": field}
+    pool = make_pool([vspec("w", "publish_then_break_the_header", num=1, env=env)])
+    wait_for(lambda: read_text(record) == "broken", 10, "the corruption")
+    with pytest.raises(bgpool.BgpoolError, match="unreadable: the vars segment's header points"):
+        pool.get_vars("w")
+    assert pool.diagnostics("w").vars_generation == 0  # what cannot be read is left out
 
 
 def test_undeclared_and_unpublished_names(make_pool: Any) -> None:
