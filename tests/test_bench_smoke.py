@@ -36,9 +36,10 @@ CASES = {
     "get_vars_client",
     "set_vars",
     "vars_visibility",
+    "vars_read",
 }
 WITH_BASELINE = CASES - {"idle_cpu", "supervisor_rss", "worker_uss"}
-WITH_TARGET = CASES - {"supervisor_rss", "worker_uss"}
+WITH_TARGET = CASES - {"supervisor_rss", "worker_uss", "vars_read"}
 ROW_KEYS = {
     "case",
     "subject",
