@@ -61,7 +61,8 @@ typedef struct {
 } KeySlot;
 
 typedef struct {
-    unsigned char *buf;
+    PyObject *out;      /* the bytes object being written, resized as it grows */
+    unsigned char *buf; /* its data */
     Py_ssize_t len, cap;
     PyObject *reason; /* set when a value is refused: why (a str) */
     PyObject *path;   /* then: keys and indexes from the refused value outwards */
@@ -84,12 +85,16 @@ grow_buffer(Encoder *e, Py_ssize_t need)
     while (cap < e->len + need) {
         cap *= 2;
     }
-    unsigned char *buf = PyMem_Realloc(e->buf, (size_t)cap);
-    if (buf == NULL) {
-        PyErr_NoMemory();
+    if (e->out == NULL) {
+        e->out = PyBytes_FromStringAndSize(NULL, cap);
+    }
+    else if (_PyBytes_Resize(&e->out, cap) < 0) { /* it frees e->out on failure */
         return -1;
     }
-    e->buf = buf;
+    if (e->out == NULL) {
+        return -1;
+    }
+    e->buf = (unsigned char *)PyBytes_AS_STRING(e->out);
     e->cap = cap;
     return 0;
 }
@@ -267,7 +272,8 @@ grow_keys(Encoder *e)
 static int
 put_numbered_key(Encoder *e, PyObject *key)
 {
-    Py_hash_t hash = PyObject_Hash(key); /* cached in the str */
+    Py_hash_t hash = ((PyASCIIObject *)key)->hash; /* cached in the str, once hashed */
+    hash = hash != -1 ? hash : PyObject_Hash(key);
     if (hash == -1 || (2 * (e->nkeys + 1) > e->capkeys && grow_keys(e) < 0)) {
         return -1;
     }
@@ -290,6 +296,9 @@ static int encode_value(Encoder *e, PyObject *v, int depth);
 static int
 child_failed(Encoder *e, PyObject *segment)
 {
+    if (e->reason != NULL && e->path == NULL && (e->path = PyList_New(0)) == NULL) {
+        Py_CLEAR(e->reason);
+    }
     if (e->reason != NULL && PyList_Append(e->path, segment) < 0) {
         Py_CLEAR(e->reason);
     }
@@ -414,19 +423,21 @@ codec_encode(PyObject *Py_UNUSED(module), PyObject *value)
         PyErr_SetString(PyExc_TypeError, "encode() takes a dict");
         return NULL;
     }
-    Encoder e = {NULL, 0, 0, NULL, PyList_New(0), NULL, 0, 0};
-    if (e.path == NULL || grow(&e, 1) < 0) {
-        Py_XDECREF(e.path);
-        PyMem_Free(e.buf);
+    Encoder e = {NULL, NULL, 0, 0, NULL, NULL, NULL, 0, 0};
+    if (grow(&e, 1) < 0) {
         return NULL;
     }
     e.buf[e.len++] = FORMAT;
     PyObject *result = NULL;
     if (encode_value(&e, value, 0) == 0) {
-        result = PyBytes_FromStringAndSize((const char *)e.buf, e.len);
         size_hint = e.len + e.len / 8 > 4096 ? e.len + e.len / 8 : 4096;
+        if (_PyBytes_Resize(&e.out, e.len) == 0) {
+            result = e.out;
+            e.out = NULL;
+        }
     }
-    else if (e.reason != NULL && PyList_Reverse(e.path) == 0) {
+    else if (e.reason != NULL && (e.path != NULL || (e.path = PyList_New(0)) != NULL) &&
+             PyList_Reverse(e.path) == 0) {
         PyObject *path = PyList_AsTuple(e.path);
         if (path != NULL) {
             PyObject *args = PyTuple_Pack(2, e.reason, path);
@@ -438,12 +449,12 @@ codec_encode(PyObject *Py_UNUSED(module), PyObject *value)
         }
     }
     Py_XDECREF(e.reason);
-    Py_DECREF(e.path);
+    Py_XDECREF(e.path);
+    Py_XDECREF(e.out);
     for (Py_ssize_t i = 0; i < e.capkeys; i++) {
         Py_XDECREF(e.keys[i].key);
     }
     PyMem_Free(e.keys);
-    PyMem_Free(e.buf);
     return result;
 }
 
