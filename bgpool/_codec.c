@@ -1250,6 +1250,23 @@ static PyMethodDef vars_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* `vars | other` and `other | vars`: a new dict, as for a MappingProxyType. */
+static PyObject *
+vars_or(PyObject *left, PyObject *right)
+{
+    if (Py_IS_TYPE(left, &VarsType) && (left = vars_dict((Vars *)left)) == NULL) {
+        return NULL;
+    }
+    if (Py_IS_TYPE(right, &VarsType) && (right = vars_dict((Vars *)right)) == NULL) {
+        return NULL;
+    }
+    return PyNumber_Or(left, right);
+}
+
+static PyNumberMethods vars_as_number = {
+    .nb_or = vars_or,
+};
+
 static PyMappingMethods vars_as_mapping = {
     .mp_length = (lenfunc)vars_length,
     .mp_subscript = (binaryfunc)vars_subscript,
@@ -1265,6 +1282,7 @@ static PyTypeObject VarsType = {
     .tp_basicsize = sizeof(Vars),
     .tp_dealloc = (destructor)vars_dealloc,
     .tp_repr = (reprfunc)vars_repr,
+    .tp_as_number = &vars_as_number,
     .tp_as_sequence = &vars_as_sequence,
     .tp_as_mapping = &vars_as_mapping,
     .tp_hash = PyObject_HashNotImplemented,

@@ -240,6 +240,10 @@ def test_a_snapshot_reads_as_a_read_only_mapping() -> None:
     copy = got.copy()
     copy["x"] = 2
     assert type(copy) is dict and copy["flags"] is got["flags"] and got["x"] == 1.5
+    merged, merged_back = got | {"x": 2}, {"x": 2, "new": 1} | got
+    assert type(merged) is dict and merged["x"] == 2 and merged["seq"] == 7
+    assert type(merged_back) is dict and merged_back["x"] == 1.5 and merged_back["new"] == 1
+    assert got["flags"] | got["flags"] == dict(got["flags"])
     match got:
         case {"seq": 7, "flags": {"on": True}}:
             pass
