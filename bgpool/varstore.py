@@ -5,7 +5,9 @@ publish writes the area readers are *not* using, then flips the header to it,
 so a writer killed half-way through never damages the snapshot readers see
 (snapshots survive crashes, even a crash inside `set_vars()`). The header
 flip is a seqlock; the data copy is checked against it too, so a reader that
-raced two publishes retries instead of returning torn bytes.
+raced two publishes retries instead of returning torn bytes. Both sides of it
+are C (`_segment.c`, which also owns the header's layout); this module owns
+the segments' names, sizes and mappings.
 
 The workers of one name (a pool) all write the segment: an exclusive `flock`
 on it serialises them (last writer wins). Readers take no lock and make no
