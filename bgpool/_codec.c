@@ -645,25 +645,39 @@ find_text(Text *slots, Py_ssize_t cap, const Text *t)
     }
 }
 
+/* Make room in `set` for `want` texts (it stays at most half full). */
+static int
+reserve_texts(TextSet *set, Py_ssize_t want)
+{
+    Py_ssize_t cap = set->cap ? set->cap : 64;
+    while (cap < 2 * want) {
+        cap *= 2;
+    }
+    if (cap == set->cap) {
+        return 0;
+    }
+    Text *slots = PyMem_Calloc((size_t)cap, sizeof(Text));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < set->cap; i++) {
+        if (set->slots[i].s != NULL) {
+            *find_text(slots, cap, &set->slots[i]) = set->slots[i];
+        }
+    }
+    PyMem_Free(set->slots);
+    set->slots = slots;
+    set->cap = cap;
+    return 0;
+}
+
 /* Add s[0:n]: 1 if it is new, 0 if it was there, -1 on MemoryError. */
 static int
 add_text(TextSet *set, const unsigned char *s, Py_ssize_t n)
 {
-    if (2 * (set->used + 1) > set->cap) {
-        Py_ssize_t cap = set->cap ? set->cap * 2 : 64;
-        Text *slots = PyMem_Calloc((size_t)cap, sizeof(Text));
-        if (slots == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        for (Py_ssize_t i = 0; i < set->cap; i++) {
-            if (set->slots[i].s != NULL) {
-                *find_text(slots, cap, &set->slots[i]) = set->slots[i];
-            }
-        }
-        PyMem_Free(set->slots);
-        set->slots = slots;
-        set->cap = cap;
+    if (reserve_texts(set, set->used + 1) < 0) {
+        return -1;
     }
     Text t = {s, n, text_hash(s, n)};
     Text *slot = find_text(set->slots, set->cap, &t);
@@ -821,13 +835,8 @@ walk_mapping(Walk *w, int depth)
     Py_ssize_t number = w->nmaps++;
     Py_ssize_t seen[NUMBERED_MAX];
     TextSet texts = {NULL, 0, 0};
-    if (n > NUMBERED_MAX) { /* room for all its keys at once */
-        for (texts.cap = 64; texts.cap < 2 * n; texts.cap *= 2) {
-        }
-        if ((texts.slots = PyMem_Calloc((size_t)texts.cap, sizeof(Text))) == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
+    if (n > NUMBERED_MAX && reserve_texts(&texts, n) < 0) { /* room for all its keys */
+        return -1;
     }
     int rc = 0;
     for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
