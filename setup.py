@@ -1,5 +1,5 @@
-"""bgpool's compiled parts, for shared state: the vars codec (bgpool/_codec.c)
-and the vars segment's seqlock (bgpool/_segment.c); everything else is declared
+"""bgpool's compiled parts, for shared state: the vars codec (bgpool/shm/_codec.c)
+and the vars segment's seqlock (bgpool/shm/_segment.c); everything else is declared
 in pyproject.toml. Installing therefore needs a C compiler and Python's headers
 (`pip install -e .` builds them in place)."""
 
@@ -9,7 +9,7 @@ FLAGS = ["-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
 setup(
     ext_modules=[
-        Extension(f"bgpool.{name}", sources=[f"bgpool/{name}.c"], extra_compile_args=FLAGS)
+        Extension(f"bgpool.shm.{name}", sources=[f"bgpool/shm/{name}.c"], extra_compile_args=FLAGS)
         for name in ("_codec", "_segment")
     ]
 )

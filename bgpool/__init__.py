@@ -25,27 +25,28 @@ from .errors import (
     WorkerBootFailed,
     WorkerNotDeclared,
 )
-from .handle import WorkerHandle, WorkerInfo, current_worker, get_worker_handle, set_vars
+from .identity import WorkerInfo, current_worker
 from .names import GLOBAL_SCOPE, Scope, next_scope
+from .worker.handle import WorkerHandle, get_worker_handle, set_vars
 
 if TYPE_CHECKING:
-    from .client import PoolClient, connect, get_vars
+    from .app.client import PoolClient, connect, get_vars
+    from .app.pool import Pool
     from .declarations import PoolConfig, WorkerSpec
     from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus
-    from .pool import Pool
-    from .snapshot import Vars
+    from .shm.snapshot import Vars
 
 _LAZY = {
-    "Pool": "pool",
-    "PoolClient": "client",
-    "connect": "client",
-    "get_vars": "client",
+    "Pool": "app.pool",
+    "PoolClient": "app.client",
+    "connect": "app.client",
+    "get_vars": "app.client",
     "PoolConfig": "declarations",
     "WorkerSpec": "declarations",
     "ErrorInfo": "models",
     "WorkerDiagnostics": "models",
     "WorkerStatus": "models",
-    "Vars": "snapshot",
+    "Vars": "shm.snapshot",
 }
 
 __all__ = [

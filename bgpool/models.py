@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
-
-from .table import Slot
 
 StateName = Literal["starting", "ready", "backoff", "crashed", "aborted", "stopping", "stopped"]
 
@@ -64,24 +62,3 @@ class WorkerDiagnostics(_Report):
     vars_generation: int = 0
     vars_published_at: datetime | None = None
     instances: list[WorkerStatus]
-
-
-def _when(timestamp: float) -> datetime | None:
-    return datetime.fromtimestamp(timestamp, UTC) if timestamp else None
-
-
-def status_of(slot: Slot) -> WorkerStatus:
-    """A table slot as a `WorkerStatus`."""
-    return WorkerStatus(
-        name=slot.name,
-        scope=slot.scope_label,
-        instance=slot.instance,
-        pid=slot.pid or None,
-        state=slot.state.label,  # type: ignore[arg-type]
-        ever_ready=slot.ever_ready,
-        attempts=slot.attempts,
-        consecutive_failures=slot.failures,
-        last_exit_status=slot.last_exit,
-        started_at=_when(slot.started_at),
-        ready_at=_when(slot.ready_at),
-    )

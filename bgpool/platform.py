@@ -64,6 +64,13 @@ def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)
 
 
+def pidfd_send_signal(pidfd: int, sig: signal.Signals) -> None:
+    """Signal the process behind `pidfd` (never one that reused its pid); a
+    process that already exited is not an error."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, sig)
+
+
 def map_shm_readonly(name: str) -> mmap.mmap:
     """Map a POSIX shared-memory segment read-only, without registering it with
     multiprocessing's resource tracker (which on Python < 3.13 would unlink it

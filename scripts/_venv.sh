@@ -26,10 +26,10 @@ ensure_venv() {
     rm -f .venv/.installed*
   fi
   local stale="" input
-  for input in pyproject.toml setup.py bgpool/*.c; do
+  for input in pyproject.toml setup.py bgpool/shm/*.c; do
     if [ "$input" -nt "$stamp" ]; then stale=1; fi
   done
-  for input in bgpool/*.c; do
+  for input in bgpool/shm/*.c; do
     if ! compgen -G "${input%.c}.*.so" >/dev/null; then stale=1; fi
   done
   if [ ! -f "$stamp" ] || [ -n "$stale" ]; then

@@ -131,7 +131,7 @@ import bench_workers  # noqa: E402
 import psutil  # noqa: E402
 
 import bgpool  # noqa: E402
-from bgpool import snapshot  # noqa: E402
+from bgpool.shm import snapshot  # noqa: E402
 
 FORK = multiprocessing.get_context("fork")
 MIB = 1024 * 1024

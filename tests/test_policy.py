@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bgpool import policy
+from bgpool.supervisor import policy
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bgpool import _segment
+from bgpool.shm import _segment
 
 CAPACITY = 64
 

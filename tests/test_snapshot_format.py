@@ -1,4 +1,4 @@
-"""The vars format on its own (bgpool.snapshot over the C codec): what encodes,
+"""The vars format on its own (bgpool.shm.snapshot over the C codec): what encodes,
 what comes back, and that no bytes whatever can crash a reader or give it
 anything but the allowed types. Pure: no processes."""
 
@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bgpool
-from bgpool import snapshot
-from bgpool.snapshot import MAX_DEPTH, SnapshotError, Vars, decode, encode
+from bgpool.shm import snapshot
+from bgpool.shm.snapshot import MAX_DEPTH, SnapshotError, Vars, decode, encode
 
 ALLOWED = (type(None), bool, int, float, str, bytes, tuple, Vars)
 

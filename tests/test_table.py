@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bgpool.table import BOOT_BUCKETS, Kind, Slot, State, TableReader, TableWriter
+from bgpool.shm.table import BOOT_BUCKETS, Kind, Slot, TableReader, TableWriter
+from bgpool.states import State
 
 
 def slot(**changes: object) -> Slot:
@@ -79,7 +80,7 @@ def test_segment_is_private_and_removed_without_tracker_warnings() -> None:
 
 READER = """
 import sys, time
-from bgpool.table import TableReader
+from bgpool.shm.table import TableReader
 reader = TableReader.attach(sys.argv[1])
 seconds = float(sys.argv[2])
 torn = reads = 0

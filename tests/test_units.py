@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from bgpool import protocol, texts
-from bgpool.timers import Timers
+from bgpool.supervisor.timers import Timers
 
 
 class FakeClock:

@@ -20,7 +20,8 @@ import pytest
 from helpers import ROOT, read_text, wait_for
 
 import bgpool
-from bgpool import WorkerSpec, snapshot
+from bgpool import WorkerSpec
+from bgpool.shm import snapshot
 from fixtures.vars_workers import CASES
 
 

@@ -13,10 +13,9 @@ import os
 import selectors
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable
 
-from . import platform, protocol
+from .. import platform, protocol
 
 log = logging.getLogger("bgpool")
 
@@ -79,11 +78,6 @@ class Connection:
         self.sock.close()
         for callback in self.on_close:
             callback()
-
-
-def private_address() -> str:
-    """A socket path in a fresh private (0700) directory."""
-    return os.path.join(tempfile.mkdtemp(prefix="bgpool-"), "control.sock")
 
 
 class Listener:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import mmap
 import os
 
-from . import _segment, platform
+from .. import platform
+from . import _segment
 
 HEADER_SIZE = _segment.HEADER_SIZE  # the layout is _segment.c's
 

@@ -1,5 +1,5 @@
-"""The API a worker uses from inside its own process: `get_worker_handle()`,
-`current_worker()` and `set_vars()`.
+"""The API a worker uses from inside its own process: `get_worker_handle()`
+and `set_vars()` (`current_worker()` is `bgpool.identity`'s).
 
 Knows nothing of the supervisor beyond what it was given: the read end of its
 stop pipe (EOF means "stop"), the write end of its notify pipe (where it reports
@@ -15,25 +15,15 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import protocol, snapshot
-from .varstore import Publisher
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """Who the current worker is: `name` as it was ensured (a catch-all instance
-    sees the name it hosts), `scope` label (`""` for the global scope) and
-    `instance` index within a pool (from 0)."""
-
-    name: str
-    scope: str
-    instance: int
+from .. import protocol
+from ..shm import snapshot
+from ..shm.varstore import Publisher
 
 
 @dataclass(frozen=True)
 class Context:
-    info: WorkerInfo
-    scope_id: int
+    """What the runtime hands the worker API: its pipe ends and vars segment."""
+
     stop_fd: int
     notify_fd: int
     vars_segment: str
@@ -75,11 +65,6 @@ class WorkerHandle:
     def stop_requested(self) -> bool:
         """Whether the supervisor asked this worker to stop (never blocks)."""
         return self.wait(0)
-
-
-def current_worker() -> WorkerInfo | None:
-    """The current worker's identity, or None outside a bgpool worker."""
-    return _context.info if _context is not None else None
 
 
 def get_worker_handle() -> WorkerHandle:
@@ -141,11 +126,6 @@ def notify(message: protocol.Message) -> None:
             data = data[os.write(_context.notify_fd, data) :]
     except OSError:
         pass
-
-
-def own_scope_id() -> int | None:
-    """The scope id of the current worker (for `ensure()` from inside a worker)."""
-    return _context.scope_id if _context is not None else None
 
 
 def install(context: Context) -> None:

@@ -39,17 +39,20 @@ from typing import Any
 
 import psutil
 
-from . import output, platform, policy, texts, varstore
-from .control import Connection, Listener
-from .errors import CatchAllLimitReached, PoolClosed, WorkerNotDeclared
+from .. import platform, texts
+from ..errors import CatchAllLimitReached, PoolClosed, WorkerNotDeclared
+from ..names import name_problem
+from ..protocol import FrameDecoder, Message, ProtocolError
+from ..shm import varstore
+from ..shm.table import BOOT_BUCKETS, Slot, TableWriter
+from ..states import State
+from ..worker.runtime import Boot, exec_spawned, run_forked
+from . import policy, relay
 from .instances import Instance, Worker, error_record
-from .lookup import Decl, Registry
-from .names import name_problem
-from .protocol import FrameDecoder, Message, ProtocolError
-from .table import BOOT_BUCKETS, Slot, State, TableWriter
+from .listener import Connection, Listener
+from .registry import Decl, Registry
 from .timers import Timers
 from .waiters import Waiter
-from .worker import Boot, exec_spawned, run_forked
 
 log = logging.getLogger("bgpool")
 
@@ -77,7 +80,7 @@ class Supervisor:
         self.registry = Registry(decls)
         self.timers = Timers()
         self.selector = selectors.DefaultSelector()
-        self.relay = output.Relay(self.selector)
+        self.relay = relay.Relay(self.selector)
         self.table = TableWriter(self.registry.nslots, self.pid)
         self.listener = Listener(address)
         self.workers: dict[tuple[int, str], Worker] = {}
@@ -459,7 +462,7 @@ class Supervisor:
         os.close(stop_r)
         os.close(notify_w)
         os.set_blocking(notify_r, False)
-        inst.tail = collections.deque(maxlen=output.TAIL_LINES)
+        inst.tail = collections.deque(maxlen=relay.TAIL_LINES)
         inst.outputs = []
         for stream, (read_end, write_end) in enumerate(pipes, start=1):
             os.close(write_end)

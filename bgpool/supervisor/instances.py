@@ -13,10 +13,12 @@ from typing import Any
 
 import psutil
 
-from . import output, texts
-from .lookup import Decl
-from .protocol import FrameDecoder, Message
-from .table import BOOT_BUCKETS, Kind, Slot, State
+from .. import texts
+from ..protocol import FrameDecoder, Message
+from ..shm.table import BOOT_BUCKETS, Kind, Slot
+from ..states import State
+from . import relay
+from .registry import Decl
 from .timers import Timer
 
 
@@ -43,7 +45,7 @@ class Instance:
         self.stop_w: int | None = None
         self.notify_r: int | None = None
         self.outputs: list[int] = []  # read ends of its stdout/stderr pipes
-        self.tail: collections.deque[str] = collections.deque(maxlen=output.TAIL_LINES)
+        self.tail: collections.deque[str] = collections.deque(maxlen=relay.TAIL_LINES)
         self.decoder = FrameDecoder()
         self.run_error: dict[str, Any] | None = None
         self.handle_taken = False  # in this run

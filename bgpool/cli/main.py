@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from . import protocol
-from .client import PoolClient, connect
-from .declarations import PoolConfig
-from .errors import BgpoolError, StartupError, _WithDiagnostics
-from .models import WorkerDiagnostics, WorkerStatus
-from .pool import Pool
+from .. import protocol
+from ..app.client import PoolClient, connect
+from ..app.pool import Pool
+from ..declarations import PoolConfig
+from ..errors import BgpoolError, StartupError, _WithDiagnostics
+from ..models import WorkerDiagnostics, WorkerStatus
 
 
 def load_config(path: str) -> PoolConfig:

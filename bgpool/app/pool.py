@@ -9,7 +9,6 @@ the supervisor could not. Every other call is `PoolClient`'s.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import select
@@ -17,17 +16,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import platform
+from .. import platform
+from ..declarations import PoolConfig, WorkerSpec
+from ..errors import BgpoolError, PoolClosed, StartupError
+from ..launch import python_command
+from ..shm.table import Kind
+from ..shm.varstore import segment_name
 from .client import REPLY_MARGIN, PoolClient
-from .control import private_address
-from .declarations import PoolConfig, WorkerSpec
-from .errors import BgpoolError, PoolClosed, StartupError
-from .table import Kind
-from .varstore import segment_name
 
 if TYPE_CHECKING:
     from .metrics import HealthServer
@@ -37,9 +37,10 @@ POOL_MARK = "BGPOOL_POOL"
 pool's address)."""
 
 
-_SUPERVISOR_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, {root!r}); from bgpool.bootstrap import main; main()"
-)
+def private_address() -> str:
+    """A control-socket path in a fresh private (0700) directory, which the
+    supervisor binds and removes."""
+    return os.path.join(tempfile.mkdtemp(prefix="bgpool-"), "control.sock")
 
 
 class Pool(PoolClient):
@@ -116,13 +117,12 @@ class Pool(PoolClient):
         if self._process is not None or self._closing:
             raise BgpoolError("a Pool can be started only once")
         self._owner_pid = os.getpid()
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         atexit.register(self.shutdown)  # a pool left running is drained at exit
         self._address = private_address()
         boot_r, boot_w = os.pipe()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _SUPERVISOR_BOOTSTRAP.format(root=root)],
+                python_command("bgpool.supervisor.main", "main"),
                 stdin=subprocess.PIPE,
                 stdout=self._stdio[0],
                 stderr=self._stdio[1],
@@ -133,7 +133,7 @@ class Pool(PoolClient):
                 # alone), visibly in /proc/<pid>/environ, for the straggler sweep.
                 env={**os.environ, "BGPOOL_ADDRESS": self._address, POOL_MARK: self._address},
             )
-            self._pidfd = os.pidfd_open(self._process.pid)
+            self._pidfd = platform.pidfd_open(self._process.pid)
             self._watcher = threading.Thread(
                 target=self._watch_supervisor, name="bgpool-watcher", daemon=True
             )
@@ -179,8 +179,7 @@ class Pool(PoolClient):
         """Signal the supervisor through its pidfd: never another process that
         reused its pid after it was reaped."""
         assert self._pidfd is not None
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self._pidfd, sig)
+        platform.pidfd_send_signal(self._pidfd, sig)
 
     def _serve_metrics(self, host: str, port: int) -> None:
         from .metrics import HealthServer

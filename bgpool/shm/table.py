@@ -31,25 +31,9 @@ from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
-from . import platform
-from .names import MAX_LABEL_BYTES, MAX_NAME_BYTES
-
-
-class State(enum.IntEnum):
-    """The lifecycle state of one worker instance."""
-
-    STOPPED = 0  # not running and not scheduled (lazy, drained, or never started)
-    STARTING = 1  # process spawned, handle not taken in this run
-    READY = 2  # handle taken in this run
-    BACKOFF = 3  # exited; waiting before the next start
-    CRASHED = 4  # exited abnormally; restart due now
-    ABORTED = 5  # given up after max_consecutive_failures boot failures
-    STOPPING = 6  # drain in progress
-
-    @property
-    def label(self) -> str:
-        """The state as users see it: `"ready"`, `"backoff"`, ..."""
-        return self.name.lower()
+from .. import platform
+from ..names import MAX_LABEL_BYTES, MAX_NAME_BYTES
+from ..states import State
 
 
 class Kind(enum.IntEnum):

@@ -15,9 +15,10 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from . import output, platform
-from .lookup import Decl
-from .supervisor import Settings, Supervisor
+from .. import platform
+from .loop import Settings, Supervisor
+from .registry import Decl
+from .relay import Relay
 
 log = logging.getLogger("bgpool")
 
@@ -40,7 +41,7 @@ class _RelayHandler(logging.Handler):
     """Log records through the output relay, so logging never blocks the loop
     on a stderr nobody reads (the relay queues and writes when it can)."""
 
-    def __init__(self, relay: output.Relay) -> None:
+    def __init__(self, relay: Relay) -> None:
         super().__init__()
         self._relay = relay
         self.setFormatter(logging.Formatter(_LOG_FORMAT))
@@ -67,7 +68,7 @@ def _logging_to_stderr(level: str) -> Iterator[None]:
             log.removeHandler(other)
 
 
-def _relay_logging(relay: output.Relay) -> None:
+def _relay_logging(relay: Relay) -> None:
     for handler in list(log.handlers):
         log.removeHandler(handler)
     log.addHandler(_RelayHandler(relay))

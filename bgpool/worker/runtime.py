@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import NoReturn
 
-from . import handle, platform
+from .. import identity, platform
+from ..launch import python_command
+from . import handle
 
 TRACEBACK_TAIL_LINES = 40
 TRACEBACK_TAIL_CHARS = 8000
@@ -96,12 +98,6 @@ def run_forked(boot: Boot) -> NoReturn:
         os._exit(code)
 
 
-_SPAWN_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, {root!r}); "
-    "from bgpool.worker import spawned_main; spawned_main()"
-)
-
-
 def exec_spawned(boot: Boot) -> NoReturn:
     """Entry point in the child of a fork, for `start_method="spawn"`: replace
     the process with a fresh interpreter that runs `spawned_main()`."""
@@ -109,13 +105,8 @@ def exec_spawned(boot: Boot) -> NoReturn:
         _detach(boot)
         os.set_inheritable(boot.stop_fd, True)
         os.set_inheritable(boot.notify_fd, True)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = _SPAWN_BOOTSTRAP.format(root=root)
-        os.execve(
-            sys.executable,
-            [sys.executable, "-c", code, json.dumps(asdict(boot))],
-            dict(os.environ),
-        )
+        command = python_command("bgpool.worker.runtime", "spawned_main", json.dumps(asdict(boot)))
+        os.execve(sys.executable, command, dict(os.environ))
     finally:
         os._exit(1)
 
@@ -131,10 +122,9 @@ def spawned_main() -> NoReturn:
 
 def _run(boot: Boot) -> int:
     """Run the target; return the exit status the process should end with."""
+    identity.assume(identity.WorkerInfo(boot.name, boot.scope_label, boot.instance), boot.scope_id)
     handle.install(
         handle.Context(
-            info=handle.WorkerInfo(boot.name, boot.scope_label, boot.instance),
-            scope_id=boot.scope_id,
             stop_fd=boot.stop_fd,
             notify_fd=boot.notify_fd,
             vars_segment=boot.vars_segment,

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import handle, protocol, texts
-from .errors import (
+from .. import identity, protocol, texts
+from ..errors import (
     ERRORS,
     BgpoolError,
     EnsureTimeout,
@@ -29,11 +29,11 @@ from .errors import (
     VarsNotPublished,
     _WithDiagnostics,
 )
-from .models import ErrorInfo, WorkerDiagnostics, WorkerStatus, status_of
-from .names import Scope, name_problem
-from .snapshot import decode
-from .table import Kind, TableReader
-from .varstore import Reader, segment_name
+from ..models import ErrorInfo, WorkerDiagnostics, WorkerStatus
+from ..names import Scope, name_problem
+from ..shm.snapshot import decode
+from ..shm.table import Kind, Slot, TableReader
+from ..shm.varstore import Reader, segment_name
 
 _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "bgpool_request_scope", default=None
@@ -123,7 +123,7 @@ class PoolClient:
         hello = self._request({"op": "hello"}, timeout=10.0)
         self._ensure_timeout = float(hello["ensure_timeout"])
         self._scopes.update({int(sid): str(label) for sid, label in hello["scopes"]})
-        own = handle.own_scope_id()
+        own = identity.own_scope_id()
         self._own_scope = own if own is not None and own in self._scopes else 0
         self._table_name = str(hello["table"])
         self._table = TableReader.attach(self._table_name)
@@ -368,6 +368,27 @@ class PoolClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _when(timestamp: float) -> datetime | None:
+    return datetime.fromtimestamp(timestamp, UTC) if timestamp else None
+
+
+def status_of(slot: Slot) -> WorkerStatus:
+    """A table slot as a `WorkerStatus`."""
+    return WorkerStatus(
+        name=slot.name,
+        scope=slot.scope_label,
+        instance=slot.instance,
+        pid=slot.pid or None,
+        state=slot.state.label,  # type: ignore[arg-type]
+        ever_ready=slot.ever_ready,
+        attempts=slot.attempts,
+        consecutive_failures=slot.failures,
+        last_exit_status=slot.last_exit,
+        started_at=_when(slot.started_at),
+        ready_at=_when(slot.ready_at),
+    )
 
 
 _default_client: tuple[int, PoolClient] | None = None

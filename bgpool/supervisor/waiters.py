@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import texts
+from .. import texts
+from ..protocol import Message
+from ..states import State
 from .instances import Worker
-from .protocol import Message
-from .table import State
 from .timers import Timer
 
 if TYPE_CHECKING:
-    from .control import Connection
+    from .listener import Connection
 
 
 class Waiter:

@@ -1,0 +1,160 @@
+"""Prometheus metrics and health endpoints, read from the readiness table.
+
+The only module that imports prometheus_client. Nothing is counted on a hot
+path: the supervisor keeps per-instance counters in the table anyway, and a
+scrape turns them into metric families, so every process that can read the
+table (the owner, a `connect()` client) reports the same numbers.
+
+    registry = CollectorRegistry()
+    bgpool.metrics.collector(pool, registry)   # into the application's registry
+
+`PoolConfig.metrics_port` serves `/metrics`, `/healthz` and `/readyz` on
+127.0.0.1 from the process that owns the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ..shm.table import BOOT_BUCKETS, Kind, Slot
+from ..states import State
+
+if TYPE_CHECKING:
+    from .client import PoolClient
+
+
+def worker_label(scope_label: str, name: str) -> str:
+    """The `worker` label: `m#<scope-label>:<name>` (regex `m#([^:]*):(.+)`)."""
+    return f"m#{scope_label}:{name}"
+
+
+class TableCollector(Collector):
+    """Turns the readiness table into bgpool's metric families at scrape time."""
+
+    def __init__(self, client: PoolClient) -> None:
+        self._client = client
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample per worker name (a pool's instances are summed)."""
+        total = GaugeMetricFamily(
+            "bgpool_total_workers", "Worker instances declared or hosted.", labels=["worker"]
+        )
+        ready = GaugeMetricFamily(
+            "bgpool_ready_workers", "Worker instances ready now.", labels=["worker"]
+        )
+        crashes = CounterMetricFamily(
+            "bgpool_worker_crashes",
+            "Abnormal worker exits (non-zero status or a signal) outside a drain.",
+            labels=["worker"],
+        )
+        restarts = CounterMetricFamily(
+            "bgpool_worker_restarts",
+            "Worker respawns: after a crash, a clean exit or restart_workers().",
+            labels=["worker"],
+        )
+        boot = HistogramMetricFamily(
+            "bgpool_worker_boot_seconds",
+            "Time from spawn to get_worker_handle().",
+            labels=["worker"],
+        )
+        by_worker: dict[str, list[Slot]] = defaultdict(list)
+        for slot in self._client._reader().slots():
+            if slot.kind != Kind.FREE:
+                by_worker[worker_label(slot.scope_label, slot.name)].append(slot)
+        for label, slots in by_worker.items():
+            total.add_metric([label], len(slots))
+            ready.add_metric([label], sum(s.state == State.READY for s in slots))
+            crashes.add_metric([label], sum(s.crashes for s in slots))
+            restarts.add_metric([label], sum(s.restarts for s in slots))
+            counts = [sum(s.boot_buckets[i] for s in slots) for i in range(len(BOOT_BUCKETS))]
+            cumulative, buckets = 0, []
+            for bound, count in zip(BOOT_BUCKETS, counts, strict=True):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            boot.add_metric([label], buckets, sum_value=sum(s.boot_sum for s in slots))
+        yield from (total, ready, crashes, restarts, boot)
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+def collector(client: PoolClient, registry: CollectorRegistry | None = None) -> TableCollector:
+    """Register bgpool's metrics for `client` (a `Pool` or a `connect()` client)
+    into `registry` (prometheus_client's default registry if None)."""
+    from prometheus_client import REGISTRY
+
+    table_collector = TableCollector(client)
+    (registry or REGISTRY).register(table_collector)
+    return table_collector
+
+
+Probe = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes every few seconds would flood stderr."""
+
+
+class HealthServer:
+    """`/metrics`, `/healthz` and `/readyz` over HTTP, in a background thread of
+    the owning process (never in the supervisor, which must stay single-threaded
+    to fork safely)."""
+
+    def __init__(
+        self, client: PoolClient, host: str, port: int, alive: Probe, ready: Probe
+    ) -> None:
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(TableCollector(client))
+        self._alive = alive
+        self._ready = ready
+        self._server = make_server(host, port, self._app, _Server, _QuietHandler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="bgpool-metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful when asked for port 0)."""
+        return int(self._server.server_address[1])
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            body = generate_latest(self._registry)
+            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4")])
+            return [body]
+        if path in ("/healthz", "/readyz"):
+            ok, detail = (self._alive if path == "/healthz" else self._ready)()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [json.dumps({"ok": ok, **detail}).encode()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics, /healthz or /readyz\n"]
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

@@ -1,0 +1,1 @@
+"""The `bgpool` command: argument parsing and display over the public API."""

@@ -1,0 +1,21 @@
+"""How bgpool starts a fresh interpreter that runs one of its own entry points
+(the supervisor, a spawned worker): the command line, with the directory that
+holds this package first on `sys.path` so the same bgpool is imported even
+where it is not installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def python_command(module: str, function: str, *args: str) -> list[str]:
+    """`python -c "...; from <module> import <function>; <function>()" ARGS...`."""
+    code = (
+        f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); "
+        f"from {module} import {function}; {function}()"
+    )
+    return [sys.executable, "-c", code, *args]
