@@ -19,6 +19,12 @@ _LENGTH = struct.Struct(">I")
 Message = dict[str, Any]
 
 
+def error_reply(error: str, message: str, **extra: Any) -> Message:
+    """The reply that makes a client raise the `bgpool.errors` class named
+    `error` with `message` (and `extra` fields, such as diagnostics)."""
+    return {"ok": False, "error": error, "message": message, **extra}
+
+
 class ProtocolError(Exception):
     """A peer sent something that is not a well-formed message; drop the peer."""
 

@@ -1,5 +1,5 @@
-"""The sentences bgpool says about a worker's failure. Pure formatting, so each
-error text of SPEC is produced in exactly one place.
+"""The sentences bgpool says to its users: every error text of the public
+contract, each produced here and nowhere else. Pure formatting.
 """
 
 from __future__ import annotations
@@ -8,6 +8,12 @@ import os
 import signal
 from dataclasses import dataclass
 from typing import Any
+
+SHUTTING_DOWN = "pool is shutting down"
+"""`PoolClosed`'s message while the pool drains."""
+
+CLOSED = "pool is closed"
+"""`PoolClosed`'s message once the pool (or its supervisor) is gone."""
 
 
 def signal_name(status: int | None) -> str | None:
@@ -112,3 +118,8 @@ def limit_reached(name: str, cap: int) -> str:
         f'cannot start background worker "{name}": limit of {cap} reached '
         "(raise max_instances or declare it as a named worker)"
     )
+
+
+def vars_not_published(name: str) -> str:
+    """VarsNotPublished's message."""
+    return f'background worker "{name}" has not published any vars yet'

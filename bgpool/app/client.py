@@ -132,7 +132,7 @@ class PoolClient:
                 self._directory[(slot.scope_id, slot.name)] = (self._table.offset(index), slot.gen)
 
     def _closed(self) -> BgpoolError:
-        return PoolClosed("pool is closed")
+        return PoolClosed(texts.CLOSED)
 
     def _reader(self) -> TableReader:
         if self._table is None or self._gone:
@@ -324,7 +324,7 @@ class PoolClient:
         try:
             found = view.reader.read()
             if found is None:
-                raise VarsNotPublished(f'background worker "{name}" has not published any vars yet')
+                raise VarsNotPublished(texts.vars_not_published(name))
             view.value, view.generation = decode(found[2]), found[0]
         except (ValueError, TimeoutError) as exc:  # SnapshotError is a ValueError
             raise BgpoolError(
@@ -344,7 +344,7 @@ class PoolClient:
         if entry is None:
             reply = self._request({"op": "locate", "name": name, "scope": scope_id}, timeout=10.0)
             if reply["slot"] is None:  # a catch-all name not hosted now
-                raise VarsNotPublished(f'background worker "{name}" has not published any vars yet')
+                raise VarsNotPublished(texts.vars_not_published(name))
             entry = (table.offset(reply["slot"]), reply["gen"])
         old = self._vars.pop((scope_id, name), None)
         if old is not None:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import platform
+from .. import platform, texts
 from ..declarations import PoolConfig, WorkerSpec
 from ..errors import BgpoolError, PoolClosed, StartupError
 from ..launch import python_command
@@ -70,8 +70,8 @@ class Pool(PoolClient):
         if self._process is None and not self._closing:
             return BgpoolError("the pool is not started: call start() first")
         if self._closing and not self._closed_for_good and not self._gone:
-            return PoolClosed("pool is shutting down")
-        return PoolClosed("pool is closed")
+            return PoolClosed(texts.SHUTTING_DOWN)
+        return PoolClosed(texts.CLOSED)
 
     def _bootstrap(self, boot_fd: int) -> bytes:
         config = self.config
