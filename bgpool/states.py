@@ -1,7 +1,17 @@
-"""The lifecycle states of a worker instance, as every process sees them.
+"""The lifecycle states of a worker instance, and the moves between them.
 
-The supervisor moves an instance between them (see `TRANSITIONS`); the
-readiness table publishes them; clients, metrics and the CLI read them.
+The supervisor moves an instance between states, only along `TRANSITIONS`
+(its `_transition()` checks every move); the readiness table publishes the
+state; clients, metrics and the CLI read it.
+
+    STOPPED ──spawn──▶ STARTING ──handle taken──▶ READY
+       ▲                 │  ▲                       │
+       │           exit  │  │ respawn          exit │ drain
+       │                 ▼  │                       ▼
+       │     ABORTED ◀── CRASHED ──▶ BACKOFF     STOPPING ──exit──▶ STOPPED
+       │  (boot failures     (restart waits)        │
+       │   reached the cap)                         └──exit, restart──▶ STARTING
+       └── a drain cancels a pending restart (BACKOFF, CRASHED)
 """
 
 from __future__ import annotations
@@ -13,10 +23,10 @@ class State(enum.IntEnum):
     """The lifecycle state of one worker instance."""
 
     STOPPED = 0  # not running and not scheduled (lazy, drained, or never started)
-    STARTING = 1  # process spawned, handle not taken in this run
-    READY = 2  # handle taken in this run
+    STARTING = 1  # process spawned, not ready in this run
+    READY = 2  # ready in this run
     BACKOFF = 3  # exited; waiting before the next start
-    CRASHED = 4  # exited abnormally; restart due now
+    CRASHED = 4  # exited abnormally; the next step (restart, backoff) follows at once
     ABORTED = 5  # given up after max_consecutive_failures boot failures
     STOPPING = 6  # drain in progress
 
@@ -24,3 +34,32 @@ class State(enum.IntEnum):
     def label(self) -> str:
         """The state as users see it: `"ready"`, `"backoff"`, ..."""
         return self.name.lower()
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    # spawned (eagerly at start(), or by ensure())
+    State.STOPPED: frozenset({State.STARTING}),
+    # ready; or the run ended: a failure (CRASHED, or ABORTED at the cap), a
+    # clean exit of a worker that was ready before (restarted, perhaps paced);
+    # or a drain began
+    State.STARTING: frozenset(
+        {State.READY, State.CRASHED, State.ABORTED, State.BACKOFF, State.STARTING, State.STOPPING}
+    ),
+    # the run ended (a crash, or a clean exit restarted at once or paced), or a drain began
+    State.READY: frozenset({State.CRASHED, State.BACKOFF, State.STARTING, State.STOPPING}),
+    # a failure is followed at once by its restart, or by a backoff wait; a
+    # drain cancels the pending restart
+    State.CRASHED: frozenset({State.STARTING, State.BACKOFF, State.STOPPED}),
+    # the wait is over, or a drain cut it short
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPED}),
+    # ensure() tries afresh after an abort
+    State.ABORTED: frozenset({State.STARTING}),
+    # the drained process exited: stopped for good, or respawned by a restart
+    State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
+}
+"""Every allowed move: `TRANSITIONS[from]` is the set of states it may go to."""
+
+
+def allowed(source: State, target: State) -> bool:
+    """Whether an instance may move from `source` to `target`."""
+    return target in TRANSITIONS[source]

@@ -9,6 +9,7 @@ processes, with the history the table and diagnostics show.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -22,38 +23,61 @@ from .registry import Decl
 from .timers import Timer
 
 
+@dataclass(eq=False)
+class Run:
+    """One process of an instance, from its fork to its exit: its pipe ends and
+    what it reported. Gone with the process, so nothing of one run leaks into
+    the next."""
+
+    pid: int
+    stop_w: int | None  # closed to ask for a drain
+    notify_r: int | None  # closed at EOF, or when the worker misbehaved
+    outputs: list[int]  # read ends of its stdout/stderr pipes
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    error: dict[str, Any] | None = None  # the exception it reported
+    handle_taken: bool = False
+    published: bool = False  # set_vars() called
+    ready: bool = False
+
+
+@dataclass(eq=False)
+class Drain:
+    """A drain in progress: whether the instance is respawned afterwards (a
+    restart) and its descendants when the drain began, stopped too after its
+    exit if they outlive it."""
+
+    respawn: bool
+    tree: list[psutil.Process] = field(default_factory=list)
+
+
 class Instance:
-    """One worker process slot: its current process, history and timers."""
+    """One worker process slot: its current run, its history, its timer."""
 
     def __init__(self, worker: Worker, index: int, slot: int) -> None:
         self.worker = worker
         self.index = index
         self.slot = slot
         self.state = State.STOPPED
-        self.pid: int | None = None
+        self.run: Run | None = None
+        self.drain: Drain | None = None  # set exactly while STOPPING
         self.attempts = 0
         self.failures = 0
         self.crashes = 0
         self.restarts = 0
         self.ever_ready = False
         self.last_exit: int | None = None
-        self.started_at = 0.0
+        self.started_at = 0.0  # wall clock, for display
+        self.started_mono = 0.0  # when the latest run began
         self.ready_at = 0.0
-        self.started_mono = 0.0
         self.boot_sum = 0.0
         self.boot_buckets = [0] * len(BOOT_BUCKETS)
-        self.stop_w: int | None = None
-        self.notify_r: int | None = None
-        self.outputs: list[int] = []  # read ends of its stdout/stderr pipes
         self.tail: collections.deque[str] = collections.deque(maxlen=relay.TAIL_LINES)
-        self.decoder = FrameDecoder()
-        self.run_error: dict[str, Any] | None = None
-        self.handle_taken = False  # in this run
-        self.published = False  # in this run (set_vars called)
-        self.timer: Timer | None = None
-        self.respawn_after_drain = False
-        self.draining = False
-        self.tree: list[psutil.Process] = []  # its descendants when a drain began
+        self.timer: Timer | None = None  # the pending restart, or the drain's next stage
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid, None between runs."""
+        return self.run.pid if self.run is not None else None
 
     @property
     def label(self) -> str:
@@ -115,7 +139,8 @@ class Worker:
     def missing_step(self) -> str:
         """What the worker has not done yet to be ready, for timeout messages."""
         waits_for_vars = self.decl.ready_on == "vars"
-        if waits_for_vars and any(i.handle_taken and not i.published for i in self.instances):
+        runs = [i.run for i in self.instances if i.run is not None]
+        if waits_for_vars and any(r.handle_taken and not r.published for r in runs):
             return "call set_vars()"
         return "call get_worker_handle()"
 

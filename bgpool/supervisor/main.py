@@ -16,7 +16,8 @@ import threading
 from collections.abc import Iterator
 
 from .. import platform
-from .loop import Settings, Supervisor
+from .core import Settings
+from .loop import Supervisor
 from .registry import Decl
 from .relay import Relay
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import texts
-from ..protocol import Message
+from ..protocol import Message, error_reply
 from ..states import State
 from .instances import Worker
 from .timers import Timer
@@ -81,12 +81,7 @@ def _any_aborted(worker: Worker) -> bool:
 
 def failure_reply(error: str, text: str, workers: list[Worker]) -> Message:
     """An error reply with the diagnostics of the workers it is about."""
-    return {
-        "ok": False,
-        "error": error,
-        "message": text,
-        "diagnostics": [w.diagnostics() for w in workers],
-    }
+    return error_reply(error, text, diagnostics=[w.diagnostics() for w in workers])
 
 
 def startup_error(workers: list[Worker], timeout: float) -> Message:

@@ -1,0 +1,150 @@
+"""What every part of the supervisor shares: its settings, its picture of the
+workers, the descriptors it waits on, the pending waiters, and the one way an
+instance changes state (`_transition`, checked against `states.TRANSITIONS`).
+
+The supervisor is layered, one job per module, each layer using the ones
+below it: `Core` (here), `Drains`, `Lifecycle`, `Requests`, `Teardown`, and
+`Supervisor` (the loop). Everything runs in the supervisor's single thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol import Message
+from ..shm.table import TableWriter
+from ..states import State, allowed
+from .instances import Instance, Worker
+from .listener import Connection, Listener
+from .registry import Decl, Registry
+from .relay import Relay
+from .timers import Timers
+from .waiters import Waiter
+
+log = logging.getLogger("bgpool")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The pool-wide settings the supervisor acts on."""
+
+    ensure_timeout: float
+    grace_period: float
+    restart_grace_period: float
+    start_method: str
+    max_vars_bytes: int
+
+
+def guarded(handler: Callable[..., None], *args: Any) -> None:
+    """Run one event handler or teardown step; a bug in it is logged, not
+    fatal, because the supervisor's death would take every worker with it."""
+    try:
+        handler(*args)
+    except Exception:
+        log.critical("internal error in the supervisor", exc_info=True)
+
+
+class Core:
+    """The supervisor's shared state."""
+
+    def __init__(self, decls: list[Decl], settings: Settings, address: str) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self.registry = Registry(decls)
+        self.timers = Timers()
+        self.selector = selectors.DefaultSelector()
+        self.relay = Relay(self.selector)
+        self.table = TableWriter(self.registry.nslots, self.pid)
+        self.listener = Listener(address)
+        self.workers: dict[tuple[int, str], Worker] = {}
+        self.by_pid: dict[int, Instance] = {}  # running instances
+        self.gens = [1] * self.registry.nslots
+        self.waiters: list[Waiter] = []
+        self.watchers: list[Connection] = []  # subscribed to state changes
+        self.restarts: list[tuple[set[Instance], Connection | None]] = []  # pending batches
+        self.closing = False  # shutting down: drains are final, requests refused
+        self.finished = False  # the loop may end
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.owner_fd: int | None = None
+        for decl in decls:
+            if decl.name is not None:
+                worker = Worker(decl, decl.name, decl.first_slot, 1)
+                self.workers[(decl.scope_id, decl.name)] = worker
+                for inst in worker.instances:
+                    self._publish(inst)
+
+    # -- state -----------------------------------------------------------------------
+
+    def _transition(
+        self, inst: Instance, target: State, detail: str, level: int = logging.INFO
+    ) -> None:
+        """Move `inst` to `target`: publish it, log it, tell the watchers. A move
+        that `TRANSITIONS` does not allow is a bug: it is logged as one (and
+        made all the same, so the instance is not wedged)."""
+        if not allowed(inst.state, target):
+            log.error(
+                "internal error: %s moved from %s to %s, which is not an allowed transition",
+                inst.label, inst.state.label, target.label,
+            )  # fmt: skip
+        inst.state = target
+        self._publish(inst)
+        log.log(level, "%s %s: %s", inst.label, target.label, detail)
+        event = {
+            "event": "state",
+            "worker": inst.worker.name,
+            "scope": inst.worker.decl.scope_label,
+            "instance": inst.index,
+            "state": target.label,
+            "pid": inst.pid,
+            "detail": detail,
+        }
+        for conn in list(self.watchers):
+            conn.send(event)
+
+    def _publish(self, inst: Instance) -> None:
+        self.table.write(inst.slot, inst.record())
+
+    def _respawn(self, inst: Instance) -> None:
+        """Start `inst` again after an exit (`Lifecycle`'s; drains call it)."""
+        raise NotImplementedError
+
+    # -- waiters ---------------------------------------------------------------------
+
+    def _wait(self, waiter: Waiter) -> None:
+        """Answer `waiter` now if its outcome is known, else when it is or at
+        its deadline."""
+        if self._settle(waiter):
+            return
+        self.waiters.append(waiter)
+        waiter.timer = self.timers.call_later(waiter.timeout, lambda: self._expire(waiter))
+        waiter.conn.on_close.append(lambda: self._forget(waiter))
+
+    def _forget(self, waiter: Waiter) -> None:
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+
+    def _answer(self, waiter: Waiter, message: Message) -> None:
+        self._forget(waiter)
+        waiter.conn.send(message)
+
+    def _settle(self, waiter: Waiter) -> bool:
+        """Answer `waiter` if its outcome is known; return whether it was."""
+        reply = waiter.outcome()
+        if reply is not None:
+            self._answer(waiter, reply)
+        return reply is not None
+
+    def _settle_all(self) -> None:
+        for waiter in list(self.waiters):
+            self._settle(waiter)
+
+    def _expire(self, waiter: Waiter) -> None:
+        waiter.timer = None
+        self._answer(waiter, waiter.expired())

@@ -1,0 +1,286 @@
+"""The lifecycle of worker instances: spawn, readiness, exit, and what follows
+an exit (restart now, back off, or give up), with catch-all names hosted and
+released. Every state change goes through `Core._transition`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import functools
+import logging
+import os
+import selectors
+import sys
+import time
+from typing import Any
+
+from .. import platform, texts
+from ..protocol import ProtocolError
+from ..shm import varstore
+from ..shm.table import BOOT_BUCKETS, Slot
+from ..states import State
+from ..worker.runtime import Boot, exec_spawned, run_forked
+from . import policy, relay
+from .drains import Drains
+from .instances import Instance, Run, Worker, error_record
+from .registry import Decl
+
+log = logging.getLogger("bgpool")
+
+
+class Lifecycle(Drains):
+    """Spawning instances and deciding what follows each exit."""
+
+    def start_eager(self) -> None:
+        """Start every instance of every eager declaration."""
+        for worker in self.workers.values():
+            if worker.decl.eager:
+                for inst in worker.instances:
+                    self._spawn(inst)
+
+    # -- names -----------------------------------------------------------------------
+
+    def _host(self, decl: Decl, name: str) -> Worker:
+        """Give a catch-all name a free slot of its declaration."""
+        used = {w.instances[0].slot for w in self.workers.values() if w.decl is decl}
+        slot = next(s for s in range(decl.first_slot, decl.first_slot + decl.cap) if s not in used)
+        self.gens[slot] += 1
+        worker = Worker(decl, name, slot, self.gens[slot])
+        decl.hosted.add(name)
+        self.workers[(decl.scope_id, name)] = worker
+        self._publish(worker.instances[0])
+        return worker
+
+    def _release(self, worker: Worker) -> None:
+        """Free an aborted catch-all name's slot, so the cap counts it no more."""
+        decl, slot = worker.decl, worker.instances[0].slot
+        decl.hosted.discard(worker.name)
+        del self.workers[(decl.scope_id, worker.name)]
+        self.gens[slot] += 1
+        self.table.write(slot, Slot(gen=self.gens[slot]))
+        platform.unlink_shm(varstore.segment_name(self.table.name, slot))  # its vars go too
+
+    def _wake(self, worker: Worker) -> None:
+        """Start the instances of a worker that is not running (a fresh try
+        after an abort)."""
+        for inst in worker.instances:
+            if inst.state == State.ABORTED:
+                inst.failures = 0
+            if inst.state in (State.STOPPED, State.ABORTED):
+                self._spawn(inst)
+
+    # -- spawn -----------------------------------------------------------------------
+
+    def _spawn(self, inst: Instance) -> None:
+        """Fork a new process for `inst` (to STARTING)."""
+        assert inst.run is None
+        worker, decl = inst.worker, inst.worker.decl
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2 if decl.output == "prefix" else 0)]
+        boot = Boot(
+            name=worker.name,
+            scope_id=decl.scope_id,
+            scope_label=decl.scope_label,
+            instance=inst.index,
+            target=decl.target,
+            script=decl.script,
+            args=decl.args,
+            env=decl.env,
+            supervisor_pid=self.pid,
+            stop_fd=stop_r,
+            notify_fd=notify_w,
+            sys_path=sys.path,
+            vars_segment=varstore.segment_name(self.table.name, worker.instances[0].slot),
+            max_vars_bytes=self.settings.max_vars_bytes,
+            stdout_fd=pipes[0][1] if pipes else None,
+            stderr_fd=pipes[1][1] if pipes else None,
+        )
+        inst.attempts += 1
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (stop_r, stop_w, notify_r, notify_w, *(fd for p in pipes for fd in p)):
+                os.close(fd)
+            self._transition(inst, State.STARTING, f"attempt {inst.attempts}: cannot fork")
+            error = {
+                "type": "OSError",
+                "message": f"cannot fork: {exc}",
+                "filename": None,
+                "lineno": None,
+                "traceback": "",
+            }
+            self._after_run(inst, None, 0.0, error)
+            return
+        if pid == 0:  # pragma: no cover - the child never returns
+            (run_forked if self.settings.start_method == "fork" else exec_spawned)(boot)
+        os.close(stop_r)
+        os.close(notify_w)
+        os.set_blocking(notify_r, False)
+        inst.tail = collections.deque(maxlen=relay.TAIL_LINES)
+        outputs = []
+        for stream, (read_end, write_end) in enumerate(pipes, start=1):
+            os.close(write_end)
+            self.relay.attach(read_end, stream, inst.label, inst.tail)
+            outputs.append(read_end)
+        inst.run = Run(pid, stop_w, notify_r, outputs)
+        inst.started_at, inst.started_mono, inst.ready_at = time.time(), time.monotonic(), 0.0
+        self.by_pid[pid] = inst
+        self.selector.register(
+            notify_r, selectors.EVENT_READ, functools.partial(self._on_notify, inst)
+        )
+        self._transition(inst, State.STARTING, f"pid {pid}, attempt {inst.attempts}")
+
+    def _respawn(self, inst: Instance) -> None:
+        """Start `inst` again after an exit (from BACKOFF, CRASHED, STOPPING, or
+        at once after a clean exit)."""
+        inst.timer = None
+        inst.restarts += 1
+        self._spawn(inst)
+
+    # -- what a worker reports -------------------------------------------------------
+
+    def _on_notify(self, inst: Instance, _fd: object = None) -> None:
+        """Read what the worker reported: readiness, vars, or its exception."""
+        run = inst.run
+        if run is None or run.notify_r is None:
+            return
+        try:
+            data = os.read(run.notify_r, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._close_notify(run)
+            return
+        try:
+            messages = run.decoder.feed(data)
+        except ProtocolError as exc:
+            log.warning("%s sent a malformed report, ignoring it from now: %s", inst.label, exc)
+            self._close_notify(run)
+            return
+        for message in messages:
+            if message.get("t") == "ready":
+                run.handle_taken = True
+                self._maybe_ready(inst, run)
+            elif message.get("t") == "vars":
+                # The run's first publication (perhaps the same as the last
+                # run's: it counts for readiness all the same).
+                run.published = True
+                self._maybe_ready(inst, run)
+            elif message.get("t") == "error":
+                run.error = error_record(message)
+
+    def _close_notify(self, run: Run) -> None:
+        if run.notify_r is not None:
+            self.selector.unregister(run.notify_r)
+            os.close(run.notify_r)
+            run.notify_r = None
+
+    def _maybe_ready(self, inst: Instance, run: Run) -> None:
+        """Readiness: the handle taken, and with ready_on="vars" a publication
+        too, both in the current run."""
+        wants_vars = inst.worker.decl.ready_on == "vars"
+        if run.handle_taken and (run.published or not wants_vars) and not run.ready:
+            self._on_ready(inst, run)
+
+    def _on_ready(self, inst: Instance, run: Run) -> None:
+        """The run became ready (STARTING to READY; an instance already
+        draining is recorded as ready but stays STOPPING)."""
+        worker = inst.worker
+        run.ready = True
+        inst.ever_ready = True
+        inst.ready_at = time.time()
+        first = not worker.name_ready
+        worker.name_ready = True
+        elapsed = time.monotonic() - inst.started_mono
+        inst.boot_sum += elapsed
+        inst.boot_buckets[bisect.bisect_left(BOOT_BUCKETS, elapsed)] += 1
+        if inst.state == State.STARTING:
+            self._transition(
+                inst, State.READY, f"took its handle {elapsed * 1000:.1f} ms after spawn"
+            )
+        else:
+            self._publish(inst)
+        if first:
+            for other in worker.instances:
+                self._publish(other)
+        self._settle_all()
+
+    # -- exits -----------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Collect every exited child; dispatch the workers' exits."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            inst = self.by_pid.pop(pid, None)
+            if inst is not None:
+                self._on_exit(inst, os.waitstatus_to_exitcode(status))
+            # else: a worker's orphaned descendant, re-parented to us as subreaper
+
+    def _on_exit(self, inst: Instance, status: int) -> None:
+        """The worker's process ended with `status` (negative: killed by a signal)."""
+        run = inst.run
+        assert run is not None
+        if run.notify_r is not None:
+            self._on_notify(inst)  # its last words (readiness, exception) come first
+            self._close_notify(run)
+        for fd in run.outputs:
+            self.relay.drain(fd)
+        if run.stop_w is not None:
+            os.close(run.stop_w)
+        inst.run = None
+        inst.last_exit = status
+        if inst.state == State.STOPPING:
+            self._drained(inst, status)
+        else:
+            self._after_run(inst, status, time.monotonic() - inst.started_mono, run.error)
+
+    def _after_run(
+        self, inst: Instance, status: int | None, run_seconds: float, error: dict[str, Any] | None
+    ) -> None:
+        """Decide what follows a run that ended outside a drain (STARTING or
+        READY): restart now, back off, or give up."""
+        worker, decl = inst.worker, inst.worker.decl
+        boot_failure = not inst.ever_ready
+        failed = boot_failure or status != 0
+        if status != 0:
+            inst.crashes += 1
+        inst.failures = policy.count_failures(inst.failures, failed=failed, run_seconds=run_seconds)
+        words = texts.exit_words(status)
+        if failed:
+            worker.last_failure = texts.Failure(
+                inst.attempts, status, decl.target, error, tuple(inst.tail)
+            )
+            if boot_failure:
+                worker.boot_failures += 1
+            words += f": {texts.error_words(error)}" if error else ""
+        if policy.should_abort(inst.failures, inst.ever_ready, decl.max_failures):
+            self._transition(
+                inst,
+                State.ABORTED,
+                f"gave up after {inst.failures} consecutive boot failures; last: {words}",
+                logging.ERROR,
+            )
+            if decl.name is None:
+                self._release(worker)
+            self._settle_all()
+            return
+        delay = policy.restart_delay(
+            failed=failed, failures=inst.failures, since_last_start=run_seconds
+        )
+        if failed:
+            self._transition(inst, State.CRASHED, words, logging.WARNING)
+        else:
+            log.info("%s exited (%s); restarting it", inst.label, words)
+        if delay > 0:
+            self._transition(inst, State.BACKOFF, f"restart in {delay:g}s after {words}")
+            inst.timer = self.timers.call_later(delay, lambda: self._respawn(inst))
+        else:
+            self._respawn(inst)
+        self._settle_all()

@@ -1,0 +1,207 @@
+"""Control requests: what clients ask the supervisor over the control socket.
+
+Each operation has one handler, found by name in `HANDLERS` (as gunicorn's
+arbiter finds a signal's handler by name). A request is data, checked field by
+field; a malformed one drops its connection, never the supervisor. Replies
+that report an error are built by `protocol.error_reply`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import selectors
+from collections import Counter
+from collections.abc import Callable
+
+from .. import texts
+from ..errors import CatchAllLimitReached, WorkerNotDeclared
+from ..names import name_problem
+from ..protocol import Message, ProtocolError, error_reply
+from .instances import Worker
+from .lifecycle import Lifecycle
+from .listener import Connection
+from .registry import Decl
+from .waiters import Waiter
+
+log = logging.getLogger("bgpool")
+
+
+class Requests(Lifecycle):
+    """Accepting connections and answering their requests."""
+
+    def _accept(self, _sock: object) -> None:
+        sock = self.listener.accept()
+        if sock is not None:
+            conn = Connection(sock, self.selector)
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _on_connection(self, conn: Connection, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            conn.flush()
+        if not events & selectors.EVENT_READ or conn.closed:
+            return
+        messages = conn.receive()
+        if messages is None:
+            conn.close()
+            return
+        for message in messages:
+            handler = HANDLERS.get(message.get("op"))  # type: ignore[arg-type]
+            try:
+                if handler is None:
+                    raise ValueError(f"unknown op {message.get('op')!r}")
+                handler(self, conn, message)
+            except (KeyError, TypeError, ValueError, ArithmeticError, ProtocolError) as exc:
+                log.warning("dropping a control connection after a bad request: %s", exc)
+                conn.close()
+                return
+
+    # -- the operations ----------------------------------------------------------------
+
+    def _hello(self, conn: Connection, _message: Message) -> None:
+        """What a client needs to attach: the table, the default deadline, scopes."""
+        conn.send(
+            {
+                "ok": True,
+                "table": self.table.name,
+                "pid": self.pid,
+                "ensure_timeout": self.settings.ensure_timeout,
+                "scopes": [[sid, label] for sid, label in self.registry.scopes.items()],
+            }
+        )
+
+    def _ensure(self, conn: Connection, message: Message) -> None:
+        """Start what is not running among `names`; answer once all are ready,
+        one fails (as asked), or the deadline passes."""
+        names = message["names"]
+        if not isinstance(names, list) or not names or len(set(names)) != len(names):
+            raise ValueError("names must be a non-empty list of distinct names")
+        for name in names:
+            if not isinstance(name, str) or name_problem(name):
+                raise ValueError("bad worker name")
+        timeout = message.get("timeout")
+        if timeout is None:
+            timeout = self.settings.ensure_timeout
+        elif type(timeout) not in (int, float):  # bool, str, containers: refused
+            raise TypeError("timeout must be a number or null")
+        timeout = float(timeout)  # OverflowError for an integer past float range
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError("timeout must be a finite number > 0")
+        fail_fast = message.get("fail_fast", False)
+        if type(fail_fast) is not bool:
+            raise TypeError("fail_fast must be a boolean")
+        if self.closing:
+            conn.send(error_reply("PoolClosed", texts.SHUTTING_DOWN))
+            return
+        scope_id = self._scope_of(message)
+        if scope_id < 0:
+            raise ValueError("unknown or ambiguous scope label")
+        workers = self._resolve(conn, scope_id, names)
+        if workers is None:
+            return
+        for worker in workers:
+            self._wake(worker)
+        self._wait(Waiter(conn, workers, timeout, fail_fast=fail_fast))
+
+    def _start(self, conn: Connection, _message: Message) -> None:
+        """start(): answer once every eager worker is ready, or one is aborted."""
+        eager = [w for w in self.workers.values() if w.decl.eager]
+        self._wait(Waiter(conn, eager, self.settings.ensure_timeout, startup=True))
+
+    def _diagnostics(self, conn: Connection, message: Message) -> None:
+        """Why a name is in its state (a catch-all name not hosted now: its
+        declaration, with no instances)."""
+        found = self._lookup(conn, message)
+        if found is None:
+            return
+        decl, worker = found
+        if worker is None:
+            diagnostics = Worker(decl, message["name"], 0, 0).diagnostics()
+            diagnostics["slots"] = []
+        else:
+            diagnostics = worker.diagnostics()
+        conn.send({"ok": True, "diagnostics": diagnostics})
+
+    def _locate(self, conn: Connection, message: Message) -> None:
+        """Where a name's slot is (for get_vars())."""
+        found = self._lookup(conn, message)
+        if found is not None:
+            worker = found[1]
+            slot = worker.instances[0].slot if worker is not None else None
+            conn.send({"ok": True, "slot": slot, "gen": worker.gen if worker is not None else 0})
+
+    def _restart(self, conn: Connection, _message: Message) -> None:
+        """restart_workers(): answered once every running instance is back."""
+        self._restart_all(conn)
+
+    def _watch(self, conn: Connection, _message: Message) -> None:
+        """Subscribe the connection to state-change events until it closes."""
+        self.watchers.append(conn)
+        conn.on_close.append(lambda: self.watchers.remove(conn))
+        conn.send({"ok": True})
+
+    # -- resolving names ---------------------------------------------------------------
+
+    def _scope_of(self, message: Message) -> int:
+        """The scope id a request names (by id or label); -1 for a label that
+        names no single declared scope."""
+        scope = message.get("scope")
+        if scope is None:
+            return 0
+        if isinstance(scope, bool) or not isinstance(scope, int | str):
+            raise TypeError("scope must be an id or a label")
+        if isinstance(scope, str):
+            found = self.registry.scope_by_label(scope)
+            return -1 if found is None else found
+        return scope
+
+    def _resolve(self, conn: Connection, scope_id: int, names: list[str]) -> list[Worker] | None:
+        """Every name's worker, hosting new catch-all names only once all fit.
+
+        Replies with the error and returns None when a name is undeclared or a
+        catch-all would exceed its cap: nothing is started then.
+        """
+        plan: list[tuple[Decl, str, Worker | None]] = []
+        wanted: Counter[int] = Counter()
+        for name in names:
+            decl = self.registry.resolve(scope_id, name)
+            if decl is None:
+                conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
+                return None
+            worker = self.workers.get((decl.scope_id, name))
+            if worker is None:
+                wanted[decl.index] += 1
+                if len(decl.hosted) + wanted[decl.index] > decl.cap:
+                    reply = error_reply(
+                        CatchAllLimitReached.__name__, texts.limit_reached(name, decl.cap)
+                    )
+                    conn.send(reply)
+                    return None
+            plan.append((decl, name, worker))
+        return [worker or self._host(decl, name) for decl, name, worker in plan]
+
+    def _lookup(self, conn: Connection, message: Message) -> tuple[Decl, Worker | None] | None:
+        """The declaration and, if running or hosted, the worker a request's
+        `name` and `scope` resolve to; replies WorkerNotDeclared and returns
+        None when none does. Starts nothing."""
+        name = message["name"]
+        if not isinstance(name, str) or name_problem(name):
+            raise ValueError("bad worker name")
+        scope_id = self._scope_of(message)
+        decl = self.registry.resolve(scope_id, name) if scope_id >= 0 else None
+        if decl is None:
+            conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
+            return None
+        return decl, self.workers.get((decl.scope_id, name))
+
+
+HANDLERS: dict[str, Callable[[Requests, Connection, Message], None]] = {
+    "hello": Requests._hello,
+    "ensure": Requests._ensure,
+    "start": Requests._start,
+    "diagnostics": Requests._diagnostics,
+    "locate": Requests._locate,
+    "restart": Requests._restart,
+    "watch": Requests._watch,
+}
+"""The handler of each control operation, by its `op`."""
