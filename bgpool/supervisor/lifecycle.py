@@ -125,7 +125,7 @@ class Lifecycle(Drains):
             self.relay.attach(read_end, stream, inst.label, inst.tail)
             outputs.append(read_end)
         inst.run = Run(pid, stop_w, notify_r, outputs)
-        inst.started_at, inst.started_mono, inst.ready_at = time.time(), time.monotonic(), 0.0
+        inst.started_at, inst.started_mono, inst.ready_at = time.time(), self.timers.clock(), 0.0
         self.by_pid[pid] = inst
         self.selector.register(
             notify_r, selectors.EVENT_READ, functools.partial(self._on_notify, inst)
@@ -193,7 +193,7 @@ class Lifecycle(Drains):
         inst.ready_at = time.time()
         first = not worker.name_ready
         worker.name_ready = True
-        elapsed = time.monotonic() - inst.started_mono
+        elapsed = self.timers.clock() - inst.started_mono
         inst.boot_sum += elapsed
         inst.boot_buckets[bisect.bisect_left(BOOT_BUCKETS, elapsed)] += 1
         if inst.state == State.STARTING:
@@ -239,7 +239,7 @@ class Lifecycle(Drains):
         if inst.state == State.STOPPING:
             self._drained(inst, status)
         else:
-            self._after_run(inst, status, time.monotonic() - inst.started_mono, run.error)
+            self._after_run(inst, status, self.timers.clock() - inst.started_mono, run.error)
 
     def _after_run(
         self, inst: Instance, status: int | None, run_seconds: float, error: dict[str, Any] | None

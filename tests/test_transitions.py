@@ -1,0 +1,253 @@
+"""The supervisor's state machine on its own: the transition table, and the
+lifecycle's decisions driven step by step on a fake clock, with no process
+forked (`_spawn` records a run instead). Each scenario checks the states an
+instance goes through, and that every move it made is one the table allows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bgpool.states import TRANSITIONS, State, allowed
+from bgpool.supervisor.core import Settings
+from bgpool.supervisor.instances import Instance, Run
+from bgpool.supervisor.loop import Supervisor
+from bgpool.supervisor.registry import Decl
+from bgpool.supervisor.timers import Timers
+from bgpool.supervisor.waiters import Waiter
+
+FAKE_PIDS = itertools.count(2**30)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Machine(Supervisor):
+    """A supervisor whose spawns fork nothing: each records a run with a fake
+    pid, so exits and readiness can be fed in by hand."""
+
+    def __init__(self, decls: list[Decl], address: str, clock: Clock) -> None:
+        settings = Settings(
+            ensure_timeout=5.0, grace_period=3.0, restart_grace_period=2.0,
+            start_method="fork", max_vars_bytes=1 << 16,
+        )  # fmt: skip
+        super().__init__(decls, settings, os.getpid(), address)
+        self.timers = Timers(clock)
+        self.moves: list[tuple[str, str]] = []
+
+    def _transition(
+        self, inst: Instance, target: State, detail: str, level: int = logging.INFO
+    ) -> None:
+        self.moves.append((inst.state.label, target.label))
+        super()._transition(inst, target, detail, level)
+
+    def _spawn(self, inst: Instance) -> None:
+        inst.attempts += 1
+        pid = next(FAKE_PIDS)
+        inst.run = Run(pid, None, None, [])
+        inst.started_mono = self.timers.clock()
+        self.by_pid[pid] = inst
+        self._transition(inst, State.STARTING, f"pid {pid}")
+
+    def ready(self, inst: Instance) -> None:
+        assert inst.run is not None
+        inst.run.handle_taken = True
+        self._maybe_ready(inst, inst.run)
+
+    def exit(self, inst: Instance, status: int) -> None:
+        assert inst.pid is not None
+        del self.by_pid[inst.pid]
+        self._on_exit(inst, status)
+
+    def advance(self, seconds: float) -> None:
+        assert isinstance(self.timers.clock, Clock)
+        self.timers.clock.now += seconds
+        self.timers.run_due()
+
+    def release(self) -> None:
+        """What `close()` releases, without its reaping of our own children."""
+        self.selector.close()
+        self.listener.close()
+        self.table.destroy()
+        for fd in (self.wake_r, self.wake_w, self.owner_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def decl(name: str | None = "w", *, num: int = 1, max_failures: int = 3) -> Decl:
+    return Decl(
+        index=0, name=name, target="fixtures.workers:forever", script=None, num=num,
+        cap=max(num, 1) if name is not None else 4, max_failures=max_failures, env={},
+        args=[], scope_id=0, scope_label="",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[Machine]:
+    sup = Machine([decl()], str(tmp_path / "c.sock"), Clock())
+    try:
+        yield sup
+    finally:
+        sup.release()
+
+
+def the_instance(sup: Machine) -> Instance:
+    (worker,) = sup.workers.values()
+    return worker.instances[0]
+
+
+def assert_only_allowed_moves(sup: Machine) -> None:
+    bad = [(a, b) for a, b in sup.moves if not allowed(State[a.upper()], State[b.upper()])]
+    assert not bad, f"moves outside the transition table: {bad}"
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+def test_every_state_has_its_allowed_moves() -> None:
+    assert set(TRANSITIONS) == set(State)
+    for source, targets in TRANSITIONS.items():
+        assert targets, f"{source.label} is a dead end"
+        assert all(isinstance(t, State) for t in targets)
+
+
+def test_every_state_is_reachable_from_stopped() -> None:
+    seen, frontier = {State.STOPPED}, [State.STOPPED]
+    while frontier:
+        for target in TRANSITIONS[frontier.pop()]:
+            if target not in seen:
+                seen.add(target)
+                frontier.append(target)
+    assert seen == set(State)
+
+
+def test_a_stopped_instance_can_only_be_started() -> None:
+    assert TRANSITIONS[State.STOPPED] == {State.STARTING}
+    assert not allowed(State.STOPPED, State.READY)
+    assert not allowed(State.ABORTED, State.READY)
+    assert allowed(State.STOPPING, State.STOPPED)
+
+
+# -- the machine ----------------------------------------------------------------------
+
+
+def test_start_and_readiness(machine: Machine) -> None:
+    inst = the_instance(machine)
+    machine.start_eager()
+    assert inst.state == State.STARTING and inst.pid is not None
+    machine.ready(inst)
+    assert inst.state == State.READY and inst.ever_ready and inst.worker.name_ready
+    assert machine.table.read(inst.slot).state == State.READY  # published
+    assert machine.moves == [("stopped", "starting"), ("starting", "ready")]
+
+
+def test_boot_failures_back_off_then_abort(machine: Machine) -> None:
+    inst = the_instance(machine)
+    machine.start_eager()
+    machine.exit(inst, 1)  # first failure: restarted at once
+    assert inst.state == State.STARTING and inst.failures == 1
+    machine.exit(inst, 1)  # second: 0.1 s of backoff
+    assert inst.state == State.BACKOFF
+    machine.advance(0.09)
+    assert inst.state == State.BACKOFF
+    machine.advance(0.02)
+    assert inst.state == State.STARTING
+    machine.exit(inst, 1)  # third: max_failures=3 reached
+    assert inst.state == State.ABORTED and inst.pid is None
+    assert ("starting", "crashed") in machine.moves
+    assert ("crashed", "backoff") in machine.moves
+    assert machine.moves[-1] == ("starting", "aborted")
+    assert_only_allowed_moves(machine)
+
+
+def test_a_crash_after_readiness_restarts_and_is_never_aborted(machine: Machine) -> None:
+    inst = the_instance(machine)
+    machine.start_eager()
+    machine.ready(inst)
+    for _ in range(10):
+        machine.exit(inst, -9)
+        machine.advance(1.0)
+        if inst.state == State.STARTING:
+            machine.ready(inst)
+    assert inst.state == State.READY and inst.crashes == 10
+    assert ("ready", "crashed") in machine.moves
+    assert_only_allowed_moves(machine)
+
+
+def test_a_clean_exit_is_paced(machine: Machine) -> None:
+    inst = the_instance(machine)
+    machine.start_eager()
+    machine.ready(inst)
+    machine.exit(inst, 0)  # 0 s after its start: waits out the pacing interval
+    assert inst.state == State.BACKOFF and inst.crashes == 0
+    machine.advance(0.1)
+    assert inst.state == State.STARTING
+    assert_only_allowed_moves(machine)
+
+
+def test_a_drain_cancels_a_pending_restart(machine: Machine) -> None:
+    inst = the_instance(machine)
+    machine.start_eager()
+    machine.exit(inst, 1)
+    machine.exit(inst, 1)
+    assert inst.state == State.BACKOFF
+    machine._drain(inst, 3.0, respawn=False)
+    assert inst.state == State.STOPPED
+    machine.advance(5.0)  # the cancelled restart never fires
+    assert inst.state == State.STOPPED and inst.pid is None
+    assert_only_allowed_moves(machine)
+
+
+def test_a_restart_drain_respawns_and_a_shutdown_drain_stops(machine: Machine) -> None:
+    inst = the_instance(machine)
+    machine.start_eager()
+    machine.ready(inst)
+    machine._drain(inst, 3.0, respawn=True)
+    assert inst.state == State.STOPPING and inst.drain is not None
+    machine.exit(inst, 0)
+    assert inst.state == State.STARTING and inst.drain is None
+    machine.ready(inst)
+    machine._drain(inst, 3.0, respawn=True)
+    machine._drain(inst, 3.0, respawn=False)  # a shutdown during a restart wins
+    machine.exit(inst, 0)
+    assert inst.state == State.STOPPED
+    assert_only_allowed_moves(machine)
+
+
+def test_ensure_waiters_hear_of_readiness(machine: Machine, tmp_path: Path) -> None:
+    inst = the_instance(machine)
+    replies: list[dict[str, object]] = []
+
+    class Conn:
+        def __init__(self) -> None:
+            self.on_close: list[object] = []
+
+        def send(self, message: dict[str, object]) -> None:
+            replies.append(message)
+
+    machine._wake(inst.worker)
+    machine._wait(Waiter(Conn(), [inst.worker], 5.0))  # type: ignore[arg-type]
+    assert not replies
+    machine.ready(inst)
+    assert replies and replies[0]["ok"] is True
+
+
+def test_a_move_outside_the_table_is_logged_as_a_bug(
+    machine: Machine, caplog: pytest.LogCaptureFixture
+) -> None:
+    inst = the_instance(machine)
+    with caplog.at_level(logging.ERROR, logger="bgpool"):
+        machine._transition(inst, State.READY, "a bug")
+    assert "not an allowed transition" in caplog.text
+    assert "stopped to ready" in caplog.text
