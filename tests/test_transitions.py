@@ -112,6 +112,10 @@ def state(inst: Instance) -> State:
     return inst.state
 
 
+def draining(inst: Instance) -> bool:
+    return inst.drain is not None
+
+
 def assert_only_allowed_moves(sup: Machine) -> None:
     bad = [(a, b) for a, b in sup.moves if not allowed(State[a.upper()], State[b.upper()])]
     assert not bad, f"moves outside the transition table: {bad}"
@@ -220,10 +224,10 @@ def test_a_restart_drain_respawns_and_a_shutdown_drain_stops(machine: Machine) -
     machine.ready(inst)
     machine._drain(inst, 3.0, respawn=True)
     assert state(inst) == State.STOPPING
-    assert inst.drain is not None
+    assert draining(inst)
     machine.exit(inst, 0)
     assert state(inst) == State.STARTING
-    assert inst.drain is None
+    assert not draining(inst)
     machine.ready(inst)
     machine._drain(inst, 3.0, respawn=True)
     machine._drain(inst, 3.0, respawn=False)  # a shutdown during a restart wins
