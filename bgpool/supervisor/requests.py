@@ -46,11 +46,11 @@ class Requests(Lifecycle):
             conn.close()
             return
         for message in messages:
-            handler = HANDLERS.get(message.get("op"))  # type: ignore[arg-type]
+            op = message.get("op")
             try:
-                if handler is None:
-                    raise ValueError(f"unknown op {message.get('op')!r}")
-                handler(self, conn, message)
+                if not isinstance(op, str) or op not in HANDLERS:
+                    raise ValueError(f"unknown op {op!r}")
+                HANDLERS[op](self, conn, message)
             except (KeyError, TypeError, ValueError, ArithmeticError, ProtocolError) as exc:
                 log.warning("dropping a control connection after a bad request: %s", exc)
                 conn.close()
