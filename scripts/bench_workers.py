@@ -1,4 +1,4 @@
-"""Worker fixtures for scripts/bench.py.
+"""Worker fixtures for the benchmark (scripts/bench.py, scripts/benchmark/).
 
 Deliberately trivial, so the benchmark measures bgpool (or the peer), not the
 worker. The bgpool targets are `bench_workers:<function>`: the supervisor
@@ -57,7 +57,9 @@ def _append(path: str, line: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Write `path` so that a reader never sees it partly written (the
+    benchmark's readers use it too)."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
@@ -136,7 +138,7 @@ def publisher() -> None:
                     t0 = time.perf_counter_ns()
                     bgpool.set_vars(snap)
                     durations.append(time.perf_counter_ns() - t0)
-                _write_atomic(out, json.dumps(durations))
+                write_atomic(out, json.dumps(durations))
             elif command == "vis":
                 count, gap, first = int(args[0]), int(args[1]) / 1e6, int(args[2])
                 base, out = bases[args[3]], args[4]
@@ -148,7 +150,7 @@ def publisher() -> None:
                     bgpool.set_vars(snap)
                     returned[k] = time.monotonic_ns()
                 seq = first + count
-                _write_atomic(out, json.dumps(returned))
+                write_atomic(out, json.dumps(returned))
 
 
 # ------------------------------------------------------------ the peers' worker

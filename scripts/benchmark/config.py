@@ -1,0 +1,64 @@
+"""The run's sizes: the two presets (the full run and --quick) and the command-line
+options that override them."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Config:
+    quick: bool
+    reps: int  # samples of the per-start cases (cold ensure, crash to ready)
+    batch_reps: int  # samples of the batch case
+    batches: int  # samples of the per-call cases (one per batch of calls)
+    calls: int  # calls per batch on the in-process fast paths
+    rpc_calls: int  # calls per batch for round trips (peers, Manager dict)
+    batch: int  # names in the batch case
+    workers: int  # idle workers for drain and idle cost
+    drain_reps: int
+    peer_drain_reps: int
+    idle_seconds: float
+    scale: int
+    scale_reps: int
+    vars_count: int  # set_vars() publications per shape
+    vis_count: int  # visibility publications per shape
+    peers: bool
+
+
+# field: (--quick, the full run)
+PRESETS: dict[str, tuple[Any, Any]] = {
+    "reps": (5, 20),
+    "batch_reps": (3, 10),
+    "batches": (5, 15),
+    "calls": (20_000, 200_000),
+    "rpc_calls": (40, 100),
+    "batch": (64, 64),
+    "workers": (16, 256),
+    "drain_reps": (2, 5),
+    "peer_drain_reps": (1, 3),
+    "idle_seconds": (2.0, 10.0),
+    "scale": (100, 1000),
+    "scale_reps": (1, 2),
+    "vars_count": (100, 500),
+    "vis_count": (50, 200),
+}
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """The preset `args` chose, with the sizes `args` sets. --reps sets every
+    series' length (at least 2), and one sample for the slow series (the peer's
+    drain, scale)."""
+    column = 0 if args.quick else 1
+    preset = {name: values[column] for name, values in PRESETS.items()}
+    config = Config(quick=args.quick, peers=not args.no_peers, **preset)
+    for name in ("reps", "workers", "scale", "batch", "idle_seconds"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    if args.reps is not None:
+        config.batch_reps = config.drain_reps = config.batches = max(2, args.reps)
+        config.peer_drain_reps = config.scale_reps = 1
+    return config

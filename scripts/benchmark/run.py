@@ -1,0 +1,157 @@
+"""The run: which cases run (--only) and in which order, and what the cases of a
+phase share (the steady pool of a ready "hot" worker and the "pub" publisher, the
+peer daemons, the Manager dict, the temp dir). Each phase records a case's
+baseline, then bgpool, then the peers, so that every row's ratio is to the
+baseline recorded before it. A phase that fails is recorded as an error, with its
+traceback printed, and the run goes on with the next."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bench_workers
+
+import bgpool
+
+from . import baselines, cases, peers, vars_cases
+from .channels import FORK
+from .config import Config
+from .daemons import Circusd, Supervisord, peer
+from .harness import Bench
+
+HOT_CASES = ("hot_ensure_owner", "hot_ensure_client")
+VARS_CASES = ("get_vars_owner", "get_vars_client", "set_vars", "vars_visibility")
+IDLE_CASES = ("drain", "idle_cpu", "supervisor_rss", "worker_uss")
+
+
+def _hot_ensure(bench: Bench, steady: bgpool.Pool) -> None:
+    baselines.hot_ensure_owner(bench)
+    cases.hot_ensure_owner(bench, steady)
+    baselines.hot_ensure_client(bench)
+    cases.hot_ensure_client(bench, steady)
+
+
+def _vars(bench: Bench, steady: bgpool.Pool, vars_dir: Path) -> None:
+    manager = FORK.Manager()
+    fifo = os.open(vars_dir / "publisher.fifo", os.O_WRONLY)
+    try:
+        shared = manager.dict()
+        shared["snap"] = bench_workers.snapshot(0)
+        baselines.get_vars_owner(bench, shared)
+        vars_cases.get_vars_owner(bench, steady)
+        baselines.get_vars_client(bench, shared)
+        vars_cases.get_vars_client(bench, steady)
+        baselines.set_vars(bench, shared)
+        vars_cases.set_vars(bench, fifo, vars_dir)
+        baselines.visibility(bench, shared, vars_dir)
+        vars_cases.visibility(bench, steady, fifo, vars_dir)
+    finally:
+        os.close(fifo)
+        manager.shutdown()
+
+
+def _cold_ensure(bench: Bench, sd: Supervisord | None, cd: Circusd | None) -> None:
+    baselines.cold_ensure(bench)
+    cases.cold_ensure(bench)
+    peers.cold_ensure(bench, sd, cd)
+
+
+def _batch(bench: Bench) -> None:
+    baselines.batch_ensure(bench)
+    cases.batch_ensure(bench)
+
+
+def _crash(bench: Bench) -> None:
+    baselines.crash_to_ready(bench)
+    cases.crash_to_ready(bench)
+
+
+def _idle_and_drain(bench: Bench) -> None:
+    params = {"workers": bench.config.workers}
+    baselines.drain(bench, params)
+    cases.idle_and_drain(bench, params)
+    peers.idle_and_drain(bench, params)
+
+
+def _scale(bench: Bench) -> None:
+    params = {"workers": bench.config.scale, "nofile": cases.raise_nofile_limit()}
+    baselines.scale(bench, params)
+    cases.scale(bench, params)
+
+
+def _steady_pool(vars_dir: Path) -> bgpool.Pool:
+    """A ready worker for the hot cases and the publisher for the vars cases."""
+    return cases.pool_of(
+        [
+            bgpool.WorkerSpec(name="hot", target=cases.IDLE, num=1),
+            bgpool.WorkerSpec(
+                name="pub",
+                target="bench_workers:publisher",
+                num=1,
+                ready_on="vars",
+                env={"BENCH_DIR": str(vars_dir)},
+            ),
+        ]
+    )
+
+
+def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
+    tmp = Path(tempfile.mkdtemp(prefix="bgbench-"))
+    bench = Bench(config, tmp)
+    started = time.monotonic()
+
+    def wanted(*ids: str) -> bool:
+        return only is None or bool(only & set(ids))
+
+    def phase(title: str, function: Callable[..., None], *args: Any) -> None:
+        print(f"== {title}", flush=True)
+        try:
+            function(*args)
+        except Exception as exc:
+            bench.errors.append(f"{title}: {type(exc).__name__}: {exc}")
+            print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+
+    try:
+        vars_dir = Path(tempfile.mkdtemp(prefix="vars-", dir=tmp))
+        os.mkfifo(vars_dir / "publisher.fifo", 0o600)
+        if wanted(*HOT_CASES, *VARS_CASES):
+            steady = _steady_pool(vars_dir)
+            steady.start()
+            try:
+                if wanted(*HOT_CASES):
+                    phase("hot ensure()", _hot_ensure, bench, steady)
+                if wanted(*VARS_CASES):
+                    phase("get_vars() / set_vars() / visibility", _vars, bench, steady, vars_dir)
+            finally:
+                steady.shutdown()
+        if wanted("hot_ensure_client", "cold_ensure"):
+            with (
+                peer(bench, Supervisord, "supervisord (hot, cold)") as sd,
+                peer(bench, Circusd, "circus (hot, cold)") as cd,
+            ):
+                if wanted("hot_ensure_client") and (sd or cd):
+                    phase("hot ensure(): peers", peers.hot_ensure_client, bench, sd, cd)
+                if wanted("cold_ensure"):
+                    phase("cold ensure()", _cold_ensure, bench, sd, cd)
+        if wanted("vars_read"):
+            phase("decode and read a new snapshot", vars_cases.vars_read, bench)
+        if wanted("batch_ensure"):
+            phase(f"batch ensure() of {config.batch} names", _batch, bench)
+        if wanted("crash_to_ready"):
+            phase("crash to ready again", _crash, bench)
+        if wanted(*IDLE_CASES):
+            phase(f"idle cost and drain, {config.workers} workers", _idle_and_drain, bench)
+        if wanted("scale"):
+            phase(f"scale: {config.scale} workers", _scale, bench)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bench.finish()
+    return bench, {"duration_s": round(time.monotonic() - started, 1)}

@@ -1,0 +1,73 @@
+"""The cases: every case id, its title and unit, and the target of issue 6 / 5 it
+must meet with the check that decides it. The order here is the table's order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .harness import Row
+
+
+@dataclass
+class Case:
+    title: str
+    unit: str
+    target: str | None
+    check: Callable[[Row, list[Row]], bool] | None  # (bgpool's row, the case's rows)
+
+
+def _peer(rows: list[Row], prefix: str) -> Row | None:
+    return next((r for r in rows if r.kind == "peer" and r.subject.startswith(prefix)), None)
+
+
+def _cold_check(row: Row, rows: list[Row]) -> bool:
+    within = row.ratio_to_baseline is not None and row.ratio_to_baseline <= 2.0
+    supervisord = _peer(rows, "supervisord")
+    if supervisord is None:
+        row.note = (row.note + "; " if row.note else "") + "supervisord not measured"
+        return within
+    return within and supervisord.median >= 5 * row.median
+
+
+CASES: dict[str, Case] = {
+    "hot_ensure_owner": Case("hot ensure(), owner", "us", "<= 1 us", lambda r, _: r.median <= 1),
+    "hot_ensure_client": Case(
+        "hot ensure(), other process", "us", "<= 1 us", lambda r, _: r.median <= 1
+    ),
+    "cold_ensure": Case(
+        "cold ensure() of a lazy worker",
+        "ms",
+        "<= 2x baseline, >= 5x faster than supervisord",
+        _cold_check,
+    ),
+    "batch_ensure": Case(
+        "batch ensure() of catch-all names",
+        "ms",
+        "<= 2x baseline",
+        lambda r, _: r.ratio_to_baseline is not None and r.ratio_to_baseline <= 2,
+    ),
+    "crash_to_ready": Case("crash to ready again", "ms", "< 10 ms", lambda r, _: r.median < 10),
+    "drain": Case(
+        "drain: shutdown() of idle workers", "ms", "< 500 ms", lambda r, _: r.median < 500
+    ),
+    "idle_cpu": Case("idle supervisor CPU", "% core", "< 1% of a core", lambda r, _: r.median < 1),
+    "supervisor_rss": Case("supervisor RSS", "MiB", None, None),
+    "worker_uss": Case("idle worker USS", "MiB", None, None),
+    "scale": Case(
+        "start N workers, all ready", "s", "succeeds", lambda r, _: bool(r.extra.get("success"))
+    ),
+    "get_vars_owner": Case(
+        "get_vars() unchanged 10 kB, owner", "us", "<= 1 us", lambda r, _: r.median <= 1
+    ),
+    "get_vars_client": Case(
+        "get_vars() unchanged 10 kB, other process", "us", "<= 1 us", lambda r, _: r.median <= 1
+    ),
+    "set_vars": Case("set_vars() of 10 kB", "us", "<= 50 us", lambda r, _: r.median <= 50),
+    "vars_visibility": Case(
+        "set_vars() returned -> seen elsewhere", "us", "<= 100 us", lambda r, _: r.median <= 100
+    ),
+    "vars_read": Case("decode a new 10 kB snapshot and read it", "us", None, None),
+}
