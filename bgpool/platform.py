@@ -94,6 +94,29 @@ def unlink_shm(name: str) -> None:
         os.unlink(f"/dev/shm/{name}")
 
 
+def fill_closed_stdio() -> None:
+    """Open /dev/null on whichever of descriptors 0, 1 and 2 is closed (a
+    daemon's, or a service manager's doing), so that no descriptor bgpool
+    creates afterwards lands there, where stdio redirection would replace it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free: `fd` itself
+            if null == fd:
+                os.set_inheritable(fd, True)
+            else:
+                os.dup2(null, fd, inheritable=True)
+                os.close(null)
+
+
+def fd_limits() -> tuple[int, int]:
+    """RLIMIT_NOFILE as (soft, hard); -1 for unlimited."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinity = resource.RLIM_INFINITY
+    return (-1 if soft == infinity else soft), (-1 if hard == infinity else hard)
+
+
 def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (each worker costs the
     supervisor a few descriptors) and return the new soft limit."""

@@ -16,6 +16,14 @@ CLOSED = "pool is closed"
 """`PoolClosed`'s message once the pool (or its supervisor) is gone."""
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters, saying how much was left out, so
+    no message, log line or diagnostic field can grow without bound."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters]"
+
+
 def signal_name(status: int | None) -> str | None:
     """`"SIGKILL"` for an exit status of -9; None for a normal exit."""
     if status is None or status >= 0:
@@ -117,6 +125,22 @@ def limit_reached(name: str, cap: int) -> str:
     return (
         f'cannot start background worker "{name}": limit of {cap} reached '
         "(raise max_instances or declare it as a named worker)"
+    )
+
+
+def fd_limits_now(soft: int, hard: int) -> str:
+    """`(RLIMIT_NOFILE: soft 1024, hard 4096)`."""
+    return f"(RLIMIT_NOFILE: soft {'unlimited' if soft < 0 else soft}, " + (
+        f"hard {'unlimited' if hard < 0 else hard})"
+    )
+
+
+def fd_limit_too_low(instances: int, need: int, soft: int, hard: int) -> str:
+    """StartupError's message when the descriptor limit cannot hold the eager workers."""
+    return (
+        f"could not start the pool: {instances} eager worker instances need about {need} "
+        f"file descriptors in the supervisor, over its limit {fd_limits_now(soft, hard)}; "
+        "raise the hard limit (ulimit -Hn, or LimitNOFILE= in a systemd unit)"
     )
 
 

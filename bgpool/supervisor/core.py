@@ -9,6 +9,7 @@ below it: `Core` (here), `Drains`, `Lifecycle`, `Requests`, `Teardown`, and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -57,10 +58,16 @@ class Core:
         self.pid = os.getpid()
         self.registry = Registry(decls)
         self.timers = Timers()
-        self.selector = selectors.DefaultSelector()
+        with contextlib.ExitStack() as undo:  # a failed start leaves nothing behind
+            self.selector = selectors.DefaultSelector()
+            undo.callback(self.selector.close)
+            self.table = TableWriter(self.registry.nslots, self.pid)
+            undo.callback(self.table.destroy)
+            self.listener = Listener(address)
+            undo.callback(self.listener.close)
+            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            undo.pop_all()
         self.relay = Relay(self.selector)
-        self.table = TableWriter(self.registry.nslots, self.pid)
-        self.listener = Listener(address)
         self.workers: dict[tuple[int, str], Worker] = {}
         self.by_pid: dict[int, Instance] = {}  # running instances
         self.gens = [1] * self.registry.nslots
@@ -69,7 +76,7 @@ class Core:
         self.restarts: list[tuple[set[Instance], Connection | None]] = []  # pending batches
         self.closing = False  # shutting down: drains are final, requests refused
         self.finished = False  # the loop may end
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.startup_problem: str | None = None  # why start() must fail before any spawn
         self.owner_fd: int | None = None
         for decl in decls:
             if decl.name is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import errno
 import functools
 import logging
 import os
@@ -28,16 +29,34 @@ from .registry import Decl
 
 log = logging.getLogger("bgpool")
 
+FIXED_FDS = 64
+"""Descriptors the supervisor needs besides its workers': stdio, its listener,
+selector, wake-up pipe and table, a spawn's pipe ends in passing, and clients'
+connections."""
+
+
+def _fds_per_instance(decl: Decl) -> int:
+    """Descriptors the supervisor holds for each running instance: its stop
+    pipe's write end, its notify pipe's read end, and the read ends of its
+    relayed stdout and stderr."""
+    return 2 + (2 if decl.output == "prefix" else 0)
+
 
 class Lifecycle(Drains):
     """Spawning instances and deciding what follows each exit."""
 
     def start_eager(self) -> None:
-        """Start every instance of every eager declaration."""
-        for worker in self.workers.values():
-            if worker.decl.eager:
-                for inst in worker.instances:
-                    self._spawn(inst)
+        """Start every instance of every eager declaration, unless the
+        descriptor limit cannot hold them: then start none, and let `start()`
+        say why (`startup_problem`)."""
+        eager = [i for w in self.workers.values() if w.decl.eager for i in w.instances]
+        need = FIXED_FDS + sum(_fds_per_instance(i.worker.decl) for i in eager)
+        soft, hard = platform.fd_limits()
+        if 0 <= soft < need:
+            self.startup_problem = texts.fd_limit_too_low(len(eager), need, soft, hard)
+            return
+        for inst in eager:
+            self._spawn(inst)
 
     # -- names -----------------------------------------------------------------------
 
@@ -73,12 +92,45 @@ class Lifecycle(Drains):
     # -- spawn -----------------------------------------------------------------------
 
     def _spawn(self, inst: Instance) -> None:
-        """Fork a new process for `inst` (to STARTING)."""
+        """Fork a new process for `inst` (to STARTING). A process that cannot be
+        made (out of descriptors or processes) is a failed start, told to its
+        waiters at once."""
         assert inst.run is None
+        inst.attempts += 1
+        made: list[int] = []
+        try:
+            for _ in range(2 + (2 if inst.worker.decl.output == "prefix" else 0)):
+                made.extend(os.pipe2(os.O_CLOEXEC))
+            pid = self._fork(inst, made)
+        except OSError as exc:
+            for fd in made:
+                os.close(fd)
+            self._cannot_start(inst, exc)
+            return
+        stop_r, stop_w, notify_r, notify_w, *outputs = made
+        os.close(stop_r)
+        os.close(notify_w)
+        os.set_blocking(notify_r, False)
+        inst.tail = collections.deque(maxlen=relay.TAIL_LINES)
+        read_ends, write_ends = outputs[0::2], outputs[1::2]
+        for fd in write_ends:
+            os.close(fd)
+        for stream, read_end in enumerate(read_ends, start=1):
+            self.relay.attach(read_end, stream, inst.label, inst.tail)
+        inst.run = Run(pid, stop_w, notify_r, read_ends)
+        inst.started_at, inst.started_mono, inst.ready_at = time.time(), self.timers.clock(), 0.0
+        self.by_pid[pid] = inst
+        self.selector.register(
+            notify_r, selectors.EVENT_READ, functools.partial(self._on_notify, inst)
+        )
+        self._transition(inst, State.STARTING, f"pid {pid}, attempt {inst.attempts}")
+
+    def _fork(self, inst: Instance, fds: list[int]) -> int:
+        """Fork the worker process of `inst`, handing it its ends of `fds` (stop
+        pipe, notify pipe, then stdout and stderr pipes if relayed); returns its
+        pid in the supervisor. The child never returns."""
         worker, decl = inst.worker, inst.worker.decl
-        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
-        notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
-        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2 if decl.output == "prefix" else 0)]
+        stop_r, _, _, notify_w, *outputs = fds
         boot = Boot(
             name=worker.name,
             scope_id=decl.scope_id,
@@ -94,43 +146,25 @@ class Lifecycle(Drains):
             sys_path=sys.path,
             vars_segment=varstore.segment_name(self.table.name, worker.instances[0].slot),
             max_vars_bytes=self.settings.max_vars_bytes,
-            stdout_fd=pipes[0][1] if pipes else None,
-            stderr_fd=pipes[1][1] if pipes else None,
+            stdout_fd=outputs[1] if outputs else None,
+            stderr_fd=outputs[3] if outputs else None,
         )
-        inst.attempts += 1
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            for fd in (stop_r, stop_w, notify_r, notify_w, *(fd for p in pipes for fd in p)):
-                os.close(fd)
-            self._transition(inst, State.STARTING, f"attempt {inst.attempts}: cannot fork")
-            error = {
-                "type": "OSError",
-                "message": f"cannot fork: {exc}",
-                "filename": None,
-                "lineno": None,
-                "traceback": "",
-            }
-            self._after_run(inst, None, 0.0, error)
-            return
+        pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             (run_forked if self.settings.start_method == "fork" else exec_spawned)(boot)
-        os.close(stop_r)
-        os.close(notify_w)
-        os.set_blocking(notify_r, False)
-        inst.tail = collections.deque(maxlen=relay.TAIL_LINES)
-        outputs = []
-        for stream, (read_end, write_end) in enumerate(pipes, start=1):
-            os.close(write_end)
-            self.relay.attach(read_end, stream, inst.label, inst.tail)
-            outputs.append(read_end)
-        inst.run = Run(pid, stop_w, notify_r, outputs)
-        inst.started_at, inst.started_mono, inst.ready_at = time.time(), self.timers.clock(), 0.0
-        self.by_pid[pid] = inst
-        self.selector.register(
-            notify_r, selectors.EVENT_READ, functools.partial(self._on_notify, inst)
-        )
-        self._transition(inst, State.STARTING, f"pid {pid}, attempt {inst.attempts}")
+        return pid
+
+    def _cannot_start(self, inst: Instance, exc: OSError) -> None:
+        """No process could be made for `inst`: one that was never ready is
+        given up at once (its waiters hear why, a catch-all name is freed);
+        one that was ready backs off and tries again, as after a crash."""
+        cause = f"cannot start a process: {exc}"
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            cause += " " + texts.fd_limits_now(*platform.fd_limits())
+        self._transition(inst, State.STARTING, f"attempt {inst.attempts}: {cause}")
+        error = {"type": "OSError", "message": cause, "filename": None, "lineno": None,
+                 "traceback": ""}  # fmt: skip
+        self._after_run(inst, None, 0.0, error, give_up=not inst.ever_ready)
 
     def _respawn(self, inst: Instance) -> None:
         """Start `inst` again after an exit (from BACKOFF, CRASHED, STOPPING, or
@@ -242,10 +276,17 @@ class Lifecycle(Drains):
             self._after_run(inst, status, self.timers.clock() - inst.started_mono, run.error)
 
     def _after_run(
-        self, inst: Instance, status: int | None, run_seconds: float, error: dict[str, Any] | None
+        self,
+        inst: Instance,
+        status: int | None,
+        run_seconds: float,
+        error: dict[str, Any] | None,
+        *,
+        give_up: bool = False,
     ) -> None:
         """Decide what follows a run that ended outside a drain (STARTING or
-        READY): restart now, back off, or give up."""
+        READY): restart now, back off, or give up (at the failure cap, or at
+        once with `give_up`)."""
         worker, decl = inst.worker, inst.worker.decl
         boot_failure = not inst.ever_ready
         failed = boot_failure or status != 0
@@ -260,7 +301,7 @@ class Lifecycle(Drains):
             if boot_failure:
                 worker.boot_failures += 1
             words += f": {texts.error_words(error)}" if error else ""
-        if policy.should_abort(inst.failures, inst.ever_ready, decl.max_failures):
+        if give_up or policy.should_abort(inst.failures, inst.ever_ready, decl.max_failures):
             self._transition(
                 inst,
                 State.ABORTED,

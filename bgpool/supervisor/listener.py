@@ -53,7 +53,13 @@ class Connection:
         """Queue `message`; write as much as the socket takes now."""
         if self.closed:
             return
-        self._out += protocol.encode(message)
+        try:
+            data = protocol.encode(message)
+        except ValueError as exc:  # over the frame limit: a bug in a budget upstream
+            log.error("a reply was too large to send, sending an error instead: %s", exc)
+            text = f"the supervisor could not send its reply: {exc}"
+            data = protocol.encode(protocol.error_reply("BgpoolError", text))
+        self._out += data
         self.flush()
 
     def flush(self) -> None:

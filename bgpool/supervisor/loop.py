@@ -78,7 +78,7 @@ class Supervisor(Teardown):
                 if self.selector.get_map().get(key.fd) is not key:
                     continue
                 guarded(self._dispatch_event, key, events)
-            self.timers.run_due()
+            self.timers.run_due(guarded)
 
     def _dispatch_event(self, key: selectors.SelectorKey, events: int) -> None:
         if isinstance(key.data, Connection):

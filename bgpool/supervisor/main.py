@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from .. import platform
+from .. import platform, texts
 from .core import Settings
 from .loop import Supervisor
 from .registry import Decl
@@ -37,6 +37,20 @@ def _preload(decls: list[Decl]) -> None:
 
 _LOG_FORMAT = "bgpool[%(process)d] %(levelname)s %(message)s"
 
+LOG_LINE_CHARS = 2000
+"""The longest log line the supervisor writes: a worker's 10 kB exception
+message is cut, saying how much was left out."""
+
+
+class _Formatter(logging.Formatter):
+    """bgpool's log format, every record cut to `LOG_LINE_CHARS`."""
+
+    def __init__(self) -> None:
+        super().__init__(_LOG_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return texts.clip(super().format(record), LOG_LINE_CHARS)
+
 
 class _RelayHandler(logging.Handler):
     """Log records through the output relay, so logging never blocks the loop
@@ -45,7 +59,7 @@ class _RelayHandler(logging.Handler):
     def __init__(self, relay: Relay) -> None:
         super().__init__()
         self._relay = relay
-        self.setFormatter(logging.Formatter(_LOG_FORMAT))
+        self.setFormatter(_Formatter())
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -58,7 +72,7 @@ class _RelayHandler(logging.Handler):
 def _logging_to_stderr(level: str) -> Iterator[None]:
     """Plain stderr logging until the loop's relay takes over (`_relay_logging`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.setFormatter(_Formatter())
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
@@ -79,8 +93,8 @@ def main() -> None:
     """Entry point of the supervisor process, started by `Pool.start()`.
 
     Reads its bootstrap (declarations, settings, the owner's pid, sys.path) as
-    JSON from stdin, writes its address and table name on the boot pipe, then
-    runs until shut down.
+    JSON from stdin, writes its table's name on the boot pipe (or why it could
+    not start), then runs until shut down.
     """
     bootstrap = json.loads(sys.stdin.buffer.read())
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -97,13 +111,19 @@ def main() -> None:
             _preload(decls)
         # The owner put BGPOOL_ADDRESS in our environment at exec, so every
         # worker and everything it starts carries it where /proc shows it.
-        supervisor = Supervisor(
-            decls, settings, bootstrap["owner_pid"], os.environ["BGPOOL_ADDRESS"]
-        )
+        boot = os.fdopen(boot_fd, "w")
+        try:
+            supervisor = Supervisor(
+                decls, settings, bootstrap["owner_pid"], os.environ["BGPOOL_ADDRESS"]
+            )
+        except Exception as exc:  # the owner raises StartupError with this
+            with boot:
+                boot.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+            raise SystemExit(1) from None
         _relay_logging(supervisor.relay)
         try:
             supervisor.install_signals()
-            with os.fdopen(boot_fd, "w") as boot:
+            with boot:
                 boot.write(json.dumps({"table": supervisor.table.name}) + "\n")
             supervisor.start_eager()
             supervisor.run()

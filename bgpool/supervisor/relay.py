@@ -21,8 +21,13 @@ import selectors
 import time
 from collections.abc import Callable
 
+from .. import texts
+
 TAIL_LINES = 20
 """How many of a worker's last output lines diagnostics keep."""
+
+TAIL_LINE_CHARS = 1000
+"""How much of each such line they keep: replies carry them, and must fit a frame."""
 
 MAX_LINE = 16384
 """A longer line is relayed in pieces of this size."""
@@ -134,7 +139,7 @@ class Relay:
     def _line(self, source: _Source, line: bytes, final: bool = False) -> None:
         if final and not line:
             return
-        source.tail.append(line.decode(errors="replace"))
+        source.tail.append(texts.clip(line.decode(errors="replace"), TAIL_LINE_CHARS))
         self._queue(source.destination, source.prefix + line + b"\n")
 
     def _queue(self, destination: _Destination, data: bytes) -> None:

@@ -8,6 +8,7 @@ that report an error are built by `protocol.error_reply`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import selectors
@@ -26,15 +27,38 @@ from .waiters import Waiter
 
 log = logging.getLogger("bgpool")
 
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""The errors of an accept() that a moment's patience may cure."""
+
+ACCEPT_PAUSE = 0.1
+"""Seconds the listener rests after such an error."""
+
 
 class Requests(Lifecycle):
     """Accepting connections and answering their requests."""
 
     def _accept(self, _sock: object) -> None:
-        sock = self.listener.accept()
+        try:
+            sock = self.listener.accept()
+        except OSError as exc:
+            if exc.errno not in OUT_OF_RESOURCES:
+                raise
+            self._pause_accepting(exc)
+            return
         if sock is not None:
             conn = Connection(sock, self.selector)
             self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors: leave waiting connections in the backlog for a
+        moment (the listener stays readable, so accepting again at once would
+        spin) instead of failing."""
+        log.warning("cannot accept a control connection (%s): retrying in %gs", exc, ACCEPT_PAUSE)
+        self.selector.unregister(self.listener.sock)
+        self.timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self.selector.register(self.listener.sock, selectors.EVENT_READ, self._accept)
 
     def _on_connection(self, conn: Connection, events: int) -> None:
         if events & selectors.EVENT_WRITE:
@@ -104,7 +128,11 @@ class Requests(Lifecycle):
         self._wait(Waiter(conn, workers, timeout, fail_fast=fail_fast))
 
     def _start(self, conn: Connection, _message: Message) -> None:
-        """start(): answer once every eager worker is ready, or one is aborted."""
+        """start(): answer once every eager worker is ready, or one is aborted
+        (at once if they could not even be spawned)."""
+        if self.startup_problem is not None:
+            conn.send(error_reply("StartupError", self.startup_problem))
+            return
         eager = [w for w in self.workers.values() if w.decl.eager]
         self._wait(Waiter(conn, eager, self.settings.ensure_timeout, startup=True))
 

@@ -5,6 +5,7 @@ an answer, and sends the reply a waiter returns.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from .. import texts
@@ -79,9 +80,27 @@ def _any_aborted(worker: Worker) -> bool:
     return any(i.state == State.ABORTED for i in worker.instances)
 
 
+MESSAGE_BUDGET = 256 * 1024
+"""Characters of an error message at most (a batch's names each add a sentence)."""
+
+DIAGNOSTICS_BUDGET = 2 * 1024 * 1024
+"""Encoded bytes of the diagnostics one reply carries at most: with the message,
+well inside the control protocol's frame, whatever the workers printed."""
+
+
 def failure_reply(error: str, text: str, workers: list[Worker]) -> Message:
-    """An error reply with the diagnostics of the workers it is about."""
-    return error_reply(error, text, diagnostics=[w.diagnostics() for w in workers])
+    """An error reply with the diagnostics of the workers it is about, as many
+    as fit the reply's budget (the message says how many were left out)."""
+    diagnostics: list[Message] = []
+    size = 0
+    for worker in workers:
+        entry = worker.diagnostics()
+        size += len(json.dumps(entry))
+        if size > DIAGNOSTICS_BUDGET:
+            text += f" (diagnostics of {len(workers) - len(diagnostics)} more workers left out)"
+            break
+        diagnostics.append(entry)
+    return error_reply(error, texts.clip(text, MESSAGE_BUDGET), diagnostics=diagnostics)
 
 
 def startup_error(workers: list[Worker], timeout: float) -> Message:

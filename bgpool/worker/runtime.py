@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import gc
 import importlib
+import inspect
 import io
 import json
 import os
@@ -136,6 +137,7 @@ def _run(boot: Boot) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(line_buffering=True)  # a line reaches the relay when printed
+    where: tuple[str, int] | None = None  # where the error lies, if not in the traceback
     try:
         if boot.script is not None:
             runpy.run_path(boot.script, run_name="__main__")
@@ -146,12 +148,20 @@ def _run(boot: Boot) -> int:
                 target = getattr(target, part)
             if not callable(target):
                 raise TypeError(f"target {boot.target} is not callable")
-            target()
+            result = target()
+            if inspect.iscoroutine(result):  # never awaited: said here, not in a warning
+                where = (result.cr_code.co_filename, result.cr_code.co_firstlineno)
+                result.close()
+                raise TypeError(
+                    f"target {boot.target} returned a coroutine: it is an async def function, "
+                    "which bgpool does not run; make the target a plain function that calls "
+                    "asyncio.run()"
+                )
         code = 0
     except SystemExit as exc:
         code = _exit_status(exc.code)
     except BaseException as exc:
-        handle.notify({"t": "error", **describe(exc)})
+        handle.notify({"t": "error", **describe(exc, where)})
         traceback.print_exception(type(exc), exc, _user_traceback(exc.__traceback__))
         code = 1
     try:
@@ -183,8 +193,9 @@ def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
     return tb
 
 
-def describe(exc: BaseException) -> dict[str, object]:
-    """A crash as data for diagnostics: type, message, where, traceback tail."""
+def describe(exc: BaseException, where: tuple[str, int] | None = None) -> dict[str, object]:
+    """A crash as data for diagnostics: type, message, where (`where`, else
+    from the exception), traceback tail."""
     kind = type(exc)
     qualified = (
         kind.__qualname__
@@ -195,7 +206,9 @@ def describe(exc: BaseException) -> dict[str, object]:
     frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith("<frozen")]
     filename: str | None = None
     lineno: int | None = None
-    if isinstance(exc, SyntaxError) and exc.filename:
+    if where is not None:
+        filename, lineno = where
+    elif isinstance(exc, SyntaxError) and exc.filename:
         filename, lineno = exc.filename, exc.lineno
     elif frames:
         filename, lineno = frames[-1].filename, frames[-1].lineno

@@ -1,0 +1,231 @@
+"""Faults an independent fault suite found, each fixed in the library: a reply
+bigger than the control protocol's frame, an application with its stdio
+closed, running out of descriptors, a start that fails half-way, and the small
+ones (huge exception messages in the log, async def targets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import bgpool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def faulty(name: str | None, target: str, **kwargs: Any) -> bgpool.WorkerSpec:
+    return bgpool.WorkerSpec(name=name, target=f"fixtures.faults:{target}", **kwargs)
+
+
+def run_app(code: str, tmp_path: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """Run `code` as an application in a fresh interpreter; it writes its
+    findings as JSON to the path in `OUT` (its stdio may be closed)."""
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(out)}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert out.exists(), f"the application wrote nothing (exit {done.returncode}): {done.stderr}"
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["long-lines", "invalid-utf8"])
+def test_a_reply_bigger_than_a_frame_does_not_kill_the_supervisor(
+    make_pool: Any, binary: bool
+) -> None:
+    """A batch of catch-all names failing at boot after printing 16 kB lines:
+    the timeout reply is budgeted to fit its frame, and the supervisor (and
+    every worker) survives it."""
+    env = {"LINES": "20", "WIDTH": "16384", **({"BINARY": "1"} if binary else {})}
+    pool = make_pool(
+        [faulty(None, "loud_boot_failure", env=env, max_consecutive_failures=-1),
+         faulty("steady", "idle", num=1)],
+    )  # fmt: skip
+    steady = [s.pid for s in pool.status() if s.name == "steady"]
+    names = [f"loud-{i}" for i in range(6)]
+    with pytest.raises(bgpool.EnsureTimeout) as caught:
+        pool.ensure(names, timeout=3.0)
+    assert caught.value.diagnostics is not None
+    assert caught.value.diagnostics.last_output, "the diagnostics lost the output tail"
+    assert all(len(line) < 2000 for line in caught.value.diagnostics.last_output)
+    assert any("more characters" in line for line in caught.value.diagnostics.last_output)
+    pool.ensure("steady")  # the supervisor still answers, the worker still runs
+    assert [s.pid for s in pool.status() if s.name == "steady"] == steady
+    assert pool.diagnostics("loud-0").state in {"starting", "crashed", "backoff"}
+
+
+def test_an_application_with_stdio_closed_gives_each_worker_its_own_stop_pipe(
+    tmp_path: Path,
+) -> None:
+    """fds 0-2 closed in the application: every worker still holds exactly
+    its own stop pipe, so a drain reaches each at once (no SIGTERM needed)."""
+    result = run_app(
+        """
+        import json, os, time
+        for fd in (0, 1, 2):
+            os.close(fd)
+        import bgpool
+        config = bgpool.PoolConfig(
+            workers=[bgpool.WorkerSpec(name="w", target="fixtures.faults:idle", num=4)],
+            grace_period=20.0,
+        )
+        pool = bgpool.Pool(config)
+        pool.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(s.state != "ready" for s in pool.status()):
+            time.sleep(0.01)
+        pids = [s.pid for s in pool.status()]
+        states = [s.state for s in pool.status()]
+        t0 = time.monotonic()
+        pool.shutdown()
+        elapsed = time.monotonic() - t0
+        with open(os.environ["OUT"], "w") as f:
+            json.dump({"pids": pids, "states": states, "shutdown": elapsed}, f)
+        """,
+        tmp_path,
+    )
+    assert result["states"] == ["ready"] * 4
+    assert result["shutdown"] < 5.0, "a worker did not see its drain (grace period 20 s)"
+    assert not [p for p in result["pids"] if psutil.pid_exists(p)]
+
+
+def test_out_of_descriptors_at_start_is_a_startup_error_naming_the_limit(tmp_path: Path) -> None:
+    result = run_app(
+        """
+        import json, os, resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        import bgpool
+        config = bgpool.PoolConfig(
+            workers=[bgpool.WorkerSpec(name="w", target="fixtures.faults:idle", num=30)]
+        )
+        pool = bgpool.Pool(config)
+        try:
+            pool.start()
+            found = {"error": None}
+        except bgpool.BgpoolError as exc:
+            found = {"error": type(exc).__name__, "message": str(exc)}
+        finally:
+            pool.shutdown()
+        with open(os.environ["OUT"], "w") as f:
+            json.dump(found, f)
+        """,
+        tmp_path,
+    )
+    assert result["error"] == "StartupError"
+    assert "RLIMIT_NOFILE: soft 64, hard 64" in result["message"]
+
+
+def test_a_spawn_out_of_descriptors_answers_at_once_and_frees_the_name(tmp_path: Path) -> None:
+    """Lazy catch-all names until the supervisor runs out of descriptors: the
+    one that cannot be spawned fails at once with the cause (not after its
+    deadline), its name is freed, and the supervisor goes on serving."""
+    result = run_app(
+        """
+        import json, os, resource, time
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+        import bgpool
+        config = bgpool.PoolConfig(workers=[
+            bgpool.WorkerSpec(target="fixtures.faults:idle", max_instances=100)
+        ])
+        with bgpool.Pool(config) as pool:
+            found = {"error": None}
+            for i in range(100):
+                t0 = time.monotonic()
+                try:
+                    pool.ensure(f"n{i}", timeout=20)
+                except bgpool.BgpoolError as exc:
+                    found = {"error": type(exc).__name__, "message": str(exc),
+                             "seconds": time.monotonic() - t0, "name": f"n{i}"}
+                    break
+            found["hosted"] = sorted(s.name for s in pool.status())
+            found["diag"] = pool.diagnostics("n0").state
+        with open(os.environ["OUT"], "w") as f:
+            json.dump(found, f)
+        """,
+        tmp_path,
+    )
+    assert result["error"] == "WorkerAborted", result
+    assert "Too many open files" in result["message"]
+    assert "RLIMIT_NOFILE" in result["message"]
+    assert result["seconds"] < 5.0, "the failed spawn waited out its deadline"
+    assert result["name"] not in result["hosted"], "the failed name kept its slot"
+    assert result["diag"] == "ready"
+
+
+def test_a_failed_start_leaves_no_shared_memory(tmp_path: Path) -> None:
+    """A socket path too long for AF_UNIX: StartupError, and the table the
+    supervisor made is gone with it."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    result = run_app(
+        f"""
+        import json, os, tempfile
+        tempfile.tempdir = {str(deep)!r}
+        before = set(os.listdir("/dev/shm"))
+        import bgpool
+        config = bgpool.PoolConfig(
+            workers=[bgpool.WorkerSpec(name="w", target="fixtures.faults:idle", num=1)]
+        )
+        pool = bgpool.Pool(config)
+        try:
+            pool.start()
+            found = {{"error": None}}
+        except bgpool.BgpoolError as exc:
+            found = {{"error": type(exc).__name__, "message": str(exc)}}
+        pool.shutdown()
+        found["pid"] = os.getpid()
+        found["new"] = sorted(set(os.listdir("/dev/shm")) - before)
+        with open(os.environ["OUT"], "w") as f:
+            json.dump(found, f)
+        """,
+        tmp_path,
+    )
+    assert result["error"] == "StartupError"
+    assert "AF_UNIX path too long" in result["message"], result["message"]
+    # Another run on this machine may have made segments meanwhile: those are
+    # mapped by their live supervisors. One of ours would be mapped by nobody.
+    mapped = set()
+    for proc in psutil.process_iter():
+        try:
+            mapped |= {m.path.rsplit("/", 1)[-1] for m in proc.memory_maps(grouped=True)}
+        except psutil.Error:
+            continue
+    assert not [n for n in result["new"] if n.startswith("bgp_") and n not in mapped]
+
+
+def test_a_huge_exception_message_is_cut_in_the_supervisor_log(
+    make_pool: Any, capfd: Any
+) -> None:
+    pool = make_pool([faulty("big", "huge_exception", max_consecutive_failures=1)])
+    with pytest.raises(bgpool.WorkerAborted) as caught:
+        pool.ensure("big")
+    assert caught.value.diagnostics is not None
+    logged = capfd.readouterr().err.splitlines()
+    mentions = [line for line in logged if line.startswith("bgpool[") and "EEEE" in line]
+    assert mentions, logged
+    assert all(len(line) <= 2100 for line in mentions), max(map(len, mentions))
+
+
+def test_an_async_def_target_is_reported_as_such(make_pool: Any) -> None:
+    pool = make_pool([faulty("coro", "coroutine_target", max_consecutive_failures=1)])
+    with pytest.raises(bgpool.WorkerAborted):
+        pool.ensure("coro", timeout=10)
+    diagnostics = pool.diagnostics("coro")
+    assert diagnostics.last_exit_status == 1
+    error = diagnostics.last_error
+    assert error is not None and error.type == "TypeError"
+    assert "returned a coroutine" in error.message and "async def" in error.message
+    assert error.filename is not None and error.filename.endswith("fixtures/faults.py")
+    source = (ROOT / "fixtures" / "faults.py").read_text().splitlines()
+    assert source[error.lineno - 1].startswith("async def coroutine_target")
