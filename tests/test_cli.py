@@ -184,7 +184,7 @@ def test_missing_config_file_exits_nonzero(cli: Any) -> None:
 
 
 def test_run_shows_pool_members_catch_all_names_and_scopes(cli: Any) -> None:
-    """Issue 3: `bgpool run`'s display covers every instance: each member of a
+    """`bgpool run`'s display covers every instance: each member of a
     pool, each catch-all name (when hosted) and the scope of each."""
     run = cli("fixtures/run_display_config.py")
     run.wait_line("pool.0", "ready")

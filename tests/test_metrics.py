@@ -1,13 +1,15 @@
-"""Prometheus metrics and health endpoints (SPEC "Metrics", issue 4 items 1-2).
+"""Prometheus metrics and health endpoints: the families and labels read from the
+readiness table, ``/metrics`` (text, OpenMetrics, gzip), ``/healthz`` and ``/readyz``.
 
 Everything is observed from outside: ``/metrics`` is fetched over real HTTP on
-127.0.0.1 and parsed with prometheus-client's own text parser; the custom collector
+127.0.0.1 and parsed with prometheus-client's own parsers; the custom collector
 is exercised through the application's own ``CollectorRegistry``, in this process and
 in another one that only has ``bgpool.connect()``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -15,7 +17,8 @@ import signal
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,10 @@ import psutil
 import pytest
 from helpers import run_python, spec, statuses, supervisor_of, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 import bgpool
@@ -44,17 +51,26 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never 
 # ---------------------------------------------------------------------- helpers
 
 
-def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str, str]:
-    """``(status, content type, body)`` of a GET over real HTTP."""
-    url = f"http://{host}:{port}{path}"
+def http_fetch(
+    port: int, path: str, headers: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> tuple[int, Message, bytes]:
+    """``(status, response headers, raw body)`` of a GET over real HTTP, sent with
+    ``headers`` (urllib itself asks for ``Accept-Encoding: identity``)."""
+    request = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers or {})
     try:
-        with _OPENER.open(url, timeout=5) as resp:
-            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+        with _OPENER.open(request, timeout=5) as resp:
+            return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         try:
-            return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+            return exc.code, exc.headers, exc.read()
         finally:
             exc.close()
+
+
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str, str]:
+    """``(status, content type, body)`` of a GET over real HTTP."""
+    status, headers, body = http_fetch(port, path, host=host)
+    return status, headers.get("Content-Type", ""), body.decode()
 
 
 def refused(port: int) -> bool:
@@ -78,13 +94,16 @@ def listening_addresses(port: int) -> set[str]:
 
 
 class Scrape:
-    """One exposition, parsed with prometheus-client's parser."""
+    """One exposition, parsed with prometheus-client's parser (of the text format,
+    unless another is given)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(
+        self,
+        text: str,
+        parse: Callable[[str], Iterable[Metric]] = text_string_to_metric_families,
+    ) -> None:
         self.text = text
-        self.families = {
-            f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("bgpool_")
-        }
+        self.families = {f.name: f for f in parse(text) if f.name.startswith("bgpool_")}
         self.samples: dict[tuple[str, str | None, str | None], float] = {}
         for family in self.families.values():
             for s in family.samples:
@@ -587,3 +606,76 @@ def test_endpoints_answer_many_concurrent_scrapes(
     for t in threads:
         t.join(30)
     assert results == [200] * 30
+
+
+# ------------------------------------------------------- the /metrics protocol
+
+
+def test_metrics_speak_openmetrics_when_the_scraper_asks(make_pool: Callable[..., Any]) -> None:
+    pool = make_pool([spec("w", "idle", num=2), spec("c", "idle", num=1)], metrics_port=0)
+    port = pool.metrics_port
+    wait_ready(pool, "w", 2)
+    accept = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    status, headers, body = http_fetch(port, "/metrics", {"Accept": accept})
+    assert status == 200
+    assert headers.get("Content-Type", "").startswith("application/openmetrics-text"), headers
+    text = body.decode()
+    assert text.endswith("# EOF\n"), text[-200:]
+    openmetrics = Scrape(text, openmetrics_families)  # its parser rejects what is not OpenMetrics
+    check_exposition(openmetrics)
+    assert openmetrics.values("m#:w") == {
+        "total": 2, "ready": 2, "crashes": 0, "restarts": 0, "boots": 2
+    }  # fmt: skip
+    assert openmetrics.as_dict() == scrape(port).as_dict()  # the same numbers as the text format
+
+    status, headers, body = http_fetch(port, "/metrics", {"Accept": "text/plain"})
+    assert status == 200
+    assert headers.get("Content-Type", "").startswith("text/plain"), headers
+    assert b"# EOF" not in body
+
+
+def test_metrics_are_gzipped_when_the_scraper_accepts_it(make_pool: Callable[..., Any]) -> None:
+    pool = make_pool([spec("w", "idle", num=2)], metrics_port=0)
+    port = pool.metrics_port
+    wait_ready(pool, "w", 2)
+    status, headers, body = http_fetch(port, "/metrics", {"Accept-Encoding": "gzip"})
+    assert status == 200
+    assert headers.get("Content-Encoding") == "gzip", headers
+    assert headers.get("Content-Type", "").startswith("text/plain"), headers
+    zipped = Scrape(gzip.decompress(body).decode())
+    check_exposition(zipped)
+    assert zipped.as_dict() == scrape(port).as_dict()
+
+    status, headers, body = http_fetch(
+        port, "/metrics", {"Accept": "application/openmetrics-text", "Accept-Encoding": "gzip"}
+    )
+    assert (status, headers.get("Content-Encoding")) == (200, "gzip"), headers
+    assert gzip.decompress(body).decode().endswith("# EOF\n")
+
+    _, headers, body = http_fetch(port, "/metrics")  # identity: not compressed
+    assert headers.get("Content-Encoding") is None, headers
+    assert Scrape(body.decode()).values("m#:w")["ready"] == 2
+
+
+def test_metrics_name_filter_serves_only_the_named_series(make_pool: Callable[..., Any]) -> None:
+    pool = make_pool([spec("w", "idle", num=2)], metrics_port=0)
+    port = pool.metrics_port
+    wait_ready(pool, "w", 2)
+    query = "?name[]=bgpool_ready_workers&name[]=bgpool_worker_crashes_total"
+    status, _, body = http_get(port, "/metrics" + query)
+    assert status == 200
+    s = Scrape(body)
+    assert set(s.families) == {"bgpool_ready_workers", "bgpool_worker_crashes"}, body
+    assert {name for name, _, _ in s.samples} == {
+        "bgpool_ready_workers", "bgpool_worker_crashes_total"
+    }  # fmt: skip
+    assert s.values("m#:w")["ready"] == 2
+
+
+def test_other_paths_are_not_found(make_pool: Callable[..., Any]) -> None:
+    pool = make_pool([spec("w", "idle", num=1)], metrics_port=0)
+    port = pool.metrics_port
+    for path in ("/", "/metrics/", "/metricsx", "/favicon.ico", "/healthz/x"):
+        status, _, body = http_get(port, path)
+        assert status == 404, (path, status, body)
+        assert "/metrics" in body

@@ -53,7 +53,9 @@ stopped or overloaded supervisor must not stretch the caller's deadline."""
 
 
 def _check_names(names: object) -> list[str]:
-    """SPEC's validation of `ensure()`'s `names`, before anything starts."""
+    """`ensure()`'s `names` as a list, or `TypeError`/`ValueError` (not a str or a
+    sequence of str; empty; an empty name, one with NUL; a duplicate), checked
+    before anything starts."""
     if isinstance(names, str):
         batch = [names]
     elif isinstance(names, Sequence) and not isinstance(names, bytes | bytearray):
@@ -115,6 +117,9 @@ class PoolClient:
         self._scopes: dict[int, str] = {0: ""}
         self._own_scope = 0
         self._ensure_timeout = ensure_timeout
+        # A connect() client does not know the pool's restart_grace_period: it
+        # waits for the supervisor's answer (its death closes the connection).
+        self._restart_timeout: float | None = None
 
     # -- plumbing ------------------------------------------------------------
 
@@ -147,6 +152,18 @@ class PoolClient:
     ) -> protocol.Message:
         """One request on a fresh connection; raise the error it answers with,
         or `silence()` if no answer comes within `timeout` seconds."""
+        sock, reply = self._open(message, timeout, silence)
+        sock.close()
+        return reply
+
+    def _open(
+        self,
+        message: protocol.Message,
+        timeout: float | None,
+        silence: Callable[[], BgpoolError] | None = None,
+    ) -> tuple[socket.socket, protocol.Message]:
+        """A fresh connection, `message` sent on it and its reply read, as
+        `_request()` does, but the connection left open for the caller."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(None if timeout is None else min(timeout, MAX_SOCKET_WAIT))
@@ -159,11 +176,12 @@ class PoolClient:
                 if silence is not None:
                     raise silence() from None
                 raise BgpoolError("the supervisor did not answer in time") from None
-        finally:
+            if not reply.get("ok"):
+                self._raise_reply(reply)
+        except BaseException:
             sock.close()
-        if not reply.get("ok"):
-            self._raise_reply(reply)
-        return reply
+            raise
+        return sock, reply
 
     def _raise_reply(self, reply: protocol.Message) -> None:
         """Raise the error an error reply names, with its diagnostics as models:
@@ -186,8 +204,9 @@ class PoolClient:
     # -- scopes ----------------------------------------------------------------
 
     def _scope_id(self, scope: Scope | str | None) -> int:
-        """SPEC's resolution order: argument, request scope, the calling worker's
-        own scope, global; a scope with no declarations falls back to global."""
+        """The scope a name is resolved in, first found of: the argument, the
+        request scope, the calling worker's own scope, global; a scope with no
+        declarations falls back to global."""
         if scope is None:
             scope = _request_scope.get()
             if scope is None:
@@ -354,6 +373,23 @@ class PoolClient:
         view = self._vars[(scope_id, name)] = _VarsView(reader, offset, generation)
         return view
 
+    def restart_workers(self) -> None:
+        """Drain every running instance and respawn it; return once all are
+        respawned. Lazy workers never ensured stay unstarted; readiness stays.
+        `PoolClosed` if the pool is shutting down or gone."""
+        self._reader()
+        self._request({"op": "restart"}, timeout=self._restart_timeout)
+
+    def watch(self) -> Watch:
+        """Subscribe to the supervisor's state-change events: a `Watch` to wait
+        on (its `fileno()`) and read (`events()`) without blocking, and to
+        `close()` when done. Every instance's change of state from now on is
+        sent, as it happens; what came before is in `status()`. `PoolClosed` if
+        the pool is gone."""
+        self._reader()
+        sock, _ = self._open({"op": "watch"}, timeout=10.0)
+        return Watch(sock)
+
     def close(self) -> None:
         """Unmap the table and vars. The client must not be used afterwards."""
         for view in self._vars.values():
@@ -364,6 +400,50 @@ class PoolClient:
             self._table = None
 
     def __enter__(self) -> PoolClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Watch:
+    """A subscription to a pool's state-change events (`PoolClient.watch()`).
+
+    Non-blocking: wait until `fileno()` is readable (`select`, `selectors`,
+    asyncio's `add_reader`), then call `events()`. Usable as a context manager
+    (`close()` on exit). One connection to the supervisor, held until closed.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._decoder = protocol.FrameDecoder()
+
+    def fileno(self) -> int:
+        """The file descriptor that is readable when events (or the
+        supervisor's end) have arrived."""
+        return self._sock.fileno()
+
+    def events(self) -> list[dict[str, Any]] | None:
+        """The events that have arrived since the last call, oldest first (up
+        to 64 KiB of them: call again while `fileno()` stays readable); `[]` if
+        none has. Each is a dict: `worker` (its name), `scope` (label, `""` for
+        global), `instance` (index), `state` (the new one), `pid` (None when not
+        running), `detail` (what happened, in words) and `event` (`"state"`).
+        None once the supervisor is gone: nothing more will come."""
+        try:
+            data = self._sock.recv(65536)
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
+        return self._decoder.feed(data) if data else None
+
+    def close(self) -> None:
+        """End the subscription. Idempotent."""
+        self._sock.close()
+
+    def __enter__(self) -> Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:

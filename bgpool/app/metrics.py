@@ -22,7 +22,7 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -105,6 +105,7 @@ def collector(client: PoolClient, registry: CollectorRegistry | None = None) -> 
 
 
 Probe = Callable[[], tuple[bool, dict[str, Any]]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -119,15 +120,24 @@ class _QuietHandler(WSGIRequestHandler):
 class HealthServer:
     """`/metrics`, `/healthz` and `/readyz` over HTTP, in a background thread of
     the owning process (never in the supervisor, which must stay single-threaded
-    to fork safely)."""
+    to fork safely).
+
+    `/metrics` is prometheus_client's own WSGI app over the server's registry, so
+    a scraper gets what it would from any Prometheus client: the text format or
+    OpenMetrics as its `Accept` header asks, gzip when it accepts it, `name[]=`
+    filters. Only the probes and the 404 are routed here.
+    """
 
     def __init__(
         self, client: PoolClient, host: str, port: int, alive: Probe, ready: Probe
     ) -> None:
-        self._registry = CollectorRegistry(auto_describe=False)
+        # auto_describe: the registry collects once now to learn the family
+        # names, without which prometheus_client's `name[]=` filter finds none.
+        self._registry = CollectorRegistry(auto_describe=True)
         self._registry.register(TableCollector(client))
         self._alive = alive
         self._ready = ready
+        self._metrics: WSGIApp = make_wsgi_app(self._registry)
         self._server = make_server(host, port, self._app, _Server, _QuietHandler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="bgpool-metrics", daemon=True
@@ -142,9 +152,7 @@ class HealthServer:
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            body = generate_latest(self._registry)
-            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4")])
-            return [body]
+            return self._metrics(environ, start_response)
         if path in ("/healthz", "/readyz"):
             ok, detail = (self._alive if path == "/healthz" else self._ready)()
             status = "200 OK" if ok else "503 Service Unavailable"

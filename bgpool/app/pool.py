@@ -50,13 +50,37 @@ class Pool(PoolClient):
     group, so a terminal's Ctrl-C reaches the application, which decides) and
     returns once every eager worker is ready. `shutdown()` drains everything and
     leaves nothing behind. Usable as a context manager.
+
+    `supervisor_output=(stdout_fd, stderr_fd)` sends the supervisor's stdout and
+    stderr (its log, and with them every worker's output, relayed or inherited)
+    to those file descriptors instead of this process's own stdout and stderr:
+    for an application that shows worker output itself, such as `bgpool run`'s
+    live table, which prints it above the table from the read ends of two pipes.
+    `start()` hands the supervisor copies, so the caller may close its own once
+    `start()` returns; a pipe's read end then sees EOF when the supervisor and
+    its workers are gone.
     """
 
-    def __init__(self, config: PoolConfig | Sequence[WorkerSpec]) -> None:
+    def __init__(
+        self,
+        config: PoolConfig | Sequence[WorkerSpec],
+        *,
+        supervisor_output: tuple[int, int] | None = None,
+    ) -> None:
         if not isinstance(config, PoolConfig):
             config = PoolConfig(workers=list(config))
+        if supervisor_output is not None and not (
+            isinstance(supervisor_output, tuple)
+            and len(supervisor_output) == 2
+            and all(type(fd) is int for fd in supervisor_output)
+        ):
+            raise TypeError(
+                "supervisor_output must be a (stdout_fd, stderr_fd) tuple of two ints, "
+                f"not {supervisor_output!r}"
+            )
         self.config = config
         self._detached("", config.ensure_timeout)
+        self._restart_timeout = config.restart_grace_period + REPLY_MARGIN
         self._process: subprocess.Popen[bytes] | None = None
         self._watcher: threading.Thread | None = None
         self._pidfd: int | None = None
@@ -64,7 +88,7 @@ class Pool(PoolClient):
         self._closed_for_good = False
         self._owner_pid = os.getpid()
         self._health: HealthServer | None = None
-        self._stdio: tuple[int | None, int | None] = (None, None)  # bgpool run's live view
+        self._stdio: tuple[int | None, int | None] = supervisor_output or (None, None)
 
     def _closed(self) -> BgpoolError:
         if self._process is None and not self._closing:
@@ -222,13 +246,6 @@ class Pool(PoolClient):
             data += chunk
         info: dict[str, str] = json.loads(data)
         return info
-
-    def restart_workers(self) -> None:
-        """Drain every running instance and respawn it; return once all are
-        respawned. Lazy workers never ensured stay unstarted; readiness stays."""
-        self._reader()
-        grace = self.config.restart_grace_period
-        self._request({"op": "restart"}, timeout=grace + REPLY_MARGIN)
 
     def shutdown(self) -> None:
         """Drain every worker (EOF on its handle), force-kill after
