@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from .. import identity, protocol, texts
 from ..errors import (
@@ -32,8 +33,10 @@ from ..errors import (
 from ..models import ErrorInfo, WorkerDiagnostics, WorkerStatus
 from ..names import Scope, name_problem
 from ..shm.snapshot import decode
-from ..shm.table import Kind, Slot, TableReader
+from ..shm.table import Kind, Slot, Status, TableReader
 from ..shm.varstore import Reader, segment_name
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "bgpool_request_scope", default=None
@@ -75,13 +78,38 @@ def _check_names(names: object) -> list[str]:
     return batch
 
 
-def _check_timeout(timeout: object) -> None:
-    if timeout is None:
-        return
+MAX_TIMEOUT = 1e18
+"""The longest deadline a call keeps, in seconds (an integer such as 10**400 is
+a legal, finite timeout, past what a float holds): longer than anyone waits."""
+
+
+def _check_timeout(timeout: object) -> float:
+    """The timeout as seconds, after the public contract's checks: a finite
+    number > 0 (not a bool)."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+    if isinstance(timeout, int):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be a finite number > 0, not {timeout!r}")
+        return float(min(timeout, int(MAX_TIMEOUT)))
     if not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a finite number > 0, not {timeout!r}")
+    return min(timeout, MAX_TIMEOUT)
+
+
+def _reads_shared_memory(method: _Method) -> _Method:
+    """Make a client method that reads the table or vars raise `PoolClosed`,
+    not a `ValueError` of a released buffer, when another thread closes the
+    client under it."""
+
+    @functools.wraps(method)
+    def call(self: PoolClient, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except ValueError as exc:
+            raise self._closed_under_us(exc) from None
+
+    return cast(_Method, call)
 
 
 class _VarsView:
@@ -137,12 +165,28 @@ class PoolClient:
                 self._directory[(slot.scope_id, slot.name)] = (self._table.offset(index), slot.gen)
 
     def _closed(self) -> BgpoolError:
+        table = self._table
+        with contextlib.suppress(ValueError):  # unmapped under us: closed
+            if table is not None and table.status() == Status.SHUTTING_DOWN:
+                return PoolClosed(texts.SHUTTING_DOWN)
         return PoolClosed(texts.CLOSED)
 
     def _reader(self) -> TableReader:
-        if self._table is None or self._gone:
-            raise self._closed()
-        return self._table
+        """The table, while the pool serves: `PoolClosed` once it drains or its
+        supervisor is gone (the table says so), or this client was closed."""
+        table = self._table
+        try:
+            if table is None or self._gone or table.status() != Status.SERVING:
+                raise self._closed()
+        except ValueError as exc:  # unmapped under us
+            raise self._closed_under_us(exc) from None
+        return table
+
+    def _closed_under_us(self, exc: Exception) -> BgpoolError | Exception:
+        """What to raise for `exc`, met while reading shared memory: `PoolClosed`
+        if this client was closed meanwhile (another thread unmapped what this
+        one was reading), else `exc` itself."""
+        return self._closed() if self._table is None else exc
 
     def _request(
         self,
@@ -245,8 +289,7 @@ class PoolClient:
         """Start the named workers that are not running and block until each is
         ready, or raise (`EnsureTimeout`, `WorkerAborted`, `WorkerBootFailed`,
         `WorkerNotDeclared`, `CatchAllLimitReached`, `PoolClosed`)."""
-        if timeout is not None:
-            _check_timeout(timeout)
+        deadline = self._ensure_timeout if timeout is None else _check_timeout(timeout)
         if scope is None and _request_scope.get() is None:
             scope_id = self._own_scope
         else:
@@ -255,15 +298,20 @@ class PoolClient:
         directory = self._directory
         if type(names) is str:  # the hot path: one name, already resolved and ready
             entry = directory.get((scope_id, names))
-            if entry is not None and table.name_ready(*entry):
-                return
+            try:
+                if entry is not None and table.name_ready(*entry):
+                    return
+            except ValueError as exc:  # unmapped under us
+                raise self._closed_under_us(exc) from None
         batch = _check_names(names)
-        if all(
-            (entry := directory.get((scope_id, name))) is not None and table.name_ready(*entry)
-            for name in batch
-        ):
-            return
-        deadline = self._ensure_timeout if timeout is None else float(timeout)
+        try:
+            if all(
+                (entry := directory.get((scope_id, name))) is not None and table.name_ready(*entry)
+                for name in batch
+            ):
+                return
+        except ValueError as exc:
+            raise self._closed_under_us(exc) from None
         reply = self._request(
             {
                 "op": "ensure",
@@ -278,11 +326,13 @@ class PoolClient:
         for name, slot, gen in reply["resolved"]:
             directory[(scope_id, name)] = (table.offset(slot), gen)
 
+    @_reads_shared_memory
     def status(self) -> list[WorkerStatus]:
         """Every worker instance (declared named instances, hosted catch-all
         names), read from the table without a round trip."""
         return [status_of(s) for s in self._reader().slots() if s.kind != Kind.FREE]
 
+    @_reads_shared_memory
     def diagnostics(self, name: str, *, scope: Scope | str | None = None) -> WorkerDiagnostics:
         """Why worker `name` is in its state: last exit, exception, instances."""
         if not isinstance(name, str):
@@ -325,6 +375,7 @@ class PoolClient:
         generation, when, _ = found
         return generation, when if 0.0 < when < 1e11 else 0.0
 
+    @_reads_shared_memory
     def get_vars(self, name: str, *, scope: Scope | str | None = None) -> Mapping[str, Any]:
         """The latest vars snapshot worker `name` published: a deeply read-only
         mapping, the same object while it is unchanged. A pure read: it never
@@ -346,6 +397,8 @@ class PoolClient:
                 raise VarsNotPublished(texts.vars_not_published(name))
             view.value, view.generation = decode(found[2]), found[0]
         except (ValueError, TimeoutError) as exc:  # SnapshotError is a ValueError
+            if self._table is None:
+                raise self._closed() from None
             raise BgpoolError(
                 f'the vars of background worker "{name}" are unreadable: {exc}'
             ) from None
@@ -365,9 +418,8 @@ class PoolClient:
             if reply["slot"] is None:  # a catch-all name not hosted now
                 raise VarsNotPublished(texts.vars_not_published(name))
             entry = (table.offset(reply["slot"]), reply["gen"])
-        old = self._vars.pop((scope_id, name), None)
-        if old is not None:
-            old.reader.close()
+        # An old view is dropped, not closed: another thread may be reading
+        # through it; its mapping goes with the last reference.
         offset, generation = entry
         reader = Reader(segment_name(self._table_name, table.index(offset)))
         view = self._vars[(scope_id, name)] = _VarsView(reader, offset, generation)
@@ -391,13 +443,15 @@ class PoolClient:
         return Watch(sock)
 
     def close(self) -> None:
-        """Unmap the table and vars. The client must not be used afterwards."""
-        for view in self._vars.values():
-            view.reader.close()
-        self._vars.clear()
-        if self._table is not None:
-            self._table.close()
-            self._table = None
+        """Unmap the table and vars: every later call raises `PoolClosed`, and
+        so does a call that was reading them in another thread. A mapping that
+        a thread is reading at this very moment cannot be unmapped: it goes
+        with its last reference instead."""
+        table, self._table = self._table, None
+        views, self._vars = self._vars, {}
+        for reader in [view.reader for view in views.values()] + ([table] if table else []):
+            with contextlib.suppress(BufferError):
+                reader.close()
 
     def __enter__(self) -> PoolClient:
         return self

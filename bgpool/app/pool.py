@@ -9,6 +9,7 @@ the supervisor could not. Every other call is `PoolClient`'s.
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import os
 import select
@@ -25,7 +26,7 @@ from .. import platform, texts
 from ..declarations import PoolConfig, WorkerSpec
 from ..errors import BgpoolError, PoolClosed, StartupError
 from ..launch import python_command
-from ..shm.table import Kind
+from ..shm.table import Kind, mark_closed
 from ..shm.varstore import segment_name
 from .client import REPLY_MARGIN, PoolClient
 
@@ -41,6 +42,14 @@ def private_address() -> str:
     """A control-socket path in a fresh private (0700) directory, which the
     supervisor binds and removes."""
     return os.path.join(tempfile.mkdtemp(prefix="bgpool-"), "control.sock")
+
+
+def _cannot_start(exc: OSError) -> str:
+    """StartupError's message when this process could not make what a pool needs."""
+    text = f"could not start the pool: {exc}"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        text += " " + texts.fd_limits_now(*platform.fd_limits())
+    return text
 
 
 class Pool(PoolClient):
@@ -86,6 +95,7 @@ class Pool(PoolClient):
         self._pidfd: int | None = None
         self._closing = False
         self._closed_for_good = False
+        self._shutdown_lock = threading.RLock()
         self._owner_pid = os.getpid()
         self._health: HealthServer | None = None
         self._stdio: tuple[int | None, int | None] = supervisor_output or (None, None)
@@ -95,7 +105,7 @@ class Pool(PoolClient):
             return BgpoolError("the pool is not started: call start() first")
         if self._closing and not self._closed_for_good and not self._gone:
             return PoolClosed(texts.SHUTTING_DOWN)
-        return PoolClosed(texts.CLOSED)
+        return super()._closed()
 
     def _bootstrap(self, boot_fd: int) -> bytes:
         config = self.config
@@ -141,9 +151,13 @@ class Pool(PoolClient):
         if self._process is not None or self._closing:
             raise BgpoolError("a Pool can be started only once")
         self._owner_pid = os.getpid()
+        platform.fill_closed_stdio()  # no descriptor of ours may land on 0-2
+        try:
+            self._address = private_address()
+            boot_r, boot_w = os.pipe()
+        except OSError as exc:
+            raise StartupError(_cannot_start(exc)) from None
         atexit.register(self.shutdown)  # a pool left running is drained at exit
-        self._address = private_address()
-        boot_r, boot_w = os.pipe()
         try:
             self._process = subprocess.Popen(
                 python_command("bgpool.supervisor.main", "main"),
@@ -167,10 +181,12 @@ class Pool(PoolClient):
             with self._process.stdin as stdin:
                 stdin.write(self._bootstrap(boot_w))
             info = self._read_boot(boot_r)
-        except BaseException:
+        except BaseException as exc:
             if self._process is None:
                 shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
             self.shutdown()
+            if isinstance(exc, OSError):
+                raise StartupError(_cannot_start(exc)) from None
             raise
         finally:
             os.close(boot_r)
@@ -186,16 +202,20 @@ class Pool(PoolClient):
             raise
 
     def _watch_supervisor(self) -> None:
-        """Runs in a thread of the owner: wait for the supervisor to end, and
-        reap it. If it did not end cleanly (killed, or crashed, even in the
-        middle of a shutdown), its workers got SIGKILL from their parent-death
-        signal but what they forked did not: kill every process that still
-        carries this pool's mark, and close the pool."""
+        """Runs in a thread of the owner: wait for the supervisor to end, reap
+        it, and close the pool (every later call raises `PoolClosed`, even one
+        the table could answer). If it did not end cleanly (killed, or crashed,
+        even in the middle of a shutdown), its workers got SIGKILL from their
+        parent-death signal but what they forked did not: kill every process
+        that still carries this pool's mark."""
         assert self._process is not None and self._pidfd is not None
         select.select([self._pidfd], [], [])
-        if self._process.wait() == 0:
-            return
+        status = self._process.wait()
         self._gone = True
+        if status == 0:
+            return
+        if self._table_name:  # its clients, in every process, must hear it from the table
+            mark_closed(self._table_name)
         stragglers = platform.processes_with_env(POOL_MARK, self._address)
         platform.signal_tree(stragglers, signal.SIGKILL)
 
@@ -245,20 +265,29 @@ class Pool(PoolClient):
                 )
             data += chunk
         info: dict[str, str] = json.loads(data)
+        if "error" in info:
+            raise StartupError(f"could not start the pool: {info['error']}")
         return info
 
     def shutdown(self) -> None:
         """Drain every worker (EOF on its handle), force-kill after
-        `grace_period`, and remove the table, socket and directory. Idempotent."""
-        process = self._process
+        `grace_period`, and remove the table, socket and directory. Idempotent;
+        a call made while another thread shuts the pool down returns once the
+        pool is closed."""
         if os.getpid() != self._owner_pid:
             # A forked child (a gunicorn worker, say) inherited this Pool: the
             # supervisor is its parent's to stop. Only let go of our mappings.
             self.close()
             return
-        if process is None or self._closing:
-            return
-        self._closing = True
+        with self._shutdown_lock:  # re-entrant: an atexit or signal-handler call returns
+            if self._process is None or self._closing:
+                return
+            self._closing = True
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        """SIGTERM to the supervisor (it drains), SIGKILL if it outlives the
+        grace period by far, then remove whatever it could not."""
         atexit.unregister(self.shutdown)
         assert self._watcher is not None and self._pidfd is not None
         self._signal_supervisor(signal.SIGTERM)
@@ -270,11 +299,11 @@ class Pool(PoolClient):
         self._pidfd = None
         if self._health is not None:
             self._health.close()
-        nslots = self._table.nslots if self._table is not None else 0
+        used = self._table.in_use() if self._table is not None else 0
         self.close()
         if self._table_name:  # left over only if the supervisor died
             platform.unlink_shm(self._table_name)
-            for slot in range(nslots):
+            for slot in range(used):
                 platform.unlink_shm(segment_name(self._table_name, slot))
         if self._address:
             shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)

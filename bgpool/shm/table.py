@@ -5,7 +5,11 @@ application without a system call.
 Layout: a 64-byte header, then `nslots` slots of `SLOT.size` bytes. A name's
 instances occupy consecutive slots; the first (instance 0) is the name's
 *primary* slot and carries the name-level `name_ready` flag that `ensure()`'s
-fast path reads.
+fast path reads. The header also says how many slots are in use (every used
+slot lies below that count: readers scan what is hosted, not what a catch-all's
+cap allows; the segment is sparse, so unused slots cost no memory), and whether
+the pool still serves (`Status`): a table outlives its supervisor in every
+reader's mapping, and must not go on saying "ready" then.
 
 Consistency: each slot starts with a sequence counter (a seqlock). The writer
 makes it odd, writes the fields, then makes it even; a reader retries while it
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import mmap
+import os
 import secrets
 import struct
 import sys
@@ -47,7 +52,19 @@ class Kind(enum.IntEnum):
 MAGIC = b"BGPOOL\x01\x00"
 HEADER = struct.Struct("<8sIIIi")  # magic, version, nslots, slot size, supervisor pid
 HEADER_SIZE = 64
-VERSION = 2
+VERSION = 3
+_WORD = struct.Struct("<I")
+_IN_USE = HEADER.size  # offset of the in-use slot count
+_STATUS = HEADER.size + _WORD.size  # offset of the status byte
+
+
+class Status(enum.IntEnum):
+    """Whether a pool still serves, as its table says."""
+
+    SERVING = 0
+    SHUTTING_DOWN = 1  # draining: no new work
+    CLOSED = 2  # the supervisor is gone
+
 
 BOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 """Upper bounds (seconds) of the spawn-to-ready histogram kept per slot."""
@@ -183,9 +200,17 @@ class TableReader:
             if _SEQ.unpack_from(buf, off)[0] == seq:
                 return _unpack_body(body)
 
+    def in_use(self) -> int:
+        """How many slots from the first may be in use (the rest never were)."""
+        return min(self.nslots, int(_WORD.unpack_from(self._buf, _IN_USE)[0]))
+
+    def status(self) -> Status:
+        """Whether the pool serves, drains, or is gone (one load)."""
+        return Status.CLOSED if self._buf[_STATUS] > Status.CLOSED else Status(self._buf[_STATUS])
+
     def slots(self) -> list[Slot]:
-        """Every slot, in table order."""
-        return [self.read(i) for i in range(self.nslots)]
+        """Every slot that may be in use, in table order."""
+        return [self.read(i) for i in range(self.in_use())]
 
     def name_ready(self, offset: int, gen: int) -> bool:
         """The hot path of `ensure()`: whether the slot at `offset`, still holding
@@ -197,7 +222,7 @@ class TableReader:
 
     def find(self, scope_id: int, name: str) -> tuple[int, int] | None:
         """The primary slot (index, gen) holding `name` in scope `scope_id`."""
-        for index in range(self.nslots):
+        for index in range(self.in_use()):
             slot = self.read(index)
             if (
                 slot.kind != Kind.FREE
@@ -207,6 +232,17 @@ class TableReader:
             ):
                 return index, slot.gen
         return None
+
+
+def mark_closed(name: str) -> None:
+    """Say in table `name` that its pool is gone: what the owner does when the
+    supervisor died without saying so itself (it writes nothing else)."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = platform.open_shm(name, create=False)
+        try:
+            os.pwrite(fd, bytes([Status.CLOSED]), _STATUS)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -245,6 +281,7 @@ class TableWriter(TableReader):
         assert self._shm.buf is not None
         super().__init__(self._shm.buf, nslots)
         HEADER.pack_into(self._buf, 0, MAGIC, VERSION, nslots, SLOT.size, supervisor_pid)
+        self._in_use = 0
         self._seqs = [0] * nslots
 
     def write(self, index: int, slot: Slot) -> None:
@@ -266,3 +303,14 @@ class TableWriter(TableReader):
         self._shm.close()
         with _untracked(), contextlib.suppress(FileNotFoundError):
             self._shm.unlink()
+
+    def use(self, count: int) -> None:
+        """Say that slots below `count` may be in use (after writing them, so a
+        reader that sees the count sees them written)."""
+        if count > self._in_use:
+            self._in_use = min(count, self.nslots)
+            _WORD.pack_into(self._buf, _IN_USE, self._in_use)
+
+    def set_status(self, status: Status) -> None:
+        """Say whether the pool serves, drains or is gone."""
+        self._buf[_STATUS] = status

@@ -71,6 +71,8 @@ class Core:
         self.workers: dict[tuple[int, str], Worker] = {}
         self.by_pid: dict[int, Instance] = {}  # running instances
         self.gens = [1] * self.registry.nslots
+        self.free_slots: list[int] = []  # catch-all slots released, reused lowest first
+        self.next_slot = self.registry.named_slots  # the first catch-all slot never used
         self.waiters: list[Waiter] = []
         self.watchers: list[Connection] = []  # subscribed to state changes
         self.restarts: list[tuple[set[Instance], Connection | None]] = []  # pending batches
@@ -84,6 +86,7 @@ class Core:
                 self.workers[(decl.scope_id, decl.name)] = worker
                 for inst in worker.instances:
                     self._publish(inst)
+        self.table.use(self.next_slot)
 
     # -- state -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import signal
 
 from .. import platform, texts
 from ..protocol import error_reply
+from ..shm.table import Status
 from ..states import State
 from .core import Core
 from .instances import Drain, Instance
@@ -148,6 +149,7 @@ class Drains(Core):
         if self.closing:
             return
         self.closing = True
+        self.table.set_status(Status.SHUTTING_DOWN)
         log.info("shutting down: %s", reason)
         closed = error_reply("PoolClosed", texts.SHUTTING_DOWN)
         for waiter in list(self.waiters):

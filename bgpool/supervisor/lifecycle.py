@@ -9,6 +9,7 @@ import bisect
 import collections
 import errno
 import functools
+import heapq
 import logging
 import os
 import selectors
@@ -61,14 +62,17 @@ class Lifecycle(Drains):
     # -- names -----------------------------------------------------------------------
 
     def _host(self, decl: Decl, name: str) -> Worker:
-        """Give a catch-all name a free slot of its declaration."""
-        used = {w.instances[0].slot for w in self.workers.values() if w.decl is decl}
-        slot = next(s for s in range(decl.first_slot, decl.first_slot + decl.cap) if s not in used)
+        """Give a catch-all name a free slot (the caller checked the cap)."""
+        if self.free_slots:
+            slot = heapq.heappop(self.free_slots)
+        else:
+            slot, self.next_slot = self.next_slot, self.next_slot + 1
         self.gens[slot] += 1
         worker = Worker(decl, name, slot, self.gens[slot])
         decl.hosted.add(name)
         self.workers[(decl.scope_id, name)] = worker
         self._publish(worker.instances[0])
+        self.table.use(slot + 1)
         return worker
 
     def _release(self, worker: Worker) -> None:
@@ -79,6 +83,7 @@ class Lifecycle(Drains):
         self.gens[slot] += 1
         self.table.write(slot, Slot(gen=self.gens[slot]))
         platform.unlink_shm(varstore.segment_name(self.table.name, slot))  # its vars go too
+        heapq.heappush(self.free_slots, slot)
 
     def _wake(self, worker: Worker) -> None:
         """Start the instances of a worker that is not running (a fresh try

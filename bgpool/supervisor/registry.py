@@ -46,7 +46,10 @@ class Decl:
 
 class Registry:
     """All declarations, indexed for resolution, with their table slots laid out:
-    a named declaration takes max(num, 1) consecutive slots, a catch-all `cap`."""
+    each named declaration takes max(num, 1) consecutive slots, from the first;
+    after them, every catch-all name takes one slot of a shared region as large
+    as all the catch-alls' caps together, handed out lowest first, so what the
+    table's readers scan follows what is hosted, not the caps."""
 
     def __init__(self, decls: list[Decl]) -> None:
         self.decls = decls
@@ -54,13 +57,14 @@ class Registry:
         self.catch_alls: dict[int, Decl] = {}
         slot = 0
         for decl in decls:
-            decl.first_slot = slot
-            slot += decl.cap
             if decl.name is None:
                 self.catch_alls[decl.scope_id] = decl
             else:
+                decl.first_slot = slot
+                slot += decl.cap
                 self.named[(decl.scope_id, decl.name)] = decl
-        self.nslots = slot
+        self.named_slots = slot
+        self.nslots = slot + sum(decl.cap for decl in self.catch_alls.values())
         self.scopes = {decl.scope_id: decl.scope_label for decl in decls}
 
     def effective_scope(self, scope_id: int) -> int:

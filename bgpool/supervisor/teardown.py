@@ -15,6 +15,7 @@ import psutil
 
 from .. import platform
 from ..shm import varstore
+from ..shm.table import Status
 from .core import guarded
 from .drains import FORCE_KILL_DELAY
 from .listener import Connection
@@ -40,6 +41,7 @@ class Teardown(Requests):
             self.selector.close,
             self.listener.close,
             self._remove_vars,
+            functools.partial(self.table.set_status, Status.CLOSED),
             self.table.destroy,
             *(functools.partial(os.close, fd) for fd in (self.wake_r, self.wake_w)),
         ]
@@ -49,7 +51,7 @@ class Teardown(Requests):
             guarded(step)
 
     def _remove_vars(self) -> None:
-        for slot in range(self.registry.nslots):
+        for slot in range(self.next_slot):  # every slot ever used
             platform.unlink_shm(varstore.segment_name(self.table.name, slot))
 
     def _reap_leftovers(self) -> None:
