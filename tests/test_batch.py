@@ -8,53 +8,42 @@ items 5 and 6).
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from helpers import (
+    TENANT,
+    failing,
     last_json_line,
+    names_in_log,
     read_json,
     run_python,
+    since,
     spec,
     state,
     statuses,
     supervisor_of,
     tenant_log,
     the_status,
+    time_while_stopped,
     wait_for,
+    worker_pids,
 )
 
 import bgpool
 from bgpool import next_scope
 
-TARGET = "fixtures.workers:tenant"
 T = 1.5  # the shared deadline of the "slow" batches
 SLOW = 0.6 * T  # each slow worker takes well over a third of it
 SCOPE_B = next_scope("b")
 
 
-def _elapsed(t0: float) -> float:
-    return time.monotonic() - t0
-
-
 def never_called(name: str, timeout: str = "1") -> str:
     return f'background worker "{name}" did not call get_worker_handle() within {timeout}s'
-
-
-def names_in_log(log: Path) -> list[str]:
-    return [name for _, name, _, _, _ in tenant_log(log)]
-
-
-def worker_pids() -> set[int]:
-    return {w.pid for sup in psutil.Process().children() for w in sup.children()}
 
 
 # ----------------------------------------------------------- shared deadline
@@ -68,7 +57,7 @@ def test_three_slow_named_workers_are_ready_within_one_deadline(
     pool = make_pool([spec(n, "tenant", env=env) for n in ("a", "b", "c")])
     t0 = time.monotonic()
     pool.ensure(["a", "b", "c"], timeout=T)  # one after another would need 3 * SLOW
-    elapsed = _elapsed(t0)
+    elapsed = since(t0)
     assert SLOW - 0.05 <= elapsed < T, elapsed
     assert sorted(names_in_log(log)) == ["a", "b", "c"]
     started = [ts for *_, ts in tenant_log(log)]
@@ -84,7 +73,7 @@ def test_three_slow_catch_all_names_are_ready_within_one_deadline(
     names = ["t-1", "t-2", "t-3"]
     t0 = time.monotonic()
     pool.ensure(names, timeout=T)
-    elapsed = _elapsed(t0)
+    elapsed = since(t0)
     assert SLOW - 0.05 <= elapsed < T, elapsed
     assert sorted(names_in_log(log)) == names
     assert {s.name for s in pool.status() if state(s.state) == "ready"} == set(names)
@@ -102,7 +91,7 @@ def test_pool_named_and_catch_all_names_in_one_batch(make_pool: Any, sentinel_di
     )
     t0 = time.monotonic()
     pool.ensure(["p", "lazy", "tenant-1"], timeout=T)
-    assert _elapsed(t0) < T
+    assert since(t0) < T
     assert state(the_status(pool, "lazy").state) == "ready"
     assert state(the_status(pool, "tenant-1").state) == "ready"
     assert any(state(s.state) == "ready" for s in statuses(pool, "p"))
@@ -125,7 +114,7 @@ def test_batch_with_never_ready_workers_fails_in_one_timeout(
     t0 = time.monotonic()
     with pytest.raises(bgpool.EnsureTimeout) as info:
         pool.ensure(["nr1", "ok", "nr2", "nr3"], timeout=1)
-    elapsed = _elapsed(t0)
+    elapsed = since(t0)
     assert 0.9 <= elapsed < 1.8, elapsed  # one deadline: not 3 s
     parts = str(info.value).split("; ")
     assert sorted(parts) == [never_called(n) for n in ("nr1", "nr2", "nr3")], str(info.value)
@@ -142,9 +131,7 @@ def test_batch_with_never_ready_workers_fails_in_one_timeout(
 def test_timeout_message_says_why_each_worker_was_not_ready(
     make_pool: Any, sentinel_dir: Path
 ) -> None:
-    fail = sentinel_dir / "fail"
-    fail.mkdir()
-    (fail / "bad").touch()
+    fail = failing(sentinel_dir, "bad")
     pool = make_pool(
         [
             spec(None, "tenant", max_consecutive_failures=-1,
@@ -155,11 +142,11 @@ def test_timeout_message_says_why_each_worker_was_not_ready(
     t0 = time.monotonic()
     with pytest.raises(bgpool.EnsureTimeout) as info:
         pool.ensure(["fine", "hung", "bad"], timeout=1)
-    assert 0.9 <= _elapsed(t0) < 1.8
+    assert 0.9 <= since(t0) < 1.8
     hung = re.escape(never_called("hung"))
     bad = (
         r'background worker "bad" did not become ready within 1s; last attempt \d+ failed '
-        rf"\(exit status 1, target {re.escape(TARGET)}\): RuntimeError: boom bad "
+        rf"\(exit status 1, target {re.escape(TENANT)}\): RuntimeError: boom bad "
         r"\(.+workers\.py, line \d+\)"
     )
     message = str(info.value)
@@ -171,19 +158,17 @@ def test_timeout_message_says_why_each_worker_was_not_ready(
 def test_batch_with_an_aborting_member_fails_before_the_deadline(
     make_pool: Any, sentinel_dir: Path
 ) -> None:
-    fail = sentinel_dir / "fail"
-    fail.mkdir()
-    (fail / "bad").touch()
+    fail = failing(sentinel_dir, "bad")
     pool = make_pool(
         [spec(None, "tenant", max_consecutive_failures=2, env={"FAIL_DIR": str(fail)})]
     )
     t0 = time.monotonic()
     with pytest.raises(bgpool.WorkerAborted) as info:
         pool.ensure(["fine", "bad"], timeout=20)
-    assert _elapsed(t0) < 5.0
+    assert since(t0) < 5.0
     assert str(info.value).startswith(
         'background worker "bad" failed to start: 2 consecutive failures '
-        f"(last exit status 1, target {TARGET}): RuntimeError: boom bad"
+        f"(last exit status 1, target {TENANT}): RuntimeError: boom bad"
     ), str(info.value)
     assert info.value.diagnostics.name == "bad"
 
@@ -194,27 +179,12 @@ def test_ready_names_in_a_batch_cost_no_round_trip(
     pool = make_pool([spec("p", "tenant", num=2), spec("lazy", "tenant"), spec(None, "tenant")])
     pool.ensure(["lazy", "tenant-1", "tenant-2"], timeout=5)
     sup = supervisor_of(the_status(pool, "lazy").pid)
-    sigcont_on_exit.append(sup.pid)
-    os.kill(sup.pid, signal.SIGSTOP)
-    wait_for(lambda: sup.status() == psutil.STATUS_STOPPED, what="supervisor stopped")
-    outcome: dict[str, Any] = {}
-
-    def call() -> None:
-        t0 = time.monotonic()
-        try:
-            pool.ensure(["p", "tenant-2", "lazy", "tenant-1"], timeout=2)
-        except BaseException as exc:
-            outcome["exc"] = exc
-        outcome["elapsed"] = _elapsed(t0)
-
-    t = threading.Thread(target=call)
-    t.start()
-    t.join(5)
-    os.kill(sup.pid, signal.SIGCONT)
-    t.join(5)
-    assert not t.is_alive()
-    assert "exc" not in outcome, outcome
-    assert outcome["elapsed"] < 0.5, outcome
+    took = time_while_stopped(
+        lambda: pool.ensure(["p", "tenant-2", "lazy", "tenant-1"], timeout=2),
+        sup.pid,
+        sigcont_on_exit,
+    )
+    assert took < 0.5, took
 
 
 # ------------------------------------------------------ nothing started

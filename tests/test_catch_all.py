@@ -9,25 +9,31 @@ batch that would exceed it); the place an aborted instance frees; concurrent
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from helpers import (
     ROOT,
+    TENANT,
+    Background,
+    failing,
     gone,
     last_json_line,
+    names_in_log,
     read_json,
+    run_python,
+    run_together,
+    since,
     spec,
     state,
     statuses,
@@ -36,11 +42,10 @@ from helpers import (
     tenant_report,
     the_status,
     wait_for,
+    worker_pids,
 )
 
 import bgpool
-
-TARGET = "fixtures.workers:tenant"
 
 
 def limit_message(name: str, cap: int) -> str:
@@ -50,25 +55,12 @@ def limit_message(name: str, cap: int) -> str:
     )
 
 
-def worker_pids() -> set[int]:
-    """Pids of every worker: the children of the supervisor(s) we started."""
-    return {w.pid for sup in psutil.Process().children() for w in sup.children()}
-
-
-def names_in_log(log: Path) -> list[str]:
-    return [name for _, name, _, _, _ in tenant_log(log)]
-
-
 def catch_all(sentinel_dir: Path, **kwargs: Any) -> bgpool.WorkerSpec:
     """A global catch-all running ``tenant``, logging to ``sentinel_dir/log`` and
     reporting into ``sentinel_dir``; ``env`` entries are added to those."""
     env = {"LOG": str(sentinel_dir / "log"), "REPORT_DIR": str(sentinel_dir)}
     env.update(kwargs.pop("env", {}))
     return spec(None, "tenant", env=env, **kwargs)
-
-
-def _elapsed(t0: float) -> float:
-    return time.monotonic() - t0
 
 
 # ------------------------------------------------------------ hosting names
@@ -85,7 +77,7 @@ def test_catch_all_hosts_two_names_in_two_processes(make_pool: Any, sentinel_dir
     pool.ensure("tenant-2", timeout=5)
 
     reports = {
-        n: wait_for(lambda n=n: tenant_report(sentinel_dir, n), what=f"{n} report")
+        n: wait_for(functools.partial(tenant_report, sentinel_dir, n), what=f"{n} report")
         for n in ("tenant-1", "tenant-2")
     }
     pids = {n: r["pid"] for n, r in reports.items()}
@@ -103,7 +95,7 @@ def test_catch_all_hosts_two_names_in_two_processes(make_pool: Any, sentinel_dir
         diag = pool.diagnostics(n)
         assert diag.name == n
         assert diag.scope == ""
-        assert diag.target == TARGET
+        assert diag.target == TENANT
         assert state(diag.state) == "ready"
         assert [i.pid for i in diag.instances] == [r["pid"]]
         assert [i.name for i in diag.instances] == [n]
@@ -118,27 +110,17 @@ def test_catch_all_hosts_two_names_in_two_processes(make_pool: Any, sentinel_dir
 
 def test_each_catch_all_name_has_its_own_readiness(make_pool: Any, sentinel_dir: Path) -> None:
     pool = make_pool([catch_all(sentinel_dir, env={"HANG_NAMES": "stuck"})], grace_period=0.2)
-    outcome: dict[str, Any] = {}
-
-    def wait_stuck() -> None:
-        try:
-            pool.ensure("stuck", timeout=1)
-        except BaseException as exc:
-            outcome["exc"] = exc
-
-    t = threading.Thread(target=wait_stuck)
-    t.start()
+    waiter = Background(lambda: pool.ensure("stuck", timeout=1))
     try:
         wait_for(lambda: "stuck" in names_in_log(sentinel_dir / "log"), what="stuck started")
         t0 = time.monotonic()
         pool.ensure("fine", timeout=5)  # not held up by the stuck name
-        assert _elapsed(t0) < 1.0
-        assert t.is_alive()  # still waiting for "stuck"
+        assert since(t0) < 1.0
+        assert not waiter.done.is_set()  # still waiting for "stuck"
     finally:
-        t.join(10)
-    assert not t.is_alive()
-    exc = outcome.get("exc")
-    assert isinstance(exc, bgpool.EnsureTimeout), outcome
+        waiter.wait(10, 'ensure("stuck")')
+    exc = waiter.error
+    assert isinstance(exc, bgpool.EnsureTimeout), repr(exc)
     assert str(exc) == 'background worker "stuck" did not call get_worker_handle() within 1s'
     assert exc.diagnostics.name == "stuck"
     assert state(the_status(pool, "fine").state) == "ready"
@@ -215,7 +197,7 @@ def test_drains_reach_every_catch_all_instance(make_pool: Any, sentinel_dir: Pat
     old = {n: the_status(pool, n).pid for n in names}
     t0 = time.monotonic()
     pool.restart_workers()
-    assert _elapsed(t0) < 3.0  # only the drain's EOF can make this fast
+    assert since(t0) < 3.0  # only the drain's EOF can make this fast
     assert {(pid, name) for pid, name, _, _, _ in tenant_log(eof)} == {(old[n], n) for n in names}
     wait_for(
         lambda: all(
@@ -229,7 +211,7 @@ def test_drains_reach_every_catch_all_instance(make_pool: Any, sentinel_dir: Pat
     pool.ensure(names, timeout=1)
     t0 = time.monotonic()
     pool.shutdown()
-    assert _elapsed(t0) < 3.0
+    assert since(t0) < 3.0
     assert {(pid, name) for pid, name, _, _, _ in tenant_log(eof)} == {
         (old[n], n) for n in names
     } | {(new[n], n) for n in names}
@@ -310,27 +292,32 @@ def test_batch_that_would_exceed_the_cap_starts_nothing(make_pool: Any, sentinel
 # ------------------------------------------------------------------ aborts
 
 
-def test_aborted_catch_all_name_is_retried_afresh(make_pool: Any, sentinel_dir: Path) -> None:
-    log = sentinel_dir / "log"
-    fail = sentinel_dir / "fail"
-    fail.mkdir()
-    (fail / "t").touch()
+@pytest.fixture
+def failing_t(make_pool: Any, sentinel_dir: Path) -> tuple[Any, Path, Path]:
+    """A catch-all with one place (cap 1) where the name "t" fails to boot (aborted
+    after 2 failures) while its flag is there: (pool, its log, the flag)."""
+    fail = failing(sentinel_dir, "t")
     pool = make_pool(
         [catch_all(sentinel_dir, max_instances=1, max_consecutive_failures=2,
                    env={"FAIL_DIR": str(fail)})]
     )  # fmt: skip
+    return pool, sentinel_dir / "log", fail / "t"
+
+
+def test_aborted_catch_all_name_is_retried_afresh(failing_t: tuple[Any, Path, Path]) -> None:
+    pool, log, flag = failing_t
     for attempts in (2, 4):
         with pytest.raises(bgpool.WorkerAborted) as info:
             pool.ensure("t", timeout=10)
         assert str(info.value).startswith(
             'background worker "t" failed to start: 2 consecutive failures '
-            f"(last exit status 1, target {TARGET}): RuntimeError: boom t"
+            f"(last exit status 1, target {TENANT}): RuntimeError: boom t"
         ), str(info.value)
         assert info.value.diagnostics.name == "t"
         assert info.value.diagnostics.last_error.message == "boom t"
         assert names_in_log(log) == ["t"] * attempts
 
-    (fail / "t").unlink()
+    flag.unlink()
     pool.ensure("t", timeout=10)
     st = the_status(pool, "t")
     assert state(st.state) == "ready"
@@ -341,15 +328,8 @@ def test_aborted_catch_all_name_is_retried_afresh(make_pool: Any, sentinel_dir: 
         pool.ensure("u", timeout=5)
 
 
-def test_aborted_catch_all_name_frees_its_place(make_pool: Any, sentinel_dir: Path) -> None:
-    log = sentinel_dir / "log"
-    fail = sentinel_dir / "fail"
-    fail.mkdir()
-    (fail / "t").touch()
-    pool = make_pool(
-        [catch_all(sentinel_dir, max_instances=1, max_consecutive_failures=2,
-                   env={"FAIL_DIR": str(fail)})]
-    )  # fmt: skip
+def test_aborted_catch_all_name_frees_its_place(failing_t: tuple[Any, Path, Path]) -> None:
+    pool, log, _ = failing_t
     with pytest.raises(bgpool.WorkerAborted):
         pool.ensure("t", timeout=10)
     pool.ensure("u", timeout=5)  # cap 1: the aborted "t" holds no place
@@ -361,18 +341,16 @@ def test_aborted_catch_all_name_frees_its_place(make_pool: Any, sentinel_dir: Pa
 
 
 def test_fail_fast_on_a_catch_all_name(make_pool: Any, sentinel_dir: Path) -> None:
-    fail = sentinel_dir / "fail"
-    fail.mkdir()
-    (fail / "bad").touch()
+    fail = failing(sentinel_dir, "bad")
     pool = make_pool([catch_all(sentinel_dir, max_consecutive_failures=-1,
                                 env={"FAIL_DIR": str(fail)})])  # fmt: skip
     t0 = time.monotonic()
     with pytest.raises(bgpool.WorkerBootFailed) as info:
         pool.ensure(["good", "bad"], timeout=20, fail_fast=True)
-    assert _elapsed(t0) < 3.0
+    assert since(t0) < 3.0
     assert str(info.value).startswith(
         'background worker "bad" failed to boot: attempt 1 failed '
-        f"(exit status 1, target {TARGET}): RuntimeError: boom bad"
+        f"(exit status 1, target {TENANT}): RuntimeError: boom bad"
     ), str(info.value)
 
 
@@ -380,27 +358,19 @@ def test_fail_fast_on_a_catch_all_name(make_pool: Any, sentinel_dir: Path) -> No
 
 
 def _ensure_from_threads(pool: Any, calls: list[str]) -> dict[str, list[BaseException | None]]:
-    """Ensure each name of ``calls`` from its own thread, all released at once."""
-    barrier = threading.Barrier(len(calls))
-    lock = threading.Lock()
+    """Ensure each name of ``calls`` from its own thread, all released at once; each
+    name's outcomes (None for a call that returned)."""
     outcomes: dict[str, list[BaseException | None]] = {n: [] for n in calls}
 
     def call(name: str) -> None:
-        barrier.wait()
         try:
             pool.ensure(name, timeout=10)
-            out: BaseException | None = None
         except BaseException as exc:
-            out = exc
-        with lock:
-            outcomes[name].append(out)
+            outcomes[name].append(exc)
+        else:
+            outcomes[name].append(None)  # list.append is atomic: no lock needed
 
-    threads = [threading.Thread(target=call, args=(n,)) for n in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert not any(t.is_alive() for t in threads)
+    assert run_together([functools.partial(call, n) for n in calls], timeout=20) == []
     return outcomes
 
 
@@ -565,15 +535,7 @@ def test_client_in_another_process_sees_catch_all_names(make_pool: Any, sentinel
         print(json.dumps(out))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     out = last_json_line(proc.stdout)
     st = the_status(pool, "tenant-1")
@@ -582,7 +544,7 @@ def test_client_in_another_process_sees_catch_all_names(make_pool: Any, sentinel
         ("tenant-1", st.pid, "ready")
     ]
     assert out["diag"]["name"] == "tenant-1"
-    assert out["diag"]["target"] == TARGET
+    assert out["diag"]["target"] == TENANT
     assert [i["pid"] for i in out["diag"]["instances"]] == [st.pid]
     assert out["limit"] == limit_message("tenant-2", 1)
     assert statuses(pool, "tenant-2") == []

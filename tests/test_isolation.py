@@ -1,41 +1,42 @@
 """Isolation between processes: stop pipes held by nobody but their worker and the
 supervisor, no orphans when the supervisor dies, private socket and segment modes,
 what a worker sees of itself (environment, current_worker(), its handle), and the
-``spawn`` start method (SPEC "Shape", "Worker API", "Lifecycle").
+stop pipes of the ``spawn`` start method (SPEC "Shape", "Worker API", "Lifecycle";
+tests/test_lifecycle.py runs the lifecycle under both start methods).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import signal
 import socket
 import stat
 import struct
-import subprocess
-import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from helpers import (
-    ROOT,
+    Evil,
     alive,
     fd_links,
     gone,
     pipe_holders,
     read_json,
+    resources,
+    run_python,
     spec,
     starts,
     state,
-    subprocess_env,
     supervisor_of,
     the_status,
+    tree_pids,
     unix_socket_inodes,
     wait_for,
 )
@@ -60,15 +61,10 @@ def _reports(
         **config,
     )
     reports = {
-        n: wait_for(lambda n=n: read_json(sentinel_dir / f"{n}.json"), what=f"{n} report")
+        n: wait_for(functools.partial(read_json, sentinel_dir / f"{n}.json"), what=f"{n} report")
         for n in names
     }
     return pool, reports
-
-
-def _tree_pids() -> list[int]:
-    me = psutil.Process()
-    return [me.pid] + [p.pid for p in me.children(recursive=True)]
 
 
 # ------------------------------------------------------------------ stop pipes
@@ -80,7 +76,7 @@ def test_each_stop_pipe_is_held_only_by_its_worker_and_the_supervisor(
     names = ["w0", "w1", "w2"]
     _pool, reports = _reports(make_pool, sentinel_dir, names)
     sup = supervisor_of(reports["w0"]["pid"])
-    tree = _tree_pids()
+    tree = tree_pids()
     for n in names:
         r = reports[n]
         assert r["stop_pipe_link"] == f"pipe:[{r['stop_pipe_inode']}]", r["stop_pipe_link"]
@@ -159,7 +155,6 @@ def test_supervisor_sigkill_leaves_no_worker_alive(make_pool: Any, sentinel_dir:
 
 
 def test_control_socket_and_segment_are_private(make_pool: Any) -> None:
-    shm_before = set(os.listdir("/dev/shm"))
     pool = make_pool([spec("eager", "idle", num=1)])
     address = pool.address
     assert os.environ["BGPOOL_ADDRESS"] == address
@@ -172,7 +167,7 @@ def test_control_socket_and_segment_are_private(make_pool: Any) -> None:
     assert directory.name.startswith("bgpool-")
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
 
-    segments = [n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("bgp_")]
+    segments = resources(pool).segments  # the pool's own (another run's are not ours)
     assert segments, "no /dev/shm/bgp_* segment"
     for name in segments:
         assert stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode) == 0o600, name
@@ -188,7 +183,9 @@ def test_no_worker_holds_the_control_socket(make_pool: Any, sentinel_dir: Path) 
     inodes = unix_socket_inodes(pool.address)
     assert inodes, "control socket not found in /proc/net/unix"
     sup = supervisor_of(reports["a"]["pid"])
-    assert {f"socket:[{i}]" for i in inodes} & fd_links(sup.pid), "supervisor must listen"
+    assert {f"socket:[{i}]" for i in inodes} & set(fd_links(sup.pid).values()), (
+        "supervisor must listen"
+    )
     for name, r in reports.items():
         held = {f"socket:[{i}]" for i in inodes} & set(r["fds"].values())
         assert not held, f"worker {name} holds the control socket"
@@ -302,41 +299,11 @@ def test_spawn_start_method(make_pool: Any, sentinel_dir: Path) -> None:
     assert r["BGPOOL_WORKER"] == "s"
     assert r["BGPOOL_ADDRESS"] == pool.address
     sup = supervisor_of(r["pid"])
-    assert sorted(pipe_holders(r["stop_pipe_inode"], _tree_pids())) == sorted([r["pid"], sup.pid])
+    assert sorted(pipe_holders(r["stop_pipe_inode"], tree_pids())) == sorted([r["pid"], sup.pid])
     assert state(the_status(pool, "s").state) == "ready"
 
 
-def test_spawn_start_method_records_boot_failures(make_pool: Any) -> None:
-    pool = make_pool(
-        [spec("x", "crash_at_boot", max_consecutive_failures=-1)], start_method="spawn"
-    )
-    with pytest.raises(bgpool.WorkerBootFailed) as info:
-        pool.ensure("x", timeout=20, fail_fast=True)
-    err = info.value.diagnostics.last_error
-    assert (err.type, err.message) == ("RuntimeError", "boom")
-    assert info.value.diagnostics.last_exit_status == 1
-
-
-def test_spawn_start_method_drains_promptly(make_pool: Any) -> None:
-    pool = make_pool([spec("a", "idle", num=1)], start_method="spawn", grace_period=30.0)
-    pid = the_status(pool, "a").pid
-    t0 = time.monotonic()
-    pool.shutdown()
-    assert time.monotonic() - t0 < 3.0
-    assert gone(pid)
-
-
 # ------------------------------------------------------------- control socket
-
-
-class _Evil:
-    """Unpickling this creates a file: proof that client bytes were unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
 
 
 def _raw_send(address: str, payload: bytes) -> None:
@@ -360,7 +327,7 @@ def test_supervisor_survives_garbage_and_never_unpickles(
 ) -> None:
     pool = make_pool([spec("eager", "idle", num=1), spec("lazy", "idle")])
     marker = sentinel_dir / "unpickled"
-    evil = pickle.dumps(_Evil(str(marker)))
+    evil = pickle.dumps(Evil(str(marker)))
     payloads = [
         b"\x00\xff garbage \n",
         b"{not json}\n",
@@ -394,15 +361,7 @@ def test_application_exits_cleanly_without_warnings(sentinel_dir: Path) -> None:
         print("DONE")
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", "-c", code],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_python(code, timeout=60, flags=["-X", "dev", "-W", "error"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "DONE"
     for bad in ("ResourceWarning", "resource_tracker", "leaked", "Traceback"):

@@ -1,36 +1,44 @@
 """Lifecycle: start, readiness, ensure(), crash restarts, boot failures, abort,
 drain and force-kill, restart_workers(), the context manager, reporting models and
 the error hierarchy (SPEC "Application API", "Readiness", "Errors", "Lifecycle").
+
+Every test that makes a pool runs once per start method (``fork``, ``spawn``): the
+module's ``start_method`` fixture is parametrized, and ``make_pool`` applies it.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import re
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 import pytest
 from helpers import (
     FIXTURES,
     ROOT,
+    Background,
     alive,
     file_line,
     gone,
     read_json,
+    run_together,
+    since,
     source_line,
     spec,
     starts,
     state,
     statuses,
     supervisor_of,
+    supervisor_pid,
     the_status,
+    time_while_stopped,
     wait_for,
 )
 from pydantic import BaseModel
@@ -43,8 +51,29 @@ BOOM_LINE = source_line(workers.crash_at_boot, "BOOM_LINE")
 SCRIPT_BOOM_LINE = file_line(FIXTURES / "script_crash.py", "SCRIPT_BOOM_LINE")
 
 
-def _elapsed(t0: float) -> float:
-    return time.monotonic() - t0
+StartMethod = Literal["fork", "spawn"]
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def start_method(request: pytest.FixtureRequest) -> StartMethod:
+    """Each pool of this module starts its workers one way, then the other."""
+    method: StartMethod = request.param
+    return method
+
+
+fork_only = pytest.mark.parametrize("start_method", ["fork"])
+"""For a test where the start method plays no part (the client's own deadlines and
+table reads, the Pool's context manager, configuration): it runs once."""
+
+
+def _diagnostics_when(pool: Any, name: str, holds: Any, what: str) -> Any:
+    """``pool.diagnostics(name)``, once ``holds(diagnostics)`` is true."""
+
+    def check() -> Any:
+        diag = pool.diagnostics(name)
+        return diag if holds(diag) else None
+
+    return wait_for(check, what=what)
 
 
 # ------------------------------------------------------------ start / ready / shutdown
@@ -79,7 +108,7 @@ def test_shutdown_drains_promptly_with_default_grace_period(make_pool: Any) -> N
     sup = supervisor_of(pids[0])
     t0 = time.monotonic()
     pool.shutdown()
-    assert _elapsed(t0) < 3.0
+    assert since(t0) < 3.0
     assert all(gone(p) for p in pids)
     assert gone(sup.pid)
     assert psutil.Process().children() == []
@@ -99,34 +128,17 @@ def test_lazy_worker_starts_on_first_ensure(make_pool: Any, sentinel_dir: Path) 
     assert len(starts(log)) == 1
 
 
+@fork_only
 def test_ensure_of_ready_worker_needs_no_round_trip(
     make_pool: Any, sigcont_on_exit: list[int]
 ) -> None:
     pool = make_pool([spec("eager", "idle", num=1)])
     sup = supervisor_of(the_status(pool, "eager").pid)
-    sigcont_on_exit.append(sup.pid)
-    os.kill(sup.pid, signal.SIGSTOP)
-    wait_for(lambda: sup.status() == psutil.STATUS_STOPPED, what="supervisor stopped")
-    outcome: dict[str, Any] = {}
-
-    def call() -> None:
-        t0 = time.monotonic()
-        try:
-            pool.ensure("eager", timeout=2)
-        except BaseException as exc:
-            outcome["exc"] = exc
-        outcome["elapsed"] = _elapsed(t0)
-
-    t = threading.Thread(target=call)
-    t.start()
-    t.join(5)
-    os.kill(sup.pid, signal.SIGCONT)
-    t.join(5)
-    assert not t.is_alive()
-    assert "exc" not in outcome, outcome
-    assert outcome["elapsed"] < 0.5, outcome
+    took = time_while_stopped(lambda: pool.ensure("eager", timeout=2), sup.pid, sigcont_on_exit)
+    assert took < 0.5, took
 
 
+@fork_only
 def test_ensure_undeclared_name(make_pool: Any) -> None:
     pool = make_pool([spec("known", "idle")])
     with pytest.raises(bgpool.WorkerNotDeclared) as info:
@@ -146,7 +158,7 @@ def test_timeout_message_for_worker_that_never_takes_its_handle(make_pool: Any) 
     t0 = time.monotonic()
     with pytest.raises(bgpool.EnsureTimeout) as info:
         pool.ensure("nr", timeout=1)
-    assert 0.9 <= _elapsed(t0) < 2.5
+    assert 0.9 <= since(t0) < 2.5
     assert str(info.value) == 'background worker "nr" did not call get_worker_handle() within 1s'
     assert isinstance(info.value, TimeoutError)
     diag = info.value.diagnostics
@@ -155,24 +167,26 @@ def test_timeout_message_for_worker_that_never_takes_its_handle(make_pool: Any) 
     assert diag.last_error is None
 
 
+@fork_only
 def test_default_deadline_is_pool_ensure_timeout(make_pool: Any) -> None:
     pool = make_pool([spec("nr", "never_ready")], grace_period=0.2, ensure_timeout=1.0)
     t0 = time.monotonic()
     with pytest.raises(bgpool.EnsureTimeout) as info:
         pool.ensure("nr")
-    assert 0.9 <= _elapsed(t0) < 2.5
+    assert 0.9 <= since(t0) < 2.5
     assert re.fullmatch(
         r'background worker "nr" did not call get_worker_handle\(\) within 1(\.0)?s',
         str(info.value),
     ), str(info.value)
 
 
+@fork_only
 def test_batch_shares_one_deadline(make_pool: Any) -> None:
     pool = make_pool([spec("a", "never_ready"), spec("b", "never_ready")], grace_period=0.2)
     t0 = time.monotonic()
     with pytest.raises(bgpool.EnsureTimeout):
         pool.ensure(["a", "b"], timeout=1)
-    assert 0.9 <= _elapsed(t0) < 1.8  # one deadline, not one per name
+    assert 0.9 <= since(t0) < 1.8  # one deadline, not one per name
     # both were started by the one call
     assert the_status(pool, "a").pid is not None
     assert the_status(pool, "b").pid is not None
@@ -252,7 +266,7 @@ def test_fail_fast_raises_worker_boot_failed_at_first_failure(make_pool: Any) ->
     t0 = time.monotonic()
     with pytest.raises(bgpool.WorkerBootFailed) as info:
         pool.ensure("x", timeout=20, fail_fast=True)
-    assert _elapsed(t0) < 3.0
+    assert since(t0) < 3.0
     assert not isinstance(info.value, bgpool.WorkerAborted)
     m = re.fullmatch(
         r'background worker "x" failed to boot: attempt 1 failed '
@@ -284,7 +298,7 @@ def test_abort_after_max_consecutive_failures_then_fresh_try(
     t0 = time.monotonic()
     with pytest.raises(bgpool.WorkerAborted) as info:
         pool.ensure("x", timeout=10)
-    assert _elapsed(t0) < 5.0
+    assert since(t0) < 5.0
     assert isinstance(info.value, bgpool.WorkerBootFailed)
     assert str(info.value).startswith(
         'background worker "x" failed to start: 2 consecutive failures '
@@ -398,7 +412,7 @@ def test_readiness_is_sticky_across_crash_restarts(make_pool: Any, sentinel_dir:
     assert st.ever_ready is True
     t0 = time.monotonic()
     pool.ensure("x", timeout=1)  # sticky: no wait for the new attempt
-    assert _elapsed(t0) < 0.5
+    assert since(t0) < 0.5
 
 
 def test_clean_exit_is_restarted(make_pool: Any, sentinel_dir: Path) -> None:
@@ -430,9 +444,8 @@ def test_sys_exit_status_after_ready_is_recorded(make_pool: Any, sentinel_dir: P
     )
     pool.ensure("x", timeout=5)
     wait_for(lambda: len(starts(log)) == 2, what="restart after sys.exit(3)")
-    diag = wait_for(
-        lambda: (d := pool.diagnostics("x")).last_exit_status == 3 and d,
-        what="exit status 3 recorded",
+    diag = _diagnostics_when(
+        pool, "x", lambda d: d.last_exit_status == 3, what="exit status 3 recorded"
     )
     assert diag.last_signal is None
 
@@ -443,16 +456,17 @@ def test_sigkill_is_recorded_and_worker_restarted(make_pool: Any, sentinel_dir: 
     pool.ensure("x", timeout=5)
     old = the_status(pool, "x").pid
     os.kill(old, signal.SIGKILL)
-    diag = wait_for(
-        lambda: (d := pool.diagnostics("x")).last_exit_status == -9 and d,
-        what="exit status -9 recorded",
+    diag = _diagnostics_when(
+        pool, "x", lambda d: d.last_exit_status == -9, what="exit status -9 recorded"
     )
     assert diag.last_signal == "SIGKILL"
     wait_for(lambda: len(starts(log)) == 2, what="restart after SIGKILL")
     new = starts(log)[1][0]
     assert new != old
-    wait_for(lambda: the_status(pool, "x").pid == new, what="new pid in status")
-    assert state(the_status(pool, "x").state) == "ready"
+    wait_for(
+        lambda: the_status(pool, "x").pid == new and state(the_status(pool, "x").state) == "ready",
+        what="the new pid ready in status",
+    )
 
 
 # -------------------------------------------------------------- concurrency
@@ -463,22 +477,7 @@ def test_sixteen_threads_ensuring_one_lazy_name_start_one_process(
 ) -> None:
     log = sentinel_dir / "lazy.starts"
     pool = make_pool([spec("lazy", "slow_ready", env={"STARTS": str(log), "DELAY": "0.3"})])
-    barrier = threading.Barrier(16)
-    errors: list[BaseException] = []
-
-    def call() -> None:
-        barrier.wait()
-        try:
-            pool.ensure("lazy", timeout=10)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(15)
-    assert not any(t.is_alive() for t in threads)
+    errors = run_together([lambda: pool.ensure("lazy", timeout=10)] * 16, timeout=15)
     assert errors == []
     assert len(starts(log)) == 1
     (st,) = statuses(pool, "lazy")
@@ -510,7 +509,7 @@ def test_stuck_worker_and_its_child_are_force_killed_after_grace_period(
     try:
         t0 = time.monotonic()
         pool.shutdown()
-        elapsed = _elapsed(t0)
+        elapsed = since(t0)
         # drain, 0.5 s grace, SIGTERM (ignored), SIGKILL one second later
         assert 1.4 <= elapsed < 5.0
         assert gone(pid)
@@ -546,7 +545,7 @@ def test_restart_force_kills_stuck_worker_and_its_setsid_child(
     try:
         t0 = time.monotonic()
         pool.restart_workers()
-        assert 0.25 <= _elapsed(t0) < 5.0
+        assert 0.25 <= since(t0) < 5.0
         assert gone(old)
         # the supervisor keeps running: the old worker's child must not survive it
         wait_for(lambda: gone(child), timeout=2, what="the old worker's child killed")
@@ -569,29 +568,19 @@ def test_backoff_wait_is_cut_short_by_shutdown(make_pool: Any) -> None:
     wait_for(in_long_backoff, timeout=10, what="a 1 s backoff")
     t0 = time.monotonic()
     pool.shutdown()
-    assert _elapsed(t0) < 0.7
+    assert since(t0) < 0.7
 
 
 def test_waiter_gets_pool_closed_when_pool_shuts_down(make_pool: Any) -> None:
     pool = make_pool([spec("nr", "never_ready")], grace_period=0.2)
-    outcome: dict[str, BaseException] = {}
-
-    def call() -> None:
-        try:
-            pool.ensure("nr", timeout=30)
-        except BaseException as exc:
-            outcome["exc"] = exc
-
-    t = threading.Thread(target=call)
-    t.start()
+    waiter = Background(lambda: pool.ensure("nr", timeout=30))
     try:
         wait_for(lambda: the_status(pool, "nr").pid is not None, what="lazy start")
         pool.shutdown()
     finally:
-        t.join(10)
-    assert not t.is_alive()
-    assert isinstance(outcome.get("exc"), bgpool.PoolClosed), outcome
-    assert str(outcome["exc"]) in ("pool is shutting down", "pool is closed")
+        waiter.wait(10, "ensure() of a worker that never gets ready")
+    assert isinstance(waiter.error, bgpool.PoolClosed), repr(waiter.error)
+    assert str(waiter.error) in ("pool is shutting down", "pool is closed")
 
 
 def test_restart_workers_respawns_running_instances_only(
@@ -619,23 +608,24 @@ def test_restart_workers_respawns_running_instances_only(
     assert the_status(pool, "never").pid is None
     t0 = time.monotonic()
     pool.ensure(["eager", "lazy"], timeout=1)  # readiness stays sticky
-    assert _elapsed(t0) < 0.5
+    assert since(t0) < 0.5
+
+    def respawned_once(n: str) -> bool:
+        return [pid for pid, _ in starts(logs[n])] == [old[n], new[n]]
+
+    def ready_again(n: str) -> bool:
+        st = the_status(pool, n)
+        return bool(st.pid == new[n] and state(st.state) == "ready")
+
     for n in ("eager", "lazy"):
-        wait_for(
-            lambda n=n: [pid for pid, _ in starts(logs[n])] == [old[n], new[n]],
-            what=f"{n} respawned once",
-        )
-        wait_for(
-            lambda n=n: (
-                the_status(pool, n).pid == new[n] and state(the_status(pool, n).state) == "ready"
-            ),
-            what=f"{n} ready again",
-        )
+        wait_for(functools.partial(respawned_once, n), what=f"{n} respawned once")
+        wait_for(functools.partial(ready_again, n), what=f"{n} ready again")
 
 
 # ---------------------------------------------------- context manager, closed pool
 
 
+@fork_only
 def test_context_manager_starts_and_shuts_down(make_pool: Any) -> None:
     pool = make_pool([spec("eager", "idle", num=1)], start=False)
     with pool as entered:
@@ -650,6 +640,7 @@ def test_context_manager_starts_and_shuts_down(make_pool: Any) -> None:
     assert str(info.value) == "pool is closed"
 
 
+@fork_only
 def test_context_manager_shuts_down_on_exception(make_pool: Any) -> None:
     pool = make_pool([spec("eager", "idle", num=1)], start=False)
     with pytest.raises(ZeroDivisionError), pool:
@@ -659,6 +650,7 @@ def test_context_manager_shuts_down_on_exception(make_pool: Any) -> None:
     assert psutil.Process().children() == []
 
 
+@fork_only
 def test_shutdown_is_idempotent_and_pool_is_closed_after(make_pool: Any) -> None:
     pool = make_pool([spec("eager", "idle", num=1)])
     pool.shutdown()
@@ -683,7 +675,7 @@ def test_start_raises_startup_error_when_eager_worker_aborts(make_pool: Any) -> 
     t0 = time.monotonic()
     with pytest.raises(bgpool.StartupError) as info:
         pool.start()
-    assert _elapsed(t0) < 8.0
+    assert since(t0) < 8.0
     assert "bad" in str(info.value)
     assert "boom" in str(info.value)
     assert info.value.diagnostics is not None
@@ -697,7 +689,7 @@ def test_start_raises_startup_error_when_eager_worker_never_ready(make_pool: Any
     t0 = time.monotonic()
     with pytest.raises(bgpool.StartupError) as info:
         pool.start()
-    assert 0.9 <= _elapsed(t0) < 5.0
+    assert 0.9 <= since(t0) < 5.0
     assert "nr" in str(info.value)
     assert "get_worker_handle" in str(info.value)
     assert info.value.diagnostics is not None
@@ -803,24 +795,28 @@ def test_script_target_runs_as_main_with_args(
     assert data["pid"] == the_status(pool, "script").pid
 
 
-def test_pool_accepts_a_pool_config(make_pool: Any) -> None:
-    config = PoolConfig(workers=[spec("eager", "idle", num=1)], grace_period=5.0)
+@fork_only
+def test_pool_accepts_a_pool_config(make_pool: Any, start_method: StartMethod) -> None:
+    config = PoolConfig(
+        workers=[spec("eager", "idle", num=1)], grace_period=5.0, start_method=start_method
+    )
     pool = make_pool(config=config)
     assert state(the_status(pool, "eager").state) == "ready"
 
 
+@fork_only
 def test_ensure_keeps_its_deadline_when_the_supervisor_is_stopped(
     make_pool: Any, sigcont_on_exit: list[int]
 ) -> None:
     """A supervisor that cannot answer (SIGSTOPped here) must not stretch the
     caller's deadline by more than the client's small slack."""
     pool = make_pool([spec("lazy", "idle")])
-    supervisor = pool._process.pid
+    supervisor = supervisor_pid(pool)
     sigcont_on_exit.append(supervisor)
     os.kill(supervisor, signal.SIGSTOP)
     t0 = time.monotonic()
     with pytest.raises(bgpool.EnsureTimeout, match="the supervisor did not answer"):
         pool.ensure("lazy", timeout=0.5)
-    assert _elapsed(t0) < 3.0
+    assert since(t0) < 3.0
     os.kill(supervisor, signal.SIGCONT)
     pool.ensure("lazy", timeout=10)  # and it recovers once it runs again

@@ -6,6 +6,7 @@ names sharing one target, each with its own options) (SPEC "Declarations",
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import textwrap
@@ -13,15 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from helpers import (
     FIXTURES,
+    TENANT,
+    failing,
     gone,
     last_json_line,
     pipe_holders,
     read_json,
     run_python,
+    since,
     spec,
     state,
     statuses,
@@ -29,23 +32,18 @@ from helpers import (
     tenant_log,
     tenant_report,
     the_status,
+    tree_pids,
     wait_for,
 )
 
 import bgpool
 from bgpool import WorkerSpec
 
-TARGET = "fixtures.workers:tenant"
-
-
-def _elapsed(t0: float) -> float:
-    return time.monotonic() - t0
-
 
 def _reports(sentinel_dir: Path, name: str, n: int) -> list[dict[str, Any]]:
     return [
         wait_for(
-            lambda i=i: tenant_report(sentinel_dir, name, instance=i),
+            functools.partial(tenant_report, sentinel_dir, name, instance=i),
             what=f"{name}#{i} report",
         )
         for i in range(n)
@@ -62,11 +60,6 @@ def _all_ready(pool: Any, name: str, n: int) -> list[Any]:
         return rows if ok else None
 
     return wait_for(ready, what=f"{n} ready instances of {name}")
-
-
-def _tree_pids() -> list[int]:
-    me = psutil.Process()
-    return [me.pid] + [p.pid for p in me.children(recursive=True)]
 
 
 # ------------------------------------------------------------------- pools
@@ -110,7 +103,7 @@ def test_pool_of_three_runs_three_processes_with_their_own_index(
 
     diag = pool.diagnostics("p")
     assert diag.name == "p"
-    assert diag.target == TARGET
+    assert diag.target == TENANT
     assert state(diag.state) == "ready"
     assert sorted((i.instance, i.pid) for i in diag.instances) == [(i, pids[i]) for i in range(3)]
     assert all(i.name == "p" for i in diag.instances)
@@ -122,7 +115,7 @@ def test_each_pool_member_has_its_own_stop_pipe(make_pool: Any, sentinel_dir: Pa
     inodes = [r["stop_pipe_inode"] for r in reports]
     assert len(set(inodes)) == 3
     sup = supervisor_of(reports[0]["pid"])
-    tree = _tree_pids()
+    tree = tree_pids()
     for r in reports:
         assert r["stop_pipe_link"] == f"pipe:[{r['stop_pipe_inode']}]"
         holders = pipe_holders(r["stop_pipe_inode"], tree)
@@ -149,7 +142,7 @@ def test_shutdown_drains_every_pool_member(make_pool: Any, sentinel_dir: Path) -
     pids = {r["pid"] for r in _reports(sentinel_dir, "p", 3)}
     t0 = time.monotonic()
     pool.shutdown()
-    assert _elapsed(t0) < 3.0  # grace_period=30: only the drain makes this fast
+    assert since(t0) < 3.0  # grace_period=30: only the drain makes this fast
     entries = tenant_log(eof)
     assert sorted((pid, inst) for pid, _, _, inst, _ in entries) == sorted(
         (r["pid"], r["worker"]["instance"]) for r in _reports(sentinel_dir, "p", 3)
@@ -171,7 +164,7 @@ def test_restart_workers_drains_and_respawns_every_pool_member(
     assert sorted(old) == [0, 1, 2]
     t0 = time.monotonic()
     pool.restart_workers()
-    assert _elapsed(t0) < 3.0
+    assert since(t0) < 3.0
     eofs = tenant_log(eof)
     assert sorted((pid, inst) for pid, _, _, inst, _ in eofs) == sorted(
         (pid, inst) for inst, pid in old.items()
@@ -202,10 +195,10 @@ def test_first_ready_member_makes_the_pool_ready(
         ensure_timeout=3.0,
         grace_period=0.2,
     )
-    assert _elapsed(t0) < 2.0  # start() returned on the first ready member
+    assert since(t0) < 2.0  # start() returned on the first ready member
     t0 = time.monotonic()
     pool.ensure("p", timeout=2)
-    assert _elapsed(t0) < 0.5
+    assert since(t0) < 0.5
     rows = {s.instance: s for s in statuses(pool, "p")}
     assert sorted(rows) == [0, 1, 2]
     for i, s in rows.items():
@@ -286,7 +279,7 @@ def test_shared_target_keeps_each_declarations_env_and_num(
     assert b["env"] == {"ROLE": "beta", "ONLY_A": None, "ONLY_B": "2"}
     assert b["worker"]["name"] == "b"
     assert len({a0["pid"], a1["pid"], b["pid"]}) == 3
-    assert pool.diagnostics("a").target == pool.diagnostics("b").target == TARGET
+    assert pool.diagnostics("a").target == pool.diagnostics("b").target == TENANT
 
 
 def test_shared_script_target_keeps_each_declarations_args(
@@ -313,10 +306,7 @@ def test_shared_target_keeps_each_declarations_failure_policy(
     make_pool: Any, sentinel_dir: Path
 ) -> None:
     log = sentinel_dir / "log"
-    fail = sentinel_dir / "fail"
-    fail.mkdir()
-    for n in ("strict", "lenient", "patient"):
-        (fail / n).touch()
+    fail = failing(sentinel_dir, "strict", "lenient", "patient")
     env = {"LOG": str(log), "FAIL_DIR": str(fail)}
     pool = make_pool(
         [
@@ -334,7 +324,7 @@ def test_shared_target_keeps_each_declarations_failure_policy(
             pool.ensure(name, timeout=10)
         assert str(info.value).startswith(
             f'background worker "{name}" failed to start: {cap} consecutive failures '
-            f"(last exit status 1, target {TARGET}): RuntimeError: boom {name}"
+            f"(last exit status 1, target {TENANT}): RuntimeError: boom {name}"
         ), str(info.value)
         assert attempts(name) == cap
         assert state(pool.diagnostics(name).state) == "aborted"

@@ -9,6 +9,7 @@ from the application, from another process and from inside a worker (SPEC "Scope
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import textwrap
 import threading
@@ -21,6 +22,7 @@ from helpers import (
     last_json_line,
     read_json,
     run_python,
+    run_together,
     spec,
     state,
     statuses,
@@ -94,7 +96,7 @@ def test_same_name_in_two_scopes_is_two_workers(
     pool.ensure("job", scope=b, timeout=5)
     reports = {
         label: wait_for(
-            lambda label=label: tenant_report(sentinel_dir, "job", scope=label),
+            functools.partial(tenant_report, sentinel_dir, "job", scope=label),
             what=f"job report in scope {label!r}",
         )
         for label in ("a", "b")
@@ -322,29 +324,20 @@ def test_request_scope_is_per_thread(
     pool, log = resolution
     a, b = scopes
     barrier = threading.Barrier(3)
-    errors: list[BaseException] = []
 
     def in_scope(s: bgpool.Scope | None) -> None:
-        try:
-            if s is None:
-                barrier.wait()
-                barrier.wait()
-                pool.ensure("dep", timeout=5)
-                return
-            with pool.request_scope(s):
-                barrier.wait()  # every thread has entered its scope
-                barrier.wait()
-                pool.ensure("dep", timeout=5)
-        except BaseException as exc:
-            errors.append(exc)
+        if s is None:
+            barrier.wait()
+            barrier.wait()
+            pool.ensure("dep", timeout=5)
+            return
+        with pool.request_scope(s):
+            barrier.wait()  # every thread has entered its scope
+            barrier.wait()
+            pool.ensure("dep", timeout=5)
 
-    threads = [threading.Thread(target=in_scope, args=(s,)) for s in (a, b, None)]
     with pool.request_scope(b):  # not inherited by the threads started here
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(15)
-    assert not any(t.is_alive() for t in threads)
+        errors = run_together([functools.partial(in_scope, s) for s in (a, b, None)], 15)
     assert errors == []
     assert sorted(started(log)) == ["", "a", "b"]
 
@@ -384,23 +377,8 @@ def test_concurrent_ensures_start_one_instance_per_scope(
     pool = make_pool(
         [spec("dep", "tenant", env={"LOG": str(log), "DELAY": "0.2"}, scope=s) for s in labelled]
     )
-    barrier = threading.Barrier(16)
-    errors: list[BaseException] = []
-
-    def call(s: bgpool.Scope) -> None:
-        barrier.wait()
-        try:
-            pool.ensure("dep", scope=s, timeout=10)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call, args=(s,)) for s in labelled * 4]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    calls = [functools.partial(pool.ensure, "dep", scope=s, timeout=10) for s in labelled * 4]
+    assert run_together(calls, timeout=20) == []
     assert Counter(started(log)) == {f"s{i}": 1 for i in range(4)}
     assert all(state(s.state) == "ready" for s in pool.status())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,10 @@ def test_timers_run_in_deadline_order_and_skip_cancelled() -> None:
 
 
 def test_frames_round_trip_in_pieces() -> None:
-    messages = [{"op": "ensure", "names": ["a", "ü"], "timeout": 1.5}, {"ok": True}]
+    messages: list[dict[str, Any]] = [
+        {"op": "ensure", "names": ["a", "ü"], "timeout": 1.5},
+        {"ok": True},
+    ]
     data = b"".join(protocol.encode(m) for m in messages)
     decoder = protocol.FrameDecoder()
     received = []

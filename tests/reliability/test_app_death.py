@@ -16,15 +16,19 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import ROOT, gone, read_json, starts, subprocess_env, wait_for
-
-from .relutil import (
+from helpers import (
+    ROOT,
+    LeakCheck,
     Resources,
     describe,
+    gone,
     notes,
     procs_with_address,
+    read_json,
     reaping,
-    resources,
+    starts,
+    subprocess_env,
+    wait_for,
 )
 
 MARGIN = 1.0
@@ -109,7 +113,9 @@ def _check_everything_goes(res: Resources, bound: float, owner: Owner) -> None:
             ) from None
 
 
-def test_application_killed_while_workers_run(owner: Any, sentinel_dir: Path) -> None:
+def test_application_killed_while_workers_run(
+    owner: Any, sentinel_dir: Path, no_leaks: LeakCheck
+) -> None:
     """Well-behaved workers are drained, not killed: each sees EOF on its handle
     (it logs it), and all is over well within the grace period."""
     eof_log = sentinel_dir / "eof.log"
@@ -128,12 +134,14 @@ def test_application_killed_while_workers_run(owner: Any, sentinel_dir: Path) ->
     info = app.info()
     pids = {s["pid"] for s in info["status"]}
     assert len(pids) == 5 and None not in pids, info["status"]
-    res = resources(info["address"])
+    res = no_leaks.track(info["address"])
     _check_everything_goes(res, 2.0, app)
     assert {pid for pid, _ in starts(eof_log)} == pids, "every worker saw EOF: a drain"
 
 
-def test_application_killed_with_hostile_workers(owner: Any, sentinel_dir: Path) -> None:
+def test_application_killed_with_hostile_workers(
+    owner: Any, sentinel_dir: Path, no_leaks: LeakCheck
+) -> None:
     grace = 1.0
     env = {"NOTES": str(sentinel_dir)}
     app = owner(
@@ -151,14 +159,16 @@ def test_application_killed_with_hostile_workers(owner: Any, sentinel_dir: Path)
     )
     info = app.info()
     grandchild = wait_for(lambda: notes(sentinel_dir, "grandchild"), what="grandchild")
-    res = resources(info["address"])
+    res = no_leaks.track(info["address"])
     assert grandchild[0] in {p.pid for p in procs_with_address(res.address)}
     # grace, SIGTERM (ignored), SIGKILL a second later; the orphaned grandchild is
     # SIGTERMed then SIGKILLed a second later when the supervisor exits.
     _check_everything_goes(res, grace + 2.0 + MARGIN, app)
 
 
-def test_application_killed_during_start(owner: Any, sentinel_dir: Path) -> None:
+def test_application_killed_during_start(
+    owner: Any, sentinel_dir: Path, no_leaks: LeakCheck
+) -> None:
     """The owner dies inside start(), while an eager worker boots."""
     log = sentinel_dir / "slow.starts"
     grace = 1.0
@@ -176,14 +186,16 @@ def test_application_killed_during_start(owner: Any, sentinel_dir: Path) -> None
     environ = psutil.Process(worker).environ()
     address = environ["BGPOOL_ADDRESS"]
     app.address = address
-    res = resources(address)
+    res = no_leaks.track(address)
     assert res.supervisor == psutil.Process(worker).ppid()
     assert not app.info_path.exists(), "start() returned although a worker never got ready"
     # never_ready ignores EOF but not SIGTERM: gone at the end of the grace period.
     _check_everything_goes(res, grace + 1.0 + MARGIN, app)
 
 
-def test_application_killed_while_ensure_waits(owner: Any, sentinel_dir: Path) -> None:
+def test_application_killed_while_ensure_waits(
+    owner: Any, sentinel_dir: Path, no_leaks: LeakCheck
+) -> None:
     log = sentinel_dir / "never.starts"
     grace = 1.0
     app = owner(
@@ -198,5 +210,5 @@ def test_application_killed_while_ensure_waits(owner: Any, sentinel_dir: Path) -
     )
     info = app.info()
     wait_for(lambda: starts(log), what="the lazy worker")
-    res = resources(info["address"])
+    res = no_leaks.track(info["address"])
     _check_everything_goes(res, grace + 1.0 + MARGIN, app)

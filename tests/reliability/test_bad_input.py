@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,9 +24,7 @@ import pickle
 import random
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -34,18 +33,22 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import ROOT, spec, state, subprocess_env, wait_for
-from pydantic import ValidationError
-
-import bgpool
-
-from .relutil import (
+from helpers import (
+    BgpoolRun,
+    Evil,
     frame,
     raw_connect,
     read_until_closed,
     resources,
+    socket_dirs,
+    spec,
+    state,
     supervisor_pid,
+    wait_for,
 )
+from pydantic import ValidationError
+
+import bgpool
 
 MAX_FRAME = 4 << 20
 
@@ -110,7 +113,11 @@ def _nothing_started(pool: Any) -> None:
 
 
 def _expect(
-    call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], kind: type, what: str
+    call: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    kind: type[BaseException],
+    what: str,
 ) -> str | None:
     """None if ``call(*args, **kwargs)`` raises ``kind``, else what happened."""
     try:
@@ -269,15 +276,14 @@ def test_declaration_errors_name_their_field() -> None:
 
 
 def test_every_declaration_error_is_reported_at_once() -> None:
+    workers: list[Any] = [  # raw dicts: PoolConfig validates them into WorkerSpecs
+        {"target": GOOD, "name": ""},
+        {"target": GOOD, "name": "b", "num": -1},
+        {"target": "bad target"},
+        {"target": GOOD, "name": "d", "max_instances": 2},
+    ]
     with pytest.raises(ValidationError) as info:
-        bgpool.PoolConfig(
-            workers=[
-                {"target": GOOD, "name": ""},
-                {"target": GOOD, "name": "b", "num": -1},
-                {"target": "bad target"},
-                {"target": GOOD, "name": "d", "max_instances": 2},
-            ]
-        )
+        bgpool.PoolConfig(workers=workers)
     locs = {e["loc"][:3] for e in info.value.errors()}
     assert locs == {
         ("workers", 0, "name"),
@@ -285,16 +291,15 @@ def test_every_declaration_error_is_reported_at_once() -> None:
         ("workers", 2, "target"),
         ("workers", 3, "max_instances"),
     }, locs
+    workers = [
+        {"target": "no_such_module_rel:run", "name": "a"},
+        {"target": GOOD, "name": "a"},
+        {"target": GOOD},
+        {"target": GOOD},
+        {"target": "no/such/script.py", "name": "s"},
+    ]
     with pytest.raises(ValidationError) as info:
-        bgpool.PoolConfig(
-            workers=[
-                {"target": "no_such_module_rel:run", "name": "a"},
-                {"target": GOOD, "name": "a"},
-                {"target": GOOD},
-                {"target": GOOD},
-                {"target": "no/such/script.py", "name": "s"},
-            ]
-        )
+        bgpool.PoolConfig(workers=workers)
     found = {e["loc"]: e["type"] for e in info.value.errors()}
     assert found == {
         ("workers", 0, "target"): "target_not_found",
@@ -307,28 +312,20 @@ def test_every_declaration_error_is_reported_at_once() -> None:
 # -------------------------------------------------------------- bgpool run, imports
 
 
-def test_run_with_a_config_that_raises_on_import_starts_nothing() -> None:
-    tmp = Path(tempfile.gettempdir())
-    dirs_before = {p.name for p in tmp.iterdir() if p.name.startswith("bgpool-")}
-    env = subprocess_env()
-    env.pop("BGPOOL_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bgpool", "run", "fixtures/bad_config.py"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" in proc.stderr, proc.stderr
-    assert "RuntimeError: bad_config raises on import on purpose" in proc.stderr
-    assert "bad_config.py" in proc.stderr
-    assert "BGPOOL_ADDRESS" not in proc.stdout + proc.stderr, "a pool was started"
-    dirs_after = {p.name for p in tmp.iterdir() if p.name.startswith("bgpool-")}
-    assert dirs_after == dirs_before, "a socket directory was created"
+def test_run_with_a_config_that_raises_on_import_starts_nothing(sentinel_dir: Path) -> None:
+    dirs_before = socket_dirs()
+    run = BgpoolRun("fixtures/bad_config.py", sentinel_dir)
+    try:
+        status = run.wait(30)
+    finally:
+        run.close()
+    stdout, stderr = run.text(), run.stderr()
+    assert status == 2, (status, stdout, stderr)
+    assert "Traceback" in stderr, stderr
+    assert "RuntimeError: bad_config raises on import on purpose" in stderr
+    assert "bad_config.py" in stderr
+    assert "BGPOOL_ADDRESS" not in stdout + stderr, "a pool was started"
+    assert socket_dirs() == dirs_before, "a socket directory was created"
 
 
 def _check_import_error(diag: Any) -> None:
@@ -407,6 +404,10 @@ def test_bad_reports_on_the_notify_pipe(make_pool: Any) -> None:
         + [spec("ok", "idle"), spec("eager", "idle", num=1)]
     )
     sup = supervisor_pid(pool)
+
+    def exited_twice(name: str) -> bool:
+        return bool(pool.diagnostics(name).attempts >= 2)
+
     problems = []
     for name in bad:
         try:
@@ -416,7 +417,7 @@ def test_bad_reports_on_the_notify_pipe(make_pool: Any) -> None:
         except Exception as exc:
             problems.append(f"ensure({name}): {type(exc).__name__}: {exc}")
         if name.startswith("exit-"):
-            wait_for(lambda name=name: pool.diagnostics(name).attempts >= 2, what=f"{name} exits")
+            wait_for(functools.partial(exited_twice, name), what=f"{name} exits")
         try:
             diag = pool.diagnostics(name)
             json.dumps(diag.model_dump(mode="json"))
@@ -434,16 +435,6 @@ def test_bad_reports_on_the_notify_pipe(make_pool: Any) -> None:
 # ---------------------------------------------------------------- control socket
 
 
-class _Evil:
-    """Unpickling this creates a file: proof that client bytes were unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
-
-
 BAD_NAMES = ["", "a\x00b", "a\nb", "\x1b[2J", "x" * 129, "x" * 10_000, "a\x7f"]
 WRONG = [None, True, False, 0, -1, 1.5, "", "x", [], ["x"], {}, {"a": 1}]
 
@@ -457,7 +448,7 @@ def _wrong_typed(rng: random.Random) -> dict[str, Any]:
     if kind == 1:
         return {"op": "ensure", "names": rng.choice([None, 1, "lazy", {}, {"lazy": 1}, True])}
     if kind == 2:
-        bad = rng.choice([1, None, True, [], {}, 2.5, ["x"], *BAD_NAMES])
+        bad: Any = rng.choice([1, None, True, [], {}, 2.5, ["x"], *BAD_NAMES])
         return {"op": "ensure", "names": ["lazy", bad] if rng.random() < 0.5 else [bad]}
     if kind == 3:
         return {"op": "ensure", "names": ["lazy", "lazy"]}
@@ -511,8 +502,8 @@ def _messages(rng: random.Random, evil: bytes) -> list[tuple[str, bytes, bool]]:
         struct.pack("<I", len(evil)) + evil,
         evil + b"\n",
         frame({"op": "ensure", "names": ["lazy"], "pickle": evil.hex()})[:-1] + b"X",
-        struct.pack(">I", len(pickle.dumps(_Evil("x"), protocol=0)))
-        + pickle.dumps(_Evil("x"), protocol=0),
+        struct.pack(">I", len(pickle.dumps(Evil("x"), protocol=0)))
+        + pickle.dumps(Evil("x"), protocol=0),
     ):
         out.append(("pickle", payload, True))
     rng.shuffle(out)
@@ -537,7 +528,7 @@ def test_control_socket_fuzz(make_pool: Any, sentinel_dir: Path, capfd: Any) -> 
     sup = supervisor_pid(pool)
     fds = _fds_of(sup)
     marker = sentinel_dir / "unpickled"
-    evil = pickle.dumps(_Evil(str(marker)))
+    evil = pickle.dumps(Evil(str(marker)))
     answered: list[str] = []
     left_open: list[str] = []
     t0 = time.monotonic()

@@ -19,11 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import spec, state, wait_for
-
-import bgpool
-
-from .relutil import (
+from helpers import (
     assert_clean,
     fd_count,
     live,
@@ -31,8 +27,14 @@ from .relutil import (
     notes,
     reaping,
     resources,
+    spec,
+    state,
     supervisor_pid,
+    the_status,
+    wait_for,
 )
+
+import bgpool
 
 GRACE = 1.0
 FORCE_KILL = 1.0  # SPEC: SIGKILL one second after SIGTERM
@@ -56,19 +58,26 @@ DRAIN_CASES = {
 }
 
 
-def _status(pool: Any, name: str) -> Any:
-    (found,) = [s for s in pool.status() if s.name == name]
-    return found
-
-
 def _started(pool: Any, sentinel_dir: Path, target: str) -> list[int]:
     """Pids of the hostile worker and whatever it forked (noted by the fixture)."""
-    pids = [_status(pool, "hostile").pid]
+    pids = [the_status(pool, "hostile").pid]
     if target == "forks_session_leader":
         pids += wait_for(lambda: notes(sentinel_dir, "grandchild"), what="the grandchild")
     if target == "ignores_everything":
         wait_for(lambda: notes(sentinel_dir, "ignorer"), what="SIGTERM ignored")
     return pids
+
+
+def _with_witness(make_pool: Any, sentinel_dir: Path, target: str, **config: Any) -> Any:
+    """A pool of the hostile worker ``hostile`` and a well-behaved ``witness``."""
+    return make_pool(
+        [
+            _hostile(target, name="hostile", num=1, env={"NOTES": str(sentinel_dir)}),
+            spec("witness", "idle", num=1),
+        ],
+        grace_period=GRACE,
+        **config,
+    )
 
 
 def _expected_window(target: str) -> tuple[float, float]:
@@ -80,16 +89,10 @@ def _expected_window(target: str) -> tuple[float, float]:
 @pytest.mark.parametrize("target", list(DRAIN_CASES))
 def test_shutdown_with_a_hostile_worker(make_pool: Any, sentinel_dir: Path, target: str) -> None:
     fds = fd_count()
-    pool = make_pool(
-        [
-            _hostile(target, name="hostile", num=1, env={"NOTES": str(sentinel_dir)}),
-            spec("witness", "idle", num=1),
-        ],
-        grace_period=GRACE,
-    )
+    pool = _with_witness(make_pool, sentinel_dir, target)
     res = resources(pool)
     with reaping(lambda: res.address):
-        pids = [*_started(pool, sentinel_dir, target), _status(pool, "witness").pid]
+        pids = [*_started(pool, sentinel_dir, target), the_status(pool, "witness").pid]
         t0 = time.monotonic()
         pool.shutdown()
         elapsed = time.monotonic() - t0
@@ -110,14 +113,7 @@ def test_restart_workers_with_a_hostile_worker(
     """restart_workers() drains the instance as shutdown() does, records how it
     ended, respawns it, and leaves nothing of the old run behind."""
     status, _, _ = DRAIN_CASES[target]
-    pool = make_pool(
-        [
-            _hostile(target, name="hostile", num=1, env={"NOTES": str(sentinel_dir)}),
-            spec("witness", "idle", num=1),
-        ],
-        grace_period=GRACE,
-        restart_grace_period=GRACE,
-    )
+    pool = _with_witness(make_pool, sentinel_dir, target, restart_grace_period=GRACE)
     res = resources(pool)
     with reaping(lambda: res.address):
         old = _started(pool, sentinel_dir, target)
@@ -130,10 +126,10 @@ def test_restart_workers_with_a_hostile_worker(
             f"expected {least:.1f}..{most:.1f}s"
         )
         wait_for(
-            lambda: state(_status(pool, "hostile").state) == "ready",
+            lambda: state(the_status(pool, "hostile").state) == "ready",
             what="the respawned instance to be ready",
         )
-        new = _status(pool, "hostile")
+        new = the_status(pool, "hostile")
         assert new.pid not in old and new.attempts == 2, new
         diag = pool.diagnostics("hostile")
         assert diag.last_exit_status == status, diag
@@ -151,7 +147,7 @@ def test_restart_workers_with_a_hostile_worker(
             ) from None
         assert live_children(supervisor_pid(pool)) == {
             new.pid,
-            _status(pool, "witness").pid,
+            the_status(pool, "witness").pid,
         }
         pool.shutdown()
         assert_clean(res)
@@ -201,7 +197,7 @@ def test_crash_loop_after_readiness_is_paced_and_never_aborted(make_pool: Any) -
     cpu = sum(sup.cpu_times()[:2]) - cpu0
     assert elapsed >= 0.1 + 0.4 + 0.9 + 1.0 - 0.2, f"restarts not paced: 6 attempts in {elapsed}s"
     assert cpu < 0.5 * elapsed, f"supervisor used {cpu:.2f}s of CPU in {elapsed:.2f}s"
-    st = _status(pool, "looper")
+    st = the_status(pool, "looper")
     assert state(st.state) != "aborted" and st.ever_ready, st
     t1 = time.monotonic()
     pool.ensure("looper", timeout=1)
@@ -210,7 +206,7 @@ def test_crash_loop_after_readiness_is_paced_and_never_aborted(make_pool: Any) -
     assert diag.last_error is not None and diag.last_error.type == "RuntimeError", diag
     assert diag.last_error.message == "crash loop"
     assert diag.consecutive_failures >= 5, diag
-    wait_for(lambda: state(_status(pool, "looper").state) == "backoff", what="a backoff wait")
+    wait_for(lambda: state(the_status(pool, "looper").state) == "backoff", what="a backoff wait")
     res = resources(pool)
     t2 = time.monotonic()
     pool.shutdown()
@@ -230,7 +226,7 @@ def test_boot_loop_is_aborted_then_retried_afresh(make_pool: Any) -> None:
         diag = info.value.diagnostics
         assert diag is not None and diag.state == "aborted", diag
         assert diag.last_error is not None and diag.last_error.type == "RuntimeError"
-        st = _status(pool, "never")
+        st = the_status(pool, "never")
         assert state(st.state) == "aborted" and st.pid is None, st
         assert st.attempts == 3 * round_, st
         assert not live_children(sup), "an aborted worker left a process"
@@ -247,9 +243,9 @@ def test_endless_boot_loop_backs_off(make_pool: Any) -> None:
     with pytest.raises(bgpool.EnsureTimeout) as info:
         pool.ensure("never", timeout=0.5)
     assert "RuntimeError: boot loop" in str(info.value)
-    assert state(_status(pool, "never").state) in {"backoff", "starting", "crashed"}
+    assert state(the_status(pool, "never").state) in {"backoff", "starting", "crashed"}
     res = resources(pool)
-    wait_for(lambda: state(_status(pool, "never").state) == "backoff", what="a backoff wait")
+    wait_for(lambda: state(the_status(pool, "never").state) == "backoff", what="a backoff wait")
     t1 = time.monotonic()
     pool.shutdown()
     assert time.monotonic() - t1 < 1.0

@@ -1,7 +1,7 @@
 """Issue 7, item 4: load. 32 threads of the application and 4 other processes (2
 threads each, ``fixtures/rel_load_client.py``) call ``ensure()`` (one name or a
 batch), ``status()`` and ``diagnostics()`` in a loop while workers crash on their
-own (``rel_workers:crashy``) and are SIGKILLed at random (a killer thread).
+own (``fixtures.workers:crashy``) and are SIGKILLed at random (a killer thread).
 
 Checked: no call raises (every name was ready once, so ``ensure()`` is satisfied
 through crash restarts: SPEC "Readiness"), no call hangs, the table is consistent at
@@ -27,14 +27,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, read_json, starts, state, subprocess_env, wait_for
+from helpers import (
+    ROOT,
+    live_children,
+    read_json,
+    reaping,
+    resources,
+    starts,
+    state,
+    subprocess_env,
+    supervisor_pid,
+    wait_for,
+    zombie_children,
+)
 from prometheus_client import CollectorRegistry
 
 import bgpool
 import bgpool.metrics
 from fixtures.rel_load_client import hammer
-
-from .relutil import live_children, reaping, resources, supervisor_pid, zombie_children
 
 LAZY = [f"lazy-{i}" for i in range(4)]
 TENANTS = [f"t-{i}" for i in range(6)]
@@ -47,15 +57,15 @@ SLOWEST_CALL = 5.0
 def _config(d: Path) -> list[bgpool.WorkerSpec]:
     notes = {"NOTES": str(d / "notes")}
     return [
-        bgpool.WorkerSpec(name="steady", target="fixtures.rel_workers:steady", num=2, env=notes),
+        bgpool.WorkerSpec(name="steady", target="fixtures.workers:idle", num=2, env=notes),
         bgpool.WorkerSpec(
             name="crashy",
-            target="fixtures.rel_workers:crashy",
+            target="fixtures.workers:crashy",
             num=1,
             env={**notes, "CRASH_FLAG": str(d / "crash"), "STARTS": str(d / "crashy.starts")},
         ),
-        *(bgpool.WorkerSpec(name=n, target="fixtures.rel_workers:steady", env=notes) for n in LAZY),
-        bgpool.WorkerSpec(target="fixtures.rel_workers:steady", max_instances=8, env=notes),
+        *(bgpool.WorkerSpec(name=n, target="fixtures.workers:idle", env=notes) for n in LAZY),
+        bgpool.WorkerSpec(target="fixtures.workers:idle", max_instances=8, env=notes),
     ]
 
 

@@ -33,23 +33,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, spec, state, wait_for
+from helpers import (
+    ROOT,
+    SEGMENT_RE,
+    SHM,
+    Evil,
+    frame,
+    published,
+    raw_connect,
+    raw_request,
+    read_until_closed,
+    resources,
+    spec,
+    state,
+)
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 import bgpool
 import bgpool.metrics
-
-from .relutil import (
-    SEGMENT_RE,
-    SHM,
-    frame,
-    raw_connect,
-    raw_request,
-    read_until_closed,
-    resources,
-)
 
 ROOT_ONLY = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to run a client as another uid (user nobody)"
@@ -101,7 +104,7 @@ print(json.dumps(out))
 """
 
 
-def _as_nobody(targets: dict[str, dict[str, str]]) -> dict[str, str]:
+def _as_nobody(targets: dict[str, dict[str, str]]) -> dict[str, Any]:
     nobody = pwd.getpwnam("nobody")
     proc = subprocess.run(
         [
@@ -118,7 +121,7 @@ def _as_nobody(targets: dict[str, dict[str, str]]) -> dict[str, str]:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    out: dict[str, str] = json.loads(proc.stdout)
+    out: dict[str, Any] = json.loads(proc.stdout)
     assert out["uid"] == out["euid"] == nobody.pw_uid, out
     return out
 
@@ -133,15 +136,8 @@ def _vars_pool(make_pool: Any) -> Any:
         ]
     )
     pool.ensure("flags")
-    wait_for(lambda: _published(pool), what="the vars to be published")
+    published(pool, "flags", timeout=5.0)
     return pool
-
-
-def _published(pool: Any) -> bool:
-    try:
-        return bool(pool.get_vars("flags"))
-    except bgpool.VarsNotPublished:
-        return False
 
 
 # ----------------------------------------------------------------- modes, uids
@@ -215,20 +211,12 @@ def test_each_layer_refuses_another_uid_on_its_own(make_pool: Any) -> None:
 # ------------------------------------------------------------- no code from clients
 
 
-class _Evil:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
-
-
 def test_no_pickle_is_ever_loaded(make_pool: Any, sentinel_dir: Path) -> None:
     pool = make_pool([spec("eager", "idle", num=1), spec("lazy", "idle")])
     res = resources(pool)
     marker = sentinel_dir / "unpickled"
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        evil = pickle.dumps(_Evil(str(marker)), protocol=protocol)
+        evil = pickle.dumps(Evil(str(marker)), protocol=protocol)
         for payload in (
             evil,
             struct.pack(">I", len(evil)) + evil,
@@ -256,7 +244,7 @@ def test_a_client_cannot_choose_what_runs(
     monkeypatch.setenv("REL_EVIL_DIR", str(evil_dir))  # inherited by supervisor and workers
     notes = sentinel_dir / "notes"
     notes.mkdir()
-    declared = "fixtures.rel_workers:steady"
+    declared = "fixtures.workers:idle"
     pool = make_pool(
         [
             bgpool.WorkerSpec(name="lazy", target=declared, env={"NOTES": str(notes)}),
@@ -387,7 +375,7 @@ def test_path_like_names_never_reach_a_file_name(make_pool: Any) -> None:
     res = resources(pool)
     pool.ensure(PATHS, timeout=10)
     for name in PATHS:
-        wait_for(lambda name=name: _vars_of(pool, name), what=f"vars of {name!r}")
+        published(pool, name, timeout=5.0)
         assert pool.get_vars(name)["uni"] == "héllo wörld ✓ 日本"
         assert pool.diagnostics(name).name == name
     assert sorted(s.name for s in pool.status()) == sorted(PATHS)
@@ -400,13 +388,6 @@ def test_path_like_names_never_reach_a_file_name(make_pool: Any) -> None:
         for name in ("bgpt-rel-escape", "a", "b", "~root"):
             assert not (base / name).exists(), base / name
     assert not Path("/tmp/bgpt-rel-escape").exists()
-
-
-def _vars_of(pool: Any, name: str) -> bool:
-    try:
-        return bool(pool.get_vars(name))
-    except bgpool.VarsNotPublished:
-        return False
 
 
 ODD = ['quote"name', "back\\slash", "it's", "%s %d %(x)s", "{x}", "a:b", "é ✓ 日本", "</td>", "a b"]

@@ -22,7 +22,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import state, wait_for
+from helpers import (
+    LeakCheck,
+    assert_clean,
+    describe,
+    kill_all,
+    live_children,
+    procs_with_address,
+    state,
+    wait_for,
+    zombie_children,
+)
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -35,16 +45,6 @@ from hypothesis.stateful import (
 
 import bgpool
 
-from .relutil import (
-    assert_clean,
-    describe,
-    live_children,
-    procs_with_address,
-    resources,
-    supervisor_pid,
-    zombie_children,
-)
-
 TENANTS = ["t-1", "t-2", "t-3"]
 CAP = 2
 INSTANCES = {"eager": 1, "pool": 2, "lazy-a": 1, "lazy-b": 1}
@@ -53,7 +53,7 @@ RUNNING = {"starting", "ready", "stopping"}
 
 
 def _config() -> bgpool.PoolConfig:
-    target = "fixtures.rel_workers:crashable"
+    target = "fixtures.workers:crashable"
     return bgpool.PoolConfig(
         grace_period=5.0,
         restart_grace_period=5.0,
@@ -69,13 +69,16 @@ def _config() -> bgpool.PoolConfig:
 
 
 class PoolMachine(RuleBasedStateMachine):
+    leak_check: LeakCheck
+    """The running test's (``_run`` sets it): each example's pool is counted in it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="sm-"))
         self.pool = bgpool.Pool(_config())
         self.pool.start()
-        self.res = resources(self.pool)
-        self.sup = supervisor_pid(self.pool)
+        self.res = self.leak_check.track(self.pool)
+        self.sup = self.res.supervisor
         self.started = {"eager", "pool"}  # names with instances (eager, or ensured)
         self.hosted: set[str] = set()  # catch-all names hosted
         self.closed = False
@@ -123,7 +126,7 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed)
     @rule(name=st.sampled_from(NAMES), instance=st.integers(0, 1))
     def crash(self, name: str, instance: int) -> None:
-        """The worker raises (SIGUSR1 handler in ``rel_workers:crashable``)."""
+        """The worker raises (SIGUSR1 handler in ``fixtures.workers:crashable``)."""
         pid = self._ready_pid(name, instance)
         if pid is not None:
             # it may be on its way out already (the last step's crash): then no-op
@@ -212,14 +215,14 @@ class PoolMachine(RuleBasedStateMachine):
                 self.pool.shutdown()
                 assert_clean(self.res)
         finally:
-            for proc in procs_with_address(self.res.address):
-                proc.kill()
+            kill_all(procs_with_address(self.res.address))
             shutil.rmtree(self.dir, ignore_errors=True)
         left = procs_with_address(self.res.address)
         assert not left, describe(left)
 
 
-def _run(examples: int, steps: int) -> None:
+def _run(examples: int, steps: int, check: LeakCheck) -> None:
+    PoolMachine.leak_check = check
     run_state_machine_as_test(
         PoolMachine,
         settings=settings(
@@ -234,11 +237,11 @@ def _run(examples: int, steps: int) -> None:
     )
 
 
-def test_state_machine_quick(no_leaks: None) -> None:
-    _run(examples=5, steps=10)
+def test_state_machine_quick(no_leaks: LeakCheck) -> None:
+    _run(examples=5, steps=10, check=no_leaks)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_state_machine_long(no_leaks: None) -> None:
-    _run(examples=25, steps=20)
+def test_state_machine_long(no_leaks: LeakCheck) -> None:
+    _run(examples=25, steps=20, check=no_leaks)

@@ -13,27 +13,35 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, spec, starts, state, subprocess_env, wait_for
-
-import bgpool
-
-from .relutil import (
+from helpers import (
+    ROOT,
     Background,
     Resources,
     assert_clean,
     assert_pool_closed,
     describe,
+    gone,
+    kill_all,
+    live_children,
     notes,
     procs_with_address,
     raises_closed,
     reaping,
     resources,
+    spec,
+    starts,
+    state,
+    subprocess_env,
     wait_all_gone,
+    wait_for,
 )
+
+import bgpool
 
 DEATH_BOUND = 2.0
 """Seconds from the supervisor's SIGKILL by which every process of the pool is gone."""
@@ -70,7 +78,7 @@ def _state_of(pool: Any, name: str) -> str:
 
 
 def _kill_supervisor_and_check(
-    pool: Any, res: Resources, pids: list[int], blocked: list[tuple[Background, str]] = ()
+    pool: Any, res: Resources, pids: list[int], blocked: Sequence[tuple[Background, str]] = ()
 ) -> None:
     """SIGKILL the supervisor; check that the pool's processes are gone within
     DEATH_BOUND, that blocked calls and every later call raise PoolClosed, and that
@@ -132,7 +140,9 @@ def test_supervisor_killed_while_workers_boot(make_pool: Any, sentinel_dir: Path
     waiter = Background(lambda: pool.ensure("booting", timeout=60))
     tenant = Background(lambda: pool.ensure(["tenant-x", "booting"], timeout=60))
     wait_for(lambda: starts(log), what="the booting worker to start")
-    assert _state_of(pool, "booting") == "starting"
+    # the supervisor publishes the slot once the fork or spawn returned: under load
+    # the worker can run first; its pid must be in status() for the check below
+    wait_for(lambda: _state_of(pool, "booting") == "starting", what="booting in the table")
     assert not waiter.done.is_set() and not tenant.done.is_set()
     _kill_supervisor_and_check(
         pool,
@@ -156,7 +166,9 @@ def test_supervisor_killed_during_start(make_pool: Any, sentinel_dir: Path) -> N
     grandchild = _grandchild(sentinel_dir)
     res = resources(pool)
     assert not starting.done.is_set()
-    pids = _pids(pool)
+    # the supervisor's children, not status(): the Pool may not have attached its
+    # table yet (its eager workers can start first)
+    pids = sorted(live_children(res.supervisor))
     assert first in pids
     with reaping(lambda: res.address):
         t0 = time.monotonic()
@@ -196,13 +208,27 @@ def test_supervisor_killed_while_a_worker_backs_off(make_pool: Any, sentinel_dir
     )
 
 
-def test_supervisor_killed_during_a_restart_drain(make_pool: Any, sentinel_dir: Path) -> None:
-    pool = make_pool(_workers(sentinel_dir), restart_grace_period=30.0)
+def _draining(
+    pool: Any, sentinel_dir: Path, drain: Callable[[], object]
+) -> tuple[Resources, int, list[int], Background]:
+    """Ensure a lazy and a catch-all name too, then start ``drain`` (a call of
+    ``pool``) in a thread, and wait until it is under way: ``plain`` leaves at once
+    on its EOF (a drain reaches every worker at once), ``deaf`` ignores it. Returns
+    (the pool's resources, the grandchild, the pids before the drain, the drain)."""
     pool.ensure(["lazy", "tenant-a"])
     res = resources(pool)
     grandchild = _grandchild(sentinel_dir)
     pids = _pids(pool)
-    restarting = Background(pool.restart_workers)
+    plain = [s.pid for s in pool.status() if s.name == "plain"]
+    call = Background(drain)
+    # (not through status(): during a shutdown it raises PoolClosed)
+    wait_for(lambda: all(gone(p) for p in plain), what="the drain to reach the workers")
+    return res, grandchild, pids, call
+
+
+def test_supervisor_killed_during_a_restart_drain(make_pool: Any, sentinel_dir: Path) -> None:
+    pool = make_pool(_workers(sentinel_dir), restart_grace_period=30.0)
+    res, grandchild, pids, restarting = _draining(pool, sentinel_dir, pool.restart_workers)
     wait_for(lambda: _state_of(pool, "deaf") == "stopping", what="deaf draining")
     _kill_supervisor_and_check(
         pool,
@@ -217,12 +243,7 @@ def test_supervisor_killed_during_a_shutdown_drain(make_pool: Any, sentinel_dir:
     supervisor dies: shutdown() returns at once and nothing survives, not even the
     setsid grandchild that the supervisor was keeping (as subreaper) for its exit."""
     pool = make_pool(_workers(sentinel_dir), grace_period=30.0)
-    pool.ensure(["lazy", "tenant-a"])
-    res = resources(pool)
-    grandchild = _grandchild(sentinel_dir)
-    pids = _pids(pool)
-    closing = Background(pool.shutdown)
-    wait_for(lambda: _state_of(pool, "deaf") == "stopping", what="deaf draining")
+    res, grandchild, pids, closing = _draining(pool, sentinel_dir, pool.shutdown)
     t0 = time.monotonic()
     os.kill(res.supervisor, signal.SIGKILL)
     closing.wait(DEATH_BOUND, "shutdown() whose supervisor died")
@@ -231,8 +252,7 @@ def test_supervisor_killed_during_a_shutdown_drain(make_pool: Any, sentinel_dir:
         wait_all_gone([res.supervisor, *pids, grandchild], DEATH_BOUND, "pool processes")
     finally:
         alive = procs_with_address(res.address)
-        for proc in alive:  # do not leave them to the next test
-            proc.kill()
+        kill_all(alive)  # do not leave them to the next test
     assert not alive, f"survived the supervisor's death during shutdown: {describe(alive)}"
     assert time.monotonic() - t0 < DEATH_BOUND + 0.5
     assert_clean(res)
