@@ -96,6 +96,7 @@ class Pool(PoolClient):
         self._closing = False
         self._closed_for_good = False
         self._shutdown_lock = threading.RLock()
+        self._attached = False  # start() mapped the table
         self._owner_pid = os.getpid()
         self._health: HealthServer | None = None
         self._stdio: tuple[int | None, int | None] = supervisor_output or (None, None)
@@ -105,6 +106,8 @@ class Pool(PoolClient):
             return BgpoolError("the pool is not started: call start() first")
         if self._closing and not self._closed_for_good and not self._gone:
             return PoolClosed(texts.SHUTTING_DOWN)
+        if not self._attached and not self._closing and not self._gone:
+            return BgpoolError("the pool is still starting: call again once start() returns")
         return super()._closed()
 
     def _bootstrap(self, boot_fd: int) -> bytes:
@@ -193,6 +196,7 @@ class Pool(PoolClient):
         self._table_name = info["table"]
         try:
             self._attach()
+            self._attached = True
             os.environ["BGPOOL_ADDRESS"] = self._address
             if self.config.metrics_port is not None:
                 self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
