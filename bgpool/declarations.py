@@ -54,8 +54,15 @@ def _no_nul(value: str, what: str) -> None:
 class WorkerSpec(BaseModel):
     """One declaration: a named worker (or a pool of them), or a catch-all.
 
-    See SPEC's field table; `name=None` makes the declaration a catch-all that
-    hosts any name `ensure()` asks for in its scope, up to `max_instances`.
+    `target` is `"package.module:function"` or a path to a `.py` script; `name`
+    is the user-facing name, and `None` makes the declaration a catch-all that
+    hosts any name `ensure()` asks for in its scope, up to `max_instances`
+    (default 16); `num` eager instances (`0`: lazy, one instance on the first
+    `ensure()`; more than 1: a pool); `max_consecutive_failures` boot failures
+    before the instance is aborted (`-1`: never); `env` and `args` for the
+    worker; `scope`; `output` relayed with a prefix or inherited; `ready_on`
+    the handle alone or the handle and a first `set_vars()`. The README's
+    "Declaring workers" has the table.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)

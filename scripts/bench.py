@@ -1,4 +1,4 @@
-"""bgpool's benchmark: every case of issues 6 and 5 ("Speed"), side by side with
+"""bgpool's benchmark: every speed target bgpool sets itself, side by side with
 its baseline and the tools a Python user would pick instead, in one run on one
 machine. Run it with ./scripts/bench (which installs the `bench` extra first).
 
@@ -9,7 +9,7 @@ machine. Run it with ./scripts/bench (which installs the `bench` extra first).
 
 Each case is measured several times; the table shows the median, the 90th
 percentile (nearest rank), the ratio of the median to the case's baseline
-measured in the same run, and the target of issue 6 / 5 with whether it is met.
+measured in the same run, and the case's target with whether it is met.
 
 What each case measures, exactly:
 

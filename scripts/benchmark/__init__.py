@@ -4,7 +4,7 @@ each case measures, exactly); this package is the code, one job a module:
     cli         the command line: options, header, table, summary, JSON, exit status
     config      the run's sizes: the presets (full, --quick) and the overrides
     run         the phases: which cases run, in which order, what they share
-    targets     the case ids, their units, the targets of issues 5 and 6
+    targets     the case ids, their units, their targets
     harness     rows and their statistics, the timing loops, ratios and targets
     report      the progress lines, the table, the summary, the JSON document
     baselines   bare forks with a pipe handshake; dict.get; multiprocessing

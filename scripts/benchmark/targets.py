@@ -1,5 +1,5 @@
-"""The cases: every case id, its title and unit, and the target of issue 6 / 5 it
-must meet with the check that decides it. The order here is the table's order."""
+"""The cases: every case id, its title and unit, and the target it must meet
+with the check that decides it. The order here is the table's order."""
 
 from __future__ import annotations
 
