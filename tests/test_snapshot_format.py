@@ -153,6 +153,34 @@ def test_equal_values_encode_to_equal_bytes() -> None:
     assert encode(first) != encode({**first, "n": 10**30 + 1})
 
 
+def test_the_order_of_a_mappings_items_is_kept_so_it_is_part_of_the_bytes() -> None:
+    # Equal dicts, built in another order: a reader gets each order back, so
+    # the bytes differ (publishing one after the other makes a new generation).
+    first, second = {"a": 1, "b": 2}, {"b": 2, "a": 1}
+    assert first == second and encode(first) != encode(second)
+    assert list(decode(encode(first))) == ["a", "b"]
+    assert list(decode(encode(second))) == ["b", "a"]
+    # ...and so do other equal values of other types or signs
+    assert encode({"n": 1}) != encode({"n": 1.0}) != encode({"n": True})
+    assert encode({"x": 0.0}) != encode({"x": -0.0})
+
+
+def test_the_format_is_stable() -> None:
+    # Every tag, a numbered key used again, lone surrogates: the bytes of
+    # format version 1, which readers of other bgpool builds decode.
+    value = {
+        "none": None, "t": True, "f": False, "i": -5, "big": -(2**70), "d": 1.5, "s": "h\u00e9",
+        "b": b"\x00\xff", "l": [1, (2,)], "m": {"none": 1}, "sur": "\udc80",
+    }  # fmt: skip
+    assert encode(value) == (
+        b"\x01m\x0b\x08noneN\x02tT\x02fF\x02ii\t\x06bigI\n\x01\x00\x00\x00\x00\x00\x00"
+        b"\x00\x00@\x02dd\x00\x00\x00\x00\x00\x00\xf8?\x02ss\x03h\xc3\xa9\x02bb\x02\x00"
+        b"\xff\x02ll\x02i\x02l\x01i\x04\x02mm\x01\x01i\x02\x06surs\x03\xed\xb2\x80"
+    )
+    large = encode({"x": {f"k{i}": i for i in range(33)}})  # keys written out, not numbered
+    assert large.startswith(b"\x01m\x01\x02xm!\x04k0i\x00\x04k1i\x02")
+
+
 def test_repeated_keys_are_written_once() -> None:
     items = [{"a_long_field_name": i} for i in range(100)]
     data = encode({"items": items})

@@ -7,11 +7,21 @@ import stat
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bgpool.shm.table import BOOT_BUCKETS, Kind, Slot, TableReader, TableWriter
+from bgpool.shm.table import (
+    BOOT_BUCKETS,
+    FIELD_OFFSETS,
+    HEADER_SIZE,
+    SLOT,
+    Kind,
+    Slot,
+    TableReader,
+    TableWriter,
+)
 from bgpool.states import State
 
 
@@ -28,8 +38,9 @@ def slot(**changes: object) -> Slot:
 
 
 @pytest.fixture
-def table() -> TableWriter:
+def table() -> Iterator[TableWriter]:
     writer = TableWriter(4, os.getpid())
+    writer.use(4)
     yield writer
     writer.destroy()
 
@@ -131,3 +142,27 @@ def test_no_torn_reads_while_the_writer_hammers_a_slot(table: TableWriter) -> No
     assert [int(torn) for _, torn, _ in results] == [0, 0]
     assert all(int(reads) > 1000 for _, _, reads in results)
     assert n > 1000
+
+
+def test_slots_are_8_aligned_and_agree_with_the_c_side() -> None:
+    # The C seqlock makes 8-byte atomic loads of each counter, and the hot path
+    # 4-byte ones of the generation: both must be aligned in every slot.
+    assert SLOT.size % 8 == 0 and HEADER_SIZE % 8 == 0
+    assert (FIELD_OFFSETS["gen"], FIELD_OFFSETS["name_ready"]) == (8, 12)
+    assert all(TableReader.index(TableReader.offset(i)) == i for i in range(100))
+
+
+def test_a_reader_sees_only_what_the_writer_published(table: TableWriter) -> None:
+    reader = TableReader.attach(table.name)
+    try:
+        assert reader.slots() == [Slot(gen=0)] * 4  # free slots read as defaults
+        with pytest.raises(IndexError):
+            reader.read(4)
+        with pytest.raises(IndexError):
+            table.write(4, slot())
+        table.write(3, slot(gen=9, name_ready=True, name="last"))
+        assert reader.name_ready(reader.offset(3), 9) and reader.generation(reader.offset(3)) == 9
+    finally:
+        reader.close()
+    with pytest.raises(ValueError):  # unmapped: not mistaken for a damaged table
+        reader.read(0)

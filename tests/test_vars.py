@@ -3,6 +3,7 @@ and a real gunicorn application reading a worker's publications (issue 5)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import marshal
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, read_text, wait_for
+from helpers import ROOT, LeakCheck, published, read_text, run_python, wait_for
 
 import bgpool
 from bgpool import WorkerSpec
@@ -46,16 +47,6 @@ def frozen_equal(frozen: Any, plain: Any) -> bool:
     return type(frozen) is type(plain) and frozen == plain
 
 
-def published(pool: Any, name: str, **kwargs: Any) -> Any:
-    def attempt() -> Any:
-        try:
-            return pool.get_vars(name, **kwargs)
-        except bgpool.VarsNotPublished:
-            return None
-
-    return wait_for(attempt, 10, f"{name} to publish")
-
-
 # -- the format ---------------------------------------------------------------
 
 
@@ -65,7 +56,7 @@ def test_every_allowed_type_round_trips_read_only(make_pool: Any, case: str) -> 
     value = published(pool, "w")
     assert frozen_equal(value, CASES[case])
     with pytest.raises(TypeError):
-        value["new"] = 1  # type: ignore[index]
+        value["new"] = 1
 
 
 @pytest.mark.parametrize(
@@ -150,9 +141,13 @@ def test_same_object_while_unchanged_new_one_after_a_change(
 
 def test_diagnostics_follow_the_segment_at_once(make_pool: Any, sentinel_dir: Path) -> None:
     pool, trigger, record = signalled_publisher(make_pool, sentinel_dir)
+
+    def recorded(n: int) -> bool:
+        return read_text(record) == str(n)
+
     for n in range(1, 4):
         trigger.write_text(str(n))
-        wait_for(lambda n=n: read_text(record) == str(n), 10, f"publication {n}")
+        wait_for(functools.partial(recorded, n), 10, f"publication {n}")
         # set_vars() has returned: the generation is there, not on its way
         assert pool.diagnostics("w").vars_generation == n
 
@@ -285,9 +280,9 @@ def test_get_vars_from_another_process_and_from_a_worker(
         client.close()
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=30, check=True).stdout  # fmt: skip
-    assert out.split() == ["/a", "tuple"]
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["/a", "tuple"]
     pool.ensure("reader")
     text = wait_for(lambda: read_text(record), 10, "the worker's read")
     assert "'/a'" in text and "routes" in text
@@ -354,7 +349,7 @@ def _get(url: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(90)
-def test_gunicorn_workers_serve_what_the_worker_publishes(no_leaks: None) -> None:
+def test_gunicorn_workers_serve_what_the_worker_publishes(no_leaks: LeakCheck) -> None:
     port = _free_port()
     env = {**os.environ, "WEBAPP_BIND": f"127.0.0.1:{port}", "WEBAPP_WORKERS": "3",
            "PYTHONPATH": str(ROOT)}  # fmt: skip

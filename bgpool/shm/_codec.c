@@ -1,4 +1,4 @@
-/* bgpool._codec: the bytes of a published vars snapshot, both ways.
+/* bgpool.shm._codec: the bytes of a published vars snapshot, both ways.
 
 Why C: a 10 kB snapshot is about a thousand values. Walking them in Python to
 check their types, then again in every reader to make them read-only, costs a
@@ -7,11 +7,21 @@ few hundred microseconds; one pass in C each way costs a few dozen.
 Why not marshal (or pickle): a reader must get back only the value types a
 worker may publish. This format can express nothing else, so the decoder
 cannot produce a code object, a set or an instance, and it calls nothing a
-worker could have defined (only int.from_bytes, for big ints). Equal data
-always encodes to equal bytes (marshal's output depends on reference counts),
-which is how a publish of unchanged data is recognised.
+worker could have defined (only int.from_bytes, for big ints).
 
-Format, version 1. Integers in the headers are unsigned LEB128 varints.
+The bytes depend only on the value: its types, its items, and the order of
+each dict's items (kept on purpose, so a reader iterates a mapping in the
+writer's order); never on reference counts or addresses (marshal's do). So
+publishing the same data again gives the same bytes, and that is how an
+unchanged publish is recognised (a byte comparison). Equal values do not
+always encode alike: {'a': 1, 'b': 2} and {'b': 2, 'a': 1} differ in order,
+{'n': 1} and {'n': 1.0} in type (a reader gets each type back), {'x': 0.0}
+and {'x': -0.0} in sign. Publishing one after the other counts as a change and
+makes a new generation; readers then decode a new, equal value, which costs
+them that decode and nothing else.
+
+Format, version 1. Integers in the headers are unsigned LEB128 varints. The
+tags are the characters below (the Tag enum names them).
 
     snapshot := 0x01 value               (the value is always a mapping)
     value    := 'N' | 'T' | 'F'          None, True, False
@@ -46,19 +56,128 @@ an error later, when a value is read.
 #include <stdint.h>
 #include <string.h>
 
-#define FORMAT 0x01
-#define MAX_DEPTH 2000 /* as marshal's; bounds the C stack of both walks */
+#define FORMAT 0x01     /* a snapshot's first byte: the format's version */
+#define MAX_DEPTH 2000  /* as marshal's; bounds the C stack of both walks */
 #define NUMBERED_MAX 32 /* the largest mapping whose keys are numbered */
+
+/* The byte in front of each value. */
+typedef enum {
+    TAG_NONE = 'N',
+    TAG_TRUE = 'T',
+    TAG_FALSE = 'F',
+    TAG_INT = 'i',     /* a zigzag varint */
+    TAG_BIG_INT = 'I', /* a size, the sign byte, the magnitude */
+    TAG_FLOAT = 'd',   /* FLOAT_SIZE bytes */
+    TAG_STR = 's',     /* a size, UTF-8 */
+    TAG_BYTES = 'b',   /* a size, the bytes */
+    TAG_LIST = 'l',    /* a count, the items */
+    TAG_MAP = 'm',     /* a count, the keys and items */
+} Tag;
+
+enum {
+    VARINT_MAX = 10,                    /* the longest varint: 64 bits, 7 a byte */
+    TAGGED_VARINT_MAX = 1 + VARINT_MAX, /* a tag and a varint */
+    FLOAT_SIZE = 8,
+    TOP_MAP_AT = 2, /* where the outermost mapping's count is: after FORMAT and TAG_MAP */
+};
+
+#define VARINT_MORE 0x80 /* set in each byte of a varint but the last */
+#define VARINT_BITS 0x7f /* the 7 bits of the value each byte carries */
+#define KEY_NUMBER 1     /* the low bit of a key's varint: a key number, not a text's length */
+#define ASCII_MAX 0x7f
+
+/* ------------------------------------------------------------- a hash set */
+
+/* Open addressing, at most half full. The encoder keeps the str objects of
+   the keys it numbered in one, the walk the texts (UTF-8 in the snapshot) of
+   keys it has seen; they differ in what a key is and how two compare, which
+   the caller says. */
+
+#define MIN_SET_CAPACITY 64 /* a power of two */
+
+typedef struct {
+    uint64_t hash;
+    const void *key;  /* NULL: the place is free */
+    Py_ssize_t value; /* kept with the key: the encoder's key number, the walk's text length */
+} HashEntry;
+
+typedef struct {
+    HashEntry *entries;
+    Py_ssize_t used, cap;
+} HashSet;
+
+/* Whether the taken `entry` holds what `probe` describes, whose hash is
+   `hash`. (The caller compares the hashes, so that it can test cheaper
+   things first.) */
+typedef int (*SameKey)(const HashEntry *entry, const void *probe, uint64_t hash);
+
+/* The entry that holds `probe`, else the free place where it belongs. */
+static inline HashEntry *
+hashset_find(const HashSet *set, uint64_t hash, const void *probe, SameKey same)
+{
+    size_t mask = (size_t)set->cap - 1;
+    for (size_t i = (size_t)hash & mask;; i = (i + 1) & mask) {
+        HashEntry *entry = &set->entries[i];
+        if (entry->key == NULL || same(entry, probe, hash)) {
+            return entry;
+        }
+    }
+}
+
+static int
+hashset_grow(HashSet *set, Py_ssize_t want)
+{
+    Py_ssize_t cap = set->cap ? set->cap : MIN_SET_CAPACITY;
+    while (cap < 2 * want) {
+        cap *= 2;
+    }
+    HashEntry *entries = PyMem_Calloc((size_t)cap, sizeof(HashEntry));
+    if (entries == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t mask = (size_t)cap - 1;
+    for (Py_ssize_t i = 0; i < set->cap; i++) {
+        if (set->entries[i].key != NULL) { /* all distinct: only a free place is needed */
+            size_t j = (size_t)set->entries[i].hash & mask;
+            while (entries[j].key != NULL) {
+                j = (j + 1) & mask;
+            }
+            entries[j] = set->entries[i];
+        }
+    }
+    PyMem_Free(set->entries);
+    set->entries = entries;
+    set->cap = cap;
+    return 0;
+}
+
+/* Make room for `want` entries in all. */
+static inline int
+hashset_reserve(HashSet *set, Py_ssize_t want)
+{
+    return 2 * want <= set->cap ? 0 : hashset_grow(set, want);
+}
+
+/* Fill the free place `entry` that hashset_find() returned. */
+static inline void
+hashset_add(HashSet *set, HashEntry *entry, uint64_t hash, const void *key, Py_ssize_t value)
+{
+    *entry = (HashEntry){.hash = hash, .key = key, .value = value};
+    set->used++;
+}
 
 /* ------------------------------------------------------------------ encoder */
 
-/* A key already written, found by identity first (the items of a list
-   usually share their key objects), then by value. */
-typedef struct {
-    PyObject *key; /* a reference owned by the table */
-    Py_hash_t hash;
-    Py_ssize_t number;
-} KeySlot;
+/* Is the numbered key in `entry` the str `probe`? By identity first (the
+   items of a list usually share their key objects), then by value. */
+static int
+same_key_object(const HashEntry *entry, const void *probe, uint64_t hash)
+{
+    return entry->key == probe ||
+           (entry->hash == hash &&
+            PyUnicode_Compare((PyObject *)entry->key, (PyObject *)probe) == 0);
+}
 
 typedef struct {
     PyObject *out;      /* the bytes object being written, resized as it grows */
@@ -66,13 +185,14 @@ typedef struct {
     Py_ssize_t len, cap;
     PyObject *reason; /* set when a value is refused: why (a str) */
     PyObject *path;   /* then: keys and indexes from the refused value outwards */
-    KeySlot *keys;    /* open addressing, at most half full */
-    Py_ssize_t nkeys, capkeys;
+    HashSet keys;     /* the numbered keys (references it owns), with their numbers */
 } Encoder;
+
+#define MIN_BUFFER 4096
 
 /* The size of the last snapshot encoded: a worker publishes snapshots of about
    the same size again and again, so the buffer starts large enough. */
-static Py_ssize_t size_hint = 4096;
+static Py_ssize_t size_hint = MIN_BUFFER;
 
 static int
 grow_buffer(Encoder *e, Py_ssize_t need)
@@ -107,19 +227,19 @@ grow(Encoder *e, Py_ssize_t need)
 }
 
 static inline void
-put_varint(Encoder *e, uint64_t v) /* room for 10 bytes must be reserved */
+put_varint(Encoder *e, uint64_t v) /* room for VARINT_MAX bytes must be reserved */
 {
-    while (v >= 0x80) {
-        e->buf[e->len++] = (unsigned char)(v | 0x80);
+    while (v >= VARINT_MORE) {
+        e->buf[e->len++] = (unsigned char)(v | VARINT_MORE);
         v >>= 7;
     }
     e->buf[e->len++] = (unsigned char)v;
 }
 
 static int
-put_tagged_size(Encoder *e, char tag, Py_ssize_t n)
+put_tagged_size(Encoder *e, Tag tag, Py_ssize_t n)
 {
-    if (grow(e, 11) < 0) {
+    if (grow(e, TAGGED_VARINT_MAX) < 0) {
         return -1;
     }
     e->buf[e->len++] = (unsigned char)tag;
@@ -138,13 +258,17 @@ put_raw(Encoder *e, const char *data, Py_ssize_t n)
     return 0;
 }
 
-/* The length of a str in front of its UTF-8: after `tag`, or doubled for a key
-   (tag 0). Room for 11 bytes must be reserved. */
+/* How a text is introduced: as a str value (TAG_STR, its length), or as a
+   key written out (no tag, its length doubled). */
+typedef enum { AS_KEY, AS_STR } TextRole;
+
+/* The length of a text in front of its UTF-8. Room for TAGGED_VARINT_MAX
+   bytes must be reserved. */
 static inline void
-put_text_length(Encoder *e, char tag, Py_ssize_t n)
+put_text_length(Encoder *e, TextRole role, Py_ssize_t n)
 {
-    if (tag) {
-        e->buf[e->len++] = (unsigned char)tag;
+    if (role == AS_STR) {
+        e->buf[e->len++] = TAG_STR;
         put_varint(e, (uint64_t)n);
     }
     else {
@@ -153,7 +277,7 @@ put_text_length(Encoder *e, char tag, Py_ssize_t n)
 }
 
 static int
-put_text(Encoder *e, char tag, PyObject *s)
+put_text(Encoder *e, TextRole role, PyObject *s)
 {
     Py_ssize_t n;
     const char *utf8;
@@ -165,10 +289,10 @@ put_text(Encoder *e, char tag, PyObject *s)
         utf8 = PyUnicode_AsUTF8AndSize(s, &n);
     }
     if (utf8 != NULL) {
-        if (grow(e, 11 + n) < 0) {
+        if (grow(e, TAGGED_VARINT_MAX + n) < 0) {
             return -1;
         }
-        put_text_length(e, tag, n);
+        put_text_length(e, role, n);
         memcpy(e->buf + e->len, utf8, (size_t)n);
         e->len += n;
         return 0;
@@ -183,8 +307,8 @@ put_text(Encoder *e, char tag, PyObject *s)
     }
     int rc = -1;
     n = PyBytes_GET_SIZE(bytes);
-    if (grow(e, 11) == 0) {
-        put_text_length(e, tag, n);
+    if (grow(e, TAGGED_VARINT_MAX) == 0) {
+        put_text_length(e, role, n);
         rc = put_raw(e, PyBytes_AS_STRING(bytes), n);
     }
     Py_DECREF(bytes);
@@ -210,7 +334,7 @@ put_big_int(Encoder *e, PyObject *v, int negative)
     }
     if (bytes != NULL) {
         Py_ssize_t n = PyBytes_GET_SIZE(bytes);
-        if (put_tagged_size(e, 'I', n + 1) == 0 && grow(e, 1) == 0) {
+        if (put_tagged_size(e, TAG_BIG_INT, n + 1) == 0 && grow(e, 1) == 0) {
             e->buf[e->len++] = (unsigned char)negative;
             rc = put_raw(e, PyBytes_AS_STRING(bytes), n);
         }
@@ -234,39 +358,6 @@ refuse(Encoder *e, const char *format, PyTypeObject *type, PyObject *culprit)
     return -1;
 }
 
-static KeySlot *
-find_key(KeySlot *keys, Py_ssize_t cap, PyObject *key, Py_hash_t hash)
-{
-    size_t mask = (size_t)cap - 1;
-    for (size_t i = (size_t)hash & mask;; i = (i + 1) & mask) {
-        KeySlot *slot = &keys[i];
-        if (slot->key == NULL || slot->key == key ||
-            (slot->hash == hash && PyUnicode_Compare(slot->key, key) == 0)) {
-            return slot;
-        }
-    }
-}
-
-static int
-grow_keys(Encoder *e)
-{
-    Py_ssize_t cap = e->capkeys ? e->capkeys * 2 : 64;
-    KeySlot *keys = PyMem_Calloc((size_t)cap, sizeof(KeySlot));
-    if (keys == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < e->capkeys; i++) {
-        if (e->keys[i].key != NULL) {
-            *find_key(keys, cap, e->keys[i].key, e->keys[i].hash) = e->keys[i];
-        }
-    }
-    PyMem_Free(e->keys);
-    e->keys = keys;
-    e->capkeys = cap;
-    return 0;
-}
-
 /* A key of a mapping of at most NUMBERED_MAX items: its number if it came
    before, else its text. */
 static int
@@ -274,20 +365,19 @@ put_numbered_key(Encoder *e, PyObject *key)
 {
     Py_hash_t hash = ((PyASCIIObject *)key)->hash; /* cached in the str, once hashed */
     hash = hash != -1 ? hash : PyObject_Hash(key);
-    if (hash == -1 || (2 * (e->nkeys + 1) > e->capkeys && grow_keys(e) < 0)) {
+    if (hash == -1 || hashset_reserve(&e->keys, e->keys.used + 1) < 0) {
         return -1;
     }
-    KeySlot *slot = find_key(e->keys, e->capkeys, key, hash);
-    if (slot->key != NULL) {
-        if (grow(e, 10) < 0) {
+    HashEntry *found = hashset_find(&e->keys, (uint64_t)hash, key, same_key_object);
+    if (found->key != NULL) {
+        if (grow(e, VARINT_MAX) < 0) {
             return -1;
         }
-        put_varint(e, ((uint64_t)slot->number << 1) | 1);
+        put_varint(e, ((uint64_t)found->value << 1) | KEY_NUMBER);
         return 0;
     }
-    Py_INCREF(key);
-    *slot = (KeySlot){key, hash, e->nkeys++};
-    return put_text(e, 0, key);
+    hashset_add(&e->keys, found, (uint64_t)hash, Py_NewRef(key), e->keys.used);
+    return put_text(e, AS_KEY, key);
 }
 
 static int encode_value(Encoder *e, PyObject *v, int depth);
@@ -310,7 +400,7 @@ encode_sequence(Encoder *e, PyObject *v, int depth)
 {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
     PyObject **items = PySequence_Fast_ITEMS(v);
-    if (put_tagged_size(e, 'l', n) < 0) {
+    if (put_tagged_size(e, TAG_LIST, n) < 0) {
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -332,7 +422,7 @@ static int
 encode_dict(Encoder *e, PyObject *v, int depth)
 {
     Py_ssize_t n = PyDict_GET_SIZE(v);
-    if (put_tagged_size(e, 'm', n) < 0) {
+    if (put_tagged_size(e, TAG_MAP, n) < 0) {
         return -1;
     }
     Py_ssize_t pos = 0;
@@ -341,7 +431,7 @@ encode_dict(Encoder *e, PyObject *v, int depth)
         if (!PyUnicode_CheckExact(key)) {
             return refuse(e, "keys must be str, not %S (%R)", Py_TYPE(key), key);
         }
-        if ((n <= NUMBERED_MAX ? put_numbered_key(e, key) : put_text(e, 0, key)) < 0) {
+        if ((n <= NUMBERED_MAX ? put_numbered_key(e, key) : put_text(e, AS_KEY, key)) < 0) {
             return -1;
         }
         if (encode_value(e, item, depth + 1) < 0) {
@@ -359,11 +449,11 @@ encode_value(Encoder *e, PyObject *v, int depth)
         if (grow(e, 1) < 0) {
             return -1;
         }
-        e->buf[e->len++] = v == Py_None ? 'N' : v == Py_True ? 'T' : 'F';
+        e->buf[e->len++] = v == Py_None ? TAG_NONE : v == Py_True ? TAG_TRUE : TAG_FALSE;
         return 0;
     }
     if (type == &PyUnicode_Type) {
-        return put_text(e, 's', v);
+        return put_text(e, AS_STR, v);
     }
     if (type == &PyLong_Type) {
         int overflow;
@@ -374,26 +464,26 @@ encode_value(Encoder *e, PyObject *v, int depth)
         if (x == -1 && PyErr_Occurred()) {
             return -1;
         }
-        if (grow(e, 11) < 0) {
+        if (grow(e, TAGGED_VARINT_MAX) < 0) {
             return -1;
         }
-        e->buf[e->len++] = 'i';
-        put_varint(e, ((uint64_t)x << 1) ^ (uint64_t)(x >> 63));
+        e->buf[e->len++] = TAG_INT;
+        put_varint(e, ((uint64_t)x << 1) ^ (uint64_t)(x >> 63)); /* zigzag */
         return 0;
     }
     if (type == &PyFloat_Type) {
-        if (grow(e, 9) < 0) {
+        if (grow(e, 1 + FLOAT_SIZE) < 0) {
             return -1;
         }
-        e->buf[e->len++] = 'd';
+        e->buf[e->len++] = TAG_FLOAT;
         if (PyFloat_Pack8(PyFloat_AS_DOUBLE(v), (char *)e->buf + e->len, 1) < 0) {
             return -1;
         }
-        e->len += 8;
+        e->len += FLOAT_SIZE;
         return 0;
     }
     if (type == &PyBytes_Type) {
-        if (put_tagged_size(e, 'b', PyBytes_GET_SIZE(v)) < 0) {
+        if (put_tagged_size(e, TAG_BYTES, PyBytes_GET_SIZE(v)) < 0) {
             return -1;
         }
         return put_raw(e, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
@@ -423,14 +513,15 @@ codec_encode(PyObject *Py_UNUSED(module), PyObject *value)
         PyErr_SetString(PyExc_TypeError, "encode() takes a dict");
         return NULL;
     }
-    Encoder e = {NULL, NULL, 0, 0, NULL, NULL, NULL, 0, 0};
+    Encoder e = {0};
     if (grow(&e, 1) < 0) {
         return NULL;
     }
     e.buf[e.len++] = FORMAT;
     PyObject *result = NULL;
     if (encode_value(&e, value, 0) == 0) {
-        size_hint = e.len + e.len / 8 > 4096 ? e.len + e.len / 8 : 4096;
+        Py_ssize_t hint = e.len + e.len / 8; /* an eighth more: room to grow */
+        size_hint = hint > MIN_BUFFER ? hint : MIN_BUFFER;
         if (_PyBytes_Resize(&e.out, e.len) == 0) {
             result = e.out;
             e.out = NULL;
@@ -451,10 +542,10 @@ codec_encode(PyObject *Py_UNUSED(module), PyObject *value)
     Py_XDECREF(e.reason);
     Py_XDECREF(e.path);
     Py_XDECREF(e.out);
-    for (Py_ssize_t i = 0; i < e.capkeys; i++) {
-        Py_XDECREF(e.keys[i].key);
+    for (Py_ssize_t i = 0; i < e.keys.cap; i++) {
+        Py_XDECREF((PyObject *)e.keys.entries[i].key);
     }
-    PyMem_Free(e.keys);
+    PyMem_Free(e.keys.entries);
     return result;
 }
 
@@ -501,9 +592,9 @@ get_long_varint(Cursor *c, uint64_t *out)
             return refused("cut short");
         }
         unsigned char byte = *c->p++;
-        v |= (uint64_t)(byte & 0x7f) << shift;
-        if (!(byte & 0x80)) {
-            if (shift == 63 && byte > 1) {
+        v |= (uint64_t)(byte & VARINT_BITS) << shift;
+        if (!(byte & VARINT_MORE)) {
+            if (shift == 63 && byte > 1) { /* the tenth byte carries bit 63 alone */
                 break;
             }
             *out = v;
@@ -516,7 +607,7 @@ get_long_varint(Cursor *c, uint64_t *out)
 static inline int
 get_varint(Cursor *c, uint64_t *out)
 {
-    if (c->p < c->end && *c->p < 0x80) { /* most lengths and numbers: one byte */
+    if (c->p < c->end && *c->p < VARINT_MORE) { /* most lengths and numbers: one byte */
         *out = *c->p++;
         return 0;
     }
@@ -538,30 +629,35 @@ get_size(Cursor *c, Py_ssize_t *out)
     return 0;
 }
 
+#define HIGH_BITS 0x8080808080808080ULL /* the top bit of each of 8 bytes: not ASCII */
+
 /* Is s[0:n] UTF-8, lone surrogates allowed (what "surrogatepass" accepts)? */
 static int
 valid_utf8(const unsigned char *s, Py_ssize_t n)
 {
     Py_ssize_t i = 0;
     while (i < n) {
-        if (n - i >= 32) { /* ASCII runs, 32 bytes at a time */
+        if (n - i >= 4 * 8) { /* ASCII runs, four words at a time */
             uint64_t words[4];
-            memcpy(words, s + i, 32);
-            if (!((words[0] | words[1] | words[2] | words[3]) & 0x8080808080808080ULL)) {
-                i += 32;
+            memcpy(words, s + i, sizeof(words));
+            if (!((words[0] | words[1] | words[2] | words[3]) & HIGH_BITS)) {
+                i += sizeof(words);
                 continue;
             }
         }
         if (n - i >= 8) {
             uint64_t word;
-            memcpy(&word, s + i, 8);
-            if (!(word & 0x8080808080808080ULL)) {
-                i += 8;
+            memcpy(&word, s + i, sizeof(word));
+            if (!(word & HIGH_BITS)) {
+                i += sizeof(word);
                 continue;
             }
         }
+        /* UTF-8's table: a lead byte 0xxxxxxx is ASCII; 110xxxxx (but not C0,
+           C1: overlong), 1110xxxx and 11110xxx (up to F4: U+10FFFF) start 2, 3
+           and 4 byte sequences, whose other bytes are 10xxxxxx. */
         unsigned char lead = s[i];
-        if (lead < 0x80) {
+        if (lead <= ASCII_MAX) {
             i++;
             continue;
         }
@@ -609,83 +705,49 @@ typedef struct {
     PyObject *str;      /* made on first use (owned) */
 } KeyRecord;
 
-/* Texts seen (open addressing, at most half full): the keys of one large
-   mapping, or every numbered key of the snapshot. */
+/* A key's text in the snapshot. The walk keeps those it has seen in a
+   HashSet, their lengths as values: the keys of one large mapping, or every
+   numbered key of the snapshot. */
 typedef struct {
     const unsigned char *s;
     Py_ssize_t len;
-    uint64_t hash;
 } Text;
 
-typedef struct {
-    Text *slots;
-    Py_ssize_t used, cap;
-} TextSet;
+static int
+same_text(const HashEntry *entry, const void *probe, uint64_t hash)
+{
+    const Text *text = probe;
+    return entry->hash == hash && entry->value == text->len &&
+           memcmp(entry->key, text->s, (size_t)text->len) == 0;
+}
+
+#define FNV_OFFSET 0xcbf29ce484222325ULL /* FNV-1a, 64 bits */
+#define FNV_PRIME 0x100000001b3ULL
 
 static uint64_t
 text_hash(const unsigned char *s, Py_ssize_t n)
 {
-    uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a */
+    uint64_t h = FNV_OFFSET;
     for (Py_ssize_t i = 0; i < n; i++) {
-        h = (h ^ s[i]) * 0x100000001b3ULL;
+        h = (h ^ s[i]) * FNV_PRIME;
     }
     return h;
 }
 
-static Text *
-find_text(Text *slots, Py_ssize_t cap, const Text *t)
-{
-    size_t mask = (size_t)cap - 1;
-    for (size_t i = (size_t)t->hash & mask;; i = (i + 1) & mask) {
-        Text *slot = &slots[i];
-        if (slot->s == NULL || (slot->hash == t->hash && slot->len == t->len &&
-                                memcmp(slot->s, t->s, (size_t)t->len) == 0)) {
-            return slot;
-        }
-    }
-}
-
-/* Make room in `set` for `want` texts (it stays at most half full). */
+/* Add the text s[0:n]: 1 if it is new, 0 if it was there, -1 on MemoryError. */
 static int
-reserve_texts(TextSet *set, Py_ssize_t want)
+add_text(HashSet *set, const unsigned char *s, Py_ssize_t n)
 {
-    Py_ssize_t cap = set->cap ? set->cap : 64;
-    while (cap < 2 * want) {
-        cap *= 2;
-    }
-    if (cap == set->cap) {
-        return 0;
-    }
-    Text *slots = PyMem_Calloc((size_t)cap, sizeof(Text));
-    if (slots == NULL) {
-        PyErr_NoMemory();
+    if (hashset_reserve(set, set->used + 1) < 0) {
         return -1;
     }
-    for (Py_ssize_t i = 0; i < set->cap; i++) {
-        if (set->slots[i].s != NULL) {
-            *find_text(slots, cap, &set->slots[i]) = set->slots[i];
-        }
-    }
-    PyMem_Free(set->slots);
-    set->slots = slots;
-    set->cap = cap;
-    return 0;
-}
-
-/* Add s[0:n]: 1 if it is new, 0 if it was there, -1 on MemoryError. */
-static int
-add_text(TextSet *set, const unsigned char *s, Py_ssize_t n)
-{
-    if (reserve_texts(set, set->used + 1) < 0) {
-        return -1;
-    }
-    Text t = {s, n, text_hash(s, n)};
-    Text *slot = find_text(set->slots, set->cap, &t);
-    if (slot->s != NULL) {
+    Text text = {.s = s, .len = n};
+    uint64_t hash = text_hash(s, n);
+    HashEntry *entry = hashset_find(set, hash, &text, same_text);
+    if (entry->key != NULL) {
         return 0;
     }
-    *slot = t;
-    set->used++;
+    hashset_add(set, entry, hash, s, n);
     return 1;
 }
 
@@ -696,13 +758,15 @@ typedef struct {
     Py_ssize_t nmaps, capmaps;
     KeyRecord *keys;
     Py_ssize_t nkeys, capkeys;
-    TextSet numbered; /* the text of every numbered key: none may be written twice */
+    HashSet numbered; /* the text of every numbered key: none may be written twice */
 } Walk;
+
+#define MIN_ARRAY 16
 
 static int
 grow_array(void **array, Py_ssize_t *cap, size_t item)
 {
-    Py_ssize_t n = *cap ? *cap * 2 : 16;
+    Py_ssize_t n = *cap ? *cap * 2 : MIN_ARRAY;
     void *grown = PyMem_Realloc(*array, (size_t)n * item);
     if (grown == NULL) {
         PyErr_NoMemory();
@@ -717,16 +781,17 @@ grow_array(void **array, Py_ssize_t *cap, size_t item)
    `seen` holds the numbers of its keys so far; a large one's are written out,
    and `texts` holds them. */
 static int
-walk_key(Walk *w, Py_ssize_t *seen, Py_ssize_t nseen, TextSet *texts)
+walk_key(Walk *w, Py_ssize_t *seen, Py_ssize_t nseen, HashSet *texts)
 {
     uint64_t v;
     if (get_varint(&w->c, &v) < 0) {
         return -1;
     }
     Py_ssize_t number;
-    if (v & 1) {
+    if (v & KEY_NUMBER) {
         if (texts != NULL) {
-            return refused("a key number in a mapping of more than 32 items");
+            return refused("a key number in a mapping of more than " Py_STRINGIFY(
+                NUMBERED_MAX) " items");
         }
         if ((v >> 1) >= (uint64_t)w->nkeys) {
             return refused("a key number that came before no key");
@@ -756,7 +821,7 @@ walk_key(Walk *w, Py_ssize_t *seen, Py_ssize_t nseen, TextSet *texts)
             grow_array((void **)&w->keys, &w->capkeys, sizeof(KeyRecord)) < 0) {
             return -1;
         }
-        w->keys[w->nkeys] = (KeyRecord){s - w->base, n, NULL};
+        w->keys[w->nkeys] = (KeyRecord){.at = s - w->base, .len = n, .str = NULL};
         number = w->nkeys++;
     }
     for (Py_ssize_t i = 0; i < nseen; i++) {
@@ -774,14 +839,14 @@ walk_scalar(Cursor *c, unsigned char tag)
 {
     Py_ssize_t n;
     uint64_t u;
-    switch (tag) {
-    case 'N':
-    case 'T':
-    case 'F':
+    switch ((Tag)tag) {
+    case TAG_NONE:
+    case TAG_TRUE:
+    case TAG_FALSE:
         return 0;
-    case 'i':
+    case TAG_INT:
         return get_varint(c, &u);
-    case 'I':
+    case TAG_BIG_INT:
         if (get_size(c, &n) < 0) {
             return -1;
         }
@@ -790,20 +855,20 @@ walk_scalar(Cursor *c, unsigned char tag)
         }
         c->p += n;
         return 0;
-    case 'd':
-        if (c->end - c->p < 8) {
+    case TAG_FLOAT:
+        if (c->end - c->p < FLOAT_SIZE) {
             return refused("cut short");
         }
-        c->p += 8;
+        c->p += FLOAT_SIZE;
         return 0;
-    case 's':
-    case 'b':
+    case TAG_STR:
+    case TAG_BYTES:
         if (get_size(c, &n) < 0) {
             return -1;
         }
         c->p += n;
-        return tag == 'b' || valid_utf8(c->p - n, n) ? 0 : refused("invalid UTF-8");
-    default:
+        return tag == TAG_BYTES || valid_utf8(c->p - n, n) ? 0 : refused("invalid UTF-8");
+    default: /* walk_value() takes the containers */
         return refused("unknown tag");
     }
 }
@@ -818,7 +883,8 @@ walk_value(Walk *w, int depth)
         return refused("cut short");
     }
     unsigned char tag = *w->c.p++;
-    return tag == 'l' || tag == 'm' ? walk_container(w, tag, depth) : walk_scalar(&w->c, tag);
+    return tag == TAG_LIST || tag == TAG_MAP ? walk_container(w, tag, depth)
+                                             : walk_scalar(&w->c, tag);
 }
 
 static int
@@ -834,8 +900,8 @@ walk_mapping(Walk *w, int depth)
     }
     Py_ssize_t number = w->nmaps++;
     Py_ssize_t seen[NUMBERED_MAX];
-    TextSet texts = {NULL, 0, 0};
-    if (n > NUMBERED_MAX && reserve_texts(&texts, n) < 0) { /* room for all its keys */
+    HashSet texts = {0};
+    if (n > NUMBERED_MAX && hashset_reserve(&texts, n) < 0) { /* room for all its keys */
         return -1;
     }
     int rc = 0;
@@ -845,8 +911,8 @@ walk_mapping(Walk *w, int depth)
             rc = walk_value(w, depth + 1);
         }
     }
-    PyMem_Free(texts.slots);
-    w->maps[number] = (MapRecord){w->c.p - w->base, w->nmaps, w->nkeys};
+    PyMem_Free(texts.entries);
+    w->maps[number] = (MapRecord){.end = w->c.p - w->base, .next = w->nmaps, .keys_after = w->nkeys};
     return rc;
 }
 
@@ -856,7 +922,7 @@ walk_container(Walk *w, unsigned char tag, int depth)
     if (depth >= MAX_DEPTH) {
         return refused("nested too deeply");
     }
-    if (tag == 'm') {
+    if (tag == TAG_MAP) {
         return walk_mapping(w, depth);
     }
     Py_ssize_t n;
@@ -895,7 +961,7 @@ document_dealloc(Document *doc)
 
 static PyTypeObject DocumentType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "bgpool._codec.Document",
+    .tp_name = "bgpool.shm._codec.Document",
     .tp_basicsize = sizeof(Document),
     .tp_dealloc = (destructor)document_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -923,17 +989,19 @@ typedef struct {
     Py_ssize_t nkeys; /* keys numbered so far */
 } Builder;
 
+#define SHORT_ASCII_MAX 64 /* the longest text checked for ASCII by hand */
+
 /* A str from UTF-8 that the walk checked. */
 static PyObject *
 make_str(const unsigned char *s, Py_ssize_t n)
 {
-    if (n > 1 && n <= 64) { /* short ASCII: skip the general decoder's set-up */
+    if (n > 1 && n <= SHORT_ASCII_MAX) { /* short ASCII: skip the general decoder's set-up */
         unsigned char any = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
             any |= s[i];
         }
-        if (any < 0x80) {
-            PyObject *str = PyUnicode_New(n, 127);
+        if (any <= ASCII_MAX) {
+            PyObject *str = PyUnicode_New(n, ASCII_MAX);
             if (str != NULL) {
                 memcpy(PyUnicode_1BYTE_DATA(str), s, (size_t)n);
             }
@@ -964,7 +1032,14 @@ new_vars(Document *doc, Py_ssize_t at, Py_ssize_t number, Py_ssize_t keys_before
     Vars *v = PyObject_New(Vars, &VarsType);
     if (v != NULL) {
         Py_INCREF(doc);
-        *v = (Vars){.ob_base = v->ob_base, doc, at, number, keys_before, NULL};
+        *v = (Vars){
+            .ob_base = v->ob_base,
+            .doc = doc,
+            .at = at,
+            .number = number,
+            .keys_before = keys_before,
+            .dict = NULL,
+        };
     }
     return (PyObject *)v;
 }
@@ -999,39 +1074,39 @@ build_value(Builder *b)
     Cursor *c = &b->c;
     unsigned char tag = *c->p++;
     Py_ssize_t n;
-    switch (tag) {
-    case 'N':
+    switch ((Tag)tag) {
+    case TAG_NONE:
         Py_RETURN_NONE;
-    case 'T':
+    case TAG_TRUE:
         Py_RETURN_TRUE;
-    case 'F':
+    case TAG_FALSE:
         Py_RETURN_FALSE;
-    case 'i': {
+    case TAG_INT: {
         uint64_t u;
         if (get_varint(c, &u) < 0) {
             return NULL;
         }
-        return PyLong_FromLongLong((long long)(u >> 1) ^ -(long long)(u & 1));
+        return PyLong_FromLongLong((long long)(u >> 1) ^ -(long long)(u & 1)); /* zigzag */
     }
-    case 'I':
+    case TAG_BIG_INT:
         return get_big_int(c);
-    case 'd': {
+    case TAG_FLOAT: {
         double x = PyFloat_Unpack8((const char *)c->p, 1);
-        c->p += 8;
+        c->p += FLOAT_SIZE;
         if (x == -1.0 && PyErr_Occurred()) {
             return NULL;
         }
         return PyFloat_FromDouble(x);
     }
-    case 's':
-    case 'b':
+    case TAG_STR:
+    case TAG_BYTES:
         if (get_size(c, &n) < 0) {
             return NULL;
         }
         c->p += n;
-        return tag == 's' ? make_str(c->p - n, n)
-                          : PyBytes_FromStringAndSize((const char *)c->p - n, n);
-    case 'l': {
+        return tag == TAG_STR ? make_str(c->p - n, n)
+                              : PyBytes_FromStringAndSize((const char *)c->p - n, n);
+    case TAG_LIST: {
         if (get_size(c, &n) < 0) {
             return NULL;
         }
@@ -1049,7 +1124,7 @@ build_value(Builder *b)
         }
         return tuple;
     }
-    case 'm': {
+    case TAG_MAP: {
         const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(b->doc->data);
         PyObject *v = new_vars(b->doc, c->p - base, b->map, b->nkeys);
         MapRecord *skipped = &b->doc->maps[b->map];
@@ -1070,7 +1145,7 @@ build_key(Builder *b, int numbered)
     if (get_varint(&b->c, &v) < 0) {
         return NULL;
     }
-    if (v & 1) {
+    if (v & KEY_NUMBER) {
         return numbered_key(b->doc, (Py_ssize_t)(v >> 1));
     }
     Py_ssize_t n = (Py_ssize_t)(v >> 1);
@@ -1100,10 +1175,12 @@ vars_dict(Vars *self)
     }
     Document *doc = self->doc;
     const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(doc->data);
-    Builder b = {{base + self->at, base + PyBytes_GET_SIZE(doc->data)},
-                 doc,
-                 self->number + 1,
-                 self->keys_before};
+    Builder b = {
+        .c = {.p = base + self->at, .end = base + PyBytes_GET_SIZE(doc->data)},
+        .doc = doc,
+        .map = self->number + 1, /* the mappings inside it come next */
+        .nkeys = self->keys_before,
+    };
     Py_ssize_t n;
     if (get_size(&b.c, &n) < 0) {
         return NULL;
@@ -1249,14 +1326,43 @@ vars_copy(Vars *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyMethodDef vars_methods[] = {
-    {"keys", (PyCFunction)vars_keys, METH_NOARGS, "A view of the keys."},
-    {"values", (PyCFunction)vars_values, METH_NOARGS, "A view of the values."},
-    {"items", (PyCFunction)vars_items, METH_NOARGS, "A view of the (key, value) pairs."},
-    {"get", (PyCFunction)(void (*)(void))vars_get, METH_FASTCALL,
-     "The value of a key, else the default (None)."},
-    {"copy", (PyCFunction)vars_copy, METH_NOARGS, "A shallow copy, as a dict."},
-    {"__reversed__", (PyCFunction)vars_reversed, METH_NOARGS, "The keys, last first."},
-    {NULL, NULL, 0, NULL},
+    {
+        .ml_name = "keys",
+        .ml_meth = (PyCFunction)vars_keys,
+        .ml_flags = METH_NOARGS,
+        .ml_doc = "A view of the keys.",
+    },
+    {
+        .ml_name = "values",
+        .ml_meth = (PyCFunction)vars_values,
+        .ml_flags = METH_NOARGS,
+        .ml_doc = "A view of the values.",
+    },
+    {
+        .ml_name = "items",
+        .ml_meth = (PyCFunction)vars_items,
+        .ml_flags = METH_NOARGS,
+        .ml_doc = "A view of the (key, value) pairs.",
+    },
+    {
+        .ml_name = "get",
+        .ml_meth = (PyCFunction)(void (*)(void))vars_get,
+        .ml_flags = METH_FASTCALL,
+        .ml_doc = "The value of a key, else the default (None).",
+    },
+    {
+        .ml_name = "copy",
+        .ml_meth = (PyCFunction)vars_copy,
+        .ml_flags = METH_NOARGS,
+        .ml_doc = "A shallow copy, as a dict.",
+    },
+    {
+        .ml_name = "__reversed__",
+        .ml_meth = (PyCFunction)vars_reversed,
+        .ml_flags = METH_NOARGS,
+        .ml_doc = "The keys, last first.",
+    },
+    {0}, /* the end */
 };
 
 /* `vars | other` and `other | vars`: a new dict, as for a MappingProxyType. */
@@ -1316,18 +1422,21 @@ codec_decode(PyObject *Py_UNUSED(module), PyObject *data)
         return NULL;
     }
     const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(bytes);
-    Walk w = {{base, base + PyBytes_GET_SIZE(bytes)}, base, NULL, 0, 0, NULL, 0, 0, {NULL, 0, 0}};
+    Walk w = {
+        .c = {.p = base, .end = base + PyBytes_GET_SIZE(bytes)},
+        .base = base,
+    };
     int rc = -1;
     if (w.c.p >= w.c.end || *w.c.p++ != FORMAT) {
         malformed("unknown format");
     }
-    else if (w.c.p >= w.c.end || *w.c.p != 'm') {
+    else if (w.c.p >= w.c.end || *w.c.p != TAG_MAP) {
         malformed("not a mapping");
     }
     else if ((rc = walk_value(&w, 0)) == 0 && w.c.p != w.c.end) {
         rc = refused("trailing bytes");
     }
-    PyMem_Free(w.numbered.slots);
+    PyMem_Free(w.numbered.entries);
     Document *doc = rc == 0 ? PyObject_New(Document, &DocumentType) : NULL;
     if (doc == NULL) {
         PyMem_Free(w.maps);
@@ -1339,7 +1448,7 @@ codec_decode(PyObject *Py_UNUSED(module), PyObject *data)
     doc->maps = w.maps;
     doc->keys = w.keys;
     doc->nkeys = w.nkeys;
-    PyObject *top = new_vars(doc, 2, 0, 0);
+    PyObject *top = new_vars(doc, TOP_MAP_AT, 0, 0);
     Py_DECREF(doc);
     return top;
 }
@@ -1347,9 +1456,9 @@ codec_decode(PyObject *Py_UNUSED(module), PyObject *data)
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef codec_methods[] = {
-    {"encode", codec_encode, METH_O, encode_doc},
-    {"decode", codec_decode, METH_O, decode_doc},
-    {NULL, NULL, 0, NULL},
+    {.ml_name = "encode", .ml_meth = codec_encode, .ml_flags = METH_O, .ml_doc = encode_doc},
+    {.ml_name = "decode", .ml_meth = codec_decode, .ml_flags = METH_O, .ml_doc = decode_doc},
+    {0}, /* the end */
 };
 
 static int
@@ -1372,13 +1481,13 @@ codec_exec(PyObject *module)
 }
 
 static PyModuleDef_Slot codec_slots[] = {
-    {Py_mod_exec, codec_exec},
-    {0, NULL},
+    {.slot = Py_mod_exec, .value = codec_exec},
+    {0}, /* the end */
 };
 
 static struct PyModuleDef codec_module = {
-    PyModuleDef_HEAD_INIT,
-    .m_name = "bgpool._codec",
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "bgpool.shm._codec",
     .m_doc = "The bytes of a published vars snapshot: encode() in workers, decode() in readers.",
     .m_size = 0,
     .m_methods = codec_methods,

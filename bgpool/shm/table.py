@@ -11,10 +11,36 @@ cap allows; the segment is sparse, so unused slots cost no memory), and whether
 the pool still serves (`Status`): a table outlives its supervisor in every
 reader's mapping, and must not go on saying "ready" then.
 
-Consistency: each slot starts with a sequence counter (a seqlock). The writer
-makes it odd, writes the fields, then makes it even; a reader retries while it
-is odd or changed under it, so multi-field reads are never torn and nobody
-takes a lock across processes.
+Consistency: each slot starts with a sequence counter (a seqlock, the one in
+`_segment.c` that the vars segments use too). The writer makes it odd, writes
+the fields, then makes it even, with barriers; a reader retries while it is
+odd or changed under it, so multi-field reads are never torn and nobody takes
+a lock across processes. A reader gives up after `STUCK_SECONDS` of an odd
+counter (its writer stopped between two stores) with a `BgpoolError` naming
+the slot.
+
+Damage: readers trust nothing they read. A header that is not this version's,
+a slot count the segment cannot hold, a field out of its range or a name that
+is not UTF-8 raise `BgpoolError` saying what is wrong where, never a bare
+`ValueError`, `struct.error` or `UnicodeDecodeError`.
+
+Truncation: a process of the same user can truncate the segment, and touching
+a mapped page past the file's new end raises SIGBUS, which kills the reader.
+`attach()` checks the file's size against the header before it reads a slot,
+and every read of slots (`read`, `slots`, `find`, `in_use`: what the client's
+`status()` and diagnostics and the metrics use) first asks for the file's size
+(one fstat) and raises `BgpoolError` for a table shorter than its mapping. The
+hot path makes no such check: `name_ready`, `generation` and `status` are one
+or two loads that `ensure()` and `get_vars()` make on every call, and an fstat
+would cost them four times over. So a reader whose table is truncated under it
+still dies of SIGBUS at its next such load from a page the truncation took:
+any load, after a truncation to 0 bytes. A truncation that keeps the first
+page keeps the header readable, and a slot on a kept page reads as zeros (not
+ready: `ensure()` takes its slow path, which refuses). That is the price, and
+only a process that damages the table on purpose makes anyone pay it: the
+supervisor alone writes the table and no other process of a pool opens it
+read-write, unlike a vars segment, which every worker of its name holds open
+for writing (so `varstore` checks on its hot path too).
 
 Identity: a slot's `gen` changes whenever the slot is handed to another name (a
 catch-all place freed and reused), so a reader's cached (slot, gen) never
@@ -34,11 +60,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import platform
+from ..errors import BgpoolError
 from ..names import MAX_LABEL_BYTES, MAX_NAME_BYTES
 from ..states import State
+from . import _segment
+
+_E = TypeVar("_E", bound=enum.IntEnum)
 
 
 class Kind(enum.IntEnum):
@@ -52,7 +82,7 @@ class Kind(enum.IntEnum):
 MAGIC = b"BGPOOL\x01\x00"
 HEADER = struct.Struct("<8sIIIi")  # magic, version, nslots, slot size, supervisor pid
 HEADER_SIZE = 64
-VERSION = 3
+VERSION = 4  # 3 added the in-use count and the status; 4 made the counter 64 bits
 _WORD = struct.Struct("<I")
 _IN_USE = HEADER.size  # offset of the in-use slot count
 _STATUS = HEADER.size + _WORD.size  # offset of the status byte
@@ -69,24 +99,52 @@ class Status(enum.IntEnum):
 BOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 """Upper bounds (seconds) of the spawn-to-ready histogram kept per slot."""
 
-_SEQ = struct.Struct("<I")
-_BODY = struct.Struct(
-    "<I"  # gen
-    "BBBBB3x"  # name_ready, kind, state, ever_ready, has_exit
-    "Q"  # scope id
-    "HHHH"  # declaration index, instance, pool size, name length
-    "iIIiII"  # pid, attempts, consecutive failures, last exit status, crashes, restarts
-    "ddd"  # started_at, ready_at (wall clock, 0 = never), boot seconds sum
-    f"{len(BOOT_BUCKETS)}I"  # boot histogram: count per bucket (not cumulative)
-    f"{MAX_NAME_BYTES}sH{MAX_LABEL_BYTES}s"  # name, label length, scope label
-)
-"""A slot after its sequence counter. Packed separately from the counter because
-`struct.pack_into` zeroes its whole target before writing: over the counter, that
-would make a half-written slot look consistent to a reader."""
+STUCK_SECONDS = _segment.STUCK_SECONDS
+"""How long a reader waits for a slot whose counter stays odd before it gives up."""
 
-SLOT = struct.Struct(f"<I{_BODY.size}s4x")  # seq, body, padding to a multiple of 8
-_GEN = struct.Struct("<4xI")
-_READY_AT = 8  # offset of name_ready in a slot
+_FIELDS = (
+    ("gen", "I"),  # the slot's identity: _segment.c reads it without the seqlock
+    ("name_ready", "B"),  # the name-level flag: so does it
+    ("kind", "B"),
+    ("state", "B"),
+    ("ever_ready", "B"),
+    ("has_exit", "B"),  # whether last_exit is set
+    ("", "3x"),
+    ("scope_id", "Q"),
+    ("decl", "H"),  # declaration index
+    ("instance", "H"),
+    ("pool_size", "H"),
+    ("name_len", "H"),
+    ("pid", "i"),
+    ("attempts", "I"),
+    ("failures", "I"),  # consecutive
+    ("last_exit", "i"),
+    ("crashes", "I"),
+    ("restarts", "I"),
+    ("started_at", "d"),  # wall clock, 0 = never
+    ("ready_at", "d"),  # wall clock, 0 = never
+    ("boot_sum", "d"),  # seconds
+    ("boot_buckets", f"{len(BOOT_BUCKETS)}I"),  # count per bucket (not cumulative)
+    ("name", f"{MAX_NAME_BYTES}s"),
+    ("label_len", "H"),
+    ("scope_label", f"{MAX_LABEL_BYTES}s"),
+)
+_BODY = struct.Struct("<" + "".join(code for _, code in _FIELDS))
+"""A slot after its sequence counter (which `_segment.c` owns, as the order of
+the stores around it)."""
+
+FIELD_OFFSETS = {
+    name: _segment.SLOT_BODY + struct.calcsize("<" + "".join(code for _, code in _FIELDS[:i]))
+    for i, (name, _) in enumerate(_FIELDS)
+    if name
+}
+"""Where each field lies in a slot."""
+
+if (FIELD_OFFSETS["gen"], FIELD_OFFSETS["name_ready"]) != (_segment.SLOT_GEN, _segment.SLOT_READY):
+    raise ImportError("bgpool/shm/table.py and _segment.c disagree on the slot layout")
+
+SLOT = struct.Struct(f"<Q{_BODY.size}s{-(_segment.SLOT_BODY + _BODY.size) % 8}x")
+"""A slot: the counter, the body, padding to a multiple of 8 (every counter 8-aligned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,55 +188,103 @@ def _pack_body(slot: Slot) -> bytes:
     )  # fmt: skip
 
 
+def _text(raw: bytes, length: int, field: str) -> str:
+    if length > len(raw):
+        raise ValueError(f"its {field} claims {length} bytes, more than the {len(raw)} it has")
+    try:
+        return raw[:length].decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"its {field} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _member(enum_type: type[_E], value: int) -> _E:
+    try:
+        return enum_type(value)
+    except ValueError:
+        known = ", ".join(str(int(member)) for member in enum_type)
+        raise ValueError(f"its {enum_type.__name__} byte is {value}, not one of {known}") from None
+
+
 def _unpack_body(body: bytes) -> Slot:
+    """The slot `body` holds; `ValueError` saying which field is out of its range."""
     (gen, name_ready, kind, state, ever_ready, has_exit, scope_id, decl, instance,
      pool_size, name_len, pid, attempts, failures, last_exit, crashes, restarts,
-     started_at, ready_at, boot_sum, *rest) = _BODY.unpack(body)  # fmt: skip
+     started_at, ready_at, boot_sum, *rest) = _BODY.unpack_from(body)  # fmt: skip
     buckets = tuple(rest[: len(BOOT_BUCKETS)])
     name, label_len, label = rest[len(BOOT_BUCKETS) :]
     return Slot(
-        gen=gen, name_ready=bool(name_ready), kind=Kind(kind), state=State(state),
+        gen=gen, name_ready=bool(name_ready), kind=_member(Kind, kind), state=_member(State, state),
         ever_ready=bool(ever_ready), last_exit=last_exit if has_exit else None,
         scope_id=scope_id, decl=decl, instance=instance, pool_size=pool_size, pid=pid,
         attempts=attempts, failures=failures, crashes=crashes, restarts=restarts,
         started_at=started_at, ready_at=ready_at, boot_sum=boot_sum, boot_buckets=buckets,
-        name=name[:name_len].decode(), scope_label=label[:label_len].decode(),
+        name=_text(name, name_len, "name"), scope_label=_text(label, label_len, "scope label"),
     )  # fmt: skip
+
+
+def _offset(index: int) -> int:
+    return HEADER_SIZE + index * SLOT.size
 
 
 class TableReader:
     """Read access to a table, from any process."""
 
-    def __init__(self, buf: memoryview, nslots: int) -> None:
-        self._buf = buf
+    def __init__(self, name: str, mapping: mmap.mmap, nslots: int) -> None:
+        self.name = name
         self.nslots = nslots
+        self._map = mapping  # what _segment reads: its size() is the file's, now
+        self._buf = memoryview(mapping)
 
     @classmethod
     def attach(cls, name: str) -> TableReader:
-        """Map table `name` read-only (no resource-tracker registration)."""
-        mapping = platform.map_shm_readonly(name)
-        reader = cls(memoryview(mapping), 0)
-        reader._mapping = mapping
-        magic, version, nslots, slot_size, _ = HEADER.unpack_from(reader._buf, 0)
-        if magic != MAGIC or version != VERSION or slot_size != SLOT.size:
-            reader.close()
-            raise ValueError(f"shared memory segment {name!r} is not a bgpool table")
-        reader.nslots = nslots
-        return reader
+        """Map table `name` read-only (no resource-tracker registration).
+        `BgpoolError` if the segment is not a table this bgpool can read."""
+        try:
+            mapping = platform.map_shm_readonly(name)
+        except ValueError:  # mmap refuses an empty file
+            raise BgpoolError(
+                f"shared memory segment {name!r} is empty: not a bgpool table"
+            ) from None
+        try:
+            nslots = cls._check_header(name, mapping)
+        except BaseException:
+            mapping.close()
+            raise
+        return cls(name, mapping, nslots)
 
-    _mapping: mmap.mmap | None = None
+    @staticmethod
+    def _check_header(name: str, mapping: mmap.mmap) -> int:
+        """The slot count of the table in `mapping`, whose header is checked."""
+        size = min(len(mapping), mapping.size())  # the file may have shrunk since it was mapped
+        problem = None
+        if size < HEADER_SIZE:
+            problem = f"it is {size} bytes, smaller than a table's header"
+        else:
+            magic, version, nslots, slot_size, _ = HEADER.unpack_from(mapping[:HEADER_SIZE])
+            if magic != MAGIC:
+                problem = f"it starts with {magic!r}, not {MAGIC!r}"
+            elif version != VERSION:
+                problem = f"its layout is version {version}: this bgpool reads version {VERSION}"
+            elif slot_size != SLOT.size:
+                problem = f"its slots are {slot_size} bytes: this bgpool's are {SLOT.size}"
+            elif _offset(nslots) > size:
+                problem = (
+                    f"its header counts {nslots} slots, which take {_offset(nslots)} bytes, "
+                    f"but it has {size}"
+                )
+        if problem is not None:
+            raise BgpoolError(f"shared memory segment {name!r} is not a bgpool table: {problem}")
+        return int(nslots)
 
     def close(self) -> None:
         """Unmap the table; the object must not be used afterwards."""
         self._buf.release()
-        if self._mapping is not None:
-            self._mapping.close()
-            self._mapping = None
+        self._map.close()
 
     @staticmethod
     def offset(index: int) -> int:
         """Where slot `index` starts in the segment."""
-        return HEADER_SIZE + index * SLOT.size
+        return _offset(index)
 
     @staticmethod
     def index(offset: int) -> int:
@@ -187,21 +293,52 @@ class TableReader:
 
     def generation(self, offset: int) -> int:
         """The identity generation of the slot at `offset` (one load)."""
-        return int(_GEN.unpack_from(self._buf, offset)[0])
+        return _segment.slot_generation(self._map, offset)
 
     def read(self, index: int) -> Slot:
-        """Slot `index`, consistently (retries while the writer is in it)."""
-        buf, off = self._buf, self.offset(index)
-        while True:
-            seq = _SEQ.unpack_from(buf, off)[0]
-            if seq & 1:
-                continue
-            body = SLOT.unpack_from(buf, off)[1]
-            if _SEQ.unpack_from(buf, off)[0] == seq:
-                return _unpack_body(body)
+        """Slot `index`, consistently (retries while the writer is in it, for at
+        most `STUCK_SECONDS`). `BgpoolError` if the slot stays mid-write, if the
+        table was truncated, or if the slot holds nonsense."""
+        if not 0 <= index < self.nslots:
+            raise IndexError(f"slot {index} is not in a table of {self.nslots}")
+        return self._read(index, 1)[0]
+
+    def _read(self, first: int, count: int) -> list[Slot]:
+        """Slots `first` to `first + count` (checked to lie in the table), with
+        one check of the file's size for all of them."""
+        try:
+            bodies = _segment.read_slots(
+                self._map, _offset(first), count, SLOT.size, _BODY.size, STUCK_SECONDS
+            )
+        except TimeoutError as exc:
+            raise BgpoolError(
+                f"slot {first + exc.args[1]} of the readiness table {self.name} stays mid-write: "
+                f"its sequence counter has been odd for {STUCK_SECONDS} s (the supervisor "
+                "stopped between two stores, or another process wrote into the table)"
+            ) from None
+        except ValueError as exc:
+            if self._map.closed:
+                raise  # unmapped under us: the caller's own doing, not damage
+            raise BgpoolError(f"the readiness table {self.name} cannot be read: {exc}") from None
+        slots = []
+        for index, body in enumerate(bodies, first):
+            try:
+                slots.append(_unpack_body(body))
+            except ValueError as exc:
+                raise BgpoolError(
+                    f"slot {index} of the readiness table {self.name} is damaged: {exc}"
+                ) from None
+        return slots
 
     def in_use(self) -> int:
-        """How many slots from the first may be in use (the rest never were)."""
+        """How many slots from the first may be in use (the rest never were).
+        `BgpoolError` if the table was truncated."""
+        size = self._map.size()
+        if size < len(self._map):
+            raise BgpoolError(
+                f"the readiness table {self.name} cannot be read: its file is {size} bytes, "
+                f"shorter than the {len(self._map)} mapped: another process truncated it"
+            )
         return min(self.nslots, int(_WORD.unpack_from(self._buf, _IN_USE)[0]))
 
     def status(self) -> Status:
@@ -209,21 +346,23 @@ class TableReader:
         return Status.CLOSED if self._buf[_STATUS] > Status.CLOSED else Status(self._buf[_STATUS])
 
     def slots(self) -> list[Slot]:
-        """Every slot that may be in use, in table order."""
-        return [self.read(i) for i in range(self.in_use())]
+        """Every slot that may be in use, in table order (`BgpoolError` as for
+        `read`)."""
+        return self._read(0, self.in_use())
 
     def name_ready(self, offset: int, gen: int) -> bool:
         """The hot path of `ensure()`: whether the slot at `offset`, still holding
         generation `gen`, says its name is ready. Two loads, no syscall, no seqlock:
         the flag is read before the generation, a slot whose name was ever ready is
         never handed to another name, and generations only grow, so a set flag
-        followed by the expected generation can only be that name's."""
-        return self._buf[offset + _READY_AT] == 1 and _GEN.unpack_from(self._buf, offset)[0] == gen
+        followed by the expected generation can only be that name's. (The writer
+        stores the flag last, and the loads are ordered: `_segment.c`.)"""
+        return _segment.name_ready(self._map, offset, gen)
 
     def find(self, scope_id: int, name: str) -> tuple[int, int] | None:
-        """The primary slot (index, gen) holding `name` in scope `scope_id`."""
-        for index in range(self.in_use()):
-            slot = self.read(index)
+        """The primary slot (index, gen) holding `name` in scope `scope_id`
+        (`BgpoolError` as for `read`)."""
+        for index, slot in enumerate(self.slots()):
             if (
                 slot.kind != Kind.FREE
                 and slot.instance == 0
@@ -266,7 +405,7 @@ def _untracked() -> Iterator[None]:
         resource_tracker.register, resource_tracker.unregister = saved
 
 
-class TableWriter(TableReader):
+class TableWriter:
     """The supervisor's side: creates, writes and removes the segment."""
 
     def __init__(self, nslots: int, supervisor_pid: int) -> None:
@@ -278,24 +417,17 @@ class TableWriter(TableReader):
             with _untracked():
                 self._shm = shared_memory.SharedMemory(name, create=True, size=size)
         self.name = self._shm.name
+        self.nslots = nslots
         assert self._shm.buf is not None
-        super().__init__(self._shm.buf, nslots)
+        self._buf = self._shm.buf
         HEADER.pack_into(self._buf, 0, MAGIC, VERSION, nslots, SLOT.size, supervisor_pid)
         self._in_use = 0
-        self._seqs = [0] * nslots
 
     def write(self, index: int, slot: Slot) -> None:
         """Publish slot `index` (seqlock: odd while writing, even when done)."""
-        off = self.offset(index)
-        seq = self._seqs[index] + 1
-        body = _pack_body(slot)
-        _SEQ.pack_into(self._buf, off, seq)
-        # One copy, not pack_into: pack_into zero-fills its target first, so a
-        # reader's lock-free load of an unchanged field (the hot path's flag and
-        # generation) could see 0 in passing.
-        self._buf[off + _SEQ.size : off + _SEQ.size + _BODY.size] = body
-        _SEQ.pack_into(self._buf, off, seq + 1)
-        self._seqs[index] = seq + 1
+        if not 0 <= index < self.nslots:
+            raise IndexError(f"slot {index} is not in a table of {self.nslots}")
+        _segment.write_slot(self._buf, _offset(index), _pack_body(slot))
 
     def destroy(self) -> None:
         """Unmap and unlink the segment."""

@@ -10,9 +10,18 @@ are C (`_segment.c`, which also owns the header's layout); this module owns
 the segments' names, sizes and mappings.
 
 The workers of one name (a pool) all write the segment: an exclusive `flock`
-on it serialises them (last writer wins). Readers take no lock and make no
-system call while the snapshot is unchanged: they compare one generation
-number with the one they cached.
+on it serialises them (last writer wins). Readers take no lock: while the
+snapshot is unchanged they compare one generation number with the one they
+cached, after one fstat.
+
+That fstat is there because every worker of the name holds the segment open
+for writing, and so could truncate it: touching a mapped page past the file's
+end raises SIGBUS, which would kill every reader, the application included.
+So each read first checks that the file still covers the whole mapping; a
+shorter one gives `generation()` 0 and `read()` a `ValueError`. A publish
+into a truncated segment grows it back first, and rewrites the header, which
+makes it whole again. (A truncation in the microsecond between the check and
+the copy still raises SIGBUS: `_segment.c` says why that stays.)
 
 The supervisor never maps these segments (it is not told of each publish
 either: diagnostics read the generation and time from the header); it removes
@@ -29,7 +38,7 @@ from . import _segment
 
 HEADER_SIZE = _segment.HEADER_SIZE  # the layout is _segment.c's
 
-STUCK_SECONDS = 0.5
+STUCK_SECONDS = _segment.STUCK_SECONDS
 """How long a reader waits for a header that stays mid-flip before it gives up
 (its writer died between two stores of the flip, or is not being scheduled)."""
 
@@ -83,14 +92,17 @@ class Reader:
         return self._map
 
     def generation(self) -> int:
-        """The current generation (0: nothing published yet). One load."""
+        """The current generation (0: nothing published yet, or a segment
+        shorter than its mapping, which `read()` explains). An fstat and one
+        load."""
         buf = self._mapped()
         return 0 if buf is None else _segment.generation(buf)
 
     def read(self) -> tuple[int, float, bytes] | None:
         """The current (generation, publish time, bytes), or None if nothing
         was published. `TimeoutError` if the header stays mid-flip (its writer
-        died there), `ValueError` if a worker wrote nonsense into it."""
+        died there), `ValueError` if a worker wrote nonsense into it or the
+        segment is now shorter than its mapping (a process truncated it)."""
         buf = self._mapped()
         return None if buf is None else _segment.read(buf, self._capacity, STUCK_SECONDS)
 
