@@ -1,8 +1,7 @@
 """Batch ``ensure([...])``: one deadline shared by every name; every name validated,
 resolved and capacity-checked before any is started; ready names cost no round
 trip; the timeout error names each worker that was not ready and why; the same
-from another process and from inside a worker (SPEC "ensure()", "Errors"; issue 3
-items 5 and 6).
+from another process and from inside a worker.
 """
 
 from __future__ import annotations

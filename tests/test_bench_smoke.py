@@ -1,5 +1,5 @@
-"""Smoke test of scripts/bench.py, the benchmark of issues 5 and 6 (its code is the
-package scripts/benchmark/).
+"""Smoke test of scripts/bench.py, the benchmark behind README's "Performance" (its
+code is the package scripts/benchmark/).
 
 CI does not run the benchmark (its numbers mean nothing on a shared runner), but
 this keeps the script from rotting: a tiny `--quick` run with this test

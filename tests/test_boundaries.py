@@ -1,8 +1,8 @@
-"""The process boundaries of bgpool's source tree, enforced (STYLE "The shape should
-show the architecture"): every module under bgpool/ is parsed with ``ast`` and each
-import is checked, wherever it is (module level, inside a function, under ``if
-TYPE_CHECKING:``), relative or absolute, and ``importlib.import_module("...")`` /
-``__import__("...")`` with a literal name.
+"""The process boundaries of bgpool's source tree, enforced (each folder is what one
+kind of process runs: README, "How it is built"): every module under bgpool/ is
+parsed with ``ast`` and each import is checked, wherever it is (module level, inside
+a function, under ``if TYPE_CHECKING:``), relative or absolute, and
+``importlib.import_module("...")`` / ``__import__("...")`` with a literal name.
 
 - ``worker/`` never imports ``supervisor``, ``app`` or ``cli``;
 - ``supervisor/`` never imports ``app`` or ``cli``;

@@ -3,8 +3,8 @@ each with its own process, readiness, table slot and diagnostics; the
 ``max_instances`` cap (exact message, nothing started past it, nothing started by a
 batch that would exceed it); the place an aborted instance frees; concurrent
 ``ensure()`` of many names from threads, from other processes through
-``bgpool.connect()`` and from inside a worker (SPEC "Declarations", "ensure()",
-"Readiness", "Lifecycle"; issue 3 items 1 and 6).
+``bgpool.connect()`` and from inside a worker (README, "Catch-alls, pools and
+scopes").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Reaching the pool from other processes of the application: ``bgpool.connect()``
-through ``BGPOOL_ADDRESS`` or an explicit address (SPEC "Application API").
+through ``BGPOOL_ADDRESS`` or an explicit address (README, "From other processes").
 
 Clients run in fresh interpreters started with ``subprocess`` after ``Pool.start()``,
 so they inherit ``BGPOOL_ADDRESS`` like any process the application starts.

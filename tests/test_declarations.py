@@ -1,4 +1,4 @@
-"""Declarations: WorkerSpec and PoolConfig validation (SPEC "Declarations").
+"""Declarations: WorkerSpec and PoolConfig validation (README, "Declaring workers").
 
 Every mistake is a pydantic ``ValidationError`` carrying the field's path, all
 mistakes are reported at once, and nothing starts (no process is created: the
@@ -41,8 +41,9 @@ def config_error_locs(*args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
 def target_error(target: str, **config_kwargs: Any) -> ValidationError:
     """Build a config with one worker whose target is ``target``; return the error.
 
-    The check may live in WorkerSpec or in PoolConfig (SPEC: "checked when the
-    PoolConfig is built"); either way the error's path must end at ``target``.
+    The check may live in WorkerSpec or in PoolConfig (a target must be checked by
+    the time the PoolConfig is built); either way the error's path must end at
+    ``target``.
     """
     with pytest.raises(ValidationError) as info:
         PoolConfig(workers=[WorkerSpec(name="w", target=target)], **config_kwargs)

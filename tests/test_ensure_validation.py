@@ -1,5 +1,5 @@
-"""ensure() input validation (SPEC "ensure()"): TypeError / ValueError before anything
-starts, names resolved for the whole batch before any is started.
+"""ensure() input validation: TypeError / ValueError before anything starts, names
+resolved for the whole batch before any is started.
 
 Each test uses one started pool with a lazy worker ``lazy`` that records every start
 in ``$STARTS``; after each rejected call we check that it is still unstarted.

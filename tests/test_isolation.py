@@ -1,8 +1,8 @@
 """Isolation between processes: stop pipes held by nobody but their worker and the
 supervisor, no orphans when the supervisor dies, private socket and segment modes,
 what a worker sees of itself (environment, current_worker(), its handle), and the
-stop pipes of the ``spawn`` start method (SPEC "Shape", "Worker API", "Lifecycle";
-tests/test_lifecycle.py runs the lifecycle under both start methods).
+stop pipes of the ``spawn`` start method (tests/test_lifecycle.py runs the lifecycle
+under both start methods).
 """
 
 from __future__ import annotations

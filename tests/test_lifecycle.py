@@ -1,6 +1,6 @@
 """Lifecycle: start, readiness, ensure(), crash restarts, boot failures, abort,
 drain and force-kill, restart_workers(), the context manager, reporting models and
-the error hierarchy (SPEC "Application API", "Readiness", "Errors", "Lifecycle").
+the error hierarchy (README, "Using the pool", "Lifecycle" and "Errors").
 
 Every test that makes a pool runs once per start method (``fork``, ``spawn``): the
 module's ``start_method`` fixture is parametrized, and ``make_pool`` applies it.

@@ -1,4 +1,4 @@
-"""Worker output and supervisor logs (issue 4 items 3-4).
+"""Worker output and supervisor logs (README, "Worker output" and "Logs").
 
 The application runs as a subprocess (a short Python program that starts a pool):
 its stdout and stderr, which the supervisor and the workers inherit, are captured
@@ -319,7 +319,7 @@ def test_a_flooding_worker_does_not_slow_ensure(
 def test_supervisor_logging_does_not_block_on_a_flooded_stderr(sentinel_dir: Path) -> None:
     """A worker floods stderr, which nobody reads for now (a stalled log collector);
     another worker fails to boot, so the supervisor logs about it on that stderr:
-    the supervisor must go on serving (SPEC: output never blocks the supervisor)."""
+    the supervisor must go on serving (output never blocks the supervisor)."""
     outcome, code, head, total, other = _run_flood_app(
         sentinel_dir, "stderr", "not-reading", LOUD="1"
     )

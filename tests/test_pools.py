@@ -1,7 +1,7 @@
 """Named pools (``num > 1``: N processes sharing one name, each with its own instance
 index and stop pipe, sharing one readiness) and multi-entrypoint declarations (two
-names sharing one target, each with its own options) (SPEC "Declarations",
-"Readiness", "Lifecycle"; issue 3 items 2, 3 and 7).
+names sharing one target, each with its own options): README, "Catch-alls, pools
+and scopes".
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 catch-all serving only its own scope, and the order in which ``ensure()`` resolves a
 name (the ``scope=`` argument, ``pool.request_scope(s)``, the calling worker's own
 scope, the global scope; a scope that declares nothing falls back to the global one),
-from the application, from another process and from inside a worker (SPEC "Scopes",
-"ensure()"; issue 3 items 4, 6 and 7).
+from the application, from another process and from inside a worker (README,
+"Catch-alls, pools and scopes").
 """
 
 from __future__ import annotations

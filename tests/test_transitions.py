@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bgpool.shm.table import TableReader
 from bgpool.states import TRANSITIONS, State, allowed
 from bgpool.supervisor.core import Settings
 from bgpool.supervisor.instances import Instance, Run
@@ -157,7 +158,11 @@ def test_start_and_readiness(machine: Machine) -> None:
     assert state(inst) == State.STARTING and inst.pid is not None
     machine.ready(inst)
     assert state(inst) == State.READY and inst.ever_ready and inst.worker.name_ready
-    assert machine.table.read(inst.slot).state == State.READY  # published
+    reader = TableReader.attach(machine.table.name)
+    try:
+        assert reader.read(inst.slot).state == State.READY  # published
+    finally:
+        reader.close()
     assert machine.moves == [("stopped", "starting"), ("starting", "ready")]
 
 

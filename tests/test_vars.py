@@ -1,5 +1,5 @@
 """Shared state: set_vars() in workers, get_vars() everywhere, ready_on="vars",
-and a real gunicorn application reading a worker's publications (issue 5)."""
+and a real gunicorn application reading a worker's publications."""
 
 from __future__ import annotations
 

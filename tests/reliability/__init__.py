@@ -1,1 +1,1 @@
-"""bgpool's reliability and security suite (issue 7): faults, load and bad input."""
+"""bgpool's reliability and security suite: faults, load and bad input."""

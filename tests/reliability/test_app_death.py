@@ -1,8 +1,8 @@
-"""Issue 7, item 2: SIGKILL the application process that owns the Pool (a
-subprocess running ``fixtures/rel_owner.py``). The supervisor notices (it watches
-its owner's pidfd), drains every worker (EOF on the handle, then SIGTERM/SIGKILL
-after ``grace_period``), exits and removes the table, the vars segments, the socket
-and its directory. Nothing survives, not even a setsid grandchild.
+"""SIGKILL the application process that owns the Pool (a subprocess running
+``fixtures/rel_owner.py``). The supervisor notices (it watches its owner's pidfd),
+drains every worker (EOF on the handle, then SIGTERM/SIGKILL after
+``grace_period``), exits and removes the table, the vars segments, the socket and
+its directory. Nothing survives, not even a setsid grandchild.
 """
 
 from __future__ import annotations

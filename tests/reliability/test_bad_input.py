@@ -1,8 +1,10 @@
-"""Issue 7, item 7: bad input at every boundary.
+"""Bad input at every boundary.
 
-- every ``ensure()`` argument error SPEC lists (and the same checks in
-  ``diagnostics()`` / ``get_vars()``), on the owner's Pool and on a ``connect()``
-  client, raised before anything starts;
+- every argument error of ``ensure()`` (``TypeError`` for a wrong type;
+  ``ValueError`` for an empty batch, an empty, overlong, control-character,
+  lone-surrogate or duplicate name, a timeout that is not a finite number > 0, an
+  unknown scope label), and the same checks in ``diagnostics()`` / ``get_vars()``,
+  on the owner's Pool and on a ``connect()`` client, raised before anything starts;
 - every declaration error, reported at once with its field path;
 - a config file that raises on import: ``bgpool run`` exits 2 with the traceback,
   nothing started;
@@ -191,8 +193,8 @@ def test_resolution_errors_start_nothing(make_pool: Any) -> None:
 
 @pytest.mark.parametrize("timeout", [1e300, float(sys.maxsize), 2**63])
 def test_a_huge_finite_timeout_is_a_valid_timeout(make_pool: Any, timeout: float) -> None:
-    """SPEC: a timeout is valid when it is a finite number > 0. A deadline far in
-    the future (``sys.maxsize``, a common "forever") must just wait, not crash."""
+    """A timeout is valid when it is a finite number > 0. A deadline far in the
+    future (``sys.maxsize``, a common "forever") must just wait, not crash."""
     pool = make_pool([spec("lazy", "idle")])
     pool.ensure("lazy", timeout=timeout)
     assert state(pool.status()[0].state) == "ready"
@@ -202,7 +204,9 @@ def test_a_huge_finite_timeout_is_a_valid_timeout(make_pool: Any, timeout: float
 
 GOOD = "fixtures.workers:idle"
 
-SPEC_ERRORS: list[tuple[dict[str, Any], tuple[Any, ...]]] = [
+# WorkerSpec(**kwargs) -> the field path its ValidationError must name (CONFIG_ERRORS:
+# the same for PoolConfig).
+WORKER_SPEC_ERRORS: list[tuple[dict[str, Any], tuple[Any, ...]]] = [
     ({}, ("target",)),
     ({"target": "nocolon"}, ("target",)),
     ({"target": "os:system; rm -rf /"}, ("target",)),
@@ -253,7 +257,7 @@ CONFIG_ERRORS: list[tuple[dict[str, Any], tuple[Any, ...]]] = [
 
 def test_declaration_errors_name_their_field() -> None:
     problems = []
-    for kwargs, loc in SPEC_ERRORS:
+    for kwargs, loc in WORKER_SPEC_ERRORS:
         try:
             bgpool.WorkerSpec(**kwargs)
         except ValidationError as exc:

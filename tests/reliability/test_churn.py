@@ -1,7 +1,7 @@
-"""Issue 7, item 5: churn. Many cycles of start, ensure, crash, restart_workers and
-shutdown in one process; the process's file descriptors, threads and children are
-the same at the end as at the start, and every pool's own resources (table, vars
-segments, socket, directory) are gone after its cycle, and still gone at the end.
+"""Churn: many cycles of start, ensure, crash, restart_workers and shutdown in one
+process; the process's file descriptors, threads and children are the same at the
+end as at the start, and every pool's own resources (table, vars segments, socket,
+directory) are gone after its cycle, and still gone at the end.
 """
 
 from __future__ import annotations

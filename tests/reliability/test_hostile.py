@@ -1,6 +1,6 @@
-"""Issue 7, item 3: stuck and hostile workers (``fixtures/hostile.py``).
+"""Stuck and hostile workers (``fixtures/hostile.py``).
 
-Each one is handled as SPEC says ("Lifecycle"): a drain closes the stop pipe; after
+Each one is handled as README's "Lifecycle" says: a drain closes the stop pipe; after
 the grace period the worker's process tree gets SIGTERM, then SIGKILL one second
 later; boot failures back off ``min(1.0, 0.1*(k-1)**2)`` and abort at
 ``max_consecutive_failures``; crashes after readiness back off the same way and are
@@ -37,7 +37,7 @@ from helpers import (
 import bgpool
 
 GRACE = 1.0
-FORCE_KILL = 1.0  # SPEC: SIGKILL one second after SIGTERM
+FORCE_KILL = 1.0  # SIGKILL follows SIGTERM by one second
 BOUND = 2.0  # shutdown() within grace_period + BOUND
 
 
@@ -135,8 +135,8 @@ def test_restart_workers_with_a_hostile_worker(
         assert diag.last_exit_status == status, diag
         assert diag.last_signal == (signal.Signals(-status).name if status < 0 else None), diag
         assert diag.consecutive_failures == 0, "a drained exit is not a failure"
-        # Nothing of the old run survives the restart (SPEC "Drain": nothing is
-        # left behind), including what it forked into another session: by the
+        # Nothing of the old run survives the restart (a drain leaves nothing
+        # behind), including what it forked into another session: by the
         # time a SIGTERM and the SIGKILL a second later would have done it.
         try:
             wait_for(lambda: not live(old), timeout=FORCE_KILL + BOUND)

@@ -1,11 +1,11 @@
-"""Issue 7, item 4: load. 32 threads of the application and 4 other processes (2
-threads each, ``fixtures/rel_load_client.py``) call ``ensure()`` (one name or a
-batch), ``status()`` and ``diagnostics()`` in a loop while workers crash on their
-own (``fixtures.workers:crashy``) and are SIGKILLed at random (a killer thread).
+"""Load: 32 threads of the application and 4 other processes (2 threads each,
+``fixtures/rel_load_client.py``) call ``ensure()`` (one name or a batch),
+``status()`` and ``diagnostics()`` in a loop while workers crash on their own
+(``fixtures.workers:crashy``) and are SIGKILLed at random (a killer thread).
 
 Checked: no call raises (every name was ready once, so ``ensure()`` is satisfied
-through crash restarts: SPEC "Readiness"), no call hangs, the table is consistent at
-every sample (one row per instance, a pid exactly in the running states, no pid
+through crash restarts: readiness is sticky), no call hangs, the table is consistent
+at every sample (one row per instance, a pid exactly in the running states, no pid
 twice), and once the load stops: exactly one process per instance, the supervisor's
 children are the table's pids (no zombie, no stray), and the table's counters match
 what the workers recorded (attempts = processes started, restarts = attempts minus

@@ -1,4 +1,4 @@
-"""Issue 7, item 8: security.
+"""Security.
 
 - The control socket and its directory are out of reach of another uid: tested as
   user ``nobody`` from a subprocess that drops privileges (the suite runs as root
@@ -286,9 +286,9 @@ CONTROL = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "C
 
 
 def test_names_with_any_control_character_are_rejected_everywhere(make_pool: Any) -> None:
-    """SPEC/README: names have no NUL or other control character (Unicode category
-    Cc: U+0000-U+001F, U+007F and the C1 controls U+0080-U+009F, among which
-    U+0085 NEL and U+009B CSI): they would forge or break log lines."""
+    """Names have no NUL or other control character (README, "Declaring workers";
+    Unicode category Cc: U+0000-U+001F, U+007F and the C1 controls U+0080-U+009F,
+    among which U+0085 NEL and U+009B CSI): they would forge or break log lines."""
     pool = make_pool([spec(None, "idle", max_instances=64)])
     accepted = []
     for c in CONTROL:
@@ -360,9 +360,9 @@ PATHS = ["../../../../tmp/bgpt-rel-escape", "a/b", "/etc/passwd", "..", ".", "bg
 
 
 def test_path_like_names_never_reach_a_file_name(make_pool: Any) -> None:
-    """A name may contain '/' (SPEC forbids only NUL and control characters), but no
-    file is ever named after it: segments and the socket are named by the pool, and
-    a catch-all name's vars live in a segment named by its slot."""
+    """A name may contain '/' (only NUL and control characters are forbidden), but no
+    file is ever named after it: segments and the socket are named by the pool, and a
+    catch-all name's vars live in a segment named by its slot."""
     pool = make_pool(
         [
             bgpool.WorkerSpec(

@@ -1,6 +1,6 @@
-"""Issue 7, item 6: a hypothesis ``RuleBasedStateMachine`` drives one pool through
-random sequences of ensure(), a crash (the worker raises), kill -9 of a worker,
-restart_workers() and shutdown(), against a simple model of what must be running.
+"""A hypothesis ``RuleBasedStateMachine`` drives one pool through random sequences
+of ensure(), a crash (the worker raises), kill -9 of a worker, restart_workers() and
+shutdown(), against a simple model of what must be running.
 
 After every step the invariants are checked (allowing the supervisor a moment to
 react to the last step): one table row per instance and exactly the names the model

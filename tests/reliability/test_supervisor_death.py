@@ -1,9 +1,9 @@
-"""Issue 7, item 1: SIGKILL the supervisor while workers run, boot, back off and
-drain. Every worker exits within 2 s of the kill, including one that ignores its
-handle and SIGTERM (``hostile:ignores_everything``) and one whose grandchild started
-its own session (``hostile:forks_session_leader``); the application's ``Pool`` then
-raises ``PoolClosed("pool is closed")`` on every call, and ``shutdown()`` still
-removes everything the pool owned (table, vars segments, socket, directory).
+"""SIGKILL the supervisor while workers run, boot, back off and drain. Every worker
+exits within 2 s of the kill, including one that ignores its handle and SIGTERM
+(``hostile:ignores_everything``) and one whose grandchild started its own session
+(``hostile:forks_session_leader``); the application's ``Pool`` then raises
+``PoolClosed("pool is closed")`` on every call, and ``shutdown()`` still removes
+everything the pool owned (table, vars segments, socket, directory).
 """
 
 from __future__ import annotations
