@@ -5,23 +5,17 @@ person would from a second shell: each command is a subprocess, found through
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pty
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from helpers import ROOT, gone, spec, statuses, subprocess_env, wait_for
+from helpers import ROOT, BgpoolRun, gone, spec, statuses, subprocess_env, wait_for
 from test_metrics import http_get, refused, scrape
 
 import bgpool
@@ -330,9 +324,7 @@ def test_diagnostics_text_and_json(live_pool: Any) -> None:
     web = bgpool.WorkerDiagnostics.model_validate_json(proc.stdout)
     assert web.scope == "api"
     assert [(i.scope, i.instance, i.state) for i in web.instances] == [("api", 0, "ready")]
-    assert web.instances[0].pid == next(
-        s.pid for s in statuses(pool, "web") if s.scope == "api"
-    )
+    assert web.instances[0].pid == next(s.pid for s in statuses(pool, "web") if s.scope == "api")
 
     proc = cli("diagnostics", "web", "--json", "--address", pool.address,
                env=env_without_address())  # fmt: skip
@@ -382,111 +374,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Run:
-    """``bgpool run CONFIG`` with its output collected (a pipe, or a pty)."""
-
-    def __init__(self, sentinel_dir: Path, *args: str, tty: bool = False) -> None:
-        env = subprocess_env(BGPOOL_TEST_DIR=str(sentinel_dir))
-        env.pop("BGPOOL_ADDRESS", None)
-        self.stderr_path = sentinel_dir / "run.stderr"
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
-        self._master: int | None = None
-        if tty:
-            self._master, slave = pty.openpty()
-            stdout: Any = slave
-        else:
-            stdout = subprocess.PIPE
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bgpool", "run", "fixtures/obs_run_config.py", *args],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=self._stderr,
-            )
-        finally:
-            if tty:
-                os.close(slave)
-        self._buf = bytearray()
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                if self._master is not None:
-                    chunk = os.read(self._master, 65536)
-                else:
-                    assert self.proc.stdout is not None
-                    chunk = self.proc.stdout.read1(65536)
-            except OSError:  # EIO: the pty's other side is closed
-                chunk = b""
-            if not chunk:
-                return
-            with self._lock:
-                self._buf.extend(chunk)
-
-    def text(self) -> str:
-        with self._lock:
-            return self._buf.decode(errors="replace").replace("\r\n", "\n")
-
-    def lines(self) -> list[str]:
-        return self.text().splitlines()
-
-    def wait_line(self, *words: str, after: int = 0, timeout: float = 15.0) -> str:
-        def find() -> str | None:
-            for line in self.lines()[after:]:
-                if all(w in line for w in words):
-                    return line
-            return None
-
-        try:
-            return wait_for(find, timeout=timeout, what=f"a line with {words}")
-        except AssertionError:
-            raise AssertionError(
-                f"no line with {words} in {self.text()!r}; stderr {self.stderr()!r}"
-            ) from None
-
-    def address(self) -> str:
-        line = self.wait_line("BGPOOL_ADDRESS=")
-        match = re.search(r"BGPOOL_ADDRESS=(\S+?)(?:,|\s|$)", line)
-        assert match, line
-        return match.group(1)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                tree = psutil.Process(self.proc.pid).children(recursive=True)
-            except psutil.Error:
-                tree = []
-            self.proc.kill()
-            for p in tree:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            self.proc.wait(10)
-        self._reader.join(10)
-        if self._master is not None:
-            os.close(self._master)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr.close()
-
-
 @pytest.fixture
-def run(sentinel_dir: Path) -> Iterator[Callable[..., Run]]:
-    runs: list[Run] = []
+def run(sentinel_dir: Path) -> Iterator[Callable[..., BgpoolRun]]:
+    runs: list[BgpoolRun] = []
 
-    def start(*args: str, tty: bool = False) -> Run:
-        r = Run(sentinel_dir, *args, tty=tty)
+    def start(*args: str, tty: bool = False) -> BgpoolRun:
+        r = BgpoolRun("fixtures/obs_run_config.py", sentinel_dir, *args, tty=tty)
         runs.append(r)
         return r
 
@@ -495,7 +388,7 @@ def run(sentinel_dir: Path) -> Iterator[Callable[..., Run]]:
         r.close()
 
 
-def test_run_with_metrics_and_commands_from_a_second_shell(run: Callable[..., Run]) -> None:
+def test_run_with_metrics_and_commands_from_a_second_shell(run: Callable[..., BgpoolRun]) -> None:
     port = free_port()
     r = run("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
     r.wait_line("obs-eager.0", "ready")
@@ -552,7 +445,7 @@ def test_run_with_metrics_and_commands_from_a_second_shell(run: Callable[..., Ru
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["live", "plain"])
-def test_run_on_a_terminal(run: Callable[..., Run], plain: bool) -> None:
+def test_run_on_a_terminal(run: Callable[..., BgpoolRun], plain: bool) -> None:
     r = run(*(["--plain"] if plain else []), tty=True)
     address = r.address()
     r.wait_line("obs-eager", "ready")

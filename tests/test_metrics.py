@@ -17,7 +17,7 @@ import signal
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ def scrape_registry(registry: CollectorRegistry) -> Scrape:
 
 
 def wait_values(
-    get: Callable[[], Scrape], expected: dict[str, dict[str, float]], timeout: float = 10.0
+    get: Callable[[], Scrape], expected: Mapping[str, Mapping[str, float]], timeout: float = 10.0
 ) -> Scrape:
     """Scrape until every worker label has (at least) the ``expected`` values; the
     failure message shows what was served last."""
@@ -160,9 +160,7 @@ def wait_values(
     def check() -> bool:
         s = get()
         last[:] = [s]
-        return all(
-            {k: s.values(w)[k] for k in want} == want for w, want in expected.items()
-        )
+        return all({k: s.values(w)[k] for k in want} == want for w, want in expected.items())
 
     try:
         wait_for(check, timeout=timeout, what="metric values")
@@ -176,8 +174,7 @@ def wait_ready(pool: Any, name: str, count: int, scope: str = "") -> None:
     """Wait until ``count`` instances of ``name`` are ready (``start()`` returns
     once each eager *name* is ready, not necessarily every instance)."""
     wait_for(
-        lambda: sum(s.state == "ready" for s in statuses(pool, name) if s.scope == scope)
-        == count,
+        lambda: sum(s.state == "ready" for s in statuses(pool, name) if s.scope == scope) == count,
         timeout=10,
         what=f"{count} ready instances of {scope}:{name}",
     )
@@ -462,9 +459,7 @@ def test_no_port_without_metrics_port(make_pool: Callable[..., Any]) -> None:
     pool = make_pool([spec("w", "idle", num=1)])
     assert pool.metrics_port is None
     assert not [
-        c
-        for c in psutil.Process().net_connections(kind="tcp")
-        if c.status == psutil.CONN_LISTEN
+        c for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN
     ]
     # the collector works without an HTTP port
     registry = CollectorRegistry()
@@ -585,9 +580,7 @@ def test_metrics_host_is_honoured(make_pool: Callable[..., Any]) -> None:
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz"])
-def test_endpoints_answer_many_concurrent_scrapes(
-    make_pool: Callable[..., Any], path: str
-) -> None:
+def test_endpoints_answer_many_concurrent_scrapes(make_pool: Callable[..., Any], path: str) -> None:
     pool = make_pool([spec("w", "idle", num=2)], metrics_port=0)
     port = pool.metrics_port
     wait_ready(pool, "w", 2)

@@ -41,7 +41,7 @@ def segment(tmp_path: Path) -> Iterator[tuple[mmap.mmap, int]]:
         yield found
 
 
-def seq(mapping: mmap.mmap) -> int:
+def seq(mapping: mmap.mmap | bytes) -> int:
     return int(struct.unpack_from("<Q", mapping, 0)[0])
 
 
