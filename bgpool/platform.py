@@ -160,8 +160,9 @@ def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
     """Each of `pids`' descendants, from one scan of the process table (a drain
     of many workers must not scan it once per worker)."""
     children: dict[int, list[psutil.Process]] = defaultdict(list)
-    for proc in psutil.process_iter(["ppid"]):
-        children[proc.info["ppid"]].append(proc)
+    with contextlib.suppress(OSError):  # out of descriptors: what was read so far
+        for proc in psutil.process_iter(["ppid"]):
+            children[proc.info["ppid"]].append(proc)
     found: dict[int, list[psutil.Process]] = {}
     for pid in pids:
         tree, stack = [], [pid]
@@ -174,12 +175,16 @@ def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
-    """`pid` and all its descendants, parents first; empty if it is gone."""
+    """`pid` and all its descendants, parents first; empty if it is gone.
+    Reading /proc can fail (out of descriptors): then as much as was found."""
     try:
         root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
+    except (psutil.NoSuchProcess, OSError):
         return []
+    try:
+        return [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, OSError):
+        return [root]
 
 
 def signal_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import math
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from .. import identity, protocol, texts
+from .. import identity, platform, protocol, texts
 from ..errors import (
     ERRORS,
     BgpoolError,
@@ -95,6 +96,15 @@ def _check_timeout(timeout: object) -> float:
     if not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a finite number > 0, not {timeout!r}")
     return min(timeout, MAX_TIMEOUT)
+
+
+def _cannot_connect(exc: OSError) -> str:
+    """Why a request could not reach the supervisor, with the descriptor
+    limit when that was the cause."""
+    text = f"cannot reach the pool's supervisor: {exc}"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        text += " " + texts.fd_limits_now(*platform.fd_limits())
+    return text
 
 
 def _reads_shared_memory(method: _Method) -> _Method:
@@ -208,7 +218,10 @@ class PoolClient:
     ) -> tuple[socket.socket, protocol.Message]:
         """A fresh connection, `message` sent on it and its reply read, as
         `_request()` does, but the connection left open for the caller."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors, most likely
+            raise BgpoolError(_cannot_connect(exc)) from None
         try:
             sock.settimeout(None if timeout is None else min(timeout, MAX_SOCKET_WAIT))
             try:
@@ -220,6 +233,8 @@ class PoolClient:
                 if silence is not None:
                     raise silence() from None
                 raise BgpoolError("the supervisor did not answer in time") from None
+            except OSError as exc:
+                raise BgpoolError(_cannot_connect(exc)) from None
             if not reply.get("ok"):
                 self._raise_reply(reply)
         except BaseException:

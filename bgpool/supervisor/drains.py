@@ -76,10 +76,15 @@ class Drains(Core):
     @staticmethod
     def _signal_tree(pid: int, sig: signal.Signals) -> None:
         """Signal a worker, its process group and every descendant (found before
-        signalling, so one that moved to another session is still hit)."""
+        signalling, so one that moved to another session is still hit). The
+        worker itself and its group are signalled even when the process table
+        cannot be read (out of descriptors)."""
         procs = platform.process_tree(pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
+        if not procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
         platform.signal_tree(procs, sig)
 
     def _drain_all(self, grace: float, respawn: bool) -> set[Instance]:

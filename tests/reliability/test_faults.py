@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -250,19 +251,29 @@ def _closed_calls(pool: Any) -> dict[str, Any]:
     }
 
 
+def _racing_calls(pool: Any, client: Any) -> list[Any]:
+    """Every kind of call, on the owner and on a connect() client."""
+    calls = [*_closed_calls(pool).values(), *_closed_calls(client).values()]
+    names = itertools.count()
+    calls.append(lambda: pool.ensure(f"tenant-{next(names)}", timeout=5))
+    calls.append(pool.restart_workers)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_a_supervisor_stopped_by_an_operator_closes_the_pool_for_every_client(
-    make_pool: Any,
+    make_pool: Any, how: str
 ) -> None:
-    """SIGTERM to the supervisor: it drains and exits 0. The owner and a
-    connect() client then raise PoolClosed on every call, fast path included:
-    a stale table must not keep answering "ready"."""
+    """SIGTERM to the supervisor (it drains and exits 0) or SIGKILL: the owner
+    and a connect() client then raise PoolClosed on every call, fast path
+    included: a stale table must not keep answering "ready"."""
     pool = make_pool([faulty("w", "publisher", num=1), faulty("lazy", "idle")])
     client = bgpool.connect(pool.address)
     try:
         client.ensure("w")
         assert client.get_vars("w")["n"] == 1
         supervisor = _supervisor(pool)
-        supervisor.terminate()  # the owner's watcher reaps it: wait for that, not on it
+        supervisor.send_signal(getattr(signal, how))  # the owner's watcher reaps it
         gone, _ = psutil.wait_procs([supervisor], timeout=10)
         assert gone, "the supervisor did not drain and exit"
         deadline = time.monotonic() + 5
@@ -299,9 +310,13 @@ def test_calls_racing_shutdown_see_a_result_or_pool_closed(make_pool: Any) -> No
     others shut the pool down: each call returns normally or raises PoolClosed,
     and the second shutdown() returns only once the pool is closed."""
     for _ in range(3):
-        pool = make_pool([faulty("w", "publisher", num=1), faulty("lazy", "idle")])
+        pool = make_pool(
+            [faulty("w", "publisher", num=1), faulty("lazy", "idle"),
+             faulty(None, "idle", max_instances=1000)]
+        )  # fmt: skip
         supervisor = _supervisor(pool)
-        calls = list(_closed_calls(pool).values())
+        client = bgpool.connect(pool.address)
+        calls = _racing_calls(pool, client)
         stop = threading.Event()
         warmed = threading.Barrier(17)
         odd: list[str] = []
@@ -321,6 +336,7 @@ def test_calls_racing_shutdown_see_a_result_or_pool_closed(make_pool: Any) -> No
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
+        client.close()
         assert not odd, odd[:5]
         assert closed_at_return, "the second shutdown() returned before the pool was closed"
         with pytest.raises(bgpool.PoolClosed):
@@ -347,3 +363,39 @@ def test_cost_follows_what_is_hosted_not_the_cap(make_pool: Any) -> None:
     client.close()
     timed("shutdown", pool.shutdown)
     assert all(seconds < 1.5 for seconds in took.values()), took
+
+
+def test_a_client_out_of_descriptors_gets_a_bgpool_error_naming_the_limit(
+    make_pool: Any, tmp_path: Path
+) -> None:
+    pool = make_pool([faulty("w", "idle", num=1)])
+    result = run_app(
+        f"""
+        import json, os, resource
+        import bgpool
+        client = bgpool.connect({pool.address!r})
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        hog = []
+        try:
+            while True:
+                hog.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            client.diagnostics("w")
+            found = {{"error": None}}
+        except Exception as exc:
+            found = {{"error": type(exc).__name__, "message": str(exc)}}
+        for fd in hog:
+            os.close(fd)
+        found["after"] = client.diagnostics("w").state
+        client.close()
+        with open(os.environ["OUT"], "w") as f:
+            json.dump(found, f)
+        """,
+        tmp_path,
+    )
+    assert result["error"] == "BgpoolError", result
+    assert "RLIMIT_NOFILE: soft 64" in result["message"]
+    assert result["after"] == "ready"
