@@ -64,6 +64,19 @@ def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)
 
 
+def exit_status(pidfd: int) -> int | None:
+    """The exit status of the exited child behind `pidfd` (negative: killed by
+    that signal), left for its reaper; None if another reaper took it first
+    (an application's own SIGCHLD handler, say)."""
+    try:
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if result is None:
+        return None
+    return -result.si_status if result.si_code != os.CLD_EXITED else result.si_status
+
+
 def pidfd_send_signal(pidfd: int, sig: signal.Signals) -> None:
     """Signal the process behind `pidfd` (never one that reused its pid); a
     process that already exited is not an error."""

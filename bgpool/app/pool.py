@@ -214,12 +214,13 @@ class Pool(PoolClient):
         that still carries this pool's mark."""
         assert self._process is not None and self._pidfd is not None
         select.select([self._pidfd], [], [])
-        status = self._process.wait()
+        status = platform.exit_status(self._pidfd)  # None: the application reaped it
+        self._process.wait()
         self._gone = True
-        if status == 0:
-            return
         if self._table_name:  # its clients, in every process, must hear it from the table
             mark_closed(self._table_name)
+        if status == 0:
+            return
         stragglers = platform.processes_with_env(POOL_MARK, self._address)
         platform.signal_tree(stragglers, signal.SIGKILL)
 
