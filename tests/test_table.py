@@ -6,12 +6,15 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
+from bgpool.shm import _segment
 from bgpool.shm.table import (
     BOOT_BUCKETS,
     FIELD_OFFSETS,
@@ -19,6 +22,7 @@ from bgpool.shm.table import (
     SLOT,
     Kind,
     Slot,
+    Status,
     TableReader,
     TableWriter,
 )
@@ -166,3 +170,100 @@ def test_a_reader_sees_only_what_the_writer_published(table: TableWriter) -> Non
         reader.close()
     with pytest.raises(ValueError):  # unmapped: not mistaken for a damaged table
         reader.read(0)
+
+
+def test_the_in_use_count_and_the_status_are_read_back(table: TableWriter) -> None:
+    reader = TableReader.attach(table.name)
+    try:
+        assert (reader.in_use(), reader.status()) == (4, Status.SERVING)
+        table.set_status(Status.SHUTTING_DOWN)
+        table.use(2)  # the count only grows
+        assert (reader.in_use(), reader.status()) == (4, Status.SHUTTING_DOWN)
+        with open(Path("/dev/shm") / table.name, "r+b") as file:
+            os.pwrite(file.fileno(), b"\x09", _segment.TABLE_STATUS)  # not a status it knows
+        assert reader.status() == Status.CLOSED
+    finally:
+        reader.close()
+
+
+REPAIR = """
+import logging, os, sys
+from bgpool.errors import BgpoolError
+from bgpool.shm.table import Kind, Slot, Status, TableReader, TableWriter
+from bgpool.states import State
+
+logging.basicConfig(stream=sys.stdout, format="log: %(levelname)s %(message)s")
+
+def attempt(what, call):
+    try:
+        result = call()
+    except Exception as exc:
+        print(f"{what}: {type(exc).__name__} {exc}", flush=True)
+    else:
+        print(f"{what}: ok {result!r}", flush=True)
+
+def slot(index, **changes):
+    fields = dict(gen=index + 1, kind=Kind.NAMED, state=State.READY, name_ready=True,
+                  name=f"w{index}", pool_size=1)
+    fields.update(changes)
+    return Slot(**fields)
+
+writer = TableWriter(16, os.getpid())  # two pages
+for index in (0, 1, 2, 12):
+    writer.write(index, slot(index))
+writer.use(13)
+writer.set_status(Status.SHUTTING_DOWN)
+reader = TableReader.attach(writer.name)
+path = "/dev/shm/" + writer.name
+size = os.stat(path).st_size
+os.truncate(path, 0)
+"""
+
+
+def test_the_writer_repairs_a_table_truncated_under_it() -> None:
+    code = REPAIR + textwrap.dedent(
+        """
+        attempt("before", lambda: reader.name_ready(reader.offset(0), 1))
+        writer.write(1, slot(1, pid=99))
+        attempt("size", lambda: os.stat(path).st_size == size)
+        attempt("names", lambda: [s.name for s in reader.slots()])
+        attempt("pid", lambda: reader.read(1).pid)
+        attempt("ready", lambda: [reader.name_ready(reader.offset(i), i + 1) for i in (0, 12)])
+        attempt("header", lambda: (reader.in_use(), reader.status().name))
+        attempt("attach", lambda: TableReader.attach(writer.name).nslots)
+        writer.destroy()
+        """
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    before, log, *lines = proc.stdout.splitlines()
+    assert before.startswith("before: BgpoolError the readiness table bgp_"), before
+    assert "is truncated (damaged by another process): byte " in before
+    assert log.startswith("log: ERROR the readiness table bgp_"), log
+    assert "was truncated by another process" in log and "it is restored" in log
+    assert lines == [
+        "size: ok True",
+        f"names: ok {['w0', 'w1', 'w2'] + [''] * 9 + ['w12']!r}",
+        "pid: ok 99",
+        "ready: ok [True, True]",
+        "header: ok (13, 'SHUTTING_DOWN')",
+        "attach: ok 16",
+    ]
+
+
+@pytest.mark.parametrize("store", ["writer.write(1, slot(1))", "writer.set_status(Status.CLOSED)"])
+def test_a_table_the_writer_cannot_repair_raises(store: str) -> None:
+    # Truncated and unlinked: there is no file left to grow back.
+    code = REPAIR + textwrap.dedent(
+        f"""
+        os.unlink(path)
+        attempt("store", lambda: {store})
+        writer.destroy()
+        """
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [line] = proc.stdout.splitlines()
+    assert line.startswith("store: BgpoolError the readiness table bgp_"), line
+    assert "is truncated (damaged by another process: byte " in line
+    assert "), and cannot be restored: [Errno 2] No such file or directory" in line

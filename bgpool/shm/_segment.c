@@ -1,11 +1,12 @@
-/* bgpool.shm._segment: the seqlock of both shared-memory segments, and the
-reads and writes that go through it.
+/* bgpool.shm._segment: every access bgpool makes to its shared memory, the
+seqlock of both kinds of segment, and the guard that turns a read or write of
+a truncated segment into an exception instead of the process's death.
 
-Two kinds of segment share it. The readiness table (bgpool/shm/table.py) has a
-counter at the start of each slot and one writer, the supervisor. A vars
-segment (bgpool/shm/varstore.py describes the design; its layout is below, and
-this module owns it) has one counter for its header, and the workers of one
-name as writers, serialised by flock.
+Two kinds of segment share the seqlock. The readiness table
+(bgpool/shm/table.py) has a counter at the start of each slot and one writer,
+the supervisor. A vars segment (bgpool/shm/varstore.py describes the design;
+its layout is below, and this module owns it) has one counter for its header,
+and the workers of one name as writers, serialised by flock.
 
 Why C: the order of a seqlock's stores and loads must be stated with barriers;
 Python states none, and on a weakly ordered CPU (arm64) a reader could see a
@@ -13,34 +14,205 @@ slot's new counter with its old fields. And speed: a worker that publishes now
 and then runs its publish cold, right after a sleep. The same dozen Python
 statements (a lock, header reads, a copy, the flip) then took 10 to 16 us
 instead of 4, and a reader's copy of a new snapshot took as long again. Here
-each is one call.
+each is one call. And the guard, which only C can set.
 
-A segment shorter than its mapping. Another process of the same user can
-truncate a segment; touching a mapped page past the file's new end raises
-SIGBUS, which kills the reader. So every read here first asks the file's
-current size (mmap.size(), an fstat of the descriptor an mmap object keeps)
-and refuses a file shorter than the mapping with ValueError. A truncation
-that lands in the microseconds between that check and the copy still raises
-SIGBUS: only a SIGBUS handler could turn that into an error, and one would be
-process-wide and race the application's own (faulthandler's, for one). The
-hot paths of ensure() (name_ready, slot_generation) make no such check: see
-bgpool/shm/table.py.
+The guard. Another process of the same user can truncate a segment; touching
+a mapped page past the file's new end raises SIGBUS, which kills the process.
+Databases and JVMs, which read mapped files, meet the same, and answer it as
+this module does: a SIGBUS handler, installed once for the process when the
+module is imported, and a per-thread guard that every access to a mapping
+arms. An
+access is a few loads or a copy between sigsetjmp() and disarming (guarded(),
+below: nothing in it calls Python, allocates or releases the GIL; what waits
+with the GIL released arms its own guard). If the access faults, the handler
+finds this thread's guard armed, and the fault's address inside the mapping
+it guards, and siglongjmp()s back: the access returns FAULTED, the caller
+raises Truncated (a ValueError, which table.py and varstore.py reword), and
+the process goes on. Arming costs a sigsetjmp without the signal mask (no
+system call: the fault path restores the mask, which the handler leaves with
+SIGBUS blocked), two stores to a thread-local and a call: 4 to 9 ns
+measured, where the fstat each read used to make cost 0.4 to 0.5 us; and the
+hot path of ensure() (name_ready, the table's status) is covered too, which
+an fstat would have cost several times over. (table.py's writer goes further:
+the supervisor repairs a table that a write of its finds truncated.)
+
+Any other SIGBUS is not ours: a fault outside a guarded access (another
+extension's mapping, or a guarded access's own buffer that is a mapping too),
+or one sent by another process. The handler then puts back the action it
+replaced and returns; a fault strikes again at once, under that action, and
+a sent signal is raised again. So the process dies of it as it would have
+without bgpool (the default action dumps core), or whatever handler came
+before ours sees it; the guard is gone from then on (a process seldom
+outlives a SIGBUS).
+
+faulthandler (which pytest and `python -X faulthandler` enable) dumps the
+Python traceback on SIGBUS, restores the action it replaced, and raises the
+signal again (SA_NODEFER: it arrives at once, inside faulthandler's handler).
+Observed, both ways round:
+- faulthandler enabled before this module is imported: ours replaces it, and
+  keeps it as the previous action. A guarded fault is recovered without a
+  word. Any other SIGBUS goes back to faulthandler, which dumps and re-raises
+  under the default action: the process dies with the traceback, as before.
+- enabled after: faulthandler runs first. On a guarded fault it dumps the
+  traceback ("Fatal Python error: Bus error"), puts our handler back and
+  raises again; our handler sees the raise (SI_TKILL from this process)
+  while the guard is armed and recovers all the same. The process goes on,
+  but that dump was printed, and faulthandler's handler is gone for SIGBUS
+  from then on (ours is back in its place; faulthandler still says it is
+  enabled): a later SIGBUS outside a guard kills the process with no dump.
+  Another SIGBUS before that is dumped by faulthandler, comes to us, is not
+  ours, and kills the process under the default action. pytest's own process
+  is in this case: tests/conftest.py imports bgpool before pytest enables
+  faulthandler, so the tests take their faults in fresh interpreters.
+What undoes the guard: faulthandler.disable(), if faulthandler was enabled
+before this import (it puts back what it replaced: the default action, as
+observed), and any later signal.signal(SIGBUS, ...) or sigaction(SIGBUS). A
+truncated segment then kills its reader again, as it did before the guard.
+The guard never installs itself again: ours in front of a handler that puts
+ours back (faulthandler enabled after) would make a loop between the two.
+
+SA_ONSTACK: the handler runs on the thread's alternate signal stack if it has
+one (faulthandler gives the main thread one), which costs nothing, and is
+what lets a handler run at all when a fault strikes near the end of a stack.
+siglongjmp() off that stack is fine: the kernel decides whether a thread is
+on it by its stack pointer. No SA_NODEFER: SIGBUS stays blocked while the
+handler runs (the fault path unblocks it), so a second one cannot nest.
 */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the segments' fields are little-endian: byte-swap them here first"
 #endif
+
+/* ------------------------------------------------------------------ guard */
+
+/* What an access returns besides its own results (which are >= 0). */
+enum {
+    STUCK = -1,   /* a seqlock's counter stayed odd (no exception set) */
+    FAULTED = -2, /* the access touched a page past the end of its file */
+};
+
+typedef struct {
+    sigjmp_buf env;
+    const unsigned char *start, *end; /* the mapping the access touches */
+    const unsigned char *address;     /* where it faulted (NULL: not known) */
+    sigset_t mask;                    /* the mask the fault interrupted */
+} Guard;
+
+/* This thread's armed guard, or NULL. The initial-exec model makes it one
+   load from the thread pointer, in the hot path and in the handler alike:
+   the model a shared object gets by default calls __tls_get_addr(), which
+   may allocate (not safe in a signal handler). It takes 8 bytes of the static
+   TLS space that glibc keeps for modules loaded later. */
+static __thread Guard *armed __attribute__((tls_model("initial-exec")));
+
+static struct sigaction previous; /* SIGBUS's action before ours */
+static int installed;
+
+static void
+on_sigbus(int signum, siginfo_t *info, void *context)
+{
+    Guard *guard = __atomic_load_n(&armed, __ATOMIC_RELAXED);
+    if (guard != NULL) {
+        const unsigned char *at = info->si_addr;
+        /* A fault (si_code > 0: BUS_ADRERR and the like) inside the mapping
+           the access guards; or the same raised again by a handler that ran
+           before ours (faulthandler's: see the top of this file). */
+        int fault = info->si_code > 0 && at >= guard->start && at < guard->end;
+        int again = info->si_code == SI_TKILL && info->si_pid == getpid();
+        if (fault || again) {
+            __atomic_store_n(&armed, NULL, __ATOMIC_RELAXED);
+            guard->address = fault ? at : NULL;
+            guard->mask = ((const ucontext_t *)context)->uc_sigmask;
+            siglongjmp(guard->env, 1);
+        }
+    }
+    /* Not ours: as if we had never been here. */
+    int saved = errno;
+    sigaction(SIGBUS, &previous, NULL);
+    if (info->si_code <= 0) { /* sent, not a fault: it would not strike again */
+        raise(signum);        /* pending until we return (SIGBUS is blocked) */
+    }
+    errno = saved;
+}
+
+static int
+install_guard(void)
+{
+    if (__atomic_exchange_n(&installed, 1, __ATOMIC_SEQ_CST)) {
+        return 0;
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_sigaction = on_sigbus;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(SIGBUS, &action, &previous) < 0) {
+        __atomic_store_n(&installed, 0, __ATOMIC_SEQ_CST);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/* Run `access(context)` with this thread's guard armed over the mapping
+   `view`: what it returns, or FAULTED (and, in `*at` if not NULL, the offset
+   in the mapping of the byte that faulted, -1 if not known). `access` must
+   not call Python, allocate, take locks or release the GIL: a fault leaves
+   it wherever it was. */
+static int
+guarded(const Py_buffer *view, int (*access)(void *), void *context, Py_ssize_t *at)
+{
+    Guard guard;
+    if (sigsetjmp(guard.env, 0) != 0) {
+        /* The handler disarmed the guard, and SIGBUS is still blocked:
+           the mask as the fault found it, SIGBUS unblocked. */
+        sigdelset(&guard.mask, SIGBUS);
+        pthread_sigmask(SIG_SETMASK, &guard.mask, NULL);
+        if (at != NULL) {
+            *at = guard.address == NULL ? -1 : guard.address - guard.start;
+        }
+        return FAULTED;
+    }
+    guard.start = view->buf;
+    guard.end = guard.start + view->len;
+    __atomic_store_n(&armed, &guard, __ATOMIC_RELAXED);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST); /* armed before the first access */
+    int result = access(context);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the last access before disarming */
+    __atomic_store_n(&armed, NULL, __ATOMIC_RELAXED);
+    return result;
+}
+
+static PyObject *Truncated; /* bgpool.shm._segment.Truncated, a ValueError */
+
+/* Raise Truncated for a fault at offset `at` (-1: not known) of `view`. */
+static void
+truncated(const Py_buffer *view, Py_ssize_t at)
+{
+    if (at >= 0) {
+        PyErr_Format(Truncated, "byte %zd of the %zd mapped lies past the end of its file", at,
+                     view->len);
+    }
+    else {
+        PyErr_Format(Truncated, "an access to its %zd mapped bytes went past the end of its file",
+                     view->len);
+    }
+}
 
 /* ---------------------------------------------------------------- seqlock */
 
@@ -57,7 +229,9 @@ bgpool/shm/table.py.
    stores leaves the counter odd. It retries SPIN_TRIES times at once (the
    usual race, with one write, lasts well under a microsecond), then yields
    the CPU between tries (a writer on this CPU can then finish), and gives up
-   after `patience` seconds. */
+   after `patience` seconds.
+
+   Every load and store below is of a mapping: each runs inside guarded(). */
 
 #define STUCK_SECONDS 0.5 /* the patience of the readers bgpool makes */
 #define SPIN_TRIES 64
@@ -88,35 +262,45 @@ seq_write_end(uint64_t *counter, uint64_t begun)
 }
 
 typedef struct {
+    const Py_buffer *view; /* the mapping the counter is in */
+    const uint64_t *counter;
     double patience; /* seconds */
     double since;    /* when the waiting began (0: not yet) */
     int tries;
+    uint64_t begun; /* the even value the current try began with */
 } SeqReader;
 
 static SeqReader
-seq_reader(double patience)
+seq_reader(const Py_buffer *view, const uint64_t *counter, double patience)
 {
-    return (SeqReader){.patience = patience};
+    return (SeqReader){.view = view, .counter = counter, .patience = patience};
 }
 
-/* Wait for an even counter and return it in `begun`: 0, or -1 when the
-   patience ran out (no exception set: the caller says what is stuck). */
+/* The first tries, at once: 0 with an even counter in r->begun, 1 if it
+   stayed odd (the caller waits). Guarded, the GIL held. */
 static int
-seq_read_begin(SeqReader *r, const uint64_t *counter, uint64_t *begun)
+seq_spin(void *context)
 {
+    SeqReader *r = context;
     for (; r->tries < SPIN_TRIES; r->tries++) {
-        uint64_t c = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
+        uint64_t c = __atomic_load_n(r->counter, __ATOMIC_ACQUIRE);
         if (!(c & 1)) {
-            *begun = c;
+            r->begun = c;
             return 0;
         }
     }
-    /* Not the usual race with one write: wait, but not forever, and let the
-       process's other threads run meanwhile (the caller holds the buffer, so
-       nobody can unmap it). */
+    return 1;
+}
+
+/* The later tries, a yield between two: 0 with an even counter in r->begun,
+   or STUCK once the patience ran out. Guarded, the GIL released (the caller
+   holds the buffer, so nobody can unmap it meanwhile). */
+static int
+seq_wait(void *context)
+{
+    SeqReader *r = context;
     int stuck = 0;
     uint64_t c = 1;
-    Py_BEGIN_ALLOW_THREADS
     for (; (c & 1) && !stuck; r->tries++) {
         double now = monotonic();
         if (r->since == 0.0) {
@@ -124,61 +308,63 @@ seq_read_begin(SeqReader *r, const uint64_t *counter, uint64_t *begun)
         }
         stuck = now - r->since > r->patience;
         sched_yield();
-        c = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
+        c = __atomic_load_n(r->counter, __ATOMIC_ACQUIRE);
     }
-    Py_END_ALLOW_THREADS
-    *begun = c;
-    return (c & 1) ? -1 : 0;
+    r->begun = c;
+    return (c & 1) ? STUCK : 0;
 }
 
-/* Whether what was copied since seq_read_begin() is consistent; if not, the
-   caller starts again (and that counts as a try). */
+/* Begin a try: 0 with an even counter in r->begun, STUCK (no exception set:
+   the caller says what is stuck), or FAULTED (the fault's offset in `*at`). */
 static int
-seq_read_valid(SeqReader *r, const uint64_t *counter, uint64_t begun)
+seq_read_begin(SeqReader *r, Py_ssize_t *at)
+{
+    int rc = r->tries < SPIN_TRIES ? guarded(r->view, seq_spin, r, at) : 1;
+    if (rc == 1) {
+        /* Not the usual race with one write: wait, but not forever, and let
+           the process's other threads run meanwhile. */
+        Py_BEGIN_ALLOW_THREADS
+        rc = guarded(r->view, seq_wait, r, at);
+        Py_END_ALLOW_THREADS
+    }
+    return rc;
+}
+
+/* Whether what was copied since seq_read_begin() is consistent (1); if not
+   (0), the caller starts again, which counts as a try. Inside the access
+   that copied. */
+static int
+seq_read_valid(SeqReader *r)
 {
     __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copy before the check */
-    if (__atomic_load_n(counter, __ATOMIC_RELAXED) == begun) {
+    if (__atomic_load_n(r->counter, __ATOMIC_RELAXED) == r->begun) {
         return 1;
     }
     r->tries++;
     return 0;
 }
 
-/* ----------------------------------------------------------- the plumbing */
+/* A consistent copy: `length` bytes at `source` to `out`, checked against
+   the counter afterwards. */
+typedef struct {
+    SeqReader *reader;
+    const unsigned char *source;
+    size_t length;
+    char *out;
+} SeqCopy;
 
-static PyObject *size_name; /* "size", interned */
-
-/* The current size of the file behind `mapping`, an mmap.mmap of a file;
-   -1 with an exception. */
-static Py_ssize_t
-file_size(PyObject *mapping)
+/* 1 if the copy is consistent, 0 if torn. Guarded. */
+static int
+seq_copy(void *context)
 {
-    PyObject *size = PyObject_CallMethodNoArgs(mapping, size_name);
-    if (size == NULL) {
-        return -1;
+    SeqCopy *c = context;
+    if (c->length > 0) {
+        memcpy(c->out, c->source, c->length);
     }
-    Py_ssize_t n = PyLong_AsSsize_t(size);
-    Py_DECREF(size);
-    return n;
+    return seq_read_valid(c->reader);
 }
 
-/* Whether the file behind `mapping` still covers all `view->len` mapped
-   bytes: 1, 0, or -1 with an exception. */
-static int
-still_covered(PyObject *mapping, const Py_buffer *view, Py_ssize_t *size)
-{
-    *size = file_size(mapping);
-    return *size < 0 ? -1 : *size >= view->len;
-}
-
-static int
-refuse_shrunk(const char *what, const Py_buffer *view, Py_ssize_t size)
-{
-    PyErr_Format(PyExc_ValueError,
-                 "%s is %zd bytes, shorter than the %zd mapped: another process truncated it",
-                 what, size, view->len);
-    return -1;
-}
+/* ----------------------------------------------------------- the plumbing */
 
 /* The counter at `offset` of `view`, if a counter and `after` more bytes fit
    there, 8-aligned; else NULL and ValueError. */
@@ -231,6 +417,108 @@ lock(int fd, int operation)
     }
 }
 
+/* A plain copy between a mapping and memory of ours, either way. */
+typedef struct {
+    void *to;
+    const void *from;
+    size_t length;
+} Copy;
+
+static int
+copy(void *context)
+{
+    Copy *c = context;
+    memcpy(c->to, c->from, c->length);
+    return 0;
+}
+
+/* The range [offset, offset + length) of `view`, or -1 with IndexError. */
+static int
+check_range(const Py_buffer *view, Py_ssize_t offset, Py_ssize_t length)
+{
+    if (offset < 0 || length < 0 || offset > view->len - length) {
+        PyErr_Format(PyExc_IndexError, "%zd bytes at offset %zd are outside the %zd mapped",
+                     length, offset, view->len);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(read_bytes_doc,
+"read_bytes(mapping, offset: int, length: int) -> bytes\n\n"
+"A copy of `length` bytes at `offset` of the buffer `mapping` (no seqlock:\n"
+"what does not change, such as a header). IndexError outside it; Truncated\n"
+"if they lie past the end of its file.");
+
+static PyObject *
+segment_read_bytes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("read_bytes", nargs, 3) < 0) {
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t length = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (check_range(&view, offset, length) == 0 &&
+        (result = PyBytes_FromStringAndSize(NULL, length)) != NULL) {
+        Copy c = {PyBytes_AS_STRING(result), (const char *)view.buf + offset, (size_t)length};
+        Py_ssize_t at;
+        if (guarded(&view, copy, &c, &at) == FAULTED) {
+            Py_CLEAR(result);
+            truncated(&view, at);
+        }
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(write_bytes_doc,
+"write_bytes(mapping, offset: int, data: bytes) -> None\n\n"
+"Copy `data` to `offset` of the writable buffer `mapping` (no seqlock: what\n"
+"nobody reads yet, such as a new table's header). IndexError outside it;\n"
+"Truncated if it lies past the end of its file.");
+
+static PyObject *
+segment_write_bytes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("write_bytes", nargs, 3) < 0) {
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer view, data;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (check_range(&view, offset, data.len) == 0) {
+        Copy c = {(char *)view.buf + offset, data.buf, (size_t)data.len};
+        Py_ssize_t at;
+        if (guarded(&view, copy, &c, &at) == FAULTED) {
+            truncated(&view, at);
+        }
+        else {
+            result = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* ----------------------------------------------------------- vars segment */
 
 /* The layout, all fields little-endian (what x86-64 and arm64 use natively),
@@ -278,7 +566,8 @@ write_meta(unsigned char *segment, const Meta *m)
     memcpy(segment + VARS_TIME, &m->time, sizeof(m->time));
 }
 
-/* The segment's area `which` of `capacity` bytes, if `length` fits in it. */
+/* The segment's area `which` of `capacity` bytes, if `length` fits in it
+   (pointer arithmetic only: no access). */
 static unsigned char *
 area(const Py_buffer *segment, Py_ssize_t capacity, int which, Py_ssize_t length)
 {
@@ -289,9 +578,9 @@ area(const Py_buffer *segment, Py_ssize_t capacity, int which, Py_ssize_t length
 }
 
 /* Grow the file `fd` back to the `mapped` bytes of its mapping if another
-   process truncated it, so that writing through the mapping cannot raise
-   SIGBUS. The bytes it lost read as zeros: the publish then rewrites the
-   header, which makes the segment whole again. */
+   process truncated it, so that writing through the mapping does not fault.
+   The bytes it lost read as zeros: the publish then rewrites the header,
+   which makes the segment whole again. */
 static int
 restore_size(int fd, Py_ssize_t mapped)
 {
@@ -303,26 +592,31 @@ restore_size(int fd, Py_ssize_t mapped)
     return 0;
 }
 
-/* publish() once the lock is held: 1 if it published, 0 if `data` is the
-   current snapshot already, -1 with an exception. */
+typedef struct {
+    const Py_buffer *segment;
+    Py_ssize_t capacity;
+    const Py_buffer *data;
+} Publish;
+
+/* The publish itself, once the lock is held: 1 if it published, 0 if `data`
+   is the current snapshot already. Guarded. */
 static int
-publish_locked(const Py_buffer *segment, int fd, Py_ssize_t capacity, const Py_buffer *data)
+publish_access(void *context)
 {
-    if (restore_size(fd, segment->len) < 0) {
-        return -1;
-    }
+    const Publish *p = context;
+    const Py_buffer *segment = p->segment, *data = p->data;
     unsigned char *base = segment->buf;
     Meta m;
     read_meta(base, &m); /* no seqlock needed: only writers change it, and this one has the lock */
     int active = m.active & 1;
-    const unsigned char *current = area(segment, capacity, active, m.lengths[active]);
+    const unsigned char *current = area(segment, p->capacity, active, m.lengths[active]);
     if (m.gen && current != NULL && m.lengths[active] == data->len &&
         memcmp(current, data->buf, (size_t)data->len) == 0) {
         return 0;
     }
     /* The area readers do not use, then the header that points them to it. */
     int target = m.gen ? 1 - active : 0;
-    memcpy(area(segment, capacity, target, data->len), data->buf, (size_t)data->len);
+    memcpy(area(segment, p->capacity, target, data->len), data->buf, (size_t)data->len);
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     m.gen += 1;
@@ -336,12 +630,35 @@ publish_locked(const Py_buffer *segment, int fd, Py_ssize_t capacity, const Py_b
     return 1;
 }
 
+/* publish() once the lock is held: 1 if it published, 0 if `data` is the
+   current snapshot already, -1 with an exception. A truncation that lands
+   between growing the file back and the writes faults them: grow it back
+   again and start over, once. */
+static int
+publish_locked(const Py_buffer *segment, int fd, Py_ssize_t capacity, const Py_buffer *data)
+{
+    Publish p = {segment, capacity, data};
+    Py_ssize_t at = -1;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (restore_size(fd, segment->len) < 0) {
+            return -1;
+        }
+        int rc = guarded(segment, publish_access, &p, &at);
+        if (rc != FAULTED) {
+            return rc;
+        }
+    }
+    truncated(segment, at);
+    return -1;
+}
+
 PyDoc_STRVAR(publish_doc,
 "publish(segment: mmap, fd: int, capacity: int, data: bytes) -> bool\n\n"
 "Make `data` the current snapshot of the mapped segment `segment` (`fd` is\n"
 "its file, locked with flock while this writes, and grown back to the\n"
 "mapping's size if another process truncated it). False if it equals the\n"
-"current one: nothing changes.");
+"current one: nothing changes. Truncated if the segment was truncated again\n"
+"while this wrote, twice.");
 
 static PyObject *
 segment_publish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -383,13 +700,27 @@ segment_publish(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     return published < 0 ? NULL : PyBool_FromLong(published);
 }
 
+typedef struct {
+    const unsigned char *base;
+    Meta meta;
+} MetaRead;
+
+static int
+meta_access(void *context)
+{
+    MetaRead *m = context;
+    read_meta(m->base, &m->meta);
+    return 0;
+}
+
 PyDoc_STRVAR(read_doc,
 "read(segment: mmap, capacity: int, patience: float) -> tuple[int, float, bytes] | None\n\n"
 "The current (generation, publish time, bytes) of the mapped segment, or None\n"
 "before the first publication. Takes no lock: it retries while a publish\n"
 "flips the header. TimeoutError if that lasts `patience` seconds (the writer\n"
-"died mid-flip); ValueError if the header points outside the segment, or if\n"
-"the file is now shorter than the mapping (another process truncated it).");
+"died mid-flip); ValueError if the header points outside the segment;\n"
+"Truncated (a ValueError) if what it reads lies past the end of the file\n"
+"(another process truncated it).");
 
 static PyObject *
 segment_read(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -407,51 +738,56 @@ segment_read(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     PyObject *result = NULL;
-    const unsigned char *base = segment.buf;
-    Py_ssize_t size;
-    int covered = still_covered(args[0], &segment, &size);
     if (segment.len < HEADER_SIZE) {
         PyErr_SetString(PyExc_ValueError, "the vars segment is smaller than its header");
-        goto done;
-    }
-    if (covered <= 0) {
-        if (covered == 0) {
-            refuse_shrunk("the vars segment", &segment, size);
-        }
         goto done;
     }
     const uint64_t *counter = counter_at(&segment, VARS_SEQ, 0);
     if (counter == NULL) {
         goto done;
     }
-    SeqReader r = seq_reader(patience);
+    SeqReader r = seq_reader(&segment, counter, patience);
+    MetaRead m = {.base = segment.buf};
+    Py_ssize_t at;
     for (;;) {
-        uint64_t begun;
-        if (seq_read_begin(&r, counter, &begun) < 0) {
+        int rc = seq_read_begin(&r, &at);
+        if (rc == STUCK) {
             PyErr_SetString(PyExc_TimeoutError, "the vars segment stays mid-update");
             goto done;
         }
-        Meta m;
-        read_meta(base, &m);
-        Py_ssize_t length = m.lengths[m.active & 1];
-        const unsigned char *data = area(&segment, capacity, m.active, length);
-        PyObject *bytes = NULL;
-        if (data != NULL && (bytes = PyBytes_FromStringAndSize((const char *)data, length)) == NULL) {
+        if (rc == FAULTED || guarded(&segment, meta_access, &m, &at) == FAULTED) {
+            truncated(&segment, at);
             goto done;
         }
-        if (!seq_read_valid(&r, counter, begun)) {
+        Py_ssize_t length = m.meta.lengths[m.meta.active & 1];
+        const unsigned char *data = area(&segment, capacity, m.meta.active, length);
+        PyObject *bytes = NULL;
+        if (data != NULL && (bytes = PyBytes_FromStringAndSize(NULL, length)) == NULL) {
+            goto done;
+        }
+        /* With no area to copy, the check alone: the header may have been
+           read mid-flip. */
+        SeqCopy c = {&r, data, bytes == NULL ? 0 : (size_t)length,
+                     bytes == NULL ? NULL : PyBytes_AS_STRING(bytes)};
+        rc = guarded(&segment, seq_copy, &c, &at);
+        if (rc == FAULTED) {
+            Py_XDECREF(bytes);
+            truncated(&segment, at);
+            goto done;
+        }
+        if (!rc) {
             Py_XDECREF(bytes);
             continue;
         }
         if (bytes == NULL) {
             PyErr_SetString(PyExc_ValueError, "the vars segment's header points outside it");
         }
-        else if (m.gen == 0) {
+        else if (m.meta.gen == 0) {
             Py_DECREF(bytes);
             result = Py_NewRef(Py_None);
         }
         else {
-            result = Py_BuildValue("(KdN)", (unsigned long long)m.gen, m.time, bytes);
+            result = Py_BuildValue("(KdN)", (unsigned long long)m.meta.gen, m.meta.time, bytes);
         }
         goto done;
     }
@@ -460,11 +796,24 @@ done:
     return result;
 }
 
+typedef struct {
+    const void *at;
+    uint64_t value;
+} Load;
+
+static int
+load_u64(void *context)
+{
+    Load *l = context;
+    l->value = __atomic_load_n((const uint64_t *)l->at, __ATOMIC_RELAXED);
+    return 0;
+}
+
 PyDoc_STRVAR(generation_doc,
 "generation(segment: mmap) -> int\n\n"
 "The mapped segment's generation: one load, no lock, no retry (what a reader\n"
 "compares with the one it holds, to learn that it should read()). 0 if the\n"
-"file is shorter than the mapping: read() then says why.");
+"load faults (another process truncated the file): read() then says why.");
 
 static PyObject *
 segment_generation(PyObject *Py_UNUSED(module), PyObject *arg)
@@ -473,15 +822,12 @@ segment_generation(PyObject *Py_UNUSED(module), PyObject *arg)
     if (PyObject_GetBuffer(arg, &segment, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    Py_ssize_t size;
-    int covered = still_covered(arg, &segment, &size);
-    uint64_t gen = 0;
-    if (covered > 0 && segment.len >= HEADER_SIZE) {
-        const unsigned char *base = segment.buf;
-        gen = __atomic_load_n((const uint64_t *)(base + VARS_GEN), __ATOMIC_RELAXED);
+    Load l = {.at = (const unsigned char *)segment.buf + VARS_GEN};
+    if (segment.len < HEADER_SIZE || guarded(&segment, load_u64, &l, NULL) == FAULTED) {
+        l.value = 0;
     }
     PyBuffer_Release(&segment);
-    return covered < 0 ? NULL : PyLong_FromUnsignedLongLong(gen);
+    return PyLong_FromUnsignedLongLong(l.value);
 }
 
 /* ---------------------------------------------------------- table slots */
@@ -503,10 +849,45 @@ enum {
     BODY_REST = BODY_READY + 1, /* what follows them */
 };
 
+/* The two fields of the table's header that change (table.py packs the
+   rest): the in-use slot count and the pool's status, each stored with
+   release and loaded with acquire, one writer (the supervisor). */
+enum {
+    TABLE_IN_USE = 24, /* u32: slots below it may be in use, written before it */
+    TABLE_STATUS = 28, /* u8: table.Status */
+};
+
+typedef struct {
+    unsigned char *slot;
+    const unsigned char *body;
+    Py_ssize_t length;
+} SlotWrite;
+
+static int
+write_slot_access(void *context)
+{
+    SlotWrite *w = context;
+    unsigned char *slot = w->slot;
+    const unsigned char *b = w->body;
+    uint32_t gen;
+    memcpy(&gen, b + BODY_GEN, sizeof(gen));
+    uint64_t *counter = (uint64_t *)slot;
+    uint64_t begun = seq_write_begin(counter);
+    memcpy(slot + SLOT_BODY + BODY_REST, b + BODY_REST, (size_t)(w->length - BODY_REST));
+    /* The two fields the hot path reads without the seqlock are stored
+       whole, the flag last: a reader that sees the flag set then sees the
+       generation written with it, or a later one. */
+    __atomic_store_n((uint32_t *)(slot + SLOT_GEN), gen, __ATOMIC_RELAXED);
+    __atomic_store_n(slot + SLOT_READY, b[BODY_READY], __ATOMIC_RELEASE);
+    seq_write_end(counter, begun);
+    return 0;
+}
+
 PyDoc_STRVAR(write_slot_doc,
 "write_slot(table, offset: int, body: bytes) -> None\n\n"
 "Publish `body` as the slot at `offset` of the writable buffer `table`, under\n"
-"the slot's seqlock (one writer at a time: the caller's).");
+"the slot's seqlock (one writer at a time: the caller's). Truncated if the\n"
+"slot lies past the end of the table's file.");
 
 static PyObject *
 segment_write_slot(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -532,40 +913,37 @@ segment_write_slot(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_ValueError, "a slot's body starts with its generation and flag");
     }
     else if (counter != NULL) {
-        unsigned char *slot = (unsigned char *)counter;
-        const unsigned char *b = body.buf;
-        uint32_t gen;
-        memcpy(&gen, b + BODY_GEN, sizeof(gen));
-        uint64_t begun = seq_write_begin(counter);
-        memcpy(slot + SLOT_BODY + BODY_REST, b + BODY_REST, (size_t)(body.len - BODY_REST));
-        /* The two fields the hot path reads without the seqlock are stored
-           whole, the flag last: a reader that sees the flag set then sees
-           the generation written with it, or a later one. */
-        __atomic_store_n((uint32_t *)(slot + SLOT_GEN), gen, __ATOMIC_RELAXED);
-        __atomic_store_n(slot + SLOT_READY, b[BODY_READY], __ATOMIC_RELEASE);
-        seq_write_end(counter, begun);
-        result = Py_NewRef(Py_None);
+        SlotWrite w = {(unsigned char *)counter, body.buf, body.len};
+        Py_ssize_t at;
+        if (guarded(&table, write_slot_access, &w, &at) == FAULTED) {
+            truncated(&table, at);
+        }
+        else {
+            result = Py_NewRef(Py_None);
+        }
     }
     PyBuffer_Release(&body);
     PyBuffer_Release(&table);
     return result;
 }
 
-/* Copy the `length` bytes after the counter at `counter` into `out`,
-   consistently: 0, or -1 if the counter stayed odd for `patience` seconds. */
+/* Copy the `length` bytes after the counter at `counter` of `table` into
+   `out`, consistently: 0, STUCK if the counter stayed odd for `patience`
+   seconds, FAULTED (offset in `*at`). */
 static int
-read_under_counter(const uint64_t *counter, Py_ssize_t length, double patience, char *out)
+read_under_counter(const Py_buffer *table, const uint64_t *counter, Py_ssize_t length,
+                   double patience, char *out, Py_ssize_t *at)
 {
-    const unsigned char *data = (const unsigned char *)counter + sizeof(uint64_t);
-    SeqReader r = seq_reader(patience);
+    SeqReader r = seq_reader(table, counter, patience);
+    SeqCopy c = {&r, (const unsigned char *)counter + sizeof(uint64_t), (size_t)length, out};
     for (;;) {
-        uint64_t begun;
-        if (seq_read_begin(&r, counter, &begun) < 0) {
-            return -1;
+        int rc = seq_read_begin(&r, at);
+        if (rc < 0) {
+            return rc;
         }
-        memcpy(out, data, (size_t)length);
-        if (seq_read_valid(&r, counter, begun)) {
-            return 0;
+        rc = guarded(table, seq_copy, &c, at);
+        if (rc != 0) {
+            return rc == FAULTED ? FAULTED : 0;
         }
     }
 }
@@ -577,8 +955,8 @@ PyDoc_STRVAR(read_slots_doc,
 "`offset`, the next `stride` bytes further, and so on; each read consistently\n"
 "(retried while the writer is in the slot). TimeoutError(message, i) if the\n"
 "counter of the i-th of them stays odd for `patience` seconds (the writer\n"
-"stopped between two stores); ValueError if the file is now shorter than\n"
-"the mapping (another process truncated it).");
+"stopped between two stores); Truncated if a slot lies past the end of the\n"
+"table's file (another process truncated it).");
 
 static PyObject *
 segment_read_slots(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -599,18 +977,13 @@ segment_read_slots(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         return NULL;
     }
     PyObject *result = NULL;
-    Py_ssize_t size;
-    int covered = -1;
     if (count < 0 || length < 0 ||
         (count > 1 && (stride < (Py_ssize_t)sizeof(uint64_t) + length ||
                        count - 1 > table.len / stride))) {
         PyErr_Format(PyExc_ValueError, "%zd slots of %zd bytes every %zd do not fit", count,
                      length, stride);
     }
-    else if ((covered = still_covered(args[0], &table, &size)) == 0) {
-        refuse_shrunk("its file", &table, size);
-    }
-    else if (covered > 0 && (result = PyList_New(count)) != NULL) {
+    else if ((result = PyList_New(count)) != NULL) {
         for (Py_ssize_t i = 0; i < count; i++) {
             PyObject *body = PyBytes_FromStringAndSize(NULL, length);
             if (body == NULL) {
@@ -623,12 +996,20 @@ segment_read_slots(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
                 Py_CLEAR(result);
                 break;
             }
-            if (read_under_counter(counter, length, patience, PyBytes_AS_STRING(body)) < 0) {
+            Py_ssize_t at;
+            int rc = read_under_counter(&table, counter, length, patience,
+                                        PyBytes_AS_STRING(body), &at);
+            if (rc == FAULTED) {
+                truncated(&table, at);
+            }
+            else if (rc == STUCK) {
                 PyObject *exc_args = Py_BuildValue("(sn)", "the slot stays mid-update", i);
                 if (exc_args != NULL) {
                     PyErr_SetObject(PyExc_TimeoutError, exc_args);
                     Py_DECREF(exc_args);
                 }
+            }
+            if (rc < 0) {
                 Py_CLEAR(result);
                 break;
             }
@@ -637,6 +1018,8 @@ segment_read_slots(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     PyBuffer_Release(&table);
     return result;
 }
+
+/* ---------------------------------------------------------- the hot path */
 
 /* The slot at `offset` of `table` for the hot path, whose loads end at
    SLOT_READY: NULL with IndexError if there is none. */
@@ -651,10 +1034,25 @@ hot_slot(const Py_buffer *table, Py_ssize_t offset)
     return (const unsigned char *)table->buf + offset;
 }
 
+typedef struct {
+    const unsigned char *slot;
+    long long gen;
+} Ready;
+
+/* 1 if ready with that generation, else 0. Guarded. */
+static int
+name_ready_access(void *context)
+{
+    const Ready *r = context;
+    return __atomic_load_n(r->slot + SLOT_READY, __ATOMIC_ACQUIRE) == 1 &&
+           __atomic_load_n((const uint32_t *)(r->slot + SLOT_GEN), __ATOMIC_RELAXED) == r->gen;
+}
+
 PyDoc_STRVAR(name_ready_doc,
 "name_ready(table, offset: int, gen: int) -> bool\n\n"
 "Whether the slot at `offset` says its name is ready and still holds\n"
-"generation `gen`: two loads, the flag first (see TableReader.name_ready).");
+"generation `gen`: two loads, the flag first (see TableReader.name_ready).\n"
+"Truncated if the slot lies past the end of the table's file.");
 
 static PyObject *
 segment_name_ready(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -671,19 +1069,162 @@ segment_name_ready(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     if (PyObject_GetBuffer(args[0], &table, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    const unsigned char *slot = hot_slot(&table, offset);
-    int ready = 0;
-    if (slot != NULL) {
-        ready = __atomic_load_n(slot + SLOT_READY, __ATOMIC_ACQUIRE) == 1 &&
-                __atomic_load_n((const uint32_t *)(slot + SLOT_GEN), __ATOMIC_RELAXED) == gen;
+    Ready r = {hot_slot(&table, offset), gen};
+    int ready = -1;
+    Py_ssize_t at;
+    if (r.slot != NULL && (ready = guarded(&table, name_ready_access, &r, &at)) == FAULTED) {
+        truncated(&table, at);
     }
     PyBuffer_Release(&table);
-    return slot == NULL ? NULL : PyBool_FromLong(ready);
+    return ready < 0 ? NULL : PyBool_FromLong(ready);
+}
+
+static int
+load_u32(void *context)
+{
+    Load *l = context;
+    l->value = __atomic_load_n((const uint32_t *)l->at, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+static int
+load_u8(void *context)
+{
+    Load *l = context;
+    l->value = __atomic_load_n((const unsigned char *)l->at, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+/* The field of `size` bytes (1 or 4) at `offset` of `table`, loaded with
+   acquire; NULL with IndexError or Truncated. */
+static PyObject *
+load_field(PyObject *mapping, Py_ssize_t offset, Py_ssize_t size)
+{
+    Py_buffer table;
+    if (PyObject_GetBuffer(mapping, &table, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Load l = {.at = (const unsigned char *)table.buf + offset};
+    Py_ssize_t at;
+    if (check_range(&table, offset, size) < 0) {
+        /* IndexError set */
+    }
+    else if (guarded(&table, size == 1 ? load_u8 : load_u32, &l, &at) == FAULTED) {
+        truncated(&table, at);
+    }
+    else {
+        result = PyLong_FromUnsignedLong((unsigned long)l.value);
+    }
+    PyBuffer_Release(&table);
+    return result;
+}
+
+typedef struct {
+    void *at;
+    uint32_t value;
+} Store;
+
+static int
+store_u32(void *context)
+{
+    Store *s = context;
+    __atomic_store_n((uint32_t *)s->at, s->value, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static int
+store_u8(void *context)
+{
+    Store *s = context;
+    __atomic_store_n((unsigned char *)s->at, (unsigned char)s->value, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Store `value` into the field of `size` bytes (1 or 4) at `offset` of the
+   writable `mapping`, with release; NULL with an exception. */
+static PyObject *
+store_field(PyObject *mapping, Py_ssize_t offset, Py_ssize_t size, PyObject *value)
+{
+    unsigned long v = PyLong_AsUnsignedLong(value);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (v > (size == 1 ? 0xffUL : 0xffffffffUL)) {
+        return PyErr_Format(PyExc_OverflowError, "%lu does not fit %zd byte(s)", v, size);
+    }
+    Py_buffer table;
+    if (PyObject_GetBuffer(mapping, &table, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Store s = {(unsigned char *)table.buf + offset, (uint32_t)v};
+    Py_ssize_t at;
+    if (check_range(&table, offset, size) < 0) {
+        /* IndexError set */
+    }
+    else if (guarded(&table, size == 1 ? store_u8 : store_u32, &s, &at) == FAULTED) {
+        truncated(&table, at);
+    }
+    else {
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&table);
+    return result;
+}
+
+PyDoc_STRVAR(in_use_doc,
+"in_use(table) -> int\n\n"
+"The table header's in-use slot count (one acquire load: the slots below it\n"
+"were written before it). Truncated past the end of the table's file.");
+
+static PyObject *
+segment_in_use(PyObject *Py_UNUSED(module), PyObject *table)
+{
+    return load_field(table, TABLE_IN_USE, 4);
+}
+
+PyDoc_STRVAR(set_in_use_doc,
+"set_in_use(table, count: int) -> None\n\n"
+"Store the in-use slot count (release: after the slots it counts).");
+
+static PyObject *
+segment_set_in_use(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("set_in_use", nargs, 2) < 0) {
+        return NULL;
+    }
+    return store_field(args[0], TABLE_IN_USE, 4, args[1]);
+}
+
+PyDoc_STRVAR(status_doc,
+"status(table) -> int\n\n"
+"The table header's status byte (one acquire load). Truncated past the end\n"
+"of the table's file.");
+
+static PyObject *
+segment_status(PyObject *Py_UNUSED(module), PyObject *table)
+{
+    return load_field(table, TABLE_STATUS, 1);
+}
+
+PyDoc_STRVAR(set_status_doc,
+"set_status(table, status: int) -> None\n\n"
+"Store the status byte (release).");
+
+static PyObject *
+segment_set_status(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("set_status", nargs, 2) < 0) {
+        return NULL;
+    }
+    return store_field(args[0], TABLE_STATUS, 1, args[1]);
 }
 
 PyDoc_STRVAR(slot_generation_doc,
 "slot_generation(table, offset: int) -> int\n\n"
-"The identity generation of the slot at `offset`: one load.");
+"The identity generation of the slot at `offset`: one load. Truncated if\n"
+"the slot lies past the end of the table's file.");
 
 static PyObject *
 segment_slot_generation(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -700,12 +1241,19 @@ segment_slot_generation(PyObject *Py_UNUSED(module), PyObject *const *args, Py_s
         return NULL;
     }
     const unsigned char *slot = hot_slot(&table, offset);
-    uint32_t gen = 0;
+    PyObject *result = NULL;
     if (slot != NULL) {
-        gen = __atomic_load_n((const uint32_t *)(slot + SLOT_GEN), __ATOMIC_RELAXED);
+        Load l = {.at = slot + SLOT_GEN};
+        Py_ssize_t at;
+        if (guarded(&table, load_u32, &l, &at) == FAULTED) {
+            truncated(&table, at);
+        }
+        else {
+            result = PyLong_FromUnsignedLong((unsigned long)l.value);
+        }
     }
     PyBuffer_Release(&table);
-    return slot == NULL ? NULL : PyLong_FromUnsignedLong(gen);
+    return result;
 }
 
 /* ----------------------------------------------------------------- module */
@@ -727,13 +1275,33 @@ static PyMethodDef segment_methods[] = {
      .ml_flags = METH_FASTCALL, .ml_doc = name_ready_doc},
     {.ml_name = "slot_generation", .ml_meth = FASTCALL(segment_slot_generation),
      .ml_flags = METH_FASTCALL, .ml_doc = slot_generation_doc},
+    {.ml_name = "in_use", .ml_meth = segment_in_use, .ml_flags = METH_O,
+     .ml_doc = in_use_doc},
+    {.ml_name = "set_in_use", .ml_meth = FASTCALL(segment_set_in_use),
+     .ml_flags = METH_FASTCALL, .ml_doc = set_in_use_doc},
+    {.ml_name = "status", .ml_meth = segment_status, .ml_flags = METH_O, .ml_doc = status_doc},
+    {.ml_name = "set_status", .ml_meth = FASTCALL(segment_set_status),
+     .ml_flags = METH_FASTCALL, .ml_doc = set_status_doc},
+    {.ml_name = "read_bytes", .ml_meth = FASTCALL(segment_read_bytes),
+     .ml_flags = METH_FASTCALL, .ml_doc = read_bytes_doc},
+    {.ml_name = "write_bytes", .ml_meth = FASTCALL(segment_write_bytes),
+     .ml_flags = METH_FASTCALL, .ml_doc = write_bytes_doc},
     {0}, /* the end */
 };
+
+PyDoc_STRVAR(truncated_doc,
+"An access to a mapped segment went past the end of its file: another process\n"
+"truncated it. A ValueError, as what a reader finds wrong in a segment is.");
 
 static int
 segment_exec(PyObject *module)
 {
-    if (size_name == NULL && (size_name = PyUnicode_InternFromString("size")) == NULL) {
+    if (Truncated == NULL &&
+        (Truncated = PyErr_NewExceptionWithDoc("bgpool.shm._segment.Truncated", truncated_doc,
+                                               PyExc_ValueError, NULL)) == NULL) {
+        return -1;
+    }
+    if (install_guard() < 0 || PyModule_AddObjectRef(module, "Truncated", Truncated) < 0) {
         return -1;
     }
     PyObject *stuck = PyFloat_FromDouble(STUCK_SECONDS);
@@ -742,7 +1310,9 @@ segment_exec(PyObject *module)
     if (rc < 0 || PyModule_AddIntConstant(module, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(module, "SLOT_BODY", SLOT_BODY) < 0 ||
         PyModule_AddIntConstant(module, "SLOT_GEN", SLOT_GEN) < 0 ||
-        PyModule_AddIntConstant(module, "SLOT_READY", SLOT_READY) < 0) {
+        PyModule_AddIntConstant(module, "SLOT_READY", SLOT_READY) < 0 ||
+        PyModule_AddIntConstant(module, "TABLE_IN_USE", TABLE_IN_USE) < 0 ||
+        PyModule_AddIntConstant(module, "TABLE_STATUS", TABLE_STATUS) < 0) {
         return -1;
     }
     return 0;
@@ -756,7 +1326,8 @@ static PyModuleDef_Slot segment_slots[] = {
 static struct PyModuleDef segment_module = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "bgpool.shm._segment",
-    .m_doc = "The seqlock of the readiness table and of the vars segments, both sides.",
+    .m_doc = "Every access to bgpool's shared memory: the seqlock of the readiness table\n"
+             "and of the vars segments, both sides, guarded against truncated files.",
     .m_size = 0,
     .m_methods = segment_methods,
     .m_slots = segment_slots,

@@ -25,22 +25,18 @@ is not UTF-8 raise `BgpoolError` saying what is wrong where, never a bare
 `ValueError`, `struct.error` or `UnicodeDecodeError`.
 
 Truncation: a process of the same user can truncate the segment, and touching
-a mapped page past the file's new end raises SIGBUS, which kills the reader.
-`attach()` checks the file's size against the header before it reads a slot,
-and every read of slots (`read`, `slots`, `find`, `in_use`: what the client's
-`status()` and diagnostics and the metrics use) first asks for the file's size
-(one fstat) and raises `BgpoolError` for a table shorter than its mapping. The
-hot path makes no such check: `name_ready`, `generation` and `status` are one
-or two loads that `ensure()` and `get_vars()` make on every call, and an fstat
-would cost them four times over. So a reader whose table is truncated under it
-still dies of SIGBUS at its next such load from a page the truncation took:
-any load, after a truncation to 0 bytes. A truncation that keeps the first
-page keeps the header readable, and a slot on a kept page reads as zeros (not
-ready: `ensure()` takes its slow path, which refuses). That is the price, and
-only a process that damages the table on purpose makes anyone pay it: the
-supervisor alone writes the table and no other process of a pool opens it
-read-write, unlike a vars segment, which every worker of its name holds open
-for writing (so `varstore` checks on its hot path too).
+a mapped page past the file's new end raises SIGBUS, which would kill the
+reader. Every access to the table goes through `_segment.c`, whose SIGBUS
+guard turns such a fault into an exception at no cost to the hot path (no
+system call: see the top of `_segment.c`). A reader gets `BgpoolError` ("the
+readiness table ... is truncated (damaged by another process)") from any
+read that touches a page the truncation took, `name_ready`, `generation`,
+`status` and `in_use` included; a slot on a page it kept reads as zeros (a
+free slot, not ready: `ensure()` takes its slow path). `attach()` still
+checks the file's size against the header once, before it reads a slot. The
+supervisor, the one writer, repairs the table at its next write into it: it
+grows the file back and writes again everything the table held (it keeps a
+copy), and logs that it did; readers see the table whole again from then on.
 
 Identity: a slot's `gen` changes whenever the slot is handed to another name (a
 catch-all place freed and reused), so a reader's cached (slot, gen) never
@@ -51,12 +47,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import mmap
 import os
 import secrets
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -69,6 +66,8 @@ from ..states import State
 from . import _segment
 
 _E = TypeVar("_E", bound=enum.IntEnum)
+
+log = logging.getLogger("bgpool")
 
 
 class Kind(enum.IntEnum):
@@ -83,9 +82,8 @@ MAGIC = b"BGPOOL\x01\x00"
 HEADER = struct.Struct("<8sIIIi")  # magic, version, nslots, slot size, supervisor pid
 HEADER_SIZE = 64
 VERSION = 4  # 3 added the in-use count and the status; 4 made the counter 64 bits
-_WORD = struct.Struct("<I")
-_IN_USE = HEADER.size  # offset of the in-use slot count
-_STATUS = HEADER.size + _WORD.size  # offset of the status byte
+_IN_USE = HEADER.size  # offset of the in-use slot count (u32)
+_STATUS = HEADER.size + 4  # offset of the status byte
 
 
 class Status(enum.IntEnum):
@@ -98,6 +96,9 @@ class Status(enum.IntEnum):
 
 BOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 """Upper bounds (seconds) of the spawn-to-ready histogram kept per slot."""
+
+_STATUSES: tuple[Status, ...] = (*Status, *[Status.CLOSED] * (256 - len(Status)))
+"""The status each value of the status byte means (beyond the known ones: gone)."""
 
 STUCK_SECONDS = _segment.STUCK_SECONDS
 """How long a reader waits for a slot whose counter stays odd before it gives up."""
@@ -140,8 +141,13 @@ FIELD_OFFSETS = {
 }
 """Where each field lies in a slot."""
 
-if (FIELD_OFFSETS["gen"], FIELD_OFFSETS["name_ready"]) != (_segment.SLOT_GEN, _segment.SLOT_READY):
-    raise ImportError("bgpool/shm/table.py and _segment.c disagree on the slot layout")
+if (FIELD_OFFSETS["gen"], FIELD_OFFSETS["name_ready"], _IN_USE, _STATUS) != (
+    _segment.SLOT_GEN,
+    _segment.SLOT_READY,
+    _segment.TABLE_IN_USE,
+    _segment.TABLE_STATUS,
+):
+    raise ImportError("bgpool/shm/table.py and _segment.c disagree on the table's layout")
 
 SLOT = struct.Struct(f"<Q{_BODY.size}s{-(_segment.SLOT_BODY + _BODY.size) % 8}x")
 """A slot: the counter, the body, padding to a multiple of 8 (every counter 8-aligned)."""
@@ -232,8 +238,7 @@ class TableReader:
     def __init__(self, name: str, mapping: mmap.mmap, nslots: int) -> None:
         self.name = name
         self.nslots = nslots
-        self._map = mapping  # what _segment reads: its size() is the file's, now
-        self._buf = memoryview(mapping)
+        self._map = mapping  # every access to it goes through _segment (its SIGBUS guard)
 
     @classmethod
     def attach(cls, name: str) -> TableReader:
@@ -254,13 +259,22 @@ class TableReader:
 
     @staticmethod
     def _check_header(name: str, mapping: mmap.mmap) -> int:
-        """The slot count of the table in `mapping`, whose header is checked."""
-        size = min(len(mapping), mapping.size())  # the file may have shrunk since it was mapped
+        """The slot count of the table in `mapping`, whose header is checked,
+        and whose file must hold every slot the header counts (one fstat: the
+        file may have shrunk since it was mapped)."""
+        size = min(len(mapping), mapping.size())
         problem = None
         if size < HEADER_SIZE:
             problem = f"it is {size} bytes, smaller than a table's header"
         else:
-            magic, version, nslots, slot_size, _ = HEADER.unpack_from(mapping[:HEADER_SIZE])
+            try:
+                header = _segment.read_bytes(mapping, 0, HEADER_SIZE)
+            except _segment.Truncated as exc:  # since the fstat
+                raise BgpoolError(
+                    f"shared memory segment {name!r} is truncated (damaged by another "
+                    f"process): {exc}"
+                ) from None
+            magic, version, nslots, slot_size, _ = HEADER.unpack_from(header)
             if magic != MAGIC:
                 problem = f"it starts with {magic!r}, not {MAGIC!r}"
             elif version != VERSION:
@@ -276,9 +290,13 @@ class TableReader:
             raise BgpoolError(f"shared memory segment {name!r} is not a bgpool table: {problem}")
         return int(nslots)
 
+    def _truncated(self, exc: Exception) -> BgpoolError:
+        return BgpoolError(
+            f"the readiness table {self.name} is truncated (damaged by another process): {exc}"
+        )
+
     def close(self) -> None:
         """Unmap the table; the object must not be used afterwards."""
-        self._buf.release()
         self._map.close()
 
     @staticmethod
@@ -292,8 +310,12 @@ class TableReader:
         return (offset - HEADER_SIZE) // SLOT.size
 
     def generation(self, offset: int) -> int:
-        """The identity generation of the slot at `offset` (one load)."""
-        return _segment.slot_generation(self._map, offset)
+        """The identity generation of the slot at `offset` (one load).
+        `BgpoolError` if the table was truncated under it."""
+        try:
+            return _segment.slot_generation(self._map, offset)
+        except _segment.Truncated as exc:
+            raise self._truncated(exc) from None
 
     def read(self, index: int) -> Slot:
         """Slot `index`, consistently (retries while the writer is in it, for at
@@ -304,8 +326,7 @@ class TableReader:
         return self._read(index, 1)[0]
 
     def _read(self, first: int, count: int) -> list[Slot]:
-        """Slots `first` to `first + count` (checked to lie in the table), with
-        one check of the file's size for all of them."""
+        """Slots `first` to `first + count` (checked to lie in the table)."""
         try:
             bodies = _segment.read_slots(
                 self._map, _offset(first), count, SLOT.size, _BODY.size, STUCK_SECONDS
@@ -316,10 +337,8 @@ class TableReader:
                 f"its sequence counter has been odd for {STUCK_SECONDS} s (the supervisor "
                 "stopped between two stores, or another process wrote into the table)"
             ) from None
-        except ValueError as exc:
-            if self._map.closed:
-                raise  # unmapped under us: the caller's own doing, not damage
-            raise BgpoolError(f"the readiness table {self.name} cannot be read: {exc}") from None
+        except _segment.Truncated as exc:
+            raise self._truncated(exc) from None
         slots = []
         for index, body in enumerate(bodies, first):
             try:
@@ -331,19 +350,20 @@ class TableReader:
         return slots
 
     def in_use(self) -> int:
-        """How many slots from the first may be in use (the rest never were).
-        `BgpoolError` if the table was truncated."""
-        size = self._map.size()
-        if size < len(self._map):
-            raise BgpoolError(
-                f"the readiness table {self.name} cannot be read: its file is {size} bytes, "
-                f"shorter than the {len(self._map)} mapped: another process truncated it"
-            )
-        return min(self.nslots, int(_WORD.unpack_from(self._buf, _IN_USE)[0]))
+        """How many slots from the first may be in use (the rest never were; one
+        acquire load). `BgpoolError` if the table was truncated."""
+        try:
+            return min(self.nslots, _segment.in_use(self._map))
+        except _segment.Truncated as exc:
+            raise self._truncated(exc) from None
 
     def status(self) -> Status:
-        """Whether the pool serves, drains, or is gone (one load)."""
-        return Status.CLOSED if self._buf[_STATUS] > Status.CLOSED else Status(self._buf[_STATUS])
+        """Whether the pool serves, drains, or is gone (one acquire load).
+        `BgpoolError` if the table was truncated."""
+        try:
+            return _STATUSES[_segment.status(self._map)]
+        except _segment.Truncated as exc:
+            raise self._truncated(exc) from None
 
     def slots(self) -> list[Slot]:
         """Every slot that may be in use, in table order (`BgpoolError` as for
@@ -356,8 +376,12 @@ class TableReader:
         the flag is read before the generation, a slot whose name was ever ready is
         never handed to another name, and generations only grow, so a set flag
         followed by the expected generation can only be that name's. (The writer
-        stores the flag last, and the loads are ordered: `_segment.c`.)"""
-        return _segment.name_ready(self._map, offset, gen)
+        stores the flag last, and the loads are ordered: `_segment.c`.)
+        `BgpoolError` if the table was truncated under it."""
+        try:
+            return _segment.name_ready(self._map, offset, gen)
+        except _segment.Truncated as exc:
+            raise self._truncated(exc) from None
 
     def find(self, scope_id: int, name: str) -> tuple[int, int] | None:
         """The primary slot (index, gen) holding `name` in scope `scope_id`
@@ -406,28 +430,41 @@ def _untracked() -> Iterator[None]:
 
 
 class TableWriter:
-    """The supervisor's side: creates, writes and removes the segment."""
+    """The supervisor's side: creates, writes and removes the segment.
+
+    It keeps a copy of everything it wrote (the header, each slot's last body,
+    the in-use count, the status): when a write faults because another process
+    truncated the table, it grows the file back, writes all of it again, logs
+    that (the supervisor's log), and goes on. `BgpoolError` only if that fails
+    (which the supervisor's loop logs)."""
 
     def __init__(self, nslots: int, supervisor_pid: int) -> None:
-        size = HEADER_SIZE + max(nslots, 1) * SLOT.size
+        self._size = HEADER_SIZE + max(nslots, 1) * SLOT.size
         name = "bgp_" + secrets.token_hex(8)
         if sys.version_info >= (3, 13):
-            self._shm = shared_memory.SharedMemory(name, create=True, size=size, track=False)
+            self._shm = shared_memory.SharedMemory(name, create=True, size=self._size, track=False)
         else:
             with _untracked():
-                self._shm = shared_memory.SharedMemory(name, create=True, size=size)
+                self._shm = shared_memory.SharedMemory(name, create=True, size=self._size)
         self.name = self._shm.name
         self.nslots = nslots
         assert self._shm.buf is not None
         self._buf = self._shm.buf
-        HEADER.pack_into(self._buf, 0, MAGIC, VERSION, nslots, SLOT.size, supervisor_pid)
+        self._header = HEADER.pack(MAGIC, VERSION, nslots, SLOT.size, supervisor_pid)
+        self._bodies: dict[int, bytes] = {}
         self._in_use = 0
+        self._status = Status.SERVING
+        self._store(_segment.write_bytes, self._buf, 0, self._header)
 
     def write(self, index: int, slot: Slot) -> None:
         """Publish slot `index` (seqlock: odd while writing, even when done)."""
         if not 0 <= index < self.nslots:
             raise IndexError(f"slot {index} is not in a table of {self.nslots}")
-        _segment.write_slot(self._buf, _offset(index), _pack_body(slot))
+        body = self._bodies[index] = _pack_body(slot)
+        try:  # not _store(): the supervisor's most frequent call, kept short
+            _segment.write_slot(self._buf, _offset(index), body)
+        except _segment.Truncated as exc:
+            self._repair(exc)
 
     def destroy(self) -> None:
         """Unmap and unlink the segment."""
@@ -437,12 +474,45 @@ class TableWriter:
             self._shm.unlink()
 
     def use(self, count: int) -> None:
-        """Say that slots below `count` may be in use (after writing them, so a
-        reader that sees the count sees them written)."""
+        """Say that slots below `count` may be in use (a release store after
+        writing them, so a reader that sees the count sees them written)."""
         if count > self._in_use:
             self._in_use = min(count, self.nslots)
-            _WORD.pack_into(self._buf, _IN_USE, self._in_use)
+            self._store(_segment.set_in_use, self._buf, self._in_use)
 
     def set_status(self, status: Status) -> None:
-        """Say whether the pool serves, drains or is gone."""
-        self._buf[_STATUS] = status
+        """Say whether the pool serves, drains or is gone (a release store)."""
+        self._status = status
+        self._store(_segment.set_status, self._buf, status)
+
+    def _store(self, store: Callable[..., None], *args: Any) -> None:
+        """`store(*args)`, a write into the table, repaired if it faults."""
+        try:
+            store(*args)
+        except _segment.Truncated as exc:
+            self._repair(exc)
+
+    def _repair(self, exc: Exception) -> None:
+        """Another process truncated the table (`exc` says where a write met
+        that): grow its file back, and write everything it held again."""
+        try:
+            fd = platform.open_shm(self.name, create=False)
+            try:
+                if os.fstat(fd).st_size < self._size:
+                    os.ftruncate(fd, self._size)
+            finally:
+                os.close(fd)
+            for index, body in self._bodies.items():
+                _segment.write_slot(self._buf, _offset(index), body)
+            _segment.set_in_use(self._buf, self._in_use)
+            _segment.set_status(self._buf, self._status)
+            _segment.write_bytes(self._buf, 0, self._header)  # last: attach() refuses till then
+        except (OSError, _segment.Truncated) as failed:
+            raise BgpoolError(
+                f"the readiness table {self.name} is truncated (damaged by another process: "
+                f"{exc}), and cannot be restored: {failed}"
+            ) from None
+        log.error(
+            "the readiness table %s was truncated by another process (a write met it: %s); "
+            "it is restored, with every slot written again", self.name, exc,
+        )  # fmt: skip

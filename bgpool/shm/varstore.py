@@ -12,16 +12,22 @@ the segments' names, sizes and mappings.
 The workers of one name (a pool) all write the segment: an exclusive `flock`
 on it serialises them (last writer wins). Readers take no lock: while the
 snapshot is unchanged they compare one generation number with the one they
-cached, after one fstat.
+cached, one load and no system call.
 
-That fstat is there because every worker of the name holds the segment open
-for writing, and so could truncate it: touching a mapped page past the file's
-end raises SIGBUS, which would kill every reader, the application included.
-So each read first checks that the file still covers the whole mapping; a
-shorter one gives `generation()` 0 and `read()` a `ValueError`. A publish
-into a truncated segment grows it back first, and rewrites the header, which
-makes it whole again. (A truncation in the microsecond between the check and
-the copy still raises SIGBUS: `_segment.c` says why that stays.)
+Every worker of the name holds the segment open for writing, and so could
+truncate it: touching a mapped page past the file's end raises SIGBUS, which
+would kill every reader, the application included. `_segment.c` guards each
+access against that (a SIGBUS handler and a per-thread guard, no system
+call: see its top comment): a load of the generation that faults gives 0,
+and a read that faults raises `Truncated`, a `ValueError`, which the client
+turns into a `BgpoolError`. A truncation that keeps the pages a read touches
+is no fault: the bytes it lost read as zeros, as if a worker had written
+them, which the header's checks or the decoder refuse, or which say that
+nothing was published (and while the generation's low bytes survive, a
+reader keeps the snapshot it holds). A publish first grows a truncated
+segment back (one fstat: a publish is no hot path), and rewrites the header,
+which makes it whole again; one that a truncation faults meanwhile grows it
+back and starts over.
 
 The supervisor never maps these segments (it is not told of each publish
 either: diagnostics read the generation and time from the header); it removes
@@ -43,6 +49,12 @@ STUCK_SECONDS = _segment.STUCK_SECONDS
 (its writer died between two stores of the flip, or is not being scheduled)."""
 
 
+def _truncated(segment: str, exc: Exception) -> _segment.Truncated:
+    return _segment.Truncated(
+        f"the vars segment {segment} is truncated (damaged by another process): {exc}"
+    )
+
+
 def segment_name(table: str, slot: int) -> str:
     """The segment of the name whose primary table slot is `slot`."""
     return f"{table}_v{slot}"
@@ -53,6 +65,7 @@ class Publisher:
 
     def __init__(self, segment: str, capacity: int) -> None:
         self.capacity = capacity
+        self._segment = segment
         self._fd = platform.open_shm(segment, create=True)
         size = HEADER_SIZE + 2 * capacity
         if os.fstat(self._fd).st_size < size:
@@ -61,8 +74,12 @@ class Publisher:
 
     def publish(self, data: bytes) -> bool:
         """Make `data` the current snapshot; False when it equals the current
-        one (nothing changes)."""
-        return _segment.publish(self._map, self._fd, self.capacity, data)
+        one (nothing changes). `Truncated` (a `ValueError`) if another process
+        truncated the segment again while this wrote it, twice over."""
+        try:
+            return _segment.publish(self._map, self._fd, self.capacity, data)
+        except _segment.Truncated as exc:
+            raise _truncated(self._segment, exc) from None
 
     def close(self) -> None:
         """Unmap and close (the segment stays for readers)."""
@@ -93,18 +110,23 @@ class Reader:
 
     def generation(self) -> int:
         """The current generation (0: nothing published yet, or a segment
-        shorter than its mapping, which `read()` explains). An fstat and one
-        load."""
+        truncated under the load, which `read()` explains). One load."""
         buf = self._mapped()
         return 0 if buf is None else _segment.generation(buf)
 
     def read(self) -> tuple[int, float, bytes] | None:
         """The current (generation, publish time, bytes), or None if nothing
         was published. `TimeoutError` if the header stays mid-flip (its writer
-        died there), `ValueError` if a worker wrote nonsense into it or the
-        segment is now shorter than its mapping (a process truncated it)."""
+        died there), `ValueError` if a worker wrote nonsense into it, and
+        `Truncated` (a `ValueError`) if what it reads lies past the end of the
+        file (a process truncated it)."""
         buf = self._mapped()
-        return None if buf is None else _segment.read(buf, self._capacity, STUCK_SECONDS)
+        if buf is None:
+            return None
+        try:
+            return _segment.read(buf, self._capacity, STUCK_SECONDS)
+        except _segment.Truncated as exc:
+            raise _truncated(self._segment, exc) from None
 
     def close(self) -> None:
         """Unmap."""
