@@ -107,6 +107,14 @@ def unlink_shm(name: str) -> None:
         os.unlink(f"/dev/shm/{name}")
 
 
+def shm_names(prefix: str) -> list[str]:
+    """The shared-memory segments whose names start with `prefix`."""
+    try:
+        return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+    except OSError:
+        return []
+
+
 def fill_closed_stdio() -> None:
     """Open /dev/null on whichever of descriptors 0, 1 and 2 is closed (a
     daemon's, or a service manager's doing), so that no descriptor bgpool

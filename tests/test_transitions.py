@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bgpool.shm.table import TableReader
+from bgpool.shm.table import TableReader, new_name
 from bgpool.states import TRANSITIONS, State, allowed
 from bgpool.supervisor.core import Settings
 from bgpool.supervisor.instances import Instance, Run
@@ -43,7 +43,7 @@ class Machine(Supervisor):
             ensure_timeout=5.0, grace_period=3.0, restart_grace_period=2.0,
             start_method="fork", max_vars_bytes=1 << 16,
         )  # fmt: skip
-        super().__init__(decls, settings, os.getpid(), address)
+        super().__init__(decls, settings, os.getpid(), address, new_name())
         self.timers = Timers(clock)
         self.moves: list[tuple[str, str]] = []
 

@@ -176,7 +176,7 @@ class PoolClient:
 
     def _closed(self) -> BgpoolError:
         table = self._table
-        with contextlib.suppress(ValueError):  # unmapped under us: closed
+        with contextlib.suppress(ValueError, BgpoolError):  # unmapped or damaged: closed
             if table is not None and table.status() == Status.SHUTTING_DOWN:
                 return PoolClosed(texts.SHUTTING_DOWN)
         return PoolClosed(texts.CLOSED)

@@ -26,8 +26,8 @@ from .. import platform, texts
 from ..declarations import PoolConfig, WorkerSpec
 from ..errors import BgpoolError, PoolClosed, StartupError
 from ..launch import python_command
-from ..shm.table import Kind, mark_closed
-from ..shm.varstore import segment_name
+from ..shm import varstore
+from ..shm.table import Kind, mark_closed, new_name
 from .client import REPLY_MARGIN, PoolClient
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ class Pool(PoolClient):
             {
                 "owner_pid": os.getpid(),
                 "boot_fd": boot_fd,
+                "table": self._table_name,
                 "sys_path": [os.path.abspath(p) for p in sys.path],
                 "workers": workers,
                 "settings": {
@@ -161,6 +162,7 @@ class Pool(PoolClient):
         except OSError as exc:
             raise StartupError(_cannot_start(exc)) from None
         atexit.register(self.shutdown)  # a pool left running is drained at exit
+        self._table_name = new_name()  # ours to remove, whatever becomes of the supervisor
         try:
             self._process = subprocess.Popen(
                 python_command("bgpool.supervisor.main", "main"),
@@ -183,7 +185,7 @@ class Pool(PoolClient):
             assert self._process.stdin is not None
             with self._process.stdin as stdin:
                 stdin.write(self._bootstrap(boot_w))
-            info = self._read_boot(boot_r)
+            self._read_boot(boot_r)
         except BaseException as exc:
             if self._process is None:
                 shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
@@ -193,7 +195,6 @@ class Pool(PoolClient):
             raise
         finally:
             os.close(boot_r)
-        self._table_name = info["table"]
         try:
             self._attach()
             self._attached = True
@@ -256,8 +257,9 @@ class Pool(PoolClient):
         actual one when `metrics_port=0` asked for any free port)."""
         return self._health.port if self._health is not None else None
 
-    def _read_boot(self, boot_r: int) -> dict[str, str]:
-        """The supervisor's first words: its address and table name."""
+    def _read_boot(self, boot_r: int) -> None:
+        """Wait for the supervisor's first words: ready to serve (with the table
+        made), or why it could not start (`StartupError`)."""
         data = b""
         while not data.endswith(b"\n"):
             ready, _, _ = select.select([boot_r], [], [], self.config.ensure_timeout)
@@ -272,7 +274,6 @@ class Pool(PoolClient):
         info: dict[str, str] = json.loads(data)
         if "error" in info:
             raise StartupError(f"could not start the pool: {info['error']}")
-        return info
 
     def shutdown(self) -> None:
         """Drain every worker (EOF on its handle), force-kill after
@@ -304,12 +305,10 @@ class Pool(PoolClient):
         self._pidfd = None
         if self._health is not None:
             self._health.close()
-        used = self._table.in_use() if self._table is not None else 0
         self.close()
-        if self._table_name:  # left over only if the supervisor died
+        if self._table_name:  # left over only if the supervisor died, even mid-start
             platform.unlink_shm(self._table_name)
-            for slot in range(used):
-                platform.unlink_shm(segment_name(self._table_name, slot))
+            varstore.remove_all(self._table_name)
         if self._address:
             shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
             if os.environ.get("BGPOOL_ADDRESS") == self._address:

@@ -397,6 +397,13 @@ class TableReader:
         return None
 
 
+def new_name() -> str:
+    """A fresh table name, `bgp_` and 16 hex digits (short: some platforms cap
+    segment names at 31 bytes, and vars segments add `_v<slot>`). The owner
+    picks it, so it can remove the table whatever becomes of the supervisor."""
+    return "bgp_" + secrets.token_hex(8)
+
+
 def mark_closed(name: str) -> None:
     """Say in table `name` that its pool is gone: what the owner does when the
     supervisor died without saying so itself (it writes nothing else)."""
@@ -438,9 +445,9 @@ class TableWriter:
     that (the supervisor's log), and goes on. `BgpoolError` only if that fails
     (which the supervisor's loop logs)."""
 
-    def __init__(self, nslots: int, supervisor_pid: int) -> None:
+    def __init__(self, nslots: int, supervisor_pid: int, name: str | None = None) -> None:
         self._size = HEADER_SIZE + max(nslots, 1) * SLOT.size
-        name = "bgp_" + secrets.token_hex(8)
+        name = name or new_name()
         if sys.version_info >= (3, 13):
             self._shm = shared_memory.SharedMemory(name, create=True, size=self._size, track=False)
         else:

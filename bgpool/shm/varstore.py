@@ -55,6 +55,12 @@ def _truncated(segment: str, exc: Exception) -> _segment.Truncated:
     )
 
 
+def remove_all(table: str) -> None:
+    """Remove every vars segment of table `table`'s pool."""
+    for name in platform.shm_names(f"{table}_v"):
+        platform.unlink_shm(name)
+
+
 def segment_name(table: str, slot: int) -> str:
     """The segment of the name whose primary table slot is `slot`."""
     return f"{table}_v{slot}"

@@ -53,7 +53,7 @@ def guarded(handler: Callable[..., None], *args: Any) -> None:
 class Core:
     """The supervisor's shared state."""
 
-    def __init__(self, decls: list[Decl], settings: Settings, address: str) -> None:
+    def __init__(self, decls: list[Decl], settings: Settings, address: str, table: str) -> None:
         self.settings = settings
         self.pid = os.getpid()
         self.registry = Registry(decls)
@@ -61,7 +61,7 @@ class Core:
         with contextlib.ExitStack() as undo:  # a failed start leaves nothing behind
             self.selector = selectors.DefaultSelector()
             undo.callback(self.selector.close)
-            self.table = TableWriter(self.registry.nslots, self.pid)
+            self.table = TableWriter(self.registry.nslots, self.pid, table)
             undo.callback(self.table.destroy)
             self.listener = Listener(address)
             undo.callback(self.listener.close)

@@ -46,8 +46,10 @@ __all__ = ["Settings", "Supervisor"]
 class Supervisor(Teardown):
     """The event loop over every job of the supervisor."""
 
-    def __init__(self, decls: list[Decl], settings: Settings, owner_pid: int, address: str) -> None:
-        super().__init__(decls, settings, address)
+    def __init__(
+        self, decls: list[Decl], settings: Settings, owner_pid: int, address: str, table: str
+    ) -> None:
+        super().__init__(decls, settings, address, table)
         self._watch_owner(owner_pid)
         self.selector.register(self.listener.sock, selectors.EVENT_READ, self._accept)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)

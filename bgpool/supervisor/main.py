@@ -114,7 +114,11 @@ def main() -> None:
         boot = os.fdopen(boot_fd, "w")
         try:
             supervisor = Supervisor(
-                decls, settings, bootstrap["owner_pid"], os.environ["BGPOOL_ADDRESS"]
+                decls,
+                settings,
+                bootstrap["owner_pid"],
+                os.environ["BGPOOL_ADDRESS"],
+                bootstrap["table"],
             )
         except Exception as exc:  # the owner raises StartupError with this
             with boot:

@@ -40,7 +40,7 @@ class Teardown(Requests):
             self._close_connections,
             self.selector.close,
             self.listener.close,
-            self._remove_vars,
+            functools.partial(varstore.remove_all, self.table.name),
             functools.partial(self.table.set_status, Status.CLOSED),
             self.table.destroy,
             *(functools.partial(os.close, fd) for fd in (self.wake_r, self.wake_w)),
@@ -49,10 +49,6 @@ class Teardown(Requests):
             steps.append(functools.partial(os.close, self.owner_fd))
         for step in steps:
             guarded(step)
-
-    def _remove_vars(self) -> None:
-        for slot in range(self.next_slot):  # every slot ever used
-            platform.unlink_shm(varstore.segment_name(self.table.name, slot))
 
     def _reap_leftovers(self) -> None:
         """SIGTERM, then SIGKILL, whatever descendants are left: orphans that
