@@ -406,8 +406,12 @@ def test_readiness_is_sticky_across_crash_restarts(make_pool: Any, sentinel_dir:
     )
     pool.ensure("x", timeout=5)
     wait_for(lambda: len(starts(log)) == 2, what="the restart after the crash")
-    st = the_status(pool, "x")
-    assert st.pid == starts(log)[1][0]
+    # The new process may write its start line before the supervisor, back from
+    # fork(), publishes it: wait for the table to show it.
+    st = wait_for(
+        lambda: (s := the_status(pool, "x")).pid == starts(log)[1][0] and s,
+        what="the table showing the restarted process",
+    )
     assert state(st.state) == "starting"  # the new attempt never takes its handle
     assert st.ever_ready is True
     t0 = time.monotonic()
