@@ -228,7 +228,7 @@ def test_the_writer_repairs_a_table_truncated_under_it() -> None:
         attempt("size", lambda: os.stat(path).st_size == size)
         attempt("names", lambda: [s.name for s in reader.slots()])
         attempt("pid", lambda: reader.read(1).pid)
-        attempt("ready", lambda: [reader.name_ready(reader.offset(i), i + 1) for i in (0, 12)])
+        attempt("ready", lambda: [reader.read(i).name_ready for i in (0, 12)])
         attempt("header", lambda: (reader.in_use(), reader.status().name))
         attempt("attach", lambda: TableReader.attach(writer.name).nslots)
         writer.destroy()
@@ -267,3 +267,20 @@ def test_a_table_the_writer_cannot_repair_raises(store: str) -> None:
     assert line.startswith("store: BgpoolError the readiness table bgp_"), line
     assert "is truncated (damaged by another process: byte " in line
     assert "), and cannot be restored: [Errno 2] No such file or directory" in line
+
+
+def test_the_hot_path_says_not_ready_once_the_pool_no_longer_serves(table: TableWriter) -> None:
+    """name_ready() reads the table's status too: once the pool drains, a ready
+    name is not, so ensure() takes its slow path, which raises PoolClosed."""
+    table.write(0, slot(gen=3, name_ready=True))
+    reader = TableReader.attach(table.name)
+    try:
+        assert reader.name_ready(reader.offset(0), 3)
+        assert reader.serving()
+        table.set_status(Status.SHUTTING_DOWN)
+        assert not reader.name_ready(reader.offset(0), 3)
+        assert not reader.serving()
+        table.set_status(Status.CLOSED)
+        assert not reader.name_ready(reader.offset(0), 3)
+    finally:
+        reader.close()

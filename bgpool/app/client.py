@@ -186,7 +186,7 @@ class PoolClient:
         supervisor is gone (the table says so), or this client was closed."""
         table = self._table
         try:
-            if table is None or self._gone or table.status() != Status.SERVING:
+            if table is None or self._gone or not table.serving():
                 raise self._closed()
         except ValueError as exc:  # unmapped under us
             raise self._closed_under_us(exc) from None
@@ -309,15 +309,17 @@ class PoolClient:
             scope_id = self._own_scope
         else:
             scope_id = self._scope_id(scope)
-        table = self._reader()
         directory = self._directory
-        if type(names) is str:  # the hot path: one name, already resolved and ready
+        if type(names) is str and (table := self._table) is not None and not self._gone:
+            # The hot path: one name, already resolved and ready, and a pool
+            # that serves (name_ready() reads the table's status too).
             entry = directory.get((scope_id, names))
             try:
                 if entry is not None and table.name_ready(*entry):
                     return
             except ValueError as exc:  # unmapped under us
                 raise self._closed_under_us(exc) from None
+        table = self._reader()
         batch = _check_names(names)
         try:
             if all(
@@ -390,7 +392,6 @@ class PoolClient:
         generation, when, _ = found
         return generation, when if 0.0 < when < 1e11 else 0.0
 
-    @_reads_shared_memory
     def get_vars(self, name: str, *, scope: Scope | str | None = None) -> Mapping[str, Any]:
         """The latest vars snapshot worker `name` published: a deeply read-only
         mapping, the same object while it is unchanged. A pure read: it never
@@ -401,11 +402,14 @@ class PoolClient:
         else:
             scope_id = self._scope_id(scope)
         table = self._reader()
-        view = self._vars.get((scope_id, name))
-        if view is None or table.generation(view.offset) != view.slot_generation:
-            view = self._locate_vars(scope_id, name)
-        if view.value is not None and view.reader.generation() == view.generation:
-            return view.value
+        try:
+            view = self._vars.get((scope_id, name))
+            if view is None or table.generation(view.offset) != view.slot_generation:
+                view = self._locate_vars(scope_id, name)
+            if view.value is not None and view.reader.generation() == view.generation:
+                return view.value
+        except ValueError as exc:  # unmapped under us (a bad name: raised as is)
+            raise self._closed_under_us(exc) from None
         try:
             found = view.reader.read()
             if found is None:

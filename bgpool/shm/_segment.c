@@ -1035,24 +1035,28 @@ hot_slot(const Py_buffer *table, Py_ssize_t offset)
 }
 
 typedef struct {
+    const unsigned char *table;
     const unsigned char *slot;
     long long gen;
 } Ready;
 
-/* 1 if ready with that generation, else 0. Guarded. */
+/* 1 if the pool serves and the slot is ready with that generation, else 0.
+   Guarded. */
 static int
 name_ready_access(void *context)
 {
     const Ready *r = context;
-    return __atomic_load_n(r->slot + SLOT_READY, __ATOMIC_ACQUIRE) == 1 &&
+    return __atomic_load_n(r->table + TABLE_STATUS, __ATOMIC_ACQUIRE) == 0 &&
+           __atomic_load_n(r->slot + SLOT_READY, __ATOMIC_ACQUIRE) == 1 &&
            __atomic_load_n((const uint32_t *)(r->slot + SLOT_GEN), __ATOMIC_RELAXED) == r->gen;
 }
 
 PyDoc_STRVAR(name_ready_doc,
 "name_ready(table, offset: int, gen: int) -> bool\n\n"
-"Whether the slot at `offset` says its name is ready and still holds\n"
-"generation `gen`: two loads, the flag first (see TableReader.name_ready).\n"
-"Truncated if the slot lies past the end of the table's file.");
+"Whether the pool serves (the table's status) and the slot at `offset` says\n"
+"its name is ready and still holds generation `gen`: three loads, the status\n"
+"and the flag first (see TableReader.name_ready). Truncated if the slot lies\n"
+"past the end of the table's file.");
 
 static PyObject *
 segment_name_ready(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -1069,7 +1073,7 @@ segment_name_ready(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     if (PyObject_GetBuffer(args[0], &table, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    Ready r = {hot_slot(&table, offset), gen};
+    Ready r = {.table = table.buf, .slot = hot_slot(&table, offset), .gen = gen};
     int ready = -1;
     Py_ssize_t at;
     if (r.slot != NULL && (ready = guarded(&table, name_ready_access, &r, &at)) == FAULTED) {

@@ -370,9 +370,19 @@ class TableReader:
         `read`)."""
         return self._read(0, self.in_use())
 
+    def serving(self) -> bool:
+        """Whether the pool serves (one acquire load; `BgpoolError` if the
+        table was truncated)."""
+        try:
+            return bool(_segment.status(self._map) == Status.SERVING)
+        except _segment.Truncated as exc:
+            raise self._truncated(exc) from None
+
     def name_ready(self, offset: int, gen: int) -> bool:
-        """The hot path of `ensure()`: whether the slot at `offset`, still holding
-        generation `gen`, says its name is ready. Two loads, no syscall, no seqlock:
+        """The hot path of `ensure()`: whether the pool serves and the slot at
+        `offset`, still holding generation `gen`, says its name is ready (False
+        once the pool drains, so the caller takes its slow path, which says
+        why). Three loads, no syscall, no seqlock:
         the flag is read before the generation, a slot whose name was ever ready is
         never handed to another name, and generations only grow, so a set flag
         followed by the expected generation can only be that name's. (The writer
