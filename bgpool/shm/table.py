@@ -374,7 +374,7 @@ class TableReader:
         """Whether the pool serves (one acquire load; `BgpoolError` if the
         table was truncated)."""
         try:
-            return bool(_segment.status(self._map) == Status.SERVING)
+            return not _segment.status(self._map)  # Status.SERVING is 0
         except _segment.Truncated as exc:
             raise self._truncated(exc) from None
 
