@@ -925,3 +925,17 @@ class TrackedPool(bgpool.Pool):
     def start(self) -> None:
         super().start()
         self._leak_check.track(self)
+
+
+ATTEMPT = """
+def attempt(what, call):
+    '''Print "<what>: ok <result>", or "<what>: <exception type> <message>".'''
+    try:
+        result = call()
+    except Exception as exc:
+        print(f"{what}: {type(exc).__name__} {exc}", flush=True)
+    else:
+        print(f"{what}: ok {result!r}", flush=True)
+"""
+"""For code run in a fresh interpreter: `attempt(what, call)` prints the outcome
+of `call()` as one line, so a test reads what happened from its stdout."""

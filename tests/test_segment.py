@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import run_python
+from helpers import ATTEMPT, run_python
 
 from bgpool.shm import _segment
 
@@ -254,17 +254,14 @@ def test_the_header_fields_refuse_a_mapping_too_small(tmp_path: Path) -> None:
 
 # -- the SIGBUS guard: each case in a fresh interpreter
 
-GUARD_PRELUDE = """
+GUARD_PRELUDE = (
+    """
 import mmap, os, signal, struct, sys, tempfile, threading, time
 from bgpool.shm import _segment
 
-def attempt(what, call):
-    try:
-        result = call()
-    except Exception as exc:
-        print(f"{what}: {type(exc).__name__} {exc}", flush=True)
-    else:
-        print(f"{what}: ok {result!r}", flush=True)
+"""
+    + ATTEMPT
+    + """
 
 PAGE = mmap.PAGESIZE
 with tempfile.TemporaryFile(dir="/dev/shm") as file:
@@ -275,6 +272,7 @@ SLOT = 2 * PAGE  # a slot on the third page
 _segment.write_slot(mapping, SLOT, struct.pack("<IB", 7, 1) + bytes(40))
 assert _segment.name_ready(mapping, SLOT, 7)
 """
+)
 
 # (where faulthandler is enabled, the flags) for each case
 FAULTHANDLER = {

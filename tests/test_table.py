@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import run_python
+from helpers import ATTEMPT, run_python
 
 from bgpool.shm import _segment
 from bgpool.shm.table import (
@@ -186,7 +186,8 @@ def test_the_in_use_count_and_the_status_are_read_back(table: TableWriter) -> No
         reader.close()
 
 
-REPAIR = """
+REPAIR = (
+    """
 import logging, os, sys
 from bgpool.errors import BgpoolError
 from bgpool.shm.table import Kind, Slot, Status, TableReader, TableWriter
@@ -194,13 +195,9 @@ from bgpool.states import State
 
 logging.basicConfig(stream=sys.stdout, format="log: %(levelname)s %(message)s")
 
-def attempt(what, call):
-    try:
-        result = call()
-    except Exception as exc:
-        print(f"{what}: {type(exc).__name__} {exc}", flush=True)
-    else:
-        print(f"{what}: ok {result!r}", flush=True)
+"""
+    + ATTEMPT
+    + """
 
 def slot(index, **changes):
     fields = dict(gen=index + 1, kind=Kind.NAMED, state=State.READY, name_ready=True,
@@ -218,6 +215,7 @@ path = "/dev/shm/" + writer.name
 size = os.stat(path).st_size
 os.truncate(path, 0)
 """
+)
 
 
 def test_the_writer_repairs_a_table_truncated_under_it() -> None:

@@ -24,13 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import SHM, run_python, subprocess_env
+from helpers import ATTEMPT, SHM, run_python, subprocess_env
 
 from bgpool.shm import varstore
 from bgpool.shm.table import FIELD_OFFSETS, HEADER_SIZE, Kind, Slot, TableReader, TableWriter
 from bgpool.states import State
 
-PRELUDE = """
+PRELUDE = (
+    """
 import os, sys, time
 from bgpool.errors import BgpoolError
 from bgpool.shm.table import TableReader
@@ -39,15 +40,11 @@ from bgpool.shm.varstore import Publisher, Reader
 SEGMENT = os.environ["SEGMENT"]
 PATH = "/dev/shm/" + SEGMENT
 
-def attempt(what, call):
-    '''Print "<what>: ok <result>", or "<what>: <exception type> <message>".'''
-    try:
-        result = call()
-    except Exception as exc:
-        print(f"{what}: {type(exc).__name__} {exc}", flush=True)
-    else:
-        print(f"{what}: ok {result!r}", flush=True)
 """
+    + ATTEMPT
+    + """
+"""
+)
 
 
 def run_reader(segment: str, code: str, timeout: float = 30.0) -> list[str]:
