@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import resource
@@ -19,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Collection
 
 import psutil
+
+from . import texts
 
 LINUX = sys.platform.startswith("linux")
 
@@ -136,6 +139,14 @@ def fd_limits() -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     infinity = resource.RLIM_INFINITY
     return (-1 if soft == infinity else soft), (-1 if hard == infinity else hard)
+
+
+def os_error_words(exc: OSError) -> str:
+    """`exc` as words, with the descriptor limit when running out of
+    descriptors was the cause (the fix is then to raise it)."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return f"{exc} {texts.fd_limits_now(*fd_limits())}"
+    return str(exc)
 
 
 def raise_fd_limit() -> int:

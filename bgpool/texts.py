@@ -129,10 +129,12 @@ def limit_reached(name: str, cap: int) -> str:
 
 
 def fd_limits_now(soft: int, hard: int) -> str:
-    """`(RLIMIT_NOFILE: soft 1024, hard 4096)`."""
-    return f"(RLIMIT_NOFILE: soft {'unlimited' if soft < 0 else soft}, " + (
-        f"hard {'unlimited' if hard < 0 else hard})"
-    )
+    """`(RLIMIT_NOFILE: soft 1024, hard 4096)`; -1 is unlimited."""
+
+    def limit(value: int) -> str:
+        return "unlimited" if value < 0 else str(value)
+
+    return f"(RLIMIT_NOFILE: soft {limit(soft)}, hard {limit(hard)})"
 
 
 def fd_limit_too_low(instances: int, need: int, soft: int, hard: int) -> str:

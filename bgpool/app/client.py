@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import functools
 import math
 import os
@@ -101,10 +100,7 @@ def _check_timeout(timeout: object) -> float:
 def _cannot_connect(exc: OSError) -> str:
     """Why a request could not reach the supervisor, with the descriptor
     limit when that was the cause."""
-    text = f"cannot reach the pool's supervisor: {exc}"
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        text += " " + texts.fd_limits_now(*platform.fd_limits())
-    return text
+    return f"cannot reach the pool's supervisor: {platform.os_error_words(exc)}"
 
 
 def _reads_shared_memory(method: _Method) -> _Method:

@@ -9,7 +9,6 @@ the supervisor could not. Every other call is `PoolClient`'s.
 from __future__ import annotations
 
 import atexit
-import errno
 import json
 import os
 import select
@@ -46,10 +45,7 @@ def private_address() -> str:
 
 def _cannot_start(exc: OSError) -> str:
     """StartupError's message when this process could not make what a pool needs."""
-    text = f"could not start the pool: {exc}"
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        text += " " + texts.fd_limits_now(*platform.fd_limits())
-    return text
+    return f"could not start the pool: {platform.os_error_words(exc)}"
 
 
 class Pool(PoolClient):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import errno
 import functools
 import heapq
 import logging
@@ -163,9 +162,7 @@ class Lifecycle(Drains):
         """No process could be made for `inst`: one that was never ready is
         given up at once (its waiters hear why, a catch-all name is freed);
         one that was ready backs off and tries again, as after a crash."""
-        cause = f"cannot start a process: {exc}"
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
-            cause += " " + texts.fd_limits_now(*platform.fd_limits())
+        cause = f"cannot start a process: {platform.os_error_words(exc)}"
         self._transition(inst, State.STARTING, f"attempt {inst.attempts}: {cause}")
         error = {"type": "OSError", "message": cause, "filename": None, "lineno": None,
                  "traceback": ""}  # fmt: skip
