@@ -61,8 +61,9 @@ class WorkerSpec(BaseModel):
     `ensure()`; more than 1: a pool); `max_consecutive_failures` boot failures
     before the instance is aborted (`-1`: never); `env` and `args` for the
     worker; `scope`; `output` relayed with a prefix or inherited; `ready_on`
-    the handle alone or the handle and a first `set_vars()`. The README's
-    "Declaring workers" has the table.
+    the handle alone or the handle and a first `set_vars()`; `watch`, glob
+    patterns of files whose change restarts the worker on new code. The
+    README's "Declaring workers" has the table.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -77,6 +78,7 @@ class WorkerSpec(BaseModel):
     scope: Scope = GLOBAL_SCOPE
     output: Literal["prefix", "inherit"] = "prefix"
     ready_on: Literal["handle", "vars"] = "handle"
+    watch: list[str] = Field(default_factory=list)
 
     @field_validator("target")
     @classmethod
@@ -119,6 +121,15 @@ class WorkerSpec(BaseModel):
         for arg in args:
             _no_nul(arg, "args")
         return args
+
+    @field_validator("watch")
+    @classmethod
+    def _check_watch(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern.strip():
+                raise ValueError("a watch pattern must not be empty")
+            _no_nul(pattern, "watch patterns")
+        return patterns
 
     @model_validator(mode="after")
     def _check_kind(self) -> WorkerSpec:
@@ -241,6 +252,39 @@ class PoolConfig(BaseModel):
         except (ImportError, ValueError) as exc:
             return f"module {module!r} cannot be found: {exc}"
         return None if found else f"module {module!r} cannot be found"
+
+    def worker_messages(self) -> list[dict[str, Any]]:
+        """The declarations as the supervisor receives them (plain data)."""
+        return [
+            {
+                "index": index,
+                "name": spec.name,
+                "target": spec.target,
+                "script": str(self._scripts[index]) if index in self._scripts else None,
+                "num": spec.num,
+                "cap": spec.instance_cap,
+                "max_failures": spec.max_consecutive_failures,
+                "env": spec.env,
+                "args": spec.args,
+                "scope_id": spec.scope.id,
+                "scope_label": spec.scope.label,
+                "output": spec.output,
+                "ready_on": spec.ready_on,
+                "watch": spec.watch,
+            }
+            for index, spec in enumerate(self.workers)
+        ]
+
+    def settings_message(self) -> dict[str, Any]:
+        """The pool-wide settings the supervisor acts on (plain data)."""
+        return {
+            "ensure_timeout": self.ensure_timeout,
+            "grace_period": self.grace_period,
+            "restart_grace_period": self.restart_grace_period,
+            "start_method": self.start_method,
+            "max_vars_bytes": self.max_vars_bytes,
+            "root": str(self.root or Path.cwd()),
+        }
 
     def script_path(self, index: int) -> Path | None:
         """The absolute path of declaration `index`'s script target, if it is one."""

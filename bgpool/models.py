@@ -40,6 +40,16 @@ class WorkerStatus(_Report):
     ready_at: datetime | None
 
 
+class ReloadReport(_Report):
+    """What `Pool.reload()` did, by declaration label: `name` in the global
+    scope, `label:name` in another, `*` (or `label:*`) for a catch-all."""
+
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    unchanged: list[str]
+
+
 class WorkerDiagnostics(_Report):
     """Why a worker is in the state it is in: one per name, with its instances.
 

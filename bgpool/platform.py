@@ -54,6 +54,55 @@ def set_child_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+_PR_SET_NAME = 15
+_PR_GET_NAME = 16
+
+
+def process_name() -> bytes:
+    """This process's name as ps shows it (its comm, at most 15 bytes)."""
+    buffer = ctypes.create_string_buffer(16)
+    if _libc is not None:
+        _libc.prctl(_PR_GET_NAME, buffer, 0, 0, 0)
+    return buffer.value
+
+
+def set_process_name(name: bytes) -> None:
+    """Rename this process as ps shows it (cut to 15 bytes by the kernel)."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+_CLONE_PARENT = 0x00008000
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "ppc64le": 120, "s390x": 120}
+
+
+def fork_sibling() -> int:
+    """Fork, making the child a child of this process's parent (CLONE_PARENT):
+    0 in the child, its pid in this process.
+
+    A code generation forks workers this way, so every worker stays a direct
+    child of the supervisor, which alone waits for, signals and reaps them.
+    It is `os.fork()` with one more flag: the interpreter's own before- and
+    after-fork steps run around the system call, as they do for `os.fork()`.
+    Call it from a single-threaded process only.
+    """
+    if _libc is None:
+        raise OSError(errno.ENOSYS, "forking a sibling process needs Linux")
+    flags = _CLONE_PARENT | signal.SIGCHLD
+    number = _SYS_CLONE[os.uname().machine]
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = _libc.syscall(number, ctypes.c_ulong(flags), None, None, None, None)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    error = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(error, os.strerror(error))
+    return int(pid)
+
+
 def peer_uid(sock: socket.socket) -> int:
     """The user id of the process at the other end of a connected AF_UNIX socket."""
     if LINUX:

@@ -115,6 +115,54 @@ def aborted(name: str, failures: int, failure: Failure) -> str:
     )
 
 
+GENERATION_DIED = (
+    "the new code generation's process died while it imported the targets "
+    "(see the supervisor's log); nothing was restarted"
+)
+
+
+def no_generation(cause: str) -> str:
+    """Why a restart could not even begin."""
+    return f"cannot start a new code generation: {cause}; nothing was restarted"
+
+
+def not_replaced(name: str) -> str:
+    """A rollout step that timed out without a recorded failure."""
+    return f'background worker "{name}" was not ready again in time after its restart'
+
+
+NO_CONFIG_FILE = (
+    "this pool was not started by `bgpool run`, so it has no config file to load again; "
+    "the application that owns it can call Pool.reload(config)"
+)
+
+RELOAD_FAILED = "reload() changed the pool, but not every eager worker it added is ready"
+
+
+def reload_refused(label: str, error: dict[str, Any]) -> str:
+    """Why a reload changed nothing: a new or changed worker's code fails to load."""
+    return (
+        f'reload refused, nothing was changed: the code of background worker "{label}" '
+        f"failed to load ({error_words(error)})"
+    )
+
+
+def table_too_small(needed: int, count: int) -> str:
+    """Why a reload changed nothing: the table cannot hold what it declares."""
+    return (
+        f"reload refused, nothing was changed: the new declarations need {needed} slots "
+        f"in the readiness table, which has {count}; restart the pool to make a larger one"
+    )
+
+
+def restart_refused(name: str, error: dict[str, Any]) -> str:
+    """Why a restart left a worker's running instances alone."""
+    return (
+        f'background worker "{name}" was not restarted: its new code failed to load '
+        f"({error_words(error)}); its running instances keep the code they started with"
+    )
+
+
 def not_declared(name: str) -> str:
     """WorkerNotDeclared's message."""
     return f'no background worker configured for name "{name}"'

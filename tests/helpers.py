@@ -298,9 +298,33 @@ def tree_pids() -> list[int]:
     return [me.pid] + [p.pid for p in me.children(recursive=True)]
 
 
+def is_generation(proc: psutil.Process) -> bool:
+    """Whether `proc` is a code generation (a child of the supervisor that
+    workers are forked from, named bgpool-gen<N>), not a worker."""
+    with contextlib.suppress(psutil.Error):
+        return proc.name().startswith("bgpool-gen")
+    return False
+
+
+def worker_children(pid: int) -> list[psutil.Process]:
+    """The supervisor `pid`'s children that are workers (not its generations)."""
+    return [c for c in psutil.Process(pid).children() if not is_generation(c)]
+
+
+def generations_of(pid: int) -> list[psutil.Process]:
+    """The supervisor `pid`'s live code generation processes."""
+    found = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):
+            if is_generation(child) and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+    return found
+
+
 def worker_pids() -> set[int]:
-    """Pids of every worker: the children of the supervisor(s) this process started."""
-    return {w.pid for sup in psutil.Process().children() for w in sup.children()}
+    """Pids of every worker: the children of the supervisor(s) this process
+    started, but their code generations."""
+    return {w.pid for sup in psutil.Process().children() for w in worker_children(sup.pid)}
 
 
 def zombie_children(pid: int) -> list[int]:
@@ -313,7 +337,7 @@ def zombie_children(pid: int) -> list[int]:
 def live_children(pid: int) -> set[int]:
     out = set()
     with contextlib.suppress(psutil.Error):
-        for c in psutil.Process(pid).children():
+        for c in worker_children(pid):
             with contextlib.suppress(psutil.Error):
                 if c.status() != psutil.STATUS_ZOMBIE:
                     out.add(c.pid)

@@ -40,6 +40,7 @@ from helpers import (
     the_status,
     time_while_stopped,
     wait_for,
+    worker_children,
 )
 from pydantic import BaseModel
 
@@ -487,7 +488,7 @@ def test_sixteen_threads_ensuring_one_lazy_name_start_one_process(
     (st,) = statuses(pool, "lazy")
     assert state(st.state) == "ready"
     assert st.pid == starts(log)[0][0]
-    assert [p.pid for p in supervisor_of(st.pid).children()] == [st.pid]
+    assert [p.pid for p in worker_children(supervisor_of(st.pid).pid)] == [st.pid]
 
 
 # ------------------------------------------------------------- drain and kill

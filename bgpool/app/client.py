@@ -151,17 +151,13 @@ class PoolClient:
         self._scopes: dict[int, str] = {0: ""}
         self._own_scope = 0
         self._ensure_timeout = ensure_timeout
-        # A connect() client does not know the pool's restart_grace_period: it
-        # waits for the supervisor's answer (its death closes the connection).
-        self._restart_timeout: float | None = None
 
     # -- plumbing ------------------------------------------------------------
 
     def _attach(self) -> None:
         """Say hello to the supervisor; map its table; learn the named workers."""
-        hello = self._request({"op": "hello"}, timeout=10.0)
+        hello = self._learn_scopes()
         self._ensure_timeout = float(hello["ensure_timeout"])
-        self._scopes.update({int(sid): str(label) for sid, label in hello["scopes"]})
         own = identity.own_scope_id()
         self._own_scope = own if own is not None and own in self._scopes else 0
         self._table_name = str(hello["table"])
@@ -169,6 +165,13 @@ class PoolClient:
         for index, slot in enumerate(self._table.slots()):
             if slot.kind == Kind.NAMED and slot.instance == 0:
                 self._directory[(slot.scope_id, slot.name)] = (self._table.offset(index), slot.gen)
+
+    def _learn_scopes(self) -> protocol.Message:
+        """Ask the supervisor which scopes are declared (a reload may have
+        added some since); returns its whole hello."""
+        hello = self._request({"op": "hello"}, timeout=10.0)
+        self._scopes = {0: ""} | {int(sid): str(label) for sid, label in hello["scopes"]}
+        return hello
 
     def _closed(self) -> BgpoolError:
         table = self._table
@@ -267,9 +270,14 @@ class PoolClient:
             if scope is None:
                 return self._own_scope
         if isinstance(scope, Scope):
+            if scope.id not in self._scopes:
+                self._learn_scopes()
             return scope.id if scope.id in self._scopes else 0
         if isinstance(scope, str):
             matches = [sid for sid, label in self._scopes.items() if label == scope]
+            if len(matches) != 1:
+                self._learn_scopes()
+                matches = [sid for sid, label in self._scopes.items() if label == scope]
             if len(matches) != 1:
                 raise ValueError(f"no single declared scope is labelled {scope!r}")
             return matches[0]
@@ -428,6 +436,8 @@ class PoolClient:
             raise ValueError(f"worker name {name!r} {problem}")
         table = self._reader()
         entry = self._directory.get((scope_id, name))
+        if entry is not None and table.generation(entry[0]) != entry[1]:
+            entry = None  # the name moved, or is gone (a reload)
         if entry is None:
             reply = self._request({"op": "locate", "name": name, "scope": scope_id}, timeout=10.0)
             if reply["slot"] is None:  # a catch-all name not hosted now
@@ -440,12 +450,37 @@ class PoolClient:
         view = self._vars[(scope_id, name)] = _VarsView(reader, offset, generation)
         return view
 
-    def restart_workers(self) -> None:
-        """Drain every running instance and respawn it; return once all are
-        respawned. Lazy workers never ensured stay unstarted; readiness stays.
-        `PoolClosed` if the pool is shutting down or gone."""
+    def restart_workers(
+        self, names: str | Sequence[str] | None = None, *, scope: Scope | str | None = None
+    ) -> None:
+        """Run new code: load a new code generation (the targets' modules and
+        scripts as they are on disk now), then replace every running instance
+        of `names` (all workers, or all of `scope`, when None) with one forked
+        from it. Rolling: a pool's instances one at a time, the next drained
+        once its replacement is ready. Returns once every replacement is ready;
+        `WorkerBootFailed` names those whose new code failed to load (their
+        instances were left running) or to boot. Lazy workers never ensured
+        stay unstarted; readiness stays. `PoolClosed` if the pool is shutting
+        down or gone."""
+        message: dict[str, Any] = {"op": "restart"}
+        if names is not None:
+            message["names"] = _check_names(names)
+        if names is not None or scope is not None:
+            message["scope"] = self._scope_id(scope)
         self._reader()
-        self._request({"op": "restart"}, timeout=self._restart_timeout)
+        # No deadline of ours: a rollout takes as long as its drains and boots;
+        # the supervisor always answers, and its death closes the connection.
+        self._request(message, timeout=None)
+
+    def reload_config(self) -> str:
+        """Have the `bgpool run` that owns the pool load its config file again,
+        apply it and restart its workers on new code (what SIGHUP does); return
+        its account of what changed. `BgpoolError` saying why if the config
+        could not be applied (the pool then runs as it was), or if the pool's
+        owner is not `bgpool run`."""
+        self._reader()
+        reply = self._request({"op": "reload_config"}, timeout=None)
+        return str(reply["outcome"])
 
     def watch(self) -> Watch:
         """Subscribe to the supervisor's state-change events: a `Watch` to wait

@@ -25,12 +25,17 @@ from .. import platform, texts
 from ..declarations import PoolConfig, WorkerSpec
 from ..errors import BgpoolError, PoolClosed, StartupError
 from ..launch import python_command
+from ..models import ReloadReport
 from ..shm import varstore
 from ..shm.table import Kind, mark_closed, new_name
 from .client import REPLY_MARGIN, PoolClient
 
 if TYPE_CHECKING:
     from .metrics import HealthServer
+
+FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host")
+"""The settings `reload()` cannot change: the supervisor or the metrics server
+were set up with them."""
 
 POOL_MARK = "BGPOOL_POOL"
 """Environment variable that marks every process of one pool (its value is the
@@ -85,7 +90,6 @@ class Pool(PoolClient):
             )
         self.config = config
         self._detached("", config.ensure_timeout)
-        self._restart_timeout = config.restart_grace_period + REPLY_MARGIN
         self._process: subprocess.Popen[bytes] | None = None
         self._watcher: threading.Thread | None = None
         self._pidfd: int | None = None
@@ -107,41 +111,53 @@ class Pool(PoolClient):
         return super()._closed()
 
     def _bootstrap(self, boot_fd: int) -> bytes:
-        config = self.config
-        workers = [
-            {
-                "index": index,
-                "name": spec.name,
-                "target": spec.target,
-                "script": str(config.script_path(index) or "") or None,
-                "num": spec.num,
-                "cap": spec.instance_cap,
-                "max_failures": spec.max_consecutive_failures,
-                "env": spec.env,
-                "args": spec.args,
-                "scope_id": spec.scope.id,
-                "scope_label": spec.scope.label,
-                "output": spec.output,
-                "ready_on": spec.ready_on,
-            }
-            for index, spec in enumerate(config.workers)
-        ]
         return json.dumps(
             {
                 "owner_pid": os.getpid(),
                 "boot_fd": boot_fd,
                 "table": self._table_name,
                 "sys_path": [os.path.abspath(p) for p in sys.path],
-                "workers": workers,
-                "settings": {
-                    "ensure_timeout": config.ensure_timeout,
-                    "grace_period": config.grace_period,
-                    "restart_grace_period": config.restart_grace_period,
-                    "start_method": config.start_method,
-                    "max_vars_bytes": config.max_vars_bytes,
-                },
+                "workers": self.config.worker_messages(),
+                "settings": self.config.settings_message(),
             }
         ).encode()
+
+    def _take_config_reloads(self) -> None:
+        """Tell the supervisor that SIGHUP makes this process load its config
+        file again (`bgpool run` does), so `bgpool reload` may ask for it."""
+        self._request({"op": "owner_reloads"}, timeout=10.0)
+
+    def _config_reloaded(self, ok: bool, message: str) -> None:
+        """Tell `bgpool reload` callers how a config reload went."""
+        self._request({"op": "config_reloaded", "ok": ok, "message": message}, timeout=10.0)
+
+    def reload(self, config: PoolConfig) -> ReloadReport:
+        """Apply a new set of declarations to the running pool, as
+        `supervisorctl update` does: new ones are added (eager ones started and
+        waited for), removed ones drained (their names are undeclared at once),
+        changed ones (any field) restarted with the new settings, rolling,
+        unchanged ones left running; the live settings change. Nothing changes
+        if a setting that cannot change live differs (`ValueError` naming it),
+        or if a new or changed worker's code fails to load (`WorkerBootFailed`)."""
+        if not isinstance(config, PoolConfig):
+            raise TypeError(f"config must be a PoolConfig, not {type(config).__name__}")
+        for name in FIXED_SETTINGS:
+            if getattr(config, name) != getattr(self.config, name):
+                raise ValueError(
+                    f"{name} cannot change while the pool runs "
+                    f"({getattr(self.config, name)!r} -> {getattr(config, name)!r}); "
+                    "nothing was changed"
+                )
+        self._reader()
+        message = {
+            "op": "reload",
+            "workers": config.worker_messages(),
+            "settings": config.settings_message(),
+        }
+        reply = self._request(message, timeout=None)
+        self.config = config
+        self._ensure_timeout = config.ensure_timeout
+        return ReloadReport(**reply["report"])
 
     def start(self) -> None:
         """Start the supervisor and every eager worker; return once each eager
@@ -230,13 +246,12 @@ class Pool(PoolClient):
     def _serve_metrics(self, host: str, port: int) -> None:
         from .metrics import HealthServer
 
-        eager = {(spec.scope.id, spec.name) for spec in self.config.workers if spec.num >= 1}
-
         def alive() -> tuple[bool, dict[str, Any]]:
             running = self._process is not None and self._process.returncode is None
             return running and not self._closing and not self._gone, {}
 
         def ready() -> tuple[bool, dict[str, Any]]:
+            eager = {(s.scope.id, s.name) for s in self.config.workers if s.num >= 1}
             waiting = [
                 f"{s.scope_label}:{s.name}" if s.scope_label else s.name
                 for s in self._reader().slots()

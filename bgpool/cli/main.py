@@ -4,7 +4,8 @@
     bgpool status [--json] [--address A]
     bgpool ensure NAME... [--timeout S] [--scope LABEL] [--address A]
     bgpool diagnostics NAME [--json] [--scope LABEL] [--address A]
-    bgpool restart [--address A]
+    bgpool restart [NAME...] [--scope LABEL] [--address A]
+    bgpool reload [--address A]
 
 Every command but `run` (in `run.py`) finds the pool through `--address`, else
 `$BGPOOL_ADDRESS`; what they print is made in `display.py`.
@@ -71,13 +72,23 @@ def diagnostics(address: str | None, name: str, scope: str | None, as_json: bool
     return _client_command(show, address)
 
 
-def restart(address: str | None) -> int:
-    """`bgpool restart`: drain and respawn every running worker (as SIGHUP to
-    `bgpool run` does)."""
+def restart(address: str | None, names: list[str], scope: str | None) -> int:
+    """`bgpool restart`: new code for the running instances of `names` (every
+    worker when none is given), rolling."""
 
     def act(client: PoolClient) -> int:
-        client.restart_workers()
-        print("workers restarted")
+        client.restart_workers(names or None, scope=scope)
+        print(f"restarted {', '.join(names)}" if names else "workers restarted")
+        return 0
+
+    return _client_command(act, address)
+
+
+def reload(address: str | None) -> int:
+    """`bgpool reload`: have `bgpool run` load its config file again and apply it."""
+
+    def act(client: PoolClient) -> int:
+        print(client.reload_config())
         return 0
 
     return _client_command(act, address)
@@ -94,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the pool CONFIG declares (a Python file defining "
         "config = PoolConfig(...)) and show its workers' states: a table updated in "
         "place on a terminal, a line per change otherwise. SIGTERM or SIGINT drains "
-        "the workers and exits 0; SIGHUP restarts them. Exits 1 with the diagnostics "
+        "the workers and exits 0; SIGHUP (or `bgpool reload`) loads CONFIG again, applies "
+        "it and restarts every worker on new code. Exits 1 with the diagnostics "
         "if start-up fails, 2 if CONFIG cannot be loaded.",
     )
     run_parser.add_argument("config", help="path to the Python config file")
@@ -130,10 +142,21 @@ def _parser() -> argparse.ArgumentParser:
     diagnostics_parser.add_argument("name", metavar="NAME")
     diagnostics_parser.add_argument("--scope", help="scope label to resolve the name in")
     diagnostics_parser.add_argument("--json", action="store_true", help="print JSON")
+    restart_parser = against_a_pool(
+        "restart", "run new code in running workers",
+        "Load the workers' code afresh and replace the running instances of each NAME "
+        "(every worker when none is given) with ones that run it: a pool one instance "
+        "at a time. Returns once every replacement is ready; exits 1 naming those "
+        "whose new code failed (their old instances keep running).",
+    )  # fmt: skip
+    restart_parser.add_argument("names", nargs="*", metavar="NAME")
+    restart_parser.add_argument("--scope", help="scope label to resolve the names in")
     against_a_pool(
-        "restart", "drain and respawn every running worker",
-        "Drain and respawn every running worker (what SIGHUP does to `bgpool run`); "
-        "returns once all are respawned.",
+        "reload", "make `bgpool run` load its config file again",
+        "Have the `bgpool run` that owns the pool load its config file again, apply it "
+        "(workers added, removed, changed) and restart every worker on new code, as "
+        "SIGHUP does; prints what changed. Exits 1 if the config could not be applied "
+        "(the pool keeps running as it was).",
     )  # fmt: skip
     return parser
 
@@ -149,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ensure(args.address, args.names, args.timeout, args.scope)
     if args.command == "diagnostics":
         return diagnostics(args.address, args.name, args.scope, args.json)
-    return restart(args.address)
+    if args.command == "restart":
+        return restart(args.address, args.names, args.scope)
+    return reload(args.address)
 
 
 if __name__ == "__main__":

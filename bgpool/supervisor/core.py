@@ -3,8 +3,9 @@ workers, the descriptors it waits on, the pending waiters, and the one way an
 instance changes state (`_transition`, checked against `states.TRANSITIONS`).
 
 The supervisor is layered, one job per module, each layer using the ones
-below it: `Core` (here), `Drains`, `Lifecycle`, `Requests`, `Teardown`, and
-`Supervisor` (the loop). Everything runs in the supervisor's single thread.
+below it: `Core` (here), `Drains`, `Lifecycle`, `Rollouts`, `Reloads`,
+`Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
+in the supervisor's single thread.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 from ..protocol import Message
 from ..shm.table import TableWriter
 from ..states import State, allowed
+from . import slots
+from .generations import Generation
 from .instances import Instance, Worker
 from .listener import Connection, Listener
 from .registry import Decl, Registry
@@ -39,6 +42,7 @@ class Settings:
     restart_grace_period: float
     start_method: str
     max_vars_bytes: int
+    root: str  # what watch patterns are relative to
 
 
 def guarded(handler: Callable[..., None], *args: Any) -> None:
@@ -61,7 +65,8 @@ class Core:
         with contextlib.ExitStack() as undo:  # a failed start leaves nothing behind
             self.selector = selectors.DefaultSelector()
             undo.callback(self.selector.close)
-            self.table = TableWriter(self.registry.nslots, self.pid, table)
+            count = slots.capacity(self.registry.slots_needed)
+            self.table = TableWriter(count, self.pid, table)
             undo.callback(self.table.destroy)
             self.listener = Listener(address)
             undo.callback(self.listener.close)
@@ -70,23 +75,29 @@ class Core:
         self.relay = Relay(self.selector)
         self.workers: dict[tuple[int, str], Worker] = {}
         self.by_pid: dict[int, Instance] = {}  # running instances
-        self.gens = [1] * self.registry.nslots
-        self.free_slots: list[int] = []  # catch-all slots released, reused lowest first
-        self.next_slot = self.registry.named_slots  # the first catch-all slot never used
+        self.slots = slots.Slots(self.table, count)
         self.waiters: list[Waiter] = []
         self.watchers: list[Connection] = []  # subscribed to state changes
-        self.restarts: list[tuple[set[Instance], Connection | None]] = []  # pending batches
+        self.generations: list[Generation] = []  # loaded or loading, oldest first
+        self.current: Generation | None = None  # the newest loaded: fresh starts fork from it
+        self.generation_count = 0
         self.closing = False  # shutting down: drains are final, requests refused
         self.finished = False  # the loop may end
         self.startup_problem: str | None = None  # why start() must fail before any spawn
         self.owner_fd: int | None = None
         for decl in decls:
             if decl.name is not None:
-                worker = Worker(decl, decl.name, decl.first_slot, 1)
-                self.workers[(decl.scope_id, decl.name)] = worker
-                for inst in worker.instances:
-                    self._publish(inst)
-        self.table.use(self.next_slot)
+                self._declare(decl, decl.name)
+
+    def _declare(self, decl: Decl, name: str) -> Worker:
+        """Give a named declaration, or a catch-all's name, its worker and
+        slots (the caller checked that enough are free)."""
+        taken, gen = self.slots.take(Worker.instance_count(decl))
+        worker = Worker(decl, name, taken, gen)
+        self.workers[(decl.scope_id, name)] = worker
+        for inst in worker.instances:
+            self._publish(inst)
+        return worker
 
     # -- state -----------------------------------------------------------------------
 
@@ -102,6 +113,8 @@ class Core:
                 inst.label, inst.state.label, target.label,
             )  # fmt: skip
         inst.state = target
+        if target in (State.STOPPED, State.ABORTED):
+            inst.generation = None  # a later start is a fresh one, from the newest code
         self._publish(inst)
         log.log(level, "%s %s: %s", inst.label, target.label, detail)
         event = {

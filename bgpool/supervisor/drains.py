@@ -3,9 +3,9 @@
 A drain closes the instance's stop pipe (its handle sees EOF), waits out the
 grace period, then sends SIGTERM to the whole process tree, then SIGKILL one
 second later; what the worker forked and left running after its exit gets the
-same. `restart_workers()` drains every running instance with a respawn and
-answers once all are back; a shutdown drains them for good and lets the loop
-end once the last one exited.
+same. A restart drains an instance with a respawn (`rollouts.py` decides
+which, and when); a shutdown drains them all for good and lets the loop end
+once the last one exited.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import logging
 import os
 import signal
 
+import psutil
+
 from .. import platform, texts
 from ..protocol import error_reply
 from ..shm.table import Status
 from ..states import State
 from .core import Core
 from .instances import Drain, Instance
-from .listener import Connection
 
 log = logging.getLogger("bgpool")
 
@@ -30,12 +31,16 @@ FORCE_KILL_DELAY = 1.0
 
 
 class Drains(Core):
-    """Stopping instances: one at a time, all for a restart, all for good."""
+    """Stopping instances: one at a time, or all for good."""
 
-    def _drain(self, inst: Instance, grace: float, respawn: bool) -> None:
+    def _drain(
+        self, inst: Instance, grace: float, respawn: bool, tree: list[psutil.Process] | None = None
+    ) -> None:
         """Ask `inst` to stop (STARTING or READY to STOPPING): close its stop
-        pipe, then after `grace` seconds SIGTERM its process tree, then SIGKILL.
-        A pending restart (BACKOFF, CRASHED) is cut short instead."""
+        pipe, then after `grace` seconds SIGTERM its process tree, then SIGKILL;
+        `tree` is what it had forked (found now if not given), stopped too if it
+        outlives the worker. A pending restart (BACKOFF, CRASHED) is cut short
+        instead."""
         if inst.drain is not None:  # already STOPPING: a shutdown overrides a restart
             inst.drain.respawn &= respawn
             return
@@ -49,7 +54,9 @@ class Drains(Core):
                 else:
                     self._transition(inst, State.STOPPED, "pending restart cancelled by a drain")
             return
-        inst.drain = Drain(respawn)
+        if tree is None:
+            tree = platform.descendants([run.pid]).get(run.pid, [])
+        inst.drain = Drain(respawn, tree)
         if run.stop_w is not None:
             os.close(run.stop_w)
             run.stop_w = None
@@ -87,22 +94,15 @@ class Drains(Core):
                 os.kill(pid, sig)
         platform.signal_tree(procs, sig)
 
-    def _drain_all(self, grace: float, respawn: bool) -> set[Instance]:
-        """Drain every instance; return those now stopping. One scan of the
-        process table records what each has forked, so a descendant that
-        outlives its worker's exit (a daemon in its own session) is stopped too."""
-        instances = [inst for worker in self.workers.values() for inst in worker.instances]
+    def _drain_all(self, instances: list[Instance], grace: float, respawn: bool) -> None:
+        """Drain `instances`. One scan of the process table records what each
+        has forked, so a descendant that outlives its worker's exit (a daemon
+        in its own session) is stopped too."""
         running = [inst.pid for inst in instances if inst.pid is not None and inst.drain is None]
         trees = platform.descendants(running)
-        stopping = set()
         for inst in instances:
-            tree = trees.get(inst.pid) if inst.pid is not None else None
-            self._drain(inst, grace, respawn)
-            if inst.drain is not None:
-                if tree is not None:
-                    inst.drain.tree = tree
-                stopping.add(inst)
-        return stopping
+            tree = trees.get(inst.pid, []) if inst.pid is not None else None
+            self._drain(inst, grace, respawn, tree)
 
     def _drained(self, inst: Instance, status: int) -> None:
         """A draining instance exited: stop here, or respawn for a restart.
@@ -124,29 +124,8 @@ class Drains(Core):
             self._respawn(inst)
         else:
             self._transition(inst, State.STOPPED, texts.exit_words(status))
-        self._progress_restarts(inst)
         if self.closing and not self.by_pid:
             self.finished = True
-
-    def _restart_all(self, conn: Connection | None) -> None:
-        """restart_workers(): drain every running instance and respawn it;
-        answer `conn` once all are back."""
-        if self.closing:
-            if conn is not None:
-                conn.send(error_reply("PoolClosed", texts.SHUTTING_DOWN))
-            return
-        batch = self._drain_all(self.settings.restart_grace_period, respawn=True)
-        self.restarts.append((batch, conn))
-        self._progress_restarts(None)
-
-    def _progress_restarts(self, done: Instance | None) -> None:
-        for batch, conn in list(self.restarts):
-            if done is not None:
-                batch.discard(done)
-            if not batch:
-                self.restarts.remove((batch, conn))
-                if conn is not None:
-                    conn.send({"ok": True})
 
     def _shutdown(self, reason: str) -> None:
         """Drain every instance for good; the loop ends once all have exited.
@@ -159,10 +138,7 @@ class Drains(Core):
         closed = error_reply("PoolClosed", texts.SHUTTING_DOWN)
         for waiter in list(self.waiters):
             self._answer(waiter, closed)
-        for _, conn in self.restarts:
-            if conn is not None:
-                conn.send(closed)
-        self.restarts.clear()
-        self._drain_all(self.settings.grace_period, respawn=False)
+        instances = [inst for worker in self.workers.values() for inst in worker.instances]
+        self._drain_all(instances, self.settings.grace_period, respawn=False)
         if not self.by_pid:
             self.finished = True

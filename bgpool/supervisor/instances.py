@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -21,6 +21,9 @@ from ..states import State
 from . import relay
 from .registry import Decl
 from .timers import Timer
+
+if TYPE_CHECKING:
+    from .generations import Generation
 
 
 @dataclass(eq=False)
@@ -73,6 +76,8 @@ class Instance:
         self.boot_buckets = [0] * len(BOOT_BUCKETS)
         self.tail: collections.deque[str] = collections.deque(maxlen=relay.TAIL_LINES)
         self.timer: Timer | None = None  # the pending restart, or the drain's next stage
+        # The code generation its next restart forks from (None: the newest).
+        self.generation: Generation | None = None
 
     @property
     def pid(self) -> int | None:
@@ -114,15 +119,19 @@ class Instance:
 class Worker:
     """A name in a scope: a named declaration's instances, or one catch-all name."""
 
-    def __init__(self, decl: Decl, name: str, first_slot: int, gen: int) -> None:
+    def __init__(self, decl: Decl, name: str, slots: list[int], gen: int) -> None:
         self.decl = decl
         self.name = name
-        self.gen = gen
-        count = max(decl.num, 1) if decl.name is not None else 1
-        self.instances = [Instance(self, i, first_slot + i) for i in range(count)]
+        self.gen = gen  # the generation of its slots in the table
+        self.instances = [Instance(self, i, slot) for i, slot in enumerate(slots)]
         self.name_ready = False
         self.boot_failures = 0
         self.last_failure: texts.Failure | None = None
+
+    @staticmethod
+    def instance_count(decl: Decl) -> int:
+        """How many instances a worker of `decl` has: a pool's size, else one."""
+        return max(decl.num, 1) if decl.name is not None else 1
 
     @property
     def label(self) -> str:

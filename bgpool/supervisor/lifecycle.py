@@ -1,6 +1,7 @@
 """The lifecycle of worker instances: spawn, readiness, exit, and what follows
 an exit (restart now, back off, or give up), with catch-all names hosted and
-released. Every state change goes through `Core._transition`.
+released, and the code generations they are forked from. Every state change
+goes through `Core._transition`.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
-import heapq
 import logging
 import os
 import selectors
@@ -19,11 +19,12 @@ from typing import Any
 from .. import platform, texts
 from ..protocol import ProtocolError
 from ..shm import varstore
-from ..shm.table import BOOT_BUCKETS, Slot
+from ..shm.table import BOOT_BUCKETS
 from ..states import State
-from ..worker.runtime import Boot, exec_spawned, run_forked
+from ..worker.runtime import Boot, exec_spawned
 from . import policy, relay
 from .drains import Drains
+from .generations import Generation
 from .instances import Instance, Run, Worker, error_record
 from .registry import Decl
 
@@ -55,34 +56,52 @@ class Lifecycle(Drains):
         if 0 <= soft < need:
             self.startup_problem = texts.fd_limit_too_low(len(eager), need, soft, hard)
             return
+        if self.settings.start_method == "fork":
+            self._current_generation()
         for inst in eager:
             self._spawn(inst)
+
+    # -- code generations ------------------------------------------------------------
+
+    def _new_generation(self, decls: list[Decl]) -> Generation:
+        """Fork a generation that loads the code of `decls` afresh."""
+        self.generation_count += 1
+        gen = Generation(self.generation_count, decls)
+        self.generations.append(gen)
+        return gen
+
+    def _current_generation(self) -> Generation:
+        """The newest loaded generation; one is loaded now (blocking) if there
+        is none, or it died."""
+        if self.current is None or not self.current.alive:
+            gen = self._new_generation(self.registry.decls)
+            gen.wait_loaded()
+            self.current = gen
+        return self.current
+
+    def _release_generations(self) -> None:
+        """Close every generation that is neither the newest nor loading nor
+        what some instance would restart from."""
+        used = {id(i.generation) for w in self.workers.values() for i in w.instances}
+        for gen in list(self.generations):
+            if gen is not self.current and gen.loaded and id(gen) not in used:
+                gen.close()
+            if not gen.alive:
+                self.generations.remove(gen)
 
     # -- names -----------------------------------------------------------------------
 
     def _host(self, decl: Decl, name: str) -> Worker:
         """Give a catch-all name a free slot (the caller checked the cap)."""
-        if self.free_slots:
-            slot = heapq.heappop(self.free_slots)
-        else:
-            slot, self.next_slot = self.next_slot, self.next_slot + 1
-        self.gens[slot] += 1
-        worker = Worker(decl, name, slot, self.gens[slot])
         decl.hosted.add(name)
-        self.workers[(decl.scope_id, name)] = worker
-        self._publish(worker.instances[0])
-        self.table.use(slot + 1)
-        return worker
+        return self._declare(decl, name)
 
     def _release(self, worker: Worker) -> None:
         """Free an aborted catch-all name's slot, so the cap counts it no more."""
-        decl, slot = worker.decl, worker.instances[0].slot
+        decl = worker.decl
         decl.hosted.discard(worker.name)
         del self.workers[(decl.scope_id, worker.name)]
-        self.gens[slot] += 1
-        self.table.write(slot, Slot(gen=self.gens[slot]))
-        platform.unlink_shm(varstore.segment_name(self.table.name, slot))  # its vars go too
-        heapq.heappush(self.free_slots, slot)
+        self.slots.give_back([inst.slot for inst in worker.instances])
 
     def _wake(self, worker: Worker) -> None:
         """Start the instances of a worker that is not running (a fresh try
@@ -91,7 +110,7 @@ class Lifecycle(Drains):
             if inst.state == State.ABORTED:
                 inst.failures = 0
             if inst.state in (State.STOPPED, State.ABORTED):
-                self._spawn(inst)
+                self._spawn(inst)  # from the newest code (`_transition` forgot its generation)
 
     # -- spawn -----------------------------------------------------------------------
 
@@ -130,9 +149,11 @@ class Lifecycle(Drains):
         self._transition(inst, State.STARTING, f"pid {pid}, attempt {inst.attempts}")
 
     def _fork(self, inst: Instance, fds: list[int]) -> int:
-        """Fork the worker process of `inst`, handing it its ends of `fds` (stop
-        pipe, notify pipe, then stdout and stderr pipes if relayed); returns its
-        pid in the supervisor. The child never returns."""
+        """Start the worker process of `inst`, handing it its ends of `fds`
+        (stop pipe, notify pipe, then stdout and stderr pipes if relayed): forked
+        by its code generation (the one it was started with, else the newest),
+        or with `start_method="spawn"` forked here and replaced by a fresh
+        interpreter. Returns its pid."""
         worker, decl = inst.worker, inst.worker.decl
         stop_r, _, _, notify_w, *outputs = fds
         boot = Boot(
@@ -153,10 +174,15 @@ class Lifecycle(Drains):
             stdout_fd=outputs[1] if outputs else None,
             stderr_fd=outputs[3] if outputs else None,
         )
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            (run_forked if self.settings.start_method == "fork" else exec_spawned)(boot)
-        return pid
+        if self.settings.start_method == "spawn":
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child never returns
+                exec_spawned(boot)
+            return pid
+        gen = inst.generation
+        if gen is None or not gen.alive:
+            gen = inst.generation = self._current_generation()
+        return gen.spawn(boot)
 
     def _cannot_start(self, inst: Instance, exc: OSError) -> None:
         """No process could be made for `inst`: one that was never ready is
@@ -276,6 +302,7 @@ class Lifecycle(Drains):
             self._drained(inst, status)
         else:
             self._after_run(inst, status, self.timers.clock() - inst.started_mono, run.error)
+        self._release_generations()
 
     def _after_run(
         self,

@@ -4,7 +4,8 @@ Data flow::
 
     application processes            supervisor (this module)              workers
     Pool / PoolClient  ── control socket: JSON requests ──▶  run()
-          ▲                                   │ fork (single thread) ──────▶ worker.run_forked()
+          ▲                                   │ fork ─▶ code generation ─▶ worker.run_forked()
+          │                                   │   (forks workers as the supervisor's children)
           │                                   │ stop pipe: close = drain ──▶ handle EOF
           │                                   ◀── notify pipe: ready, error ─┘
           │                                   ◀── SIGCHLD via wake-up pipe (exits, reaped at once)
@@ -19,8 +20,12 @@ the wake-up pipe; all logic happens in the loop.
 Where each job lives (one layer per module, each using those below it):
 
     core.py       shared state, `_transition()` (checked against states.TRANSITIONS), waiters
-    drains.py     stop pipe closed, grace period, SIGTERM, SIGKILL; restart batches; shutdown
-    lifecycle.py  spawn, readiness, exits, restart/backoff/abort decisions, catch-all hosting
+    drains.py     stop pipe closed, grace period, SIGTERM, SIGKILL; shutdown
+    lifecycle.py  spawn, readiness, exits, restart/backoff/abort decisions, catch-all
+                  hosting, the code generations workers fork from (generations.py)
+    rollouts.py   restarts on new code: load a generation, replace instances, rolling
+    reloads.py    reload(config): declarations added, removed, changed, kept (slots.py)
+    watches.py    file watch: a change restarts its worker on new code (watch.py)
     requests.py   control requests, dispatched by operation name (`HANDLERS`)
     teardown.py   kill and release everything once the loop ends
     loop.py       this module: setup, signals, the owner's death, the loop itself
@@ -99,8 +104,8 @@ class Supervisor(Teardown):
             self._reap()
         if received & {signal.SIGTERM, signal.SIGINT}:
             self._shutdown("asked to stop")
-        if signal.SIGHUP in received:
-            self._restart_all(None)
+        if signal.SIGHUP in received:  # what restart_workers() does
+            self._roll(list(self.workers.values()), self._answer_conn(None))
 
     def _on_owner_exit(self, _fd: object) -> None:
         self._shutdown("the application process exited")

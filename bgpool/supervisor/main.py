@@ -1,5 +1,6 @@
 """The supervisor process's entry point: read the bootstrap the application sent,
-set up logging, preload the targets' modules, then run the `Supervisor`.
+set up logging, then run the `Supervisor` (which imports no user code: its code
+generations do, see `generations.py`).
 
 Started by `Pool.start()` as a fresh interpreter (`python -c "...main()"`).
 """
@@ -7,12 +8,10 @@ Started by `Pool.start()` as a fresh interpreter (`python -c "...main()"`).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
 import sys
-import threading
 from collections.abc import Iterator
 
 from .. import platform, texts
@@ -22,17 +21,6 @@ from .registry import Decl
 from .relay import Relay
 
 log = logging.getLogger("bgpool")
-
-
-def _preload(decls: list[Decl]) -> None:
-    """Import the targets' modules once, so each fork starts with them loaded."""
-    for module in sorted({d.target.partition(":")[0] for d in decls if d.script is None}):
-        try:
-            importlib.import_module(module)
-        except BaseException as exc:  # the worker will report it as a boot failure
-            log.warning("cannot preload %s (%s: %s)", module, type(exc).__name__, exc)
-    if threading.active_count() > 1:
-        log.warning("a preloaded module started a thread: forking workers may deadlock")
 
 
 _LOG_FORMAT = "bgpool[%(process)d] %(levelname)s %(message)s"
@@ -107,8 +95,6 @@ def main() -> None:
         settings = Settings(**bootstrap["settings"])
         platform.raise_fd_limit()
         platform.set_child_subreaper()
-        if settings.start_method == "fork":
-            _preload(decls)
         # The owner put BGPOOL_ADDRESS in our environment at exec, so every
         # worker and everything it starts carries it where /proc shows it.
         boot = os.fdopen(boot_fd, "w")

@@ -7,6 +7,7 @@ and is the authority on resolution; clients only cache its answers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +31,21 @@ class Decl:
     scope_label: str
     output: str = "prefix"
     ready_on: str = "handle"
-    first_slot: int = 0
+    watch: list[str] = field(default_factory=list)
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
 
     @property
     def eager(self) -> bool:
         """Whether `start()` starts it (a named declaration with num >= 1)."""
         return self.name is not None and self.num >= 1
+
+    def fields(self) -> tuple[Any, ...]:
+        """What the declaration says, as a value: two declarations that compare
+        equal here run the same workers the same way."""
+        skip = {"index", "hosted"}
+        return tuple(
+            repr(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip
+        )
 
     @classmethod
     def from_message(cls, data: dict[str, Any]) -> Decl:
@@ -45,26 +54,19 @@ class Decl:
 
 
 class Registry:
-    """All declarations, indexed for resolution, with their table slots laid out:
-    each named declaration takes max(num, 1) consecutive slots, from the first;
-    after them, every catch-all name takes one slot of a shared region as large
-    as all the catch-alls' caps together, handed out lowest first, so what the
-    table's readers scan follows what is hosted, not the caps."""
+    """All declarations, indexed for resolution."""
 
     def __init__(self, decls: list[Decl]) -> None:
         self.decls = decls
         self.named: dict[tuple[int, str], Decl] = {}
         self.catch_alls: dict[int, Decl] = {}
-        slot = 0
         for decl in decls:
             if decl.name is None:
                 self.catch_alls[decl.scope_id] = decl
             else:
-                decl.first_slot = slot
-                slot += decl.cap
                 self.named[(decl.scope_id, decl.name)] = decl
-        self.named_slots = slot
-        self.nslots = slot + sum(decl.cap for decl in self.catch_alls.values())
+        # table slots it takes at most: each named instance, each catch-all name
+        self.slots_needed = sum(decl.cap for decl in decls)
         self.scopes = {decl.scope_id: decl.scope_label for decl in decls}
 
     def effective_scope(self, scope_id: int) -> int:

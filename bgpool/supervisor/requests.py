@@ -12,17 +12,20 @@ import errno
 import logging
 import math
 import selectors
+import signal
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
-from .. import texts
+from .. import platform, texts
 from ..errors import CatchAllLimitReached, WorkerNotDeclared
 from ..names import name_problem
 from ..protocol import Message, ProtocolError, error_reply
+from .core import Settings
 from .instances import Worker
-from .lifecycle import Lifecycle
 from .listener import Connection
 from .registry import Decl
+from .reloads import Reloads
 from .waiters import Waiter
 
 log = logging.getLogger("bgpool")
@@ -34,8 +37,13 @@ ACCEPT_PAUSE = 0.1
 """Seconds the listener rests after such an error."""
 
 
-class Requests(Lifecycle):
+class Requests(Reloads):
     """Accepting connections and answering their requests."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner_reloads = False  # the owner is `bgpool run`: SIGHUP reloads its config
+        self.config_waiters: list[Connection] = []  # `bgpool reload` calls waiting for it
 
     def _accept(self, _sock: object) -> None:
         try:
@@ -144,7 +152,7 @@ class Requests(Lifecycle):
             return
         decl, worker = found
         if worker is None:
-            diagnostics = Worker(decl, message["name"], 0, 0).diagnostics()
+            diagnostics = Worker(decl, message["name"], [0], 0).diagnostics()
             diagnostics["slots"] = []
         else:
             diagnostics = worker.diagnostics()
@@ -158,9 +166,69 @@ class Requests(Lifecycle):
             slot = worker.instances[0].slot if worker is not None else None
             conn.send({"ok": True, "slot": slot, "gen": worker.gen if worker is not None else 0})
 
-    def _restart(self, conn: Connection, _message: Message) -> None:
-        """restart_workers(): answered once every running instance is back."""
-        self._restart_all(conn)
+    def _restart(self, conn: Connection, message: Message) -> None:
+        """restart_workers(names, scope): new code for the running instances of
+        those names (every worker, or every one of the scope, without names);
+        answered once each is replaced, or failed."""
+        names = message.get("names")
+        scope_id = self._scope_of(message)
+        if scope_id < 0:
+            raise ValueError("unknown or ambiguous scope label")
+        if names is None:
+            scoped = message.get("scope") is not None
+            scope_id = self.registry.effective_scope(scope_id)
+            workers = [
+                w for w in self.workers.values() if not scoped or w.decl.scope_id == scope_id
+            ]
+        else:
+            if not isinstance(names, list) or not names or len(set(names)) != len(names):
+                raise ValueError("names must be a non-empty list of distinct names")
+            workers = []
+            for name in names:
+                if not isinstance(name, str) or name_problem(name):
+                    raise ValueError("bad worker name")
+                decl = self.registry.resolve(scope_id, name)
+                if decl is None:
+                    conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
+                    return
+                worker = self.workers.get((decl.scope_id, name))
+                if worker is not None:  # else a catch-all name not hosted: nothing runs
+                    workers.append(worker)
+        self._roll(workers, self._answer_conn(conn))
+
+    def _reload(self, conn: Connection, message: Message) -> None:
+        """reload(config): apply a new set of declarations (answered with the
+        report once the new eager workers are ready)."""
+        decls = [Decl.from_message(d) for d in message["workers"]]
+        settings = Settings(**message["settings"])
+        if settings.start_method != self.settings.start_method:
+            raise ValueError("start_method cannot change while the pool runs")
+        self._update(conn, decls, settings)
+
+    def _owner_reloads(self, conn: Connection, _message: Message) -> None:
+        """The owner (`bgpool run`) says SIGHUP makes it reload its config file."""
+        self.owner_reloads = True
+        conn.send({"ok": True})
+
+    def _reload_config(self, conn: Connection, _message: Message) -> None:
+        """`bgpool reload`: SIGHUP to the owner; answered once it says how its
+        reload went (`config_reloaded`)."""
+        if not self.owner_reloads or self.owner_fd is None:
+            conn.send(error_reply("BgpoolError", texts.NO_CONFIG_FILE))
+            return
+        self.config_waiters.append(conn)
+        conn.on_close.append(lambda: self.config_waiters.remove(conn))
+        platform.pidfd_send_signal(self.owner_fd, signal.SIGHUP)
+
+    def _config_reloaded(self, conn: Connection, message: Message) -> None:
+        """The owner's word on a config reload, passed on to `bgpool reload` callers."""
+        ok, text = message["ok"], message["message"]
+        if type(ok) is not bool or not isinstance(text, str):
+            raise TypeError("ok must be a boolean and message a string")
+        reply = {"ok": True, "outcome": text} if ok else error_reply("BgpoolError", text)
+        for waiter in list(self.config_waiters):
+            waiter.send(reply)
+        conn.send({"ok": True})
 
     def _watch(self, conn: Connection, _message: Message) -> None:
         """Subscribe the connection to state-change events until it closes."""
@@ -230,6 +298,10 @@ HANDLERS: dict[str, Callable[[Requests, Connection, Message], None]] = {
     "diagnostics": Requests._diagnostics,
     "locate": Requests._locate,
     "restart": Requests._restart,
+    "reload": Requests._reload,
+    "owner_reloads": Requests._owner_reloads,
+    "reload_config": Requests._reload_config,
+    "config_reloaded": Requests._config_reloaded,
     "watch": Requests._watch,
 }
 """The handler of each control operation, by its `op`."""

@@ -35,7 +35,9 @@ class Teardown(Requests):
         the table, the socket file and its directory. Each step runs even if an
         earlier one failed: nothing may be left behind."""
         steps: list[Callable[[], None]] = [
+            *(gen.close for gen in self.generations),  # each exits at EOF
             self._reap_leftovers,
+
             self.relay.close,
             self._close_connections,
             self.selector.close,

@@ -103,8 +103,14 @@ def failure_reply(error: str, text: str, workers: list[Worker]) -> Message:
     return error_reply(error, texts.clip(text, MESSAGE_BUDGET), diagnostics=diagnostics)
 
 
-def startup_error(workers: list[Worker], timeout: float) -> Message:
-    """StartupError: each eager worker that was aborted or not ready in time."""
+def startup_error(
+    workers: list[Worker],
+    timeout: float,
+    error: str = "StartupError",
+    opening: str = "could not start the pool",
+) -> Message:
+    """StartupError: each eager worker that was aborted or not ready in time
+    (`reload()` says the same of the eager workers it added, as `error`)."""
     reasons = []
     for worker in workers:
         failure = worker.last_failure
@@ -113,4 +119,4 @@ def startup_error(workers: list[Worker], timeout: float) -> Message:
             reasons.append(texts.aborted(worker.name, failures, failure))
         else:
             reasons.append(texts.not_ready(worker.name, timeout, failure, worker.missing_step))
-    return failure_reply("StartupError", "could not start the pool: " + "; ".join(reasons), workers)
+    return failure_reply(error, f"{opening}: " + "; ".join(reasons), workers)

@@ -1,9 +1,10 @@
 """The worker's runtime: what runs in a new worker process, between the fork and
 the target, and after the target returns or raises.
 
-Runs in the child only. With `start_method="fork"` the child runs the target
-directly (its modules were preloaded by the supervisor, so nothing is imported
-twice); with `"spawn"` it replaces itself with a fresh interpreter first. Either
+Runs in the child only. With `start_method="fork"` the child was forked from
+its code generation (`zygote.py`), which imported its module or compiled its
+script already, so the target runs at once; with `"spawn"` it replaces itself
+with a fresh interpreter first. Either
 way, before any user code runs, the child: leaves the supervisor's process
 group, asks for SIGKILL when the supervisor dies, resets signal handling to a
 new interpreter's, and closes every descriptor but stdio and its own two pipe
@@ -20,13 +21,12 @@ import inspect
 import io
 import json
 import os
-import runpy
 import signal
 import sys
 import traceback
 from dataclasses import asdict, dataclass
-from types import TracebackType
-from typing import NoReturn
+from types import CodeType, ModuleType, TracebackType
+from typing import ClassVar, NoReturn
 
 from .. import identity, platform
 from ..launch import python_command
@@ -57,8 +57,25 @@ class Boot:
     stdout_fd: int | None = None  # pipes to the supervisor's relay, or inherit stdio
     stderr_fd: int | None = None
 
+    FDS: ClassVar[tuple[str, ...]] = ("stop_fd", "notify_fd", "stdout_fd", "stderr_fd")
+    """The fields that hold descriptors, passed along as such to a generation."""
 
-def _reset_signals() -> None:
+
+COMPILED: dict[str, CodeType] = {}
+"""Script targets' code, compiled once by the generation workers fork from."""
+
+PROCESS_NAME = b""
+"""The name a worker takes back from the generation it was forked from (which
+renamed itself for ps)."""
+
+
+def compile_script(path: str) -> CodeType:
+    """A script target's code, compiled as `python path` would."""
+    with open(path, "rb") as source:
+        return compile(source.read(), path, "exec", dont_inherit=True)
+
+
+def reset_signals() -> None:
     """Give the child the signal handling of a new Python process, not the
     supervisor's (its wake-up fd and handlers mean nothing here)."""
     signal.set_wakeup_fd(-1)
@@ -75,7 +92,7 @@ def _reset_signals() -> None:
 
 def _detach(boot: Boot) -> None:
     """Cut the child loose from the supervisor's process state."""
-    _reset_signals()
+    reset_signals()
     os.setpgid(0, 0)
     platform.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != boot.supervisor_pid:
@@ -93,6 +110,8 @@ def run_forked(boot: Boot) -> NoReturn:
     try:
         gc.freeze()  # never collect the supervisor's objects (they hold closed fds)
         atexit._clear()  # the supervisor's exit handlers are not this process's
+        if PROCESS_NAME:
+            platform.set_process_name(PROCESS_NAME)
         _detach(boot)
         code = _run(boot)
     finally:
@@ -140,7 +159,7 @@ def _run(boot: Boot) -> int:
     where: tuple[str, int] | None = None  # where the error lies, if not in the traceback
     try:
         if boot.script is not None:
-            runpy.run_path(boot.script, run_name="__main__")
+            _run_script(boot.script)
         else:
             module, _, attribute = boot.target.partition(":")
             target: object = importlib.import_module(module)
@@ -173,6 +192,17 @@ def _run(boot: Boot) -> int:
     return code
 
 
+def _run_script(path: str) -> None:
+    """Run a script target as `__main__`, as runpy.run_path() would, from the
+    code its generation compiled (compiled here when there is none: spawn)."""
+    code = COMPILED.get(path) or compile_script(path)
+    main = ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __loader__=None, __package__="",
+                         __spec__=None)  # fmt: skip
+    sys.modules["__main__"] = main
+    exec(code, main.__dict__)
+
+
 def _exit_status(code: object) -> int:
     """The status `sys.exit(code)` gives, as the interpreter would compute it."""
     if code is None:
@@ -183,11 +213,11 @@ def _exit_status(code: object) -> int:
     return 1
 
 
-_OWN_FILES = {__file__, runpy.__file__}
+_OWN_FILES = {__file__, os.path.join(os.path.dirname(__file__), "zygote.py")}
 
 
 def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
-    """Skip the runtime's and runpy's frames at the top of a traceback."""
+    """Skip the runtime's (and a generation's) frames at the top of a traceback."""
     while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
         tb = tb.tb_next
     return tb

@@ -47,6 +47,7 @@ from helpers import (
     state,
     supervisor_pid,
     wait_for,
+    worker_children,
 )
 from pydantic import ValidationError
 
@@ -111,7 +112,7 @@ def lazy_pool(make_pool: Any) -> Any:
 def _nothing_started(pool: Any) -> None:
     for row in pool.status():
         assert state(row.state) == "stopped" and row.attempts == 0, row
-    assert not psutil.Process(supervisor_pid(pool)).children(), "a worker was forked"
+    assert not worker_children(supervisor_pid(pool)), "a worker was forked"
 
 
 def _expect(

@@ -1,0 +1,133 @@
+"""Code generations: the processes workers are forked from.
+
+A worker must start as a fork of a process that has its code loaded (a cold
+start then costs a fork, not an import), yet an edited module must run after a
+restart. The supervisor itself therefore imports no user code. Each generation
+is a child of the supervisor (`worker/zygote.py`) that imports every module
+target afresh and compiles every script target once, then forks workers on
+request; a new generation is loaded for `restart_workers()`, `reload()`, SIGHUP
+or a watched change, while crash restarts keep forking from the generation an
+instance was started with. A generation is closed once no instance uses it.
+
+Why a process per generation, as multiprocessing's forkserver does, and not a
+supervisor that re-executes itself: re-executing would have to hand over every
+descriptor, timer, waiter and connection of a running supervisor and could not
+keep the old code around for crash restarts of instances not yet replaced;
+with one process per generation the supervisor keeps its state and old and new
+code can serve side by side during a rolling restart. The generation forks its
+workers with CLONE_PARENT, so they are the supervisor's children: waiting,
+signalling, reaping and the parent-death signal work exactly as if the
+supervisor had forked them, and no generation is ever between a worker and the
+supervisor. The supervisor stays single-threaded; a generation too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+from typing import Any
+
+from ..worker import zygote
+from ..worker.runtime import Boot
+from .registry import Decl
+
+log = logging.getLogger("bgpool")
+
+SPAWN_REPLY_SECONDS = 5.0
+"""How long a generation may take to answer a spawn request (it forks at once)."""
+
+
+class Generation:
+    """One generation process, seen from the supervisor."""
+
+    def __init__(self, number: int, decls: list[Decl]) -> None:
+        modules = sorted({d.target.partition(":")[0] for d in decls if d.script is None})
+        scripts = sorted({d.script for d in decls if d.script is not None})
+        self.number = number
+        self.loaded = False
+        self.failures: dict[str, dict[str, Any]] = {}
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.pid = os.fork()
+        except OSError:
+            self.sock.close()
+            child.close()
+            raise
+        if self.pid == 0:  # pragma: no cover - the child never returns
+            self.sock.close()
+            zygote.serve(child, number, modules, scripts)
+        child.close()
+
+    def fileno(self) -> int:
+        """The socket to the generation: readable once it has loaded (or died)."""
+        return self.sock.fileno()
+
+    @property
+    def alive(self) -> bool:
+        """Whether it can still fork workers (not closed, not dead)."""
+        return self.sock.fileno() >= 0
+
+    def take_load(self) -> bool:
+        """Read the generation's load report, once its socket is readable;
+        False if it died before reporting (it is closed then)."""
+        try:
+            data = self.sock.recv(zygote.MAX_PACKET)
+        except OSError:
+            data = b""
+        if not data:
+            log.error("code generation %d exited before it loaded the targets", self.number)
+            self.close()
+            return False
+        report = json.loads(data)
+        self.failures = report["failures"]
+        self.loaded = True
+        if report["threads"] > 1:
+            log.warning(
+                "importing the targets started %d thread(s) in code generation %d: "
+                "forking workers from it may deadlock",
+                report["threads"] - 1,
+                self.number,
+            )
+        return True
+
+    def wait_loaded(self) -> bool:
+        """Block until the generation has loaded (at start, before any worker)."""
+        select.select([self.sock], [], [])
+        return self.take_load()
+
+    def failure(self, decl: Decl) -> dict[str, Any] | None:
+        """Why this generation cannot run `decl`'s target (its module failed to
+        import, its script to compile), as diagnostics data; None if it can."""
+        return self.failures.get(decl.script or decl.target.partition(":")[0])
+
+    def spawn(self, boot: Boot) -> int:
+        """Have the generation fork the worker `boot` describes; its pid (a
+        child of the supervisor). OSError if it could not."""
+        names = [name for name in Boot.FDS if getattr(boot, name) is not None]
+        fds = [getattr(boot, name) for name in names]
+        request = json.dumps({"t": "spawn", "boot": boot.__dict__, "fds": names}).encode()
+        try:
+            socket.send_fds(self.sock, [request], fds)
+            ready, _, _ = select.select([self.sock], [], [], SPAWN_REPLY_SECONDS)
+            data = self.sock.recv(zygote.MAX_PACKET) if ready else None
+        except OSError as exc:
+            self.close()
+            raise OSError(exc.errno, f"code generation {self.number} is gone: {exc}") from None
+        if not data:
+            self.close()
+            raise OSError(f"code generation {self.number} did not answer a spawn request")
+        reply = json.loads(data)
+        if reply["t"] != "spawned":
+            errno = int(reply["errno"])
+            raise OSError(errno, os.strerror(errno))
+        return int(reply["pid"])
+
+    def close(self) -> None:
+        """Let the generation go: it exits once its socket closes (the
+        supervisor reaps it with its other children)."""
+        if self.alive:
+            log.info("code generation %d released", self.number)
+            self.sock.close()

@@ -1,0 +1,137 @@
+"""A code generation's process: the targets' code, loaded once, forked from.
+
+Runs in a child the supervisor forked for one generation (see
+`supervisor/generations.py` for why generations are processes). It makes itself
+a clean parent for workers (signals as a new interpreter has them, no
+descriptor of the supervisor's, SIGKILL when the supervisor dies), imports every
+module target afresh from disk and compiles every script target, says what
+failed, then forks one worker per request it receives on its socket.
+
+Workers are forked with `platform.fork_sibling()`, so each is the supervisor's
+child, not this process's: the supervisor waits for, signals and reaps its
+workers as if it had forked them itself, and this process never has to.
+
+The socket is SOCK_SEQPACKET, one JSON message per packet. This process sends
+``{"t": "loaded", "failures": {target: error}, "threads": n}`` once, then
+answers each ``{"t": "spawn", "boot": {...}}`` (its pipe ends passed along as
+SCM_RIGHTS, in the order of `Boot.FDS`) with ``{"t": "spawned", "pid": n}`` or
+``{"t": "failed", "errno": n}``. It exits when the supervisor closes its end.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import replace
+from types import CodeType
+from typing import NoReturn
+
+from .. import platform
+from . import runtime
+
+MAX_PACKET = 1 << 20
+"""The largest request: a Boot with its environment and sys.path."""
+
+
+class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
+    """Python's source loader, but a cached .pyc written before its source last
+    changed is not trusted: the .pyc check compares whole seconds and the size,
+    so an edit of the same size within the second it was compiled would
+    otherwise run the old code."""
+
+    def get_code(self, fullname: str) -> CodeType | None:
+        source = self.get_filename(fullname)
+        try:
+            cached = importlib.util.cache_from_source(source)
+            stale = os.stat(cached).st_mtime_ns <= os.stat(source).st_mtime_ns
+        except (OSError, NotImplementedError, ValueError):
+            stale = False
+        if stale:
+            return self.source_to_code(self.get_data(source), source)
+        return super().get_code(fullname)
+
+
+def _fresh_imports() -> None:
+    """Look for modules on disk as a new interpreter would, with `_FreshSourceLoader`."""
+    loaders = [
+        (_FreshSourceLoader, importlib.machinery.SOURCE_SUFFIXES),
+        (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
+        (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+    ]
+    sys.path_hooks.insert(0, importlib.machinery.FileFinder.path_hook(*loaders))
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
+
+
+def _load(modules: list[str], scripts: list[str]) -> dict[str, object]:
+    """Import `modules` and compile `scripts` (into `runtime.COMPILED`); return
+    what failed, by module name or script path, as diagnostics data."""
+    failures: dict[str, object] = {}
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # the workers that need it report it as a boot failure
+            failures[module] = runtime.describe(exc)
+    for path in scripts:
+        try:
+            runtime.COMPILED[path] = runtime.compile_script(path)
+        except BaseException as exc:
+            failures[path] = runtime.describe(exc)
+    return failures
+
+
+def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[str]) -> NoReturn:
+    """Entry point in the supervisor's child for generation `number`; never returns."""
+    code = 1
+    try:
+        gc.disable()  # nothing of the supervisor's may be collected: its objects hold its fds
+        parent = os.getppid()
+        runtime.reset_signals()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
+        platform.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        platform.close_fds_except({sock.fileno()})
+        runtime.PROCESS_NAME = platform.process_name()
+        platform.set_process_name(f"bgpool-gen{number}".encode())
+        _fresh_imports()
+        failures = _load(modules, scripts)
+        gc.freeze()  # what is loaded now is shared with every worker, untouched
+        gc.enable()
+        loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
+        sock.send(json.dumps(loaded).encode())
+        _fork_on_request(sock)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _fork_on_request(sock: socket.socket) -> None:
+    """Fork one worker per spawn request until the supervisor closes the socket."""
+    while True:
+        data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, len(runtime.Boot.FDS))
+        if not data:
+            return
+        request = json.loads(data)
+        given = dict(zip(request["fds"], fds, strict=True))
+        boot = replace(runtime.Boot(**request["boot"]), **given)
+        try:
+            pid = platform.fork_sibling()
+        except OSError as exc:
+            reply: dict[str, object] = {"t": "failed", "errno": exc.errno}
+        else:
+            if pid == 0:  # pragma: no cover - the child never returns
+                sock.close()
+                runtime.run_forked(boot)
+            reply = {"t": "spawned", "pid": pid}
+        for fd in fds:
+            os.close(fd)
+        sock.send(json.dumps(reply).encode())
