@@ -39,10 +39,11 @@ class Machine(Supervisor):
     pid, so exits and readiness can be fed in by hand."""
 
     def __init__(self, decls: list[Decl], address: str, clock: Clock) -> None:
+        # spawn: no code generation is loaded, and _spawn below forks nothing
         settings = Settings(
             ensure_timeout=5.0, grace_period=3.0, restart_grace_period=2.0,
             start_method="spawn", max_vars_bytes=1 << 16, root=os.getcwd(),
-        )  # fmt: skip  (spawn: no code generation is loaded, nothing is forked)
+        )  # fmt: skip
         super().__init__(decls, settings, os.getpid(), address, new_name())
         self.timers = Timers(clock)
         self.moves: list[tuple[str, str]] = []

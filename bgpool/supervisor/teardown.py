@@ -37,7 +37,6 @@ class Teardown(Requests):
         steps: list[Callable[[], None]] = [
             *(gen.close for gen in self.generations),  # each exits at EOF
             self._reap_leftovers,
-
             self.relay.close,
             self._close_connections,
             self.selector.close,
