@@ -237,9 +237,30 @@ def processes_with_env(name: str, value: str) -> list[psutil.Process]:
     return found
 
 
+def _children(pid: int) -> list[int] | None:
+    """`pid`'s children, from /proc/<pid>/task/*/children (Linux); None if
+    that file is not there."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                found.extend(int(child) for child in listing.read().split())
+    except FileNotFoundError:
+        return None if not os.path.exists(f"/proc/{pid}") else found
+    except (OSError, ValueError):
+        return None
+    return found
+
+
 def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
-    """Each of `pids`' descendants, from one scan of the process table (a drain
-    of many workers must not scan it once per worker)."""
+    """Each of `pids`' descendants: walked down from each pid when the kernel
+    lists children (a drain of one worker must not read every process), else
+    from one scan of the process table (a drain of many workers must not scan
+    it once per worker)."""
+    if len(pids) <= 8:
+        walked = {pid: _walk(pid) for pid in pids}
+        if all(tree is not None for tree in walked.values()):
+            return {pid: tree for pid, tree in walked.items() if tree is not None}
     children: dict[int, list[psutil.Process]] = defaultdict(list)
     with contextlib.suppress(OSError):  # out of descriptors: what was read so far
         for proc in psutil.process_iter(["ppid"]):
@@ -253,6 +274,22 @@ def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
                 stack.append(child.pid)
         found[pid] = tree
     return found
+
+
+def _walk(pid: int) -> list[psutil.Process] | None:
+    """`pid`'s descendants through /proc/<pid>/task/*/children; None if the
+    kernel does not list children."""
+    tree: list[psutil.Process] = []
+    stack = [pid]
+    while stack:
+        children = _children(stack.pop())
+        if children is None:
+            return None
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                tree.append(psutil.Process(child))
+                stack.append(child)
+    return tree
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -274,3 +311,67 @@ def signal_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.send_signal(sig)
+
+
+# inotify (Linux): the file watcher's one descriptor (supervisor/watch.py). The
+# masks are the kernel's (<sys/inotify.h>); IN_NONBLOCK and IN_CLOEXEC equal
+# O_NONBLOCK and O_CLOEXEC on every Linux architecture.
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_EXCL_UNLINK = 0x04000000
+IN_ISDIR = 0x40000000
+
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+def _inotify_call(result: int) -> int:
+    """`result` of an inotify call, or the OSError its errno describes."""
+    if result < 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return result
+
+
+def inotify_init() -> int:
+    """A new inotify descriptor, non-blocking and close-on-exec (so no worker
+    inherits it)."""
+    if _libc is None:
+        raise OSError(errno.ENOSYS, "watching files needs Linux (inotify)")
+    return _inotify_call(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+
+
+def inotify_add_watch(fd: int, path: str | os.PathLike[str], mask: int) -> int:
+    """Watch `path` for the events of `mask`; the watch descriptor. Watching
+    an inode that is already watched (through another path) returns its wd."""
+    assert _libc is not None  # inotify_init() refused already
+    return _inotify_call(_libc.inotify_add_watch(fd, os.fsencode(path), ctypes.c_uint32(mask)))
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    """Stop watch `wd` (EINVAL if the kernel already dropped it: its inode is gone)."""
+    assert _libc is not None
+    _inotify_call(_libc.inotify_rm_watch(fd, wd))
+
+
+def inotify_events(data: bytes) -> list[tuple[int, int, str]]:
+    """The events in a buffer read from an inotify descriptor, as (wd, mask,
+    name); name is "" for an event on the watched inode itself."""
+    events: list[tuple[int, int, str]] = []
+    offset = 0
+    while offset + _INOTIFY_EVENT.size <= len(data):
+        wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(data, offset)
+        offset += _INOTIFY_EVENT.size
+        name = data[offset : offset + length].rstrip(b"\0")
+        offset += length
+        events.append((wd, mask, os.fsdecode(name)))
+    return events

@@ -6,6 +6,8 @@ machine. Run it with ./scripts/bench (which installs the `bench` extra first).
     ./scripts/bench --quick         a small version (well under a minute)
     ./scripts/bench --json PATH     also write the results as JSON
     ./scripts/bench --only cold_ensure,crash_to_ready --no-peers
+    ./scripts/bench --quick --no-peers \
+        --only edit_to_new_code,reload_cold_ensure,rolling_ready,worker_uss
 
 Each case is measured several times; the table shows the median, the 90th
 percentile (nearest rank), the ratio of the median to the case's baseline
@@ -47,10 +49,38 @@ drain              `pool.shutdown()` of N idle ready workers until it returns
                    (the supervisor reaped every worker and exited). Baseline: N
                    bare forked children: close their stop pipes, join them all.
                    Peer: supervisord `stopAllProcesses(wait=True)`.
+edit_to_new_code   A ready worker of a small generated module (ready_on="vars":
+                   it publishes its VERSION with set_vars(), then takes its
+                   handle). Measured: from rewriting the module's source with
+                   a new VERSION until `restart_workers([name])` returned and
+                   `get_vars(name)` showed the new VERSION; the same pool for
+                   every sample. Beside it: a cold ensure() of that module as a
+                   lazy worker (fresh pool; the baseline of the ratios), the
+                   module's import in a fresh interpreter (`-X importtime`,
+                   cumulative, compiled from source with no .pyc; `python -c
+                   "import mod"` minus `python -c pass` is printed and in the
+                   JSON), and the budget row: import + 2 x cold ensure().
+reload_cold_ensure cold ensure() of a lazy module target (bench_workers:idle)
+                   and of a lazy script target (bench_workers.py run as a
+                   script, args ["idle"]) in a fresh pool, before and after a
+                   `restart_workers()` (the pool runs one eager worker of each
+                   target, so there is a new code generation to fork from; the
+                   case checks a bgpool-gen2 process exists). Baseline: the
+                   bare fork + pipe handshake of cold_ensure.
+rolling_ready      A pool of 8 idle instances (num=8); a thread counts those in
+                   state "ready" in `pool.status()` (shared memory, no round
+                   trip) every millisecond during `restart_workers([name])`.
+                   A sample is the fewest it saw during one restart. Baseline:
+                   the same sampler over 100 ms with nothing happening.
 idle_cpu           The supervisor's CPU (psutil cpu_times user+system) over a
                    quiet window with N idle ready workers, as % of one core.
-supervisor_rss     The supervisor's RSS then. worker_uss: the USS
-                   (memory_full_info) of idle workers (median of a few).
+supervisor_rss     The supervisor's RSS then.
+worker_uss         The USS (psutil memory_full_info) of each of 16 idle ready
+                   workers of one pool, read after they idled 0.5 s; a row of
+                   the largest. Baseline (the floor): the child a plain `python
+                   -c` process forked with os.fork(), waiting on a pipe (five
+                   of them). Peer: five of supervisord's idle workers (in the
+                   drain phase).
 scale              Pool.start() plus ensure() of N catch-all names until all are
                    ready (RLIMIT_NOFILE soft limit raised to the hard one
                    first); success means every one was ready. Baseline: N bare

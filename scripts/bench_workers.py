@@ -5,7 +5,8 @@ worker. The bgpool targets are `bench_workers:<function>`: the supervisor
 inherits the benchmark's sys.path (scripts/ is on it) and preloads this module.
 The module imports only the standard library at the top, because the peers'
 workers run it as a script (`python bench_workers.py peer FIFO`), where every
-import before the first line would be charged to the peer.
+import before the first line would be charged to the peer. bgpool runs it as a
+script target too (`args=["idle"]`: `idle()`), for the reload_cold_ensure case.
 
 Channels back to the benchmark are FIFOs and files; clocks are CLOCK_MONOTONIC
 (`time.monotonic_ns()`), which is system-wide on Linux, so a timestamp taken in
@@ -173,5 +174,7 @@ def peer_main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "peer":
         peer_main(sys.argv)
+    elif sys.argv[1:] == ["idle"]:  # bgpool's script target (reload_cold_ensure)
+        idle()
     else:
-        sys.exit("usage: bench_workers.py peer [FIFO]")
+        sys.exit("usage: bench_workers.py peer [FIFO] | bench_workers.py idle (a bgpool script)")

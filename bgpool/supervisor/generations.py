@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import socket
+import time
 from typing import Any
 
 from ..worker import zygote
@@ -47,6 +48,7 @@ class Generation:
         modules = sorted({d.target.partition(":")[0] for d in decls if d.script is None})
         scripts = sorted({d.script for d in decls if d.script is not None})
         self.number = number
+        self.started = time.monotonic()
         self.loaded = False
         self.failures: dict[str, dict[str, Any]] = {}
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -84,6 +86,8 @@ class Generation:
         report = json.loads(data)
         self.failures = report["failures"]
         self.loaded = True
+        took = (time.monotonic() - self.started) * 1000
+        log.info("code generation %d loaded in %.1f ms (pid %d)", self.number, took, self.pid)
         if report["threads"] > 1:
             log.warning(
                 "importing the targets started %d thread(s) in code generation %d: "

@@ -25,8 +25,8 @@ from .core import Settings
 from .instances import Worker
 from .listener import Connection
 from .registry import Decl
-from .reloads import Reloads
 from .waiters import Waiter
+from .watches import Watches
 
 log = logging.getLogger("bgpool")
 
@@ -37,7 +37,7 @@ ACCEPT_PAUSE = 0.1
 """Seconds the listener rests after such an error."""
 
 
-class Requests(Reloads):
+class Requests(Watches):
     """Accepting connections and answering their requests."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -37,6 +37,7 @@ class Teardown(Requests):
         steps: list[Callable[[], None]] = [
             *(gen.close for gen in self.generations),  # each exits at EOF
             self._reap_leftovers,
+            self.close_file_watch,
             self.relay.close,
             self._close_connections,
             self.selector.close,

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import sysconfig
 import threading
 from dataclasses import replace
 from types import CodeType
@@ -60,15 +61,20 @@ class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
 
 
 def _fresh_imports() -> None:
-    """Look for modules on disk as a new interpreter would, with `_FreshSourceLoader`."""
+    """Look for modules on disk as a new interpreter would, with `_FreshSourceLoader`,
+    in every directory but the interpreter's own (the standard library and
+    installed packages, which nobody edits in place)."""
     loaders = [
         (_FreshSourceLoader, importlib.machinery.SOURCE_SUFFIXES),
         (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
         (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
     ]
     sys.path_hooks.insert(0, importlib.machinery.FileFinder.path_hook(*loaders))
-    sys.path_importer_cache.clear()
-    importlib.invalidate_caches()
+    paths = sysconfig.get_paths()
+    installed = tuple({paths[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    for directory in list(sys.path_importer_cache):
+        if not (directory + os.sep).startswith(installed) and not directory.endswith(".zip"):
+            del sys.path_importer_cache[directory]
 
 
 def _load(modules: list[str], scripts: list[str]) -> dict[str, object]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import bench_workers
 
 from .channels import FORK, in_child, polling_reader, wait_file
+from .costs import uss_mib
 from .harness import Bench, add_visibility, after_warmup, per_call_us
 
 # ------------------------------------------------------------------ bare forks
@@ -138,6 +141,56 @@ def drain(bench: Bench, params: dict[str, Any]) -> None:
         bare.stop()
         samples.append((time.perf_counter_ns() - t0) / 1e6)
     bench.add("drain", f"baseline: close {n} stop pipes, join all", "baseline", samples, params)
+
+
+def reload_cold_ensure(bench: Bench) -> None:
+    """cold_ensure's baseline, again, for the reload_cold_ensure rows."""
+    samples = after_warmup(bench.config.reload_reps, lambda: bare_start_ms(1))
+    subject = "baseline: multiprocessing fork + pipe handshake"
+    bench.add("reload_cold_ensure", subject, "baseline", samples)
+
+
+_FORK_FLOOR = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.read(0, 1)  # EOF: the benchmark closed stdin
+    os._exit(0)
+sys.stdout.write(f"{pid}\\n")
+sys.stdout.flush()
+os.read(0, 1)
+os.waitpid(pid, 0)
+"""
+
+
+def worker_uss(bench: Bench, count: int = 5, settle_s: float = 0.5) -> None:
+    """The floor of a forked worker's USS: `count` plain `python -c` processes
+    (no bgpool, no benchmark) each os.fork() a child that waits on stdin; the
+    children's USS once they have idled `settle_s`."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        pids = []
+        for _ in range(count):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _FORK_FLOOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            pids.append(int(proc.stdout.readline()))
+        time.sleep(settle_s)
+        samples = uss_mib(pids)
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.close()  # the parent and its child both read EOF and exit
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    subject = "baseline: bare os.fork() child of a plain python"
+    bench.add("worker_uss", subject, "baseline", samples, {"processes": count})
 
 
 def scale(bench: Bench, params: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import bgpool
 
 from .channels import in_child, make_fifo, wait_until
-from .costs import add_idle_costs, supervisor_process
+from .costs import add_idle_costs, supervisor_process, uss_mib
 from .harness import Bench, after_warmup, per_call_us
 
 IDLE = "bench_workers:idle"  # takes its handle, waits for the stop signal
@@ -207,7 +207,7 @@ def _drain_ms(bench: Bench, params: dict[str, Any], *, idle_costs: bool) -> floa
                 supervisor,
                 f"bgpool supervisor, {n} idle workers",
                 lambda: [s.pid for s in pool.status() if s.pid],
-                "bgpool idle worker (forked)",
+                None,  # bgpool's worker_uss: worker_uss() below
                 params,
             )
     finally:
@@ -224,6 +224,26 @@ def idle_and_drain(bench: Bench, params: dict[str, Any]) -> None:
     samples = [_drain_ms(bench, params, idle_costs=rep == 0) for rep in range(c.drain_reps)]
     subject = f"bgpool Pool.shutdown() of {c.workers} idle workers"
     bench.add("drain", subject, "bgpool", samples, params)
+
+
+USS_WORKERS = 16  # idle workers whose USS worker_uss measures
+SETTLE_S = 0.5  # how long processes idle before their USS is read
+
+
+def worker_uss(bench: Bench) -> None:
+    """The USS of USS_WORKERS idle ready workers of one pool, read once they
+    have idled SETTLE_S: a row of all of them (median) and one of the largest."""
+    n = USS_WORKERS
+    with running([bgpool.WorkerSpec(name="idle", target=IDLE, num=n)]) as pool:
+        wait_until(lambda: ready_count(pool) == n, 60, f"{n} ready workers")
+        time.sleep(SETTLE_S)
+        samples = uss_mib([s.pid for s in pool.status() if s.pid])
+    if len(samples) != n:
+        raise RuntimeError(f"read the USS of {len(samples)} workers of {n}")
+    params = {"count": n}
+    subject = f"bgpool idle worker (forked), each of {n}"
+    bench.add("worker_uss", subject, "bgpool", samples, params)
+    bench.add("worker_uss", f"bgpool idle worker, the largest of {n}", "reference", [max(samples)])
 
 
 def raise_nofile_limit() -> int:

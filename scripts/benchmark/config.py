@@ -12,6 +12,7 @@ from typing import Any
 class Config:
     quick: bool
     reps: int  # samples of the per-start cases (cold ensure, crash to ready)
+    reload_reps: int  # samples of the reload cases (edit to new code, cold after, rolling)
     batch_reps: int  # samples of the batch case
     batches: int  # samples of the per-call cases (one per batch of calls)
     calls: int  # calls per batch on the in-process fast paths
@@ -31,6 +32,7 @@ class Config:
 # field: (--quick, the full run)
 PRESETS: dict[str, tuple[Any, Any]] = {
     "reps": (5, 20),
+    "reload_reps": (10, 20),
     "batch_reps": (3, 10),
     "batches": (5, 15),
     "calls": (20_000, 200_000),
@@ -58,6 +60,8 @@ def make_config(args: argparse.Namespace) -> Config:
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
+    if args.reps is not None:
+        config.reload_reps = args.reps
     if args.reps is not None:
         config.batch_reps = config.drain_reps = config.batches = max(2, args.reps)
         config.peer_drain_reps = config.scale_reps = 1

@@ -64,15 +64,17 @@ def add_idle_costs(
     daemon: psutil.Process,
     subject: str,
     worker_pids: Callable[[], list[int]],
-    worker_subject: str,
+    worker_subject: str | None,
     params: dict[str, Any],
 ) -> None:
-    """The idle_cpu, supervisor_rss and worker_uss rows of one supervising daemon
-    whose workers are all up: its CPU over the idle window, then its RSS, then the
-    USS of five of its workers (asked for only then, so that asking is not
-    charged to the daemon's idle window or its RSS)."""
+    """The idle_cpu, supervisor_rss and (with a `worker_subject`) worker_uss rows
+    of one supervising daemon whose workers are all up: its CPU over the idle
+    window, then its RSS, then the USS of five of its workers (asked for only
+    then, so that asking is not charged to the daemon's idle window or its RSS).
+    bgpool's worker_uss rows have a phase of their own (cases.worker_uss)."""
     cpu, extra = idle_cost(daemon, bench.config.idle_seconds)
     bench.add("idle_cpu", subject, kind, [cpu], params, extra=extra)
     rss = daemon.memory_info().rss / MIB
     bench.add("supervisor_rss", subject, kind, [rss], params)
-    bench.add("worker_uss", worker_subject, kind, uss_mib(worker_pids()[:5]))
+    if worker_subject is not None:
+        bench.add("worker_uss", worker_subject, kind, uss_mib(worker_pids()[:5]))

@@ -20,7 +20,7 @@ import bench_workers
 
 import bgpool
 
-from . import baselines, cases, peers, vars_cases
+from . import baselines, cases, peers, reload_cases, vars_cases
 from .channels import FORK
 from .config import Config
 from .daemons import Circusd, Supervisord, peer
@@ -28,7 +28,7 @@ from .harness import Bench
 
 HOT_CASES = ("hot_ensure_owner", "hot_ensure_client")
 VARS_CASES = ("get_vars_owner", "get_vars_client", "set_vars", "vars_visibility")
-IDLE_CASES = ("drain", "idle_cpu", "supervisor_rss", "worker_uss")
+IDLE_CASES = ("drain", "idle_cpu", "supervisor_rss")  # (and the peer's worker_uss row)
 
 
 def _hot_ensure(bench: Bench, steady: bgpool.Pool) -> None:
@@ -71,6 +71,16 @@ def _batch(bench: Bench) -> None:
 def _crash(bench: Bench) -> None:
     baselines.crash_to_ready(bench)
     cases.crash_to_ready(bench)
+
+
+def _reload_cold_ensure(bench: Bench) -> None:
+    baselines.reload_cold_ensure(bench)
+    reload_cases.reload_cold_ensure(bench)
+
+
+def _worker_uss(bench: Bench) -> None:
+    baselines.worker_uss(bench)
+    cases.worker_uss(bench)
 
 
 def _idle_and_drain(bench: Bench) -> None:
@@ -147,6 +157,15 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
             phase(f"batch ensure() of {config.batch} names", _batch, bench)
         if wanted("crash_to_ready"):
             phase("crash to ready again", _crash, bench)
+        if wanted("edit_to_new_code"):
+            phase("edit a module -> new code ready", reload_cases.edit_to_new_code, bench)
+        if wanted("reload_cold_ensure"):
+            phase("cold ensure() before and after a new generation", _reload_cold_ensure, bench)
+        if wanted("rolling_ready"):
+            title = f"ready instances during a rolling restart of {reload_cases.ROLLING_NUM}"
+            phase(title, reload_cases.rolling_ready, bench)
+        if wanted("worker_uss"):
+            phase(f"idle worker USS, {cases.USS_WORKERS} workers", _worker_uss, bench)
         if wanted(*IDLE_CASES):
             phase(f"idle cost and drain, {config.workers} workers", _idle_and_drain, bench)
         if wanted("scale"):

@@ -32,6 +32,21 @@ def _cold_check(row: Row, rows: list[Row]) -> bool:
     return within and supervisord.median >= 5 * row.median
 
 
+def _within_budget(row: Row, rows: list[Row]) -> bool:
+    """edit_to_new_code: at most the budget row's figure (import + 2 x cold)."""
+    budget = next((r for r in rows if r.subject.startswith("budget")), None)
+    return budget is not None and row.median <= budget.median
+
+
+def _at_most_one_down(row: Row, _rows: list[Row]) -> bool:
+    """rolling_ready: the fewest ready seen, over every restart, is num - 1 or more."""
+    return min(row.samples) >= row.params["workers"] - 1
+
+
+def _within_2x(row: Row, _rows: list[Row]) -> bool:
+    return row.ratio_to_baseline is not None and row.ratio_to_baseline <= 2
+
+
 CASES: dict[str, Case] = {
     "hot_ensure_owner": Case("hot ensure(), owner", "us", "<= 1 us", lambda r, _: r.median <= 1),
     "hot_ensure_client": Case(
@@ -43,19 +58,29 @@ CASES: dict[str, Case] = {
         "<= 2x baseline, >= 5x faster than supervisord",
         _cold_check,
     ),
-    "batch_ensure": Case(
-        "batch ensure() of catch-all names",
-        "ms",
-        "<= 2x baseline",
-        lambda r, _: r.ratio_to_baseline is not None and r.ratio_to_baseline <= 2,
-    ),
+    "batch_ensure": Case("batch ensure() of catch-all names", "ms", "<= 2x baseline", _within_2x),
     "crash_to_ready": Case("crash to ready again", "ms", "< 10 ms", lambda r, _: r.median < 10),
+    "edit_to_new_code": Case(
+        "edit a module -> restart_workers() -> new code ready",
+        "ms",
+        "<= import + 2x cold ensure",
+        _within_budget,
+    ),
+    "reload_cold_ensure": Case(
+        "cold ensure() before and after a new generation", "ms", "<= 2x baseline", _within_2x
+    ),
+    "rolling_ready": Case(
+        "ready instances during a rolling restart",
+        "ready",
+        "min >= num - 1 (every restart)",
+        _at_most_one_down,
+    ),
     "drain": Case(
         "drain: shutdown() of idle workers", "ms", "< 500 ms", lambda r, _: r.median < 500
     ),
     "idle_cpu": Case("idle supervisor CPU", "% core", "< 1% of a core", lambda r, _: r.median < 1),
     "supervisor_rss": Case("supervisor RSS", "MiB", None, None),
-    "worker_uss": Case("idle worker USS", "MiB", None, None),
+    "worker_uss": Case("idle worker USS", "MiB", "median <= 1.2 MiB", lambda r, _: r.median <= 1.2),
     "scale": Case(
         "start N workers, all ready", "s", "succeeds", lambda r, _: bool(r.extra.get("success"))
     ),
