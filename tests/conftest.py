@@ -9,6 +9,9 @@ another run on the machine made).
 down, even when the test failed. It applies the ``start_method`` fixture: the
 ``--start-method`` option (fork or spawn; PoolConfig's default when not given), or
 both, where a module parametrizes it (tests/test_lifecycle.py).
+
+``sources`` writes worker modules and scripts into the test's directory, on
+``sys.path`` while it runs, for tests that edit code (``fixtures/reload_fixtures.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +32,7 @@ import pytest
 from helpers import TOKEN_VAR, LeakCheck, TrackedPool
 
 import bgpool
+from fixtures.reload_fixtures import Sources
 
 SESSION = uuid.uuid4().hex[:12]
 
@@ -71,6 +76,19 @@ def no_leaks() -> Iterator[LeakCheck]:
     problems = leaks.report()
     if problems:
         pytest.fail("resources leaked by this test:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> Iterator[Sources]:
+    """Generated workers in ``<tmp>/mods``, on ``sys.path`` while the test runs (the
+    supervisor takes the application's ``sys.path`` when it starts)."""
+    directory = tmp_path / "mods"
+    src = Sources(directory)
+    sys.path.insert(0, str(directory))
+    try:
+        yield src
+    finally:
+        sys.path.remove(str(directory))
 
 
 @pytest.fixture

@@ -32,6 +32,9 @@ CASES = {
     "idle_cpu",
     "supervisor_rss",
     "worker_uss",
+    "edit_to_new_code",
+    "reload_cold_ensure",
+    "rolling_ready",
     "scale",
     "get_vars_owner",
     "get_vars_client",
@@ -39,8 +42,8 @@ CASES = {
     "vars_visibility",
     "vars_read",
 }
-WITH_BASELINE = CASES - {"idle_cpu", "supervisor_rss", "worker_uss"}
-WITH_TARGET = CASES - {"supervisor_rss", "worker_uss", "vars_read"}
+WITH_BASELINE = CASES - {"idle_cpu", "supervisor_rss"}
+WITH_TARGET = CASES - {"supervisor_rss", "vars_read"}
 ROW_KEYS = {
     "case",
     "subject",
@@ -87,7 +90,7 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
     for row in rows:
         where = f"{row['case']}: {row['subject']}"
         assert set(row) >= ROW_KEYS, where
-        assert row["kind"] in ("baseline", "bgpool", "peer"), where
+        assert row["kind"] in ("baseline", "bgpool", "peer", "reference"), where
         assert row["samples"], where
         assert all(isinstance(x, int | float) and math.isfinite(x) for x in row["samples"]), where
         assert row["p90"] >= row["median"], where

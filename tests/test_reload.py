@@ -12,10 +12,9 @@ Worker code is generated into the test's own directory
 from __future__ import annotations
 
 import re
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +40,6 @@ from bgpool import PoolConfig, WorkerSpec
 from fixtures.reload_fixtures import Sources, Start, starts
 
 MakePool = Callable[..., Any]
-
-
-@pytest.fixture
-def sources(tmp_path: Path) -> Iterator[Sources]:
-    """Generated workers in ``<tmp>/mods``, on ``sys.path`` while the test runs (the
-    supervisor takes the application's ``sys.path`` when it starts)."""
-    directory = tmp_path / "mods"
-    src = Sources(directory)
-    sys.path.insert(0, str(directory))
-    try:
-        yield src
-    finally:
-        sys.path.remove(str(directory))
 
 
 def config(workers: list[WorkerSpec], **settings: Any) -> PoolConfig:

@@ -127,7 +127,7 @@ class Running:
 @pytest.fixture
 def running(sentinel_dir: Path) -> Iterator[Callable[..., Running]]:
     """``running(workers)``: a ``bgpool run`` of a config declaring ``workers``, in
-    ``<sentinels>/run0`` (where ``sources`` writes the modules). Always stopped."""
+    ``<sentinels>/run0`` (where ``beside_config`` writes the modules). Always stopped."""
     runs: list[BgpoolRun] = []
     clients: list[Running] = []
 
@@ -151,7 +151,7 @@ def running(sentinel_dir: Path) -> Iterator[Callable[..., Running]]:
 
 
 @pytest.fixture
-def sources(sentinel_dir: Path) -> Sources:
+def beside_config(sentinel_dir: Path) -> Sources:
     """Worker modules beside the config file (``bgpool run`` puts its directory on
     ``sys.path``)."""
     return Sources(sentinel_dir / "run0")
@@ -170,13 +170,13 @@ def stays(holds: Callable[[], bool], seconds: float, what: str) -> None:
 
 @pytest.mark.parametrize("trigger", ["SIGHUP", "bgpool reload"])
 def test_reload_applies_the_edited_config(
-    running: Callable[..., Running], sources: Sources, trigger: str
+    running: Callable[..., Running], beside_config: Sources, trigger: str
 ) -> None:
-    mod = sources.module("cli")
+    mod = beside_config.module("cli")
     r = running([("keep", mod.target, 1, "1"), ("change", mod.target, 1, "1"),
                  ("gone", mod.target, 1, "1")])  # fmt: skip
     old = r.ready("keep", "change", "gone")
-    sources.edit(mod, "v2")
+    beside_config.edit(mod, "v2")
     r.write(config_text([("keep", mod.target, 1, "1"), ("change", mod.target, 1, "2"),
                          ("new", mod.target, 1, "1")]))  # fmt: skip
 
@@ -217,12 +217,12 @@ def test_reload_applies_the_edited_config(
     ids=["raises", "invalid", "no-config"],
 )  # fmt: skip
 def test_config_that_fails_to_load_changes_nothing(
-    running: Callable[..., Running], sources: Sources, broken: str, reason: str
+    running: Callable[..., Running], beside_config: Sources, broken: str, reason: str
 ) -> None:
-    mod = sources.module("stay")
+    mod = beside_config.module("stay")
     r = running([("a", mod.target, 1, "1"), ("b", mod.target, 1, "1")])
     old = r.ready("a", "b")
-    sources.edit(mod, "v2")
+    beside_config.edit(mod, "v2")
     if broken.startswith("config ="):
         r.write(CONFIG_HEAD + broken)
     else:
@@ -252,17 +252,6 @@ def test_config_that_fails_to_load_changes_nothing(
 # --------------------------------------------------------------- bgpool restart
 
 
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Sources]:
-    directory = tmp_path / "mods"
-    src = Sources(directory)
-    sys.path.insert(0, str(directory))
-    try:
-        yield src
-    finally:
-        sys.path.remove(str(directory))
-
-
 def _pid(pool: Any, name: str, scope: str = "") -> int:
     found = [s for s in pool.status() if s.name == name and s.scope == scope]
     assert len(found) == 1 and found[0].pid is not None, found
@@ -270,9 +259,9 @@ def _pid(pool: Any, name: str, scope: str = "") -> int:
 
 
 def test_restart_command_restarts_only_the_named_worker(
-    make_pool: Callable[..., Any], mods: Sources, tmp_path: Path
+    make_pool: Callable[..., Any], sources: Sources, tmp_path: Path
 ) -> None:
-    mod = mods.module("cmd")
+    mod = sources.module("cmd")
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     pool = make_pool(
         [
@@ -281,7 +270,7 @@ def test_restart_command_restarts_only_the_named_worker(
         ]
     )
     a0, b0 = _pid(pool, "a"), _pid(pool, "b")
-    mods.edit(mod, "v2")
+    sources.edit(mod, "v2")
 
     proc = cli("restart", "a", "--address", pool.address)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
@@ -301,9 +290,9 @@ def test_restart_command_restarts_only_the_named_worker(
 
 
 def test_restart_command_with_scope(
-    make_pool: Callable[..., Any], mods: Sources, tmp_path: Path
+    make_pool: Callable[..., Any], sources: Sources, tmp_path: Path
 ) -> None:
-    mod = mods.module("scoped")
+    mod = sources.module("scoped")
     api = bgpool.next_scope("api")
     pool = make_pool(
         [
@@ -319,9 +308,9 @@ def test_restart_command_with_scope(
 
 
 def test_restart_command_failures_exit_1(
-    make_pool: Callable[..., Any], mods: Sources, tmp_path: Path
+    make_pool: Callable[..., Any], sources: Sources, tmp_path: Path
 ) -> None:
-    mod = mods.module("fails")
+    mod = sources.module("fails")
     pool = make_pool([WorkerSpec(name="a", target=mod.target, num=1)])
     a0 = _pid(pool, "a")
 
@@ -330,7 +319,7 @@ def test_restart_command_failures_exit_1(
     assert 'no background worker configured for name "nope"' in proc.stderr
     assert _pid(pool, "a") == a0
 
-    mods.break_(mod, "import")
+    sources.break_(mod, "import")
     proc = cli("restart", "a", "--address", pool.address)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert '"a"' in proc.stderr and "ImportError" in proc.stderr, proc.stderr

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +37,6 @@ from bgpool import WorkerSpec
 from fixtures.reload_fixtures import IMPORT_ERROR_TEXT, Broken, Sources, Start, starts
 
 MakePool = Callable[..., Any]
-
-
-@pytest.fixture
-def sources(tmp_path: Path) -> Iterator[Sources]:
-    """Generated workers in ``<tmp>/mods``, on ``sys.path`` while the test runs (the
-    supervisor takes the application's ``sys.path`` when it starts)."""
-    directory = tmp_path / "mods"
-    src = Sources(directory)
-    sys.path.insert(0, str(directory))
-    try:
-        yield src
-    finally:
-        sys.path.remove(str(directory))
 
 
 def pid_of(pool: Any, name: str, **kwargs: Any) -> int:
@@ -388,19 +374,20 @@ def test_pool_restart_is_rolling(make_pool: MakePool, sources: Sources, tmp_path
 # ------------------------------------------------------------------------ file watch
 
 
+def watching(
+    make_pool: MakePool, name: str, target: str, log: Path, pattern: str, root: Path
+) -> Any:
+    """A pool of one worker `name` that watches `pattern` under `root`."""
+    spec = WorkerSpec(name=name, target=target, num=1, env={"LOG": str(log)}, watch=[pattern])
+    return make_pool([spec], root=root)
+
+
 def test_watched_file_change_restarts_on_new_code(
     make_pool: MakePool, sources: Sources, tmp_path: Path
 ) -> None:
     mod = sources.module("watched")
     log = tmp_path / "w.log"
-    pool = make_pool(
-        [
-            WorkerSpec(
-                name="w", target=mod.target, num=1, env={"LOG": str(log)}, watch=["mods/*.py"]
-            )
-        ],
-        root=tmp_path,
-    )
+    pool = watching(make_pool, "w", mod.target, log, "mods/*.py", tmp_path)
     old = pid_of(pool, "w")
 
     sources.edit(mod, "v2")  # no restart_workers(): the watch does it
@@ -415,14 +402,7 @@ def test_rapid_saves_make_one_restart(
 ) -> None:
     mod = sources.module("debounced")
     log = tmp_path / "d.log"
-    pool = make_pool(
-        [
-            WorkerSpec(
-                name="d", target=mod.target, num=1, env={"LOG": str(log)}, watch=["mods/**/*.py"]
-            )
-        ],
-        root=tmp_path,
-    )
+    pool = watching(make_pool, "d", mod.target, log, "mods/**/*.py", tmp_path)
     old = pid_of(pool, "d")
     assert len(starts(log)) == 1
 
@@ -449,18 +429,7 @@ def test_changes_outside_the_watch_patterns_restart_nothing(
     watched = deep / "settings.json"
     watched.write_text("{}")
     (tmp_path / "other").mkdir()
-    pool = make_pool(
-        [
-            WorkerSpec(
-                name="u",
-                target=mod.target,
-                num=1,
-                env={"LOG": str(log)},
-                watch=["conf/**/*.json"],
-            )
-        ],
-        root=tmp_path,
-    )
+    pool = watching(make_pool, "u", mod.target, log, "conf/**/*.json", tmp_path)
     old = pid_of(pool, "u")
 
     (deep / "settings.txt").write_text("not json")

@@ -235,6 +235,10 @@ class FileWatch:
         patterns reach) for each key that wants it, and return the keys with a
         matching file already there (written before its watch existed, or
         moved in with it)."""
+        if path in self._dirs:
+            # a directory renamed over an empty one: the watch there is the
+            # replaced directory's (or one a scan just made: made again)
+            self._dir_gone(path, moved=True)
         changed: set[Hashable] = set()
         for key, patterns in list(self._patterns.items()):
             wanting = [p for p in patterns if p.wants(path)]
@@ -394,7 +398,7 @@ class FileWatch:
         said once, not once per directory of a large tree, until one is freed."""
         if exc.errno != errno.ENOSPC:
             self._errors.append(f"cannot watch {directory}: {exc}")
-        else:
+        elif not self._limit_reported:
             self._limit_reported = True
             self._errors.append(
                 f"cannot watch {directory}: {exc} (the limit of inotify watches is reached: "

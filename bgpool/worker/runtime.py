@@ -97,8 +97,8 @@ def reset_signals() -> None:
 
 
 def _detach(boot: Boot) -> None:
-    """Cut the child loose from the supervisor's process state."""
-    reset_signals()
+    """Cut the child loose from the supervisor's process state (its signal
+    handling: reset by the caller)."""
     os.setpgid(0, 0)
     platform.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != boot.supervisor_pid:
@@ -107,7 +107,8 @@ def _detach(boot: Boot) -> None:
         if fd is not None:
             os.dup2(fd, target)
     platform.close_fds_except({boot.stop_fd, boot.notify_fd})
-    os.environ.update(boot.env)
+    if boot.env:  # even an empty update() costs a worker pages of its own
+        os.environ.update(boot.env)
 
 
 def run_forked(boot: Boot) -> NoReturn:
@@ -118,6 +119,9 @@ def run_forked(boot: Boot) -> NoReturn:
         atexit._clear()  # the supervisor's exit handlers are not this process's
         if PROCESS_NAME:
             platform.set_process_name(PROCESS_NAME)
+        # The generation reset every other signal (`zygote.serve`); a full
+        # reset here would cost each worker pages of memory of its own.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         _detach(boot)
         code = _run(boot)
     finally:
@@ -128,6 +132,7 @@ def exec_spawned(boot: Boot) -> NoReturn:
     """Entry point in the child of a fork, for `start_method="spawn"`: replace
     the process with a fresh interpreter that runs `spawned_main()`."""
     try:
+        reset_signals()
         _detach(boot)
         os.set_inheritable(boot.stop_fd, True)
         os.set_inheritable(boot.notify_fd, True)

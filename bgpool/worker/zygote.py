@@ -126,18 +126,28 @@ def _fork_on_request(sock: socket.socket) -> None:
         data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, len(runtime.Boot.FDS))
         if not data:
             return
-        request = json.loads(data)
-        given = dict(zip(request["fds"], fds, strict=True))
-        boot = replace(runtime.Boot(**request["boot"]), **given)
+        # Fork first, decode in the child: whatever this process writes to
+        # memory between forks stops being shared with the workers it forked.
         try:
             pid = platform.fork_sibling()
         except OSError as exc:
-            reply: dict[str, object] = {"t": "failed", "errno": exc.errno}
+            reply = b'{"t": "failed", "errno": %d}' % (exc.errno or 0)
         else:
             if pid == 0:  # pragma: no cover - the child never returns
-                sock.close()
+                try:
+                    sock.close()
+                    boot = _boot(data, fds)
+                except BaseException:
+                    os._exit(1)  # never back into this loop: it is the generation's
                 runtime.run_forked(boot)
-            reply = {"t": "spawned", "pid": pid}
+            reply = b'{"t": "spawned", "pid": %d}' % pid
         for fd in fds:
             os.close(fd)
-        sock.send(json.dumps(reply).encode())
+        sock.send(reply)
+
+
+def _boot(data: bytes, fds: list[int]) -> runtime.Boot:
+    """The worker's Boot from a spawn request, with the descriptors it came with."""
+    request = json.loads(data)
+    given = dict(zip(request["fds"], fds, strict=True))
+    return replace(runtime.Boot(**request["boot"]), **given)
