@@ -17,6 +17,12 @@ timeout computed from the next timer (restart backoff, ensure deadlines, drain
 stages), so an idle supervisor uses no CPU. Signal handlers only write a byte to
 the wake-up pipe; all logic happens in the loop.
 
+The supervisor imports no user code. Workers are forked by code generations:
+child processes that import the targets' modules (one generation per restart
+or reload, so edited code runs; crash restarts keep their instance's own),
+and fork each worker as the supervisor's child. `generations.py` says why a
+generation is a process rather than a supervisor that re-executes itself.
+
 Where each job lives (one layer per module, each using those below it):
 
     core.py       shared state, `_transition()` (checked against states.TRANSITIONS), waiters
