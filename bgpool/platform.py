@@ -2,6 +2,10 @@
 
 Linux first: prctl (parent-death signal, child subreaper), SO_PEERCRED, pidfd,
 /dev/shm. Another platform is added here and nowhere else.
+
+psutil is imported by the functions that use it, not at the top: workers and
+code generations import this module, and a worker forked from a process that
+never loaded psutil is smaller and quicker to fork.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import struct
 import sys
 from collections import defaultdict
 from collections.abc import Collection
-
-import psutil
+from typing import TYPE_CHECKING
 
 from . import texts
+
+if TYPE_CHECKING:
+    import psutil
 
 LINUX = sys.platform.startswith("linux")
 
@@ -227,6 +233,8 @@ def processes_with_env(name: str, value: str) -> list[psutil.Process]:
     """Live processes of ours whose environment (as exec gave it) has
     `name=value`: how a pool finds its processes even once they left the
     process tree (re-parented to init) or started their own session."""
+    import psutil
+
     found = []
     for proc in psutil.process_iter():
         try:
@@ -257,6 +265,8 @@ def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
     lists children (a drain of one worker must not read every process), else
     from one scan of the process table (a drain of many workers must not scan
     it once per worker)."""
+    import psutil
+
     if len(pids) <= 8:
         walked = {pid: _walk(pid) for pid in pids}
         if all(tree is not None for tree in walked.values()):
@@ -279,6 +289,8 @@ def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
 def _walk(pid: int) -> list[psutil.Process] | None:
     """`pid`'s descendants through /proc/<pid>/task/*/children; None if the
     kernel does not list children."""
+    import psutil
+
     tree: list[psutil.Process] = []
     stack = [pid]
     while stack:
@@ -295,6 +307,8 @@ def _walk(pid: int) -> list[psutil.Process] | None:
 def process_tree(pid: int) -> list[psutil.Process]:
     """`pid` and all its descendants, parents first; empty if it is gone.
     Reading /proc can fail (out of descriptors): then as much as was found."""
+    import psutil
+
     try:
         root = psutil.Process(pid)
     except (psutil.NoSuchProcess, OSError):
@@ -308,6 +322,8 @@ def process_tree(pid: int) -> list[psutil.Process]:
 def signal_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:
     """Send `sig` to each process that still exists (the pid is checked against
     its start time by psutil, so a recycled pid is never hit)."""
+    import psutil
+
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.send_signal(sig)

@@ -300,25 +300,16 @@ def tree_pids() -> list[int]:
 
 def is_generation(proc: psutil.Process) -> bool:
     """Whether `proc` is a code generation (a child of the supervisor that
-    workers are forked from, named bgpool-gen<N>), not a worker."""
+    workers are forked from, named bgpool-gen<N>) or the seed generations are
+    forked from (bgpool-seed), not a worker."""
     with contextlib.suppress(psutil.Error):
-        return proc.name().startswith("bgpool-gen")
+        return proc.name().startswith(("bgpool-gen", "bgpool-seed"))
     return False
 
 
 def worker_children(pid: int) -> list[psutil.Process]:
     """The supervisor `pid`'s children that are workers (not its generations)."""
     return [c for c in psutil.Process(pid).children() if not is_generation(c)]
-
-
-def generations_of(pid: int) -> list[psutil.Process]:
-    """The supervisor `pid`'s live code generation processes."""
-    found = []
-    for child in psutil.Process(pid).children():
-        with contextlib.suppress(psutil.Error):
-            if is_generation(child) and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child)
-    return found
 
 
 def worker_pids() -> set[int]:

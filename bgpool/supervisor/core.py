@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import selectors
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +58,16 @@ def guarded(handler: Callable[..., None], *args: Any) -> None:
 class Core:
     """The supervisor's shared state."""
 
-    def __init__(self, decls: list[Decl], settings: Settings, address: str, table: str) -> None:
+    def __init__(
+        self,
+        decls: list[Decl],
+        settings: Settings,
+        address: str,
+        table: str,
+        seed: socket.socket | None = None,
+    ) -> None:
         self.settings = settings
+        self.seed = seed  # what generations are forked from (None: from the supervisor)
         self.pid = os.getpid()
         self.registry = Registry(decls)
         self.timers = Timers()

@@ -19,6 +19,12 @@ workers with CLONE_PARENT, so they are the supervisor's children: waiting,
 signalling, reaping and the parent-death signal work exactly as if the
 supervisor had forked them, and no generation is ever between a worker and the
 supervisor. The supervisor stays single-threaded; a generation too.
+
+Generations are forked, with CLONE_PARENT too, from the **seed**: a process the
+supervisor forks first thing, before it imports its own modules (psutil, its
+loop, the table writer), so a generation and each worker it forks carry what
+workers need and no more: their forks copy fewer page tables, and they share
+more of their memory.
 """
 
 from __future__ import annotations
@@ -41,10 +47,37 @@ SPAWN_REPLY_SECONDS = 5.0
 """How long a generation may take to answer a spawn request (it forks at once)."""
 
 
+def start_seed() -> socket.socket:
+    """Fork the seed generations are forked from (`zygote.seed`); the socket
+    to it. Called before the supervisor imports its own modules."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:  # pragma: no cover - the child never returns
+        ours.close()
+        zygote.seed(theirs)
+    theirs.close()
+    return ours
+
+
+def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socket) -> int:
+    """Have the seed fork a generation that serves on `child`; its pid."""
+    try:
+        socket.send_fds(seed, [json.dumps(request).encode()], [child.fileno()])
+        ready, _, _ = select.select([seed], [], [], SPAWN_REPLY_SECONDS)
+        data = seed.recv(zygote.MAX_PACKET) if ready else b""
+    except OSError as exc:
+        raise OSError(exc.errno, f"the seed of code generations is gone: {exc}") from None
+    if not data:
+        raise OSError("the seed of code generations did not answer")
+    reply = json.loads(data)
+    if "pid" not in reply:
+        raise OSError(int(reply["errno"]), os.strerror(int(reply["errno"])))
+    return int(reply["pid"])
+
+
 class Generation:
     """One generation process, seen from the supervisor."""
 
-    def __init__(self, number: int, decls: list[Decl]) -> None:
+    def __init__(self, number: int, decls: list[Decl], seed: socket.socket | None) -> None:
         modules = sorted({d.target.partition(":")[0] for d in decls if d.script is None})
         scripts = sorted({d.script for d in decls if d.script is not None})
         self.number = number
@@ -53,7 +86,8 @@ class Generation:
         self.failures: dict[str, dict[str, Any]] = {}
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.pid = os.fork()
+            request = {"number": number, "modules": modules, "scripts": scripts}
+            self.pid = _from_seed(seed, request, child) if seed is not None else os.fork()
         except OSError:
             self.sock.close()
             child.close()

@@ -66,7 +66,7 @@ class Lifecycle(Drains):
     def _new_generation(self, decls: list[Decl]) -> Generation:
         """Fork a generation that loads the code of `decls` afresh."""
         self.generation_count += 1
-        gen = Generation(self.generation_count, decls)
+        gen = Generation(self.generation_count, decls, self.seed)
         self.generations.append(gen)
         return gen
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
 
 from .. import platform
 from .core import Settings, guarded
@@ -58,9 +59,15 @@ class Supervisor(Teardown):
     """The event loop over every job of the supervisor."""
 
     def __init__(
-        self, decls: list[Decl], settings: Settings, owner_pid: int, address: str, table: str
+        self,
+        decls: list[Decl],
+        settings: Settings,
+        owner_pid: int,
+        address: str,
+        table: str,
+        seed: socket.socket | None = None,
     ) -> None:
-        super().__init__(decls, settings, address, table)
+        super().__init__(decls, settings, address, table, seed)
         self._watch_owner(owner_pid)
         self.selector.register(self.listener.sock, selectors.EVENT_READ, self._accept)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)

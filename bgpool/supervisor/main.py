@@ -1,4 +1,6 @@
 """The supervisor process's entry point: read the bootstrap the application sent,
+fork the seed that code generations are forked from (before importing the
+supervisor's own modules, so that generations and workers do not carry them),
 set up logging, then run the `Supervisor` (which imports no user code: its code
 generations do, see `generations.py`).
 
@@ -13,12 +15,13 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .. import platform, texts
-from .core import Settings
-from .loop import Supervisor
-from .registry import Decl
-from .relay import Relay
+from .generations import start_seed
+
+if TYPE_CHECKING:
+    from .relay import Relay
 
 log = logging.getLogger("bgpool")
 
@@ -90,10 +93,17 @@ def main() -> None:
     os.close(devnull)
     sys.path[:] = bootstrap["sys_path"]
     boot_fd: int = bootstrap["boot_fd"]
+    platform.raise_fd_limit()
+    # First, before the supervisor's own modules are imported: the process
+    # every generation, and so every worker, is forked from.
+    seed = start_seed() if bootstrap["settings"]["start_method"] == "fork" else None
+    from .core import Settings
+    from .loop import Supervisor
+    from .registry import Decl
+
     with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
         decls = [Decl.from_message(d) for d in bootstrap["workers"]]
         settings = Settings(**bootstrap["settings"])
-        platform.raise_fd_limit()
         platform.set_child_subreaper()
         # The owner put BGPOOL_ADDRESS in our environment at exec, so every
         # worker and everything it starts carries it where /proc shows it.
@@ -105,6 +115,7 @@ def main() -> None:
                 bootstrap["owner_pid"],
                 os.environ["BGPOOL_ADDRESS"],
                 bootstrap["table"],
+                seed,
             )
         except Exception as exc:  # the owner raises StartupError with this
             with boot:

@@ -35,7 +35,8 @@ class Teardown(Requests):
         the table, the socket file and its directory. Each step runs even if an
         earlier one failed: nothing may be left behind."""
         steps: list[Callable[[], None]] = [
-            *(gen.close for gen in self.generations),  # each exits at EOF
+            *(gen.close for gen in self.generations),  # each exits at EOF, the seed too
+            *([self.seed.close] if self.seed is not None else []),
             self._reap_leftovers,
             self.close_file_watch,
             self.relay.close,

@@ -1,11 +1,13 @@
 """A code generation's process: the targets' code, loaded once, forked from.
 
-Runs in a child the supervisor forked for one generation (see
-`supervisor/generations.py` for why generations are processes). It makes itself
-a clean parent for workers (signals as a new interpreter has them, no
-descriptor of the supervisor's, SIGKILL when the supervisor dies), imports every
-module target afresh from disk and compiles every script target, says what
-failed, then forks one worker per request it receives on its socket.
+A generation is forked, as a child of the supervisor, from the **seed**: a
+process the supervisor forks first thing, before it imports its own modules,
+so that generations and workers carry only what workers need (see
+`supervisor/generations.py` for why generations are processes). A generation
+makes itself a clean parent for workers (signals as a new interpreter has
+them, no descriptor but its socket, SIGKILL when the supervisor dies), imports
+every module target afresh from disk and compiles every script target, says
+what failed, then forks one worker per request it receives on its socket.
 
 Workers are forked with `platform.fork_sibling()`, so each is the supervisor's
 child, not this process's: the supervisor waits for, signals and reaps its
@@ -94,20 +96,61 @@ def _load(modules: list[str], scripts: list[str]) -> dict[str, object]:
     return failures
 
 
+def _set_apart(sock: socket.socket, name: str) -> None:
+    """Make this new process a clean parent for what it forks, named `name` in
+    ps: signals as a new interpreter has them, no descriptor of its parent's
+    but `sock`, SIGKILL when the supervisor dies."""
+    parent = os.getppid()
+    runtime.reset_signals()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
+    platform.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)  # the supervisor died before the prctl took effect
+    platform.close_fds_except({sock.fileno()})
+    if not runtime.PROCESS_NAME:  # the name workers take back, once
+        runtime.PROCESS_NAME = platform.process_name()
+    platform.set_process_name(name.encode())
+
+
+def seed(sock: socket.socket) -> NoReturn:
+    """Entry point of the seed, forked by the supervisor before it imports its
+    own modules: each generation is forked from here (as a child of the
+    supervisor), so a generation, and every worker, holds what workers need
+    and not what the supervisor does. Never returns."""
+    code = 1
+    try:
+        _set_apart(sock, "bgpool-seed")
+        gc.freeze()
+        while True:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, 1)
+            if not data:
+                break
+            try:
+                pid = platform.fork_sibling()
+            except OSError as exc:
+                reply = b'{"errno": %d}' % (exc.errno or 0)
+            else:
+                if pid == 0:  # pragma: no cover - the child never returns
+                    sock.close()
+                    request = json.loads(data)
+                    generation = socket.socket(fileno=fds[0])
+                    serve(generation, request["number"], request["modules"], request["scripts"])
+                reply = b'{"pid": %d}' % pid
+            for fd in fds:
+                os.close(fd)
+            sock.send(reply)
+        code = 0
+    finally:
+        os._exit(code)
+
+
 def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[str]) -> NoReturn:
-    """Entry point in the supervisor's child for generation `number`; never returns."""
+    """Entry point of generation `number`, a child of the supervisor (forked
+    from the seed, or from the supervisor itself); never returns."""
     code = 1
     try:
         gc.disable()  # nothing of the supervisor's may be collected: its objects hold its fds
-        parent = os.getppid()
-        runtime.reset_signals()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
-        platform.set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-        platform.close_fds_except({sock.fileno()})
-        runtime.PROCESS_NAME = platform.process_name()
-        platform.set_process_name(f"bgpool-gen{number}".encode())
+        _set_apart(sock, f"bgpool-gen{number}")
         _fresh_imports()
         failures = _load(modules, scripts)
         gc.freeze()  # what is loaded now is shared with every worker, untouched
