@@ -11,7 +11,23 @@ machine. Run it with ./scripts/bench (which installs the `bench` extra first).
 
 Each case is measured several times; the table shows the median, the 90th
 percentile (nearest rank), the ratio of the median to the case's baseline
-measured in the same run, and the case's target with whether it is met.
+measured in the same run ("x baseline"), its ratios to the case's two bare
+floors ("x sized", "x clean"; ratio_to_bare_sized and ratio_to_bare_clean in
+the JSON), and the case's target with whether it is met.
+
+The bare floors are the physical limit of what a case asks of a supervisor,
+measured in the same run by two helper processes (scripts/benchmark/
+floor_helper.py, run with `python -c`) with os.fork() and one-byte pipe
+handshakes and nothing else, timed inside the helper: "sized" first imports what
+a running bgpool supervisor has loaded (bgpool.supervisor.main, the modules its
+main() imports, psutil: about a supervisor's RSS; both helpers' RSS are reference
+rows of supervisor_rss, and the run prints a real supervisor's beside them),
+"clean" is a plain python with nothing imported. Every floor child closes all but
+its two pipes (one close_range() a range), writes its handshake and blocks
+reading its stop pipe. cold_ensure and reload_cold_ensure: fork + handshake.
+crash_to_ready: the child stamps CLOCK_MONOTONIC and exits 1; from the stamp:
+reap, fork, handshake. batch_ensure, scale, start_scaling: N forks one after the
+other, then every handshake. drain: close N stop pipes, reap N.
 
 What each case measures, exactly:
 
@@ -85,6 +101,14 @@ scale              Pool.start() plus ensure() of N catch-all names until all are
                    ready (RLIMIT_NOFILE soft limit raised to the hard one
                    first); success means every one was ready. Baseline: N bare
                    forks with handshakes.
+start_scaling      Pool.start() of a pool of N eager idle instances (num=N)
+                   until all N are ready in pool.status() (polled every 2 ms),
+                   for N = 100, 500, 1000 (--start-sizes), a fresh pool each
+                   time (after one unrecorded start of the smallest N); in ms
+                   per worker. Target: per worker at most 1.1x the smallest
+                   N's, so 1,000 cost at most 11x what 100 do (each row's note
+                   and extra.total_x_smallest: its total as a multiple of the
+                   smallest N's). No multiprocessing baseline: the floors.
 get_vars_owner     `pool.get_vars(name)` of an unchanged 10 kB snapshot (the
                    cached object), per call. Baseline: a
                    `multiprocessing.Manager().dict()` read of the same snapshot.

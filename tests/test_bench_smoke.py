@@ -36,13 +36,25 @@ CASES = {
     "reload_cold_ensure",
     "rolling_ready",
     "scale",
+    "start_scaling",
     "get_vars_owner",
     "get_vars_client",
     "set_vars",
     "vars_visibility",
     "vars_read",
 }
-WITH_BASELINE = CASES - {"idle_cpu", "supervisor_rss"}
+WITH_BASELINE = CASES - {"idle_cpu", "supervisor_rss", "start_scaling"}
+# the cases with rows of both bare floors (scripts/benchmark/floors.py)
+WITH_FLOORS = {
+    "cold_ensure",
+    "batch_ensure",
+    "crash_to_ready",
+    "reload_cold_ensure",
+    "drain",
+    "scale",
+    "start_scaling",
+}
+FLOOR_KINDS = {"bare_sized", "bare_clean"}
 WITH_TARGET = CASES - {"supervisor_rss", "vars_read"}
 ROW_KEYS = {
     "case",
@@ -53,10 +65,15 @@ ROW_KEYS = {
     "p90",
     "samples",
     "ratio_to_baseline",
+    "ratio_to_bare_sized",
+    "ratio_to_bare_clean",
     "target",
     "met",
 }
-TINY = ["--reps", "2", "--workers", "4", "--scale", "8", "--batch", "4", "--idle-seconds", "0.2"]
+TINY = [
+    *("--reps", "2", "--workers", "4", "--scale", "8", "--batch", "4", "--idle-seconds", "0.2"),
+    *("--start-sizes", "4,8"),
+]
 
 
 def _installed(module: str) -> bool:
@@ -90,7 +107,7 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
     for row in rows:
         where = f"{row['case']}: {row['subject']}"
         assert set(row) >= ROW_KEYS, where
-        assert row["kind"] in ("baseline", "bgpool", "peer", "reference"), where
+        assert row["kind"] in ("baseline", "bgpool", "peer", "reference", *FLOOR_KINDS), where
         assert row["samples"], where
         assert all(isinstance(x, int | float) and math.isfinite(x) for x in row["samples"]), where
         assert row["p90"] >= row["median"], where
@@ -103,10 +120,15 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
         assert row["ratio_to_baseline"] is None or row["ratio_to_baseline"] >= 0, where
         if row["kind"] == "bgpool" and row["case"] in WITH_TARGET:
             assert isinstance(row["met"], bool) and row["target"], where
+        if row["kind"] == "bgpool" and row["case"] in WITH_FLOORS:
+            assert row["ratio_to_bare_sized"] > 0 and row["ratio_to_bare_clean"] > 0, where
     for case in CASES:
         kinds = {row["kind"] for row in rows if row["case"] == case}
         assert "bgpool" in kinds, case
         assert ("baseline" in kinds) == (case in WITH_BASELINE), case
+        assert (kinds >= FLOOR_KINDS) == (case in WITH_FLOORS), case
+    sizes = {r["params"]["workers"] for r in rows if r["case"] == "start_scaling"}
+    assert sizes == {4, 8}, sizes
     scale = next(r for r in rows if r["case"] == "scale" and r["kind"] == "bgpool")
     assert scale["met"] is True, scale
 

@@ -8,6 +8,9 @@ each case measures, exactly); this package is the code, one job a module:
     harness     rows and their statistics, the timing loops, ratios and targets
     report      the progress lines, the table, the summary, the JSON document
     baselines   bare forks with a pipe handshake; dict.get; multiprocessing
+    floors      the bare floors: fork + handshake, reap, start N, drain N, from a
+                supervisor-sized helper and a clean one (floor_helper.py, the
+                helpers' program, run with python -c)
     cases       bgpool's worker cases: ensure(), crash, drain, idle cost, scale
     vars_cases  bgpool's shared-state cases: get_vars(), set_vars(), decoding
     reload_cases  bgpool's reload cases: an edit to new code, cold ensure() on
@@ -18,8 +21,8 @@ each case measures, exactly); this package is the code, one job a module:
     costs       what an idle supervising process costs: CPU, RSS, its workers' USS
     machine     the machine, who else used it during the run, leftover processes
 
-A phase records a case's baseline, then bgpool, then the peers, into one
-harness.Bench; at the end the Bench sets the ratios and checks the targets, and
+A phase records a case's floors, then its baseline, then bgpool, then the peers,
+into one harness.Bench; at the end the Bench sets the ratios and checks the targets, and
 report prints them. This process owns the pools and the peer daemons; forked
 children (the bare baselines, the readers and clients of the "other process"
 cases) report back over pipes, FIFOs and files. The workers are

@@ -1,7 +1,8 @@
 """bgpool's worker cases, through the public API: ensure() of a ready worker (in
 the owner and in another process) and of a lazy one, a batch of catch-all names,
 a crash until the restarted run is ready, shutdown() of idle workers and the idle
-supervisor's cost, and starting N workers. The workers are bench_workers' trivial
+supervisor's cost, starting N workers, and how the cost of starting N eager
+workers grows with N. The workers are bench_workers' trivial
 targets, so what is measured is bgpool."""
 
 from __future__ import annotations
@@ -298,3 +299,52 @@ def scale(bench: Bench, params: dict[str, Any]) -> None:
         note="" if success else f"FAILED: {failures}",
         extra={"success": success, "runs": runs},
     )
+
+
+def _eager_start(n: int) -> tuple[float, float]:
+    """ms from Pool.start() of a pool of `n` eager idle instances until all `n`
+    are ready in the table (start() returns at the first), and ms of its
+    shutdown()."""
+    pool = pool_of([bgpool.WorkerSpec(name="eager", target=IDLE, num=n)], ensure_timeout=600.0)
+    t0 = time.perf_counter_ns()
+    try:
+        pool.start()
+        wait_until(lambda: ready_count(pool) == n, 600, f"{n} ready workers", poll=0.002)
+        elapsed = (time.perf_counter_ns() - t0) / 1e6
+    finally:
+        t1 = time.perf_counter_ns()
+        pool.shutdown()
+        drained = (time.perf_counter_ns() - t1) / 1e6
+    return elapsed, drained
+
+
+def warm_start(n: int) -> None:
+    """One start of `n` eager workers, not recorded: the first pool of a series
+    pays for cold caches."""
+    _eager_start(n)
+
+
+def start_eager(bench: Bench, n: int) -> None:
+    """start_scaling's row for `n`: ms per worker until all `n` are ready."""
+    runs = [_eager_start(n) for _ in range(bench.config.start_reps)]
+    bench.add(
+        "start_scaling",
+        f"bgpool start() of {n} eager workers, per worker",
+        "bgpool",
+        [total / n for total, _ in runs],
+        {"workers": n},
+        extra={"total_ms": [t for t, _ in runs], "shutdown_ms": [d for _, d in runs]},
+    )
+
+
+def start_linearity(bench: Bench) -> None:
+    """Each start_scaling row's total (median) as a multiple of the smallest N's,
+    beside N's own multiple (linear): in the row's extra, its note and printed."""
+    rows = [r for r in bench.rows if r.case == "start_scaling" and r.kind == "bgpool"]
+    first = min(rows, key=lambda r: r.params["workers"])
+    for row in rows:
+        n, n0 = row.params["workers"], first.params["workers"]
+        total_x = row.median * n / (first.median * n0)
+        row.extra["total_x_smallest"] = total_x
+        row.note = f"total {total_x:.1f}x that of {n0} (linear: {n / n0:.0f}x)"
+        print(f"  (start_scaling: {n} workers cost {row.note})", flush=True)

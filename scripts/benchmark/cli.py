@@ -25,6 +25,9 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="idle workers for drain and idle cost")
     parser.add_argument("--scale", type=int, help="workers for the scale case")
     parser.add_argument("--batch", type=int, help="names in the batch case")
+    parser.add_argument(
+        "--start-sizes", metavar="N,N,...", help="worker counts of start_scaling (e.g. 100,1000)"
+    )
     parser.add_argument("--idle-seconds", type=float, help="idle cost window")
     return parser
 

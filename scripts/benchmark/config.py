@@ -24,6 +24,8 @@ class Config:
     idle_seconds: float
     scale: int
     scale_reps: int
+    start_sizes: tuple[int, ...]  # the Ns of start_scaling (the smallest is the reference)
+    start_reps: int  # samples of each of them
     vars_count: int  # set_vars() publications per shape
     vis_count: int  # visibility publications per shape
     peers: bool
@@ -44,6 +46,8 @@ PRESETS: dict[str, tuple[Any, Any]] = {
     "idle_seconds": (2.0, 10.0),
     "scale": (100, 1000),
     "scale_reps": (1, 2),
+    "start_sizes": ((100, 500, 1000), (100, 500, 1000)),
+    "start_reps": (1, 2),
     "vars_count": (100, 500),
     "vis_count": (50, 200),
 }
@@ -62,7 +66,9 @@ def make_config(args: argparse.Namespace) -> Config:
             setattr(config, name, value)
     if args.reps is not None:
         config.reload_reps = args.reps
+    if args.start_sizes is not None:
+        config.start_sizes = tuple(sorted(int(n) for n in args.start_sizes.split(",")))
     if args.reps is not None:
         config.batch_reps = config.drain_reps = config.batches = max(2, args.reps)
-        config.peer_drain_reps = config.scale_reps = 1
+        config.peer_drain_reps = config.scale_reps = config.start_reps = 1
     return config

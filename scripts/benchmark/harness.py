@@ -1,7 +1,8 @@
 """What every case shares: a `Row` (one subject of a case: its samples, median and
 90th percentile), the `Bench` that records rows as the run goes and, once it is
-over, sets each row's ratio to its case's baseline and checks the case's target;
-and the timing loops the cases have in common."""
+over, sets each row's ratios to its case's baseline and to its two bare floors
+(floors.py) and checks the case's target; and the timing loops the cases have in
+common."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from .report import progress
 from .targets import CASES
 
+FLOOR_KINDS = ("bare_sized", "bare_clean")  # the kinds of floors.py's rows
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -25,13 +28,15 @@ if TYPE_CHECKING:
 class Row:
     case: str
     subject: str
-    kind: str  # "baseline", "bgpool" or "peer"
+    kind: str  # "baseline", "bgpool", "peer", "reference" or a FLOOR_KINDS floor
     unit: str
     samples: list[float]
     params: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     ratio_to_baseline: float | None = None
+    ratio_to_bare_sized: float | None = None  # to the supervisor-sized floor
+    ratio_to_bare_clean: float | None = None  # to the clean-interpreter floor
     target: str | None = None
     met: bool | None = None
 
@@ -88,16 +93,24 @@ class Bench:
         self.skipped.append(message)
 
     def finish(self) -> None:
-        """Ratios to the case's baseline (the last one recorded before the
-        row, where a case has one per variant), then the targets."""
+        """Ratios to the case's baseline and to its two floors (to the last of
+        each recorded before the row, where a case has one per variant; a
+        floor's own row has no ratio to a floor), then the targets."""
         for case_id, case in CASES.items():
             rows = [r for r in self.rows if r.case == case_id]
             baseline = None
+            floors: dict[str, Row] = {}
             for row in rows:
                 if row.kind == "baseline":
                     baseline = row
                 if baseline is not None and baseline.median > 0:
                     row.ratio_to_baseline = row.median / baseline.median
+                if row.kind in FLOOR_KINDS:
+                    floors[row.kind] = row
+                    continue
+                for kind, floor in floors.items():
+                    if floor.median > 0:
+                        setattr(row, f"ratio_to_{kind}", row.median / floor.median)
                 if row.kind == "bgpool" and case.check is not None:
                     row.target = case.target
                     row.met = bool(case.check(row, rows))

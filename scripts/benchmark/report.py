@@ -1,6 +1,7 @@
 """What the run prints and writes: a progress line per row as it is measured, the
-table at the end (the median, p90, ratio to the baseline and target of every row,
-in the cases' order), the summary lines, and the JSON document of --json."""
+table at the end (the median, p90, ratios to the baseline and to the two bare
+floors, "x sized" and "x clean", and target of every row, in the cases' order),
+the summary lines, and the JSON document of --json."""
 
 from __future__ import annotations
 
@@ -15,8 +16,19 @@ if TYPE_CHECKING:
     from .config import Config
     from .harness import Bench, Row
 
-_HEADER = ("case", "subject", "median", "p90", "unit", "x baseline", "target", "met")
-_RIGHT = {2, 3, 5}  # the numeric columns
+_HEADER = (
+    "case",
+    "subject",
+    "median",
+    "p90",
+    "unit",
+    "x baseline",
+    "x sized",
+    "x clean",
+    "target",
+    "met",
+)
+_RIGHT = {2, 3, 5, 6, 7}  # the numeric columns
 
 
 def fmt(value: float) -> str:
@@ -44,7 +56,7 @@ def progress(row: Row) -> None:
 def _cells(case_id: str, row: Row) -> tuple[str, ...]:
     params = row.params.get("workers") or row.params.get("names")
     label = f"{case_id} ({params})" if params else case_id
-    ratio = "-" if row.ratio_to_baseline is None else fmt(row.ratio_to_baseline)
+    ratios = (row.ratio_to_baseline, row.ratio_to_bare_sized, row.ratio_to_bare_clean)
     met = "-" if row.met is None else ("yes" if row.met else "NO")
     return (
         label,
@@ -52,7 +64,7 @@ def _cells(case_id: str, row: Row) -> tuple[str, ...]:
         fmt(row.median),
         fmt(row.p90),
         row.unit,
-        ratio,
+        *("-" if ratio is None else fmt(ratio) for ratio in ratios),
         row.target or "",
         met,
     )

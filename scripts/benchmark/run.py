@@ -1,12 +1,14 @@
 """The run: which cases run (--only) and in which order, and what the cases of a
 phase share (the steady pool of a ready "hot" worker and the "pub" publisher, the
-peer daemons, the Manager dict, the temp dir). Each phase records a case's
-baseline, then bgpool, then the peers, so that every row's ratio is to the
-baseline recorded before it. A phase that fails is recorded as an error, with its
-traceback printed, and the run goes on with the next."""
+peer daemons, the Manager dict, the temp dir, the bare floors' helper processes,
+which run for the whole run). Each phase records a case's bare floors, then its
+baseline, then bgpool, then the peers, so that every row's ratios are to the
+floors and the baseline recorded before it. A phase that fails is recorded as an
+error, with its traceback printed, and the run goes on with the next."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -20,7 +22,7 @@ import bench_workers
 
 import bgpool
 
-from . import baselines, cases, peers, reload_cases, vars_cases
+from . import baselines, cases, floors, peers, reload_cases, vars_cases
 from .channels import FORK
 from .config import Config
 from .daemons import Circusd, Supervisord, peer
@@ -29,6 +31,15 @@ from .harness import Bench
 HOT_CASES = ("hot_ensure_owner", "hot_ensure_client")
 VARS_CASES = ("get_vars_owner", "get_vars_client", "set_vars", "vars_visibility")
 IDLE_CASES = ("drain", "idle_cpu", "supervisor_rss")  # (and the peer's worker_uss row)
+FLOOR_CASES = (
+    "cold_ensure",
+    "batch_ensure",
+    "crash_to_ready",
+    "reload_cold_ensure",
+    "drain",
+    "scale",
+    "start_scaling",
+)  # the cases with bare floors (floors.py): their helpers run while any of these does
 
 
 def _hot_ensure(bench: Bench, steady: bgpool.Pool) -> None:
@@ -57,23 +68,33 @@ def _vars(bench: Bench, steady: bgpool.Pool, vars_dir: Path) -> None:
         manager.shutdown()
 
 
-def _cold_ensure(bench: Bench, sd: Supervisord | None, cd: Circusd | None) -> None:
+def _cold_ensure(
+    bench: Bench, helpers: list[floors.Floor], sd: Supervisord | None, cd: Circusd | None
+) -> None:
+    floors.add_rows(bench, helpers, "cold_ensure", "fork + handshake", ("cold",), bench.config.reps)
     baselines.cold_ensure(bench)
     cases.cold_ensure(bench)
     peers.cold_ensure(bench, sd, cd)
 
 
-def _batch(bench: Bench) -> None:
+def _batch(bench: Bench, helpers: list[floors.Floor]) -> None:
+    n = bench.config.batch
+    what, reps = f"{n} forks + handshakes", bench.config.batch_reps
+    floors.add_rows(bench, helpers, "batch_ensure", what, ("start", n), reps, {"names": n})
     baselines.batch_ensure(bench)
     cases.batch_ensure(bench)
 
 
-def _crash(bench: Bench) -> None:
+def _crash(bench: Bench, helpers: list[floors.Floor]) -> None:
+    what, reps = "reap + fork + handshake", bench.config.reps
+    floors.add_rows(bench, helpers, "crash_to_ready", what, ("crash",), reps)
     baselines.crash_to_ready(bench)
     cases.crash_to_ready(bench)
 
 
-def _reload_cold_ensure(bench: Bench) -> None:
+def _reload_cold_ensure(bench: Bench, helpers: list[floors.Floor]) -> None:
+    what, reps = "fork + handshake", bench.config.reload_reps
+    floors.add_rows(bench, helpers, "reload_cold_ensure", what, ("cold",), reps)
     baselines.reload_cold_ensure(bench)
     reload_cases.reload_cold_ensure(bench)
 
@@ -83,17 +104,40 @@ def _worker_uss(bench: Bench) -> None:
     cases.worker_uss(bench)
 
 
-def _idle_and_drain(bench: Bench) -> None:
-    params = {"workers": bench.config.workers}
+def _idle_and_drain(bench: Bench, helpers: list[floors.Floor]) -> None:
+    n = bench.config.workers
+    params = {"workers": n}
+    what, reps = f"close {n} stop pipes, reap {n}", bench.config.drain_reps
+    floors.add_rows(bench, helpers, "drain", what, ("drain", n), reps, params)
     baselines.drain(bench, params)
     cases.idle_and_drain(bench, params)
     peers.idle_and_drain(bench, params)
 
 
-def _scale(bench: Bench) -> None:
-    params = {"workers": bench.config.scale, "nofile": cases.raise_nofile_limit()}
+def _scale(bench: Bench, helpers: list[floors.Floor]) -> None:
+    n = bench.config.scale
+    params = {"workers": n, "nofile": cases.raise_nofile_limit()}
+    what, reps = f"{n} forks + handshakes", bench.config.scale_reps
+    floors.add_rows(bench, helpers, "scale", what, ("start", n), reps, params)
     baselines.scale(bench, params)
     cases.scale(bench, params)
+
+
+def _start_scaling(bench: Bench, helpers: list[floors.Floor]) -> None:
+    """Per N: the floors' N forks, then bgpool's N eager workers (per worker).
+    The floors' helpers are warm by then (no warm-up sample: 1,000 forks take
+    a second or more)."""
+    cases.raise_nofile_limit()
+    cases.warm_start(min(bench.config.start_sizes))
+    for n in bench.config.start_sizes:
+        params = {"workers": n}
+        what, reps = f"{n} forks + handshakes, per fork", bench.config.start_reps
+        request = ("start", n)
+        floors.add_rows(
+            bench, helpers, "start_scaling", what, request, reps, params, per=n, warmup=False
+        )
+        cases.start_eager(bench, n)
+    cases.start_linearity(bench)
 
 
 def _steady_pool(vars_dir: Path) -> bgpool.Pool:
@@ -129,7 +173,10 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
             print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
             traceback.print_exc()
 
+    stack = contextlib.ExitStack()  # the floors' helpers, for the whole run
+    helpers_cm = floors.floors(bench) if wanted(*FLOOR_CASES) else contextlib.nullcontext([])
     try:
+        helpers = stack.enter_context(helpers_cm)
         vars_dir = Path(tempfile.mkdtemp(prefix="vars-", dir=tmp))
         os.mkfifo(vars_dir / "publisher.fifo", 0o600)
         if wanted(*HOT_CASES, *VARS_CASES):
@@ -150,27 +197,36 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
                 if wanted("hot_ensure_client") and (sd or cd):
                     phase("hot ensure(): peers", peers.hot_ensure_client, bench, sd, cd)
                 if wanted("cold_ensure"):
-                    phase("cold ensure()", _cold_ensure, bench, sd, cd)
+                    phase("cold ensure()", _cold_ensure, bench, helpers, sd, cd)
         if wanted("vars_read"):
             phase("decode and read a new snapshot", vars_cases.vars_read, bench)
         if wanted("batch_ensure"):
-            phase(f"batch ensure() of {config.batch} names", _batch, bench)
+            phase(f"batch ensure() of {config.batch} names", _batch, bench, helpers)
         if wanted("crash_to_ready"):
-            phase("crash to ready again", _crash, bench)
+            phase("crash to ready again", _crash, bench, helpers)
         if wanted("edit_to_new_code"):
             phase("edit a module -> new code ready", reload_cases.edit_to_new_code, bench)
         if wanted("reload_cold_ensure"):
-            phase("cold ensure() before and after a new generation", _reload_cold_ensure, bench)
+            phase(
+                "cold ensure() before and after a new generation",
+                _reload_cold_ensure,
+                bench,
+                helpers,
+            )
         if wanted("rolling_ready"):
             title = f"ready instances during a rolling restart of {reload_cases.ROLLING_NUM}"
             phase(title, reload_cases.rolling_ready, bench)
         if wanted("worker_uss"):
             phase(f"idle worker USS, {cases.USS_WORKERS} workers", _worker_uss, bench)
         if wanted(*IDLE_CASES):
-            phase(f"idle cost and drain, {config.workers} workers", _idle_and_drain, bench)
+            phase(f"idle cost and drain, {config.workers} workers", _idle_and_drain, bench, helpers)
         if wanted("scale"):
-            phase(f"scale: {config.scale} workers", _scale, bench)
+            phase(f"scale: {config.scale} workers", _scale, bench, helpers)
+        if wanted("start_scaling"):
+            sizes = ", ".join(map(str, config.start_sizes))
+            phase(f"start scaling: {sizes} eager workers", _start_scaling, bench, helpers)
     finally:
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
     bench.finish()
     return bench, {"duration_s": round(time.monotonic() - started, 1)}

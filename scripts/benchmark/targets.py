@@ -47,6 +47,13 @@ def _within_2x(row: Row, _rows: list[Row]) -> bool:
     return row.ratio_to_baseline is not None and row.ratio_to_baseline <= 2
 
 
+def _linear_start(row: Row, rows: list[Row]) -> bool:
+    """start_scaling: per worker, at most 1.1x what the smallest N costs (so
+    1,000 workers cost at most 11x what 100 do)."""
+    first = min((r for r in rows if r.kind == "bgpool"), key=lambda r: r.params["workers"])
+    return row.median <= 1.1 * first.median
+
+
 CASES: dict[str, Case] = {
     "hot_ensure_owner": Case("hot ensure(), owner", "us", "<= 1 us", lambda r, _: r.median <= 1),
     "hot_ensure_client": Case(
@@ -83,6 +90,12 @@ CASES: dict[str, Case] = {
     "worker_uss": Case("idle worker USS", "MiB", "median <= 1.2 MiB", lambda r, _: r.median <= 1.2),
     "scale": Case(
         "start N workers, all ready", "s", "succeeds", lambda r, _: bool(r.extra.get("success"))
+    ),
+    "start_scaling": Case(
+        "start N eager workers, cost per worker",
+        "ms/worker",
+        "<= 1.1x per worker of the smallest N",
+        _linear_start,
     ),
     "get_vars_owner": Case(
         "get_vars() unchanged 10 kB, owner", "us", "<= 1 us", lambda r, _: r.median <= 1
