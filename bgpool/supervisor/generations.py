@@ -58,6 +58,16 @@ def start_seed() -> socket.socket:
     return ours
 
 
+def _pid(data: bytes) -> int:
+    """The pid a fork request's answer gives (`zygote._fork_on_request`), or
+    the OSError it reports."""
+    reply = json.loads(data)
+    if reply["t"] != "spawned":
+        errno = int(reply["errno"])
+        raise OSError(errno, os.strerror(errno))
+    return int(reply["pid"])
+
+
 def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socket) -> int:
     """Have the seed fork a generation that serves on `child`; its pid."""
     try:
@@ -68,10 +78,7 @@ def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socke
         raise OSError(exc.errno, f"the seed of code generations is gone: {exc}") from None
     if not data:
         raise OSError("the seed of code generations did not answer")
-    reply = json.loads(data)
-    if "pid" not in reply:
-        raise OSError(int(reply["errno"]), os.strerror(int(reply["errno"])))
-    return int(reply["pid"])
+    return _pid(data)
 
 
 class Generation:
@@ -157,11 +164,7 @@ class Generation:
         if not data:
             self.close()
             raise OSError(f"code generation {self.number} did not answer a spawn request")
-        reply = json.loads(data)
-        if reply["t"] != "spawned":
-            errno = int(reply["errno"])
-            raise OSError(errno, os.strerror(errno))
-        return int(reply["pid"])
+        return _pid(data)
 
     def close(self) -> None:
         """Let the generation go: it exits once its socket closes (the

@@ -33,6 +33,7 @@ import socket
 import sys
 import sysconfig
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from types import CodeType
 from typing import NoReturn
@@ -121,27 +122,16 @@ def seed(sock: socket.socket) -> NoReturn:
     try:
         _set_apart(sock, "bgpool-seed")
         gc.freeze()
-        while True:
-            data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, 1)
-            if not data:
-                break
-            try:
-                pid = platform.fork_sibling()
-            except OSError as exc:
-                reply = b'{"errno": %d}' % (exc.errno or 0)
-            else:
-                if pid == 0:  # pragma: no cover - the child never returns
-                    sock.close()
-                    request = json.loads(data)
-                    generation = socket.socket(fileno=fds[0])
-                    serve(generation, request["number"], request["modules"], request["scripts"])
-                reply = b'{"pid": %d}' % pid
-            for fd in fds:
-                os.close(fd)
-            sock.send(reply)
+        _fork_on_request(sock, 1, _generation)
         code = 0
     finally:
         os._exit(code)
+
+
+def _generation(data: bytes, fds: list[int]) -> NoReturn:
+    """In the seed's child: become the generation a request asks for."""
+    request = json.loads(data)
+    serve(socket.socket(fileno=fds[0]), request["number"], request["modules"], request["scripts"])
 
 
 def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[str]) -> NoReturn:
@@ -157,20 +147,30 @@ def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[st
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
         sock.send(json.dumps(loaded).encode())
-        _fork_on_request(sock)
+        _fork_on_request(sock, len(runtime.Boot.FDS), _worker)
         code = 0
     finally:
         os._exit(code)
 
 
-def _fork_on_request(sock: socket.socket) -> None:
-    """Fork one worker per spawn request until the supervisor closes the socket."""
+def _worker(data: bytes, fds: list[int]) -> NoReturn:
+    """In the generation's child: become the worker a spawn request describes."""
+    request = json.loads(data)
+    given = dict(zip(request["fds"], fds, strict=True))
+    runtime.run_forked(replace(runtime.Boot(**request["boot"]), **given))
+
+
+def _fork_on_request(
+    sock: socket.socket, max_fds: int, child: Callable[[bytes, list[int]], NoReturn]
+) -> None:
+    """Fork one child per request (which runs `child` with the request and its
+    descriptors), answering each with its pid, until the socket closes."""
     while True:
-        data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, len(runtime.Boot.FDS))
+        data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
         if not data:
             return
         # Fork first, decode in the child: whatever this process writes to
-        # memory between forks stops being shared with the workers it forked.
+        # memory between forks stops being shared with the processes it forked.
         try:
             pid = platform.fork_sibling()
         except OSError as exc:
@@ -179,18 +179,10 @@ def _fork_on_request(sock: socket.socket) -> None:
             if pid == 0:  # pragma: no cover - the child never returns
                 try:
                     sock.close()
-                    boot = _boot(data, fds)
-                except BaseException:
-                    os._exit(1)  # never back into this loop: it is the generation's
-                runtime.run_forked(boot)
+                    child(data, fds)
+                finally:
+                    os._exit(1)  # never back into this loop: it is the parent's
             reply = b'{"t": "spawned", "pid": %d}' % pid
         for fd in fds:
             os.close(fd)
         sock.send(reply)
-
-
-def _boot(data: bytes, fds: list[int]) -> runtime.Boot:
-    """The worker's Boot from a spawn request, with the descriptors it came with."""
-    request = json.loads(data)
-    given = dict(zip(request["fds"], fds, strict=True))
-    return replace(runtime.Boot(**request["boot"]), **given)
