@@ -39,7 +39,7 @@ class Machine(Supervisor):
     pid, so exits and readiness can be fed in by hand."""
 
     def __init__(self, decls: list[Decl], address: str, clock: Clock) -> None:
-        # spawn: no code generation is loaded, and _spawn below forks nothing
+        # spawn: no code generation is loaded, and _spawn_all below forks nothing
         settings = Settings(
             ensure_timeout=5.0, grace_period=3.0, restart_grace_period=2.0,
             start_method="spawn", max_vars_bytes=1 << 16, root=os.getcwd(),
@@ -54,13 +54,14 @@ class Machine(Supervisor):
         self.moves.append((inst.state.label, target.label))
         super()._transition(inst, target, detail, level)
 
-    def _spawn(self, inst: Instance) -> None:
-        inst.attempts += 1
-        pid = next(FAKE_PIDS)
-        inst.run = Run(pid, None, None, [])
-        inst.started_mono = self.timers.clock()
-        self.by_pid[pid] = inst
-        self._transition(inst, State.STARTING, f"pid {pid}")
+    def _spawn_all(self, insts: list[Instance]) -> None:
+        for inst in insts:
+            inst.attempts += 1
+            pid = next(FAKE_PIDS)
+            inst.run = Run(pid, None, None, [])
+            inst.started_mono = self.timers.clock()
+            self.by_pid[pid] = inst
+            self._transition(inst, State.STARTING, f"pid {pid}")
 
     def ready(self, inst: Instance) -> None:
         assert inst.run is not None
@@ -253,7 +254,7 @@ def test_ensure_waiters_hear_of_readiness(machine: Machine, tmp_path: Path) -> N
         def send(self, message: dict[str, object]) -> None:
             replies.append(message)
 
-    machine._wake(inst.worker)
+    machine._wake([inst.worker])
     machine._wait(Waiter(Conn(), [inst.worker], 5.0))  # type: ignore[arg-type]
     assert not replies
     machine.ready(inst)

@@ -29,6 +29,7 @@ more of their memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ log = logging.getLogger("bgpool")
 
 SPAWN_REPLY_SECONDS = 5.0
 """How long a generation may take to answer a spawn request (it forks at once)."""
+
+SPAWN_WINDOW = 16
+"""Spawn requests sent to a generation before the first answer is read."""
 
 
 def start_seed() -> socket.socket:
@@ -63,8 +67,8 @@ def _pid(data: bytes) -> int:
     the OSError it reports."""
     reply = json.loads(data)
     if reply["t"] != "spawned":
-        errno = int(reply["errno"])
-        raise OSError(errno, os.strerror(errno))
+        code = int(reply["errno"])
+        raise OSError(code, os.strerror(code))
     return int(reply["pid"])
 
 
@@ -148,23 +152,39 @@ class Generation:
         import, its script to compile), as diagnostics data; None if it can."""
         return self.failures.get(decl.script or decl.target.partition(":")[0])
 
-    def spawn(self, boot: Boot) -> int:
-        """Have the generation fork the worker `boot` describes; its pid (a
-        child of the supervisor). OSError if it could not."""
-        names = [name for name in Boot.FDS if getattr(boot, name) is not None]
-        fds = [getattr(boot, name) for name in names]
-        request = json.dumps({"t": "spawn", "boot": boot.__dict__, "fds": names}).encode()
+    def spawn_many(self, boots: list[Boot]) -> list[int | OSError]:
+        """Have the generation fork the workers `boots` describe: each one's
+        pid (a child of the supervisor), or why it could not. Up to
+        `SPAWN_WINDOW` requests are in flight at once, so the generation forks
+        the next worker while the supervisor reads the answer for the last."""
+        results: list[int | OSError] = []
         try:
-            socket.send_fds(self.sock, [request], fds)
-            ready, _, _ = select.select([self.sock], [], [], SPAWN_REPLY_SECONDS)
-            data = self.sock.recv(zygote.MAX_PACKET) if ready else None
+            for sent, boot in enumerate(boots, start=1):
+                names = [name for name in Boot.FDS if getattr(boot, name) is not None]
+                request = {"t": "spawn", "boot": boot.__dict__, "fds": names}
+                fds = [getattr(boot, name) for name in names]
+                socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
+                if sent - len(results) >= SPAWN_WINDOW:
+                    results.append(self._answer())
+            while len(results) < len(boots):
+                results.append(self._answer())
         except OSError as exc:
             self.close()
-            raise OSError(exc.errno, f"code generation {self.number} is gone: {exc}") from None
+            gone = OSError(exc.errno, f"code generation {self.number} is gone: {exc.strerror}")
+            results += [gone] * (len(boots) - len(results))
+        return results
+
+    def _answer(self) -> int | OSError:
+        """The next spawn request's answer: a pid, or the error the generation
+        met (OSError raised if it is gone or silent)."""
+        ready, _, _ = select.select([self.sock], [], [], SPAWN_REPLY_SECONDS)
+        data = self.sock.recv(zygote.MAX_PACKET) if ready else b""
         if not data:
-            self.close()
-            raise OSError(f"code generation {self.number} did not answer a spawn request")
-        return _pid(data)
+            raise OSError(errno.EPIPE, "it did not answer a spawn request")
+        try:
+            return _pid(data)
+        except OSError as exc:
+            return exc
 
     def close(self) -> None:
         """Let the generation go: it exits once its socket closes (the

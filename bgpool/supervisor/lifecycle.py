@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
+import itertools
 import logging
 import os
 import selectors
@@ -58,8 +59,7 @@ class Lifecycle(Drains):
             return
         if self.settings.start_method == "fork":
             self._current_generation()
-        for inst in eager:
-            self._spawn(inst)
+        self._spawn_all(eager)
 
     # -- code generations ------------------------------------------------------------
 
@@ -103,34 +103,57 @@ class Lifecycle(Drains):
         del self.workers[(decl.scope_id, worker.name)]
         self.slots.give_back([inst.slot for inst in worker.instances])
 
-    def _wake(self, worker: Worker) -> None:
-        """Start the instances of a worker that is not running (a fresh try
-        after an abort)."""
-        for inst in worker.instances:
+    def _wake(self, workers: list[Worker]) -> None:
+        """Start the instances of workers that are not running (a fresh try
+        after an abort), from the newest code (`_transition` forgot their
+        generation)."""
+        stopped = []
+        for inst in [i for worker in workers for i in worker.instances]:
             if inst.state == State.ABORTED:
                 inst.failures = 0
             if inst.state in (State.STOPPED, State.ABORTED):
-                self._spawn(inst)  # from the newest code (`_transition` forgot its generation)
+                stopped.append(inst)
+        self._spawn_all(stopped)
 
     # -- spawn -----------------------------------------------------------------------
 
     def _spawn(self, inst: Instance) -> None:
-        """Fork a new process for `inst` (to STARTING). A process that cannot be
-        made (out of descriptors or processes) is a failed start, told to its
-        waiters at once."""
-        assert inst.run is None
-        inst.attempts += 1
-        made: list[int] = []
-        try:
-            for _ in range(2 + (2 if inst.worker.decl.output == "prefix" else 0)):
-                made.extend(os.pipe2(os.O_CLOEXEC))
-            pid = self._fork(inst, made)
-        except OSError as exc:
-            for fd in made:
-                os.close(fd)
-            self._cannot_start(inst, exc)
-            return
-        stop_r, stop_w, notify_r, notify_w, *outputs = made
+        """Fork a new process for `inst` (to STARTING)."""
+        self._spawn_all([inst])
+
+    def _spawn_all(self, insts: list[Instance]) -> None:
+        """Fork a new process for each of `insts` (each to STARTING), the
+        requests to a generation sent without waiting for each answer in
+        turn. A process that cannot be made (out of descriptors or processes)
+        is a failed start, told to its waiters at once."""
+        prepared: list[tuple[Instance, list[int], Boot]] = []
+        for inst in insts:
+            assert inst.run is None
+            inst.attempts += 1
+            made: list[int] = []
+            try:
+                for _ in range(2 + (2 if inst.worker.decl.output == "prefix" else 0)):
+                    made.extend(os.pipe2(os.O_CLOEXEC))
+            except OSError as exc:
+                self._not_started(inst, made, exc)
+                continue
+            prepared.append((inst, made, self._boot(inst, made)))
+        forked = self._fork_all([(inst, boot) for inst, _, boot in prepared])
+        for (inst, made, _), pid in zip(prepared, forked, strict=True):
+            if isinstance(pid, OSError):
+                self._not_started(inst, made, pid)
+            else:
+                self._started(inst, pid, made)
+
+    def _not_started(self, inst: Instance, fds: list[int], exc: OSError) -> None:
+        for fd in fds:
+            os.close(fd)
+        self._cannot_start(inst, exc)
+
+    def _started(self, inst: Instance, pid: int, fds: list[int]) -> None:
+        """`inst`'s process `pid` exists: keep the supervisor's ends of `fds`,
+        watch its notify pipe and relayed output (to STARTING)."""
+        stop_r, stop_w, notify_r, notify_w, *outputs = fds
         os.close(stop_r)
         os.close(notify_w)
         os.set_blocking(notify_r, False)
@@ -148,15 +171,12 @@ class Lifecycle(Drains):
         )
         self._transition(inst, State.STARTING, f"pid {pid}, attempt {inst.attempts}")
 
-    def _fork(self, inst: Instance, fds: list[int]) -> int:
-        """Start the worker process of `inst`, handing it its ends of `fds`
-        (stop pipe, notify pipe, then stdout and stderr pipes if relayed): forked
-        by its code generation (the one it was started with, else the newest),
-        or with `start_method="spawn"` forked here and replaced by a fresh
-        interpreter. Returns its pid."""
+    def _boot(self, inst: Instance, fds: list[int]) -> Boot:
+        """What the worker process of `inst` is told: its ends of `fds` (stop
+        pipe, notify pipe, then stdout and stderr pipes if relayed)."""
         worker, decl = inst.worker, inst.worker.decl
         stop_r, _, _, notify_w, *outputs = fds
-        boot = Boot(
+        return Boot(
             name=worker.name,
             scope_id=decl.scope_id,
             scope_label=decl.scope_label,
@@ -174,15 +194,40 @@ class Lifecycle(Drains):
             stdout_fd=outputs[1] if outputs else None,
             stderr_fd=outputs[3] if outputs else None,
         )
+
+    def _fork_all(self, requests: list[tuple[Instance, Boot]]) -> list[int | OSError]:
+        """Start each worker process: forked by its instance's code generation
+        (the one it was started with, else the newest), or with
+        `start_method="spawn"` forked here and replaced by a fresh
+        interpreter. Each one's pid, or why it could not be made."""
         if self.settings.start_method == "spawn":
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child never returns
-                exec_spawned(boot)
-            return pid
+            return [self._fork_spawned(boot) for _, boot in requests]
+        results: list[int | OSError] = []
+        for gen, group in itertools.groupby(requests, key=lambda r: self._generation_for(r[0])):
+            boots = [boot for _, boot in group]
+            results += [gen] * len(boots) if isinstance(gen, OSError) else gen.spawn_many(boots)
+        return results
+
+    def _generation_for(self, inst: Instance) -> Generation | OSError:
+        """The generation `inst` forks from: its own while it lives, else the
+        newest (which becomes its own); or why none could be loaded."""
         gen = inst.generation
         if gen is None or not gen.alive:
-            gen = inst.generation = self._current_generation()
-        return gen.spawn(boot)
+            try:
+                gen = inst.generation = self._current_generation()
+            except OSError as exc:
+                return exc
+        return gen
+
+    @staticmethod
+    def _fork_spawned(boot: Boot) -> int | OSError:
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            return exc
+        if pid == 0:  # pragma: no cover - the child never returns
+            exec_spawned(boot)
+        return pid
 
     def _cannot_start(self, inst: Instance, exc: OSError) -> None:
         """No process could be made for `inst`: one that was never ready is

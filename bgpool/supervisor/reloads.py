@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from .. import texts
 from ..errors import WorkerNotDeclared
 from ..protocol import Message, error_reply
-from ..states import State
 from .core import Settings
 from .generations import Generation
 from .instances import Instance, Worker
@@ -152,10 +151,7 @@ class Reloads(Rollouts):
 
         log.info("reload: %s", report)
         self._begin(Rollout(restart, gen, rolled))  # new code first for what runs, then:
-        for worker in eager:  # what is new, or a pool's new instances
-            for inst in worker.instances:
-                if inst.state in (State.STOPPED, State.ABORTED):
-                    self._spawn(inst)
+        self._wake(eager)  # what is new, or a pool's new instances
 
     def _move(self, before: Decl, decl: Decl) -> list[Worker]:
         """Hand `before`'s workers to `decl` (same scope and name); return them.

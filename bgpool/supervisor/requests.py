@@ -131,8 +131,7 @@ class Requests(Watches):
         workers = self._resolve(conn, scope_id, names)
         if workers is None:
             return
-        for worker in workers:
-            self._wake(worker)
+        self._wake(workers)
         self._wait(Waiter(conn, workers, timeout, fail_fast=fail_fast))
 
     def _start(self, conn: Connection, _message: Message) -> None:

@@ -203,10 +203,10 @@ class Rollouts(Lifecycle):
 
     # -- what the lifecycle tells a rollout --------------------------------------------
 
-    def _spawn(self, inst: Instance) -> None:
-        super()._spawn(inst)
+    def _started(self, inst: Instance, pid: int, fds: list[int]) -> None:
+        super()._started(inst, pid, fds)
         found = self._chain_of(inst)
-        if found is not None and found[1].run is None and inst.run is not None:
+        if found is not None and found[1].run is None:
             found[1].run = inst.run  # the replacement
 
     def _on_ready(self, inst: Instance, run: Run) -> None:
