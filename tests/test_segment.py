@@ -357,10 +357,20 @@ def test_a_reader_waiting_with_the_gil_released_is_guarded_too(case: str) -> Non
         case,
         """
         struct.pack_into("<Q", mapping, SLOT, 1)
-        threading.Timer(0.2, os.ftruncate, (fd, 0)).start()
+        handled = threading.Event()
+        def truncate():
+            os.ftruncate(fd, 0)
+            # Stay alive until the fault is handled: faulthandler's dump of
+            # every thread may crash on a thread that is exiting meanwhile
+            # (seen once on 3.13), which is not what this test is about.
+            handled.wait(10)
+        timer = threading.Timer(0.2, truncate)
+        timer.start()
         started = time.monotonic()
         attempt("read_slots", lambda: _segment.read_slots(mapping, SLOT, 1, PAGE, 40, 5.0))
         print(f"{time.monotonic() - started:.1f}")
+        handled.set()
+        timer.join()
         """,
     )
     assert lines[0].startswith("read_slots: Truncated "), lines

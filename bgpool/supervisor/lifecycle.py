@@ -347,7 +347,8 @@ class Lifecycle(Drains):
             self._drained(inst, status)
         else:
             self._after_run(inst, status, self.timers.clock() - inst.started_mono, run.error)
-        self._release_generations()
+        if len(self.generations) > 1:  # an older one may have lost its last instance
+            self._release_generations()
 
     def _after_run(
         self,
