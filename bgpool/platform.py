@@ -262,15 +262,13 @@ def _children(pid: int) -> list[int] | None:
 
 def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
     """Each of `pids`' descendants: walked down from each pid when the kernel
-    lists children (a drain of one worker must not read every process), else
-    from one scan of the process table (a drain of many workers must not scan
-    it once per worker)."""
+    lists children (a few reads per worker, where a scan reads every process
+    on the machine), else from one scan of the process table."""
     import psutil
 
-    if len(pids) <= 8:
-        walked = {pid: _walk(pid) for pid in pids}
-        if all(tree is not None for tree in walked.values()):
-            return {pid: tree for pid, tree in walked.items() if tree is not None}
+    walked = {pid: _walk(pid) for pid in pids}
+    if all(tree is not None for tree in walked.values()):
+        return {pid: tree for pid, tree in walked.items() if tree is not None}
     children: dict[int, list[psutil.Process]] = defaultdict(list)
     with contextlib.suppress(OSError):  # out of descriptors: what was read so far
         for proc in psutil.process_iter(["ppid"]):
@@ -313,6 +311,9 @@ def process_tree(pid: int) -> list[psutil.Process]:
         root = psutil.Process(pid)
     except (psutil.NoSuchProcess, OSError):
         return []
+    walked = _walk(pid)
+    if walked is not None:
+        return [root, *walked]
     try:
         return [root, *root.children(recursive=True)]
     except (psutil.NoSuchProcess, OSError):
