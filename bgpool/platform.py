@@ -246,15 +246,16 @@ def processes_with_env(name: str, value: str) -> list[psutil.Process]:
 
 
 def _children(pid: int) -> list[int] | None:
-    """`pid`'s children, from /proc/<pid>/task/*/children (Linux); None if
-    that file is not there."""
+    """`pid`'s children, from /proc/<pid>/task/*/children (Linux): none if
+    `pid` is gone; None if the kernel does not list children (or a task went
+    away while they were read: the caller then scans the process table)."""
     found: list[int] = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as listing:
                 found.extend(int(child) for child in listing.read().split())
     except FileNotFoundError:
-        return None if not os.path.exists(f"/proc/{pid}") else found
+        return [] if not os.path.exists(f"/proc/{pid}") else None
     except (OSError, ValueError):
         return None
     return found

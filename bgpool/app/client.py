@@ -55,6 +55,10 @@ ENSURE_SLACK = 1.0
 stopped or overloaded supervisor must not stretch the caller's deadline."""
 
 
+MAX_UNDECLARED_SCOPES = 1024
+"""Undeclared scopes a client remembers as such (more are asked about each time)."""
+
+
 def _check_names(names: object) -> list[str]:
     """`ensure()`'s `names` as a list, or `TypeError`/`ValueError` (not a str or a
     sequence of str; empty; an empty name, one with NUL; a duplicate), checked
@@ -149,6 +153,8 @@ class PoolClient:
         self._gone = False  # the supervisor died (set by the owner's watcher)
         self._table_name = ""
         self._scopes: dict[int, str] = {0: ""}
+        # scopes found undeclared, at that version of the declarations
+        self._undeclared: tuple[int | None, set[int]] = (None, set())
         self._own_scope = 0
         self._ensure_timeout = ensure_timeout
 
@@ -172,6 +178,21 @@ class PoolClient:
         hello = self._request({"op": "hello"}, timeout=10.0)
         self._scopes = {0: ""} | {int(sid): str(label) for sid, label in hello["scopes"]}
         return hello
+
+    def _learn_scope(self, scope_id: int) -> None:
+        """Ask which scopes are declared if a reload may have declared
+        `scope_id` since this client last found it was not: a scope that
+        declares nothing then costs one table read, not a round trip."""
+        table = self._table
+        version = table.declarations() if table is not None else None
+        if version is not None and version == self._undeclared[0]:
+            if scope_id in self._undeclared[1]:
+                return
+        else:
+            self._undeclared = (version, set())
+        self._learn_scopes()
+        if scope_id not in self._scopes and len(self._undeclared[1]) < MAX_UNDECLARED_SCOPES:
+            self._undeclared[1].add(scope_id)
 
     def _closed(self) -> BgpoolError:
         table = self._table
@@ -271,7 +292,7 @@ class PoolClient:
                 return self._own_scope
         if isinstance(scope, Scope):
             if scope.id not in self._scopes:
-                self._learn_scopes()
+                self._learn_scope(scope.id)
             return scope.id if scope.id in self._scopes else 0
         if isinstance(scope, str):
             matches = [sid for sid, label in self._scopes.items() if label == scope]

@@ -84,6 +84,7 @@ HEADER_SIZE = 64
 VERSION = 4  # 3 added the in-use count and the status; 4 made the counter 64 bits
 _IN_USE = HEADER.size  # offset of the in-use slot count (u32)
 _STATUS = HEADER.size + 4  # offset of the status byte
+_DECLARATIONS = HEADER.size + 8  # offset of the declarations' version (u32): reload() bumps it
 
 
 class Status(enum.IntEnum):
@@ -365,6 +366,16 @@ class TableReader:
         except _segment.Truncated as exc:
             raise self._truncated(exc) from None
 
+    def declarations(self) -> int:
+        """The version of the pool's declarations: it grows with each
+        `reload()`, so a reader knows when what it learnt of them (which
+        scopes are declared) may be out of date. `BgpoolError` if the table
+        was truncated."""
+        try:
+            return int.from_bytes(_segment.read_bytes(self._map, _DECLARATIONS, 4), "little")
+        except _segment.Truncated as exc:
+            raise self._truncated(exc) from None
+
     def slots(self) -> list[Slot]:
         """Every slot that may be in use, in table order (`BgpoolError` as for
         `read`)."""
@@ -471,6 +482,7 @@ class TableWriter:
         self._bodies: dict[int, bytes] = {}
         self._in_use = 0
         self._status = Status.SERVING
+        self._declarations = 0
         self._store(_segment.write_bytes, self._buf, 0, self._header)
 
     def write(self, index: int, slot: Slot) -> None:
@@ -502,6 +514,14 @@ class TableWriter:
         self._status = status
         self._store(_segment.set_status, self._buf, status)
 
+    def declarations_changed(self) -> None:
+        """Say that the declarations changed (a reload): bump their version."""
+        self._declarations += 1
+        self._store(_segment.write_bytes, self._buf, _DECLARATIONS, self._declarations_bytes())
+
+    def _declarations_bytes(self) -> bytes:
+        return self._declarations.to_bytes(4, "little")
+
     def _store(self, store: Callable[..., None], *args: Any) -> None:
         """`store(*args)`, a write into the table, repaired if it faults."""
         try:
@@ -523,6 +543,7 @@ class TableWriter:
                 _segment.write_slot(self._buf, _offset(index), body)
             _segment.set_in_use(self._buf, self._in_use)
             _segment.set_status(self._buf, self._status)
+            _segment.write_bytes(self._buf, _DECLARATIONS, self._declarations_bytes())
             _segment.write_bytes(self._buf, 0, self._header)  # last: attach() refuses till then
         except (OSError, _segment.Truncated) as failed:
             raise BgpoolError(

@@ -86,21 +86,23 @@ class Reloads(Rollouts):
     def _update(self, conn: Connection, decls: list[Decl], settings: Settings) -> None:
         """Check the new declarations fit, load their code, then apply them."""
         held = len(self.retiring) + sum(len(w.instances) for w in self.workers.values())
-        needed = Registry(decls).slots_needed + held
+        registry = Registry(decls)
+        needed = registry.slots_needed + held
         if needed > self.slots.count:
             conn.send(error_reply("ValueError", texts.table_too_small(needed, self.slots.count)))
             return
 
         def loaded(gen: Generation) -> None:
-            self._apply(conn, decls, settings, gen)
+            self._apply(conn, registry, settings, gen)
 
         self._load(decls, loaded, conn.send)
 
     def _apply(
-        self, conn: Connection, decls: list[Decl], settings: Settings, gen: Generation
+        self, conn: Connection, registry: Registry, settings: Settings, gen: Generation
     ) -> None:
         """The new code loaded: refuse the reload if a new or changed
         declaration cannot run, else apply it."""
+        decls = registry.decls
         old = {_key(d): d for d in self.registry.decls}
         new = {_key(d): d for d in decls}
         report = Report()
@@ -121,8 +123,9 @@ class Reloads(Rollouts):
             text = "; ".join(texts.reload_refused(_label(d), error) for d, error in refused)
             conn.send(error_reply("WorkerBootFailed", text, diagnostics=[]))
             return
-        self.registry = Registry(decls)
+        self.registry = registry
         self.settings = settings
+        self.table.declarations_changed()  # clients learn the scopes again
         for key, decl in old.items():
             if key not in new:
                 report.removed.append(_label(decl))

@@ -18,7 +18,7 @@ from typing import Any
 from .core import Settings
 from .generations import Generation
 from .listener import Connection
-from .registry import Decl
+from .registry import Registry
 from .reloads import Reloads
 from .timers import Timer
 from .watch import FileWatch
@@ -82,9 +82,9 @@ class Watches(Reloads):
         self._roll(workers, self._answer_conn(None))
 
     def _apply(
-        self, conn: Connection, decls: list[Decl], settings: Settings, gen: Generation
+        self, conn: Connection, registry: Registry, settings: Settings, gen: Generation
     ) -> None:
-        super()._apply(conn, decls, settings, gen)
+        super()._apply(conn, registry, settings, gen)
         self._watch_files()
 
     def close_file_watch(self) -> None:
