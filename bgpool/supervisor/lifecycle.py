@@ -138,6 +138,9 @@ class Lifecycle(Drains):
                 self._not_started(inst, made, exc)
                 continue
             prepared.append((inst, made, self._boot(inst, made)))
+            # spawn to ready counts from here: its fork is part of it, however
+            # late in a batch its generation's answer is read
+            inst.started_at, inst.started_mono = time.time(), self.timers.clock()
         forked = self._fork_all([(inst, boot) for inst, _, boot in prepared])
         for (inst, made, _), pid in zip(prepared, forked, strict=True):
             if isinstance(pid, OSError):
@@ -164,7 +167,7 @@ class Lifecycle(Drains):
         for stream, read_end in enumerate(read_ends, start=1):
             self.relay.attach(read_end, stream, inst.label, inst.tail)
         inst.run = Run(pid, stop_w, notify_r, read_ends)
-        inst.started_at, inst.started_mono, inst.ready_at = time.time(), self.timers.clock(), 0.0
+        inst.ready_at = 0.0
         self.by_pid[pid] = inst
         self.selector.register(
             notify_r, selectors.EVENT_READ, functools.partial(self._on_notify, inst)
