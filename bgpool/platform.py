@@ -11,7 +11,6 @@ never loaded psutil is smaller and quicker to fork.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -24,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from . import texts
+from . import _oscalls, texts
 
 if TYPE_CHECKING:
     import psutil
@@ -34,15 +33,10 @@ LINUX = sys.platform.startswith("linux")
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
-_libc = ctypes.CDLL(None, use_errno=True) if LINUX else None
-
 
 def _prctl(option: int, value: int) -> None:
-    if _libc is None:
-        return
-    if _libc.prctl(option, value, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+    if LINUX:
+        _oscalls.prctl(option, value)
 
 
 def set_parent_death_signal(sig: signal.Signals) -> None:
@@ -60,26 +54,15 @@ def set_child_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-_PR_SET_NAME = 15
-_PR_GET_NAME = 16
-
-
 def process_name() -> bytes:
     """This process's name as ps shows it (its comm, at most 15 bytes)."""
-    buffer = ctypes.create_string_buffer(16)
-    if _libc is not None:
-        _libc.prctl(_PR_GET_NAME, buffer, 0, 0, 0)
-    return buffer.value
+    return _oscalls.get_name() if LINUX else b""
 
 
 def set_process_name(name: bytes) -> None:
     """Rename this process as ps shows it (cut to 15 bytes by the kernel)."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-
-
-_CLONE_PARENT = 0x00008000
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "ppc64le": 120, "s390x": 120}
+    if LINUX:
+        _oscalls.set_name(name)
 
 
 def fork_sibling() -> int:
@@ -92,21 +75,9 @@ def fork_sibling() -> int:
     after-fork steps run around the system call, as they do for `os.fork()`.
     Call it from a single-threaded process only.
     """
-    if _libc is None:
+    if not LINUX:
         raise OSError(errno.ENOSYS, "forking a sibling process needs Linux")
-    flags = _CLONE_PARENT | signal.SIGCHLD
-    number = _SYS_CLONE[os.uname().machine]
-    api = ctypes.pythonapi
-    api.PyOS_BeforeFork()
-    pid = _libc.syscall(number, ctypes.c_ulong(flags), None, None, None, None)
-    if pid == 0:
-        api.PyOS_AfterFork_Child()
-        return 0
-    error = ctypes.get_errno()
-    api.PyOS_AfterFork_Parent()
-    if pid < 0:
-        raise OSError(error, os.strerror(error))
-    return int(pid)
+    return _oscalls.fork_sibling()
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -352,33 +323,23 @@ IN_ISDIR = 0x40000000
 _INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
 
-def _inotify_call(result: int) -> int:
-    """`result` of an inotify call, or the OSError its errno describes."""
-    if result < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return result
-
-
 def inotify_init() -> int:
     """A new inotify descriptor, non-blocking and close-on-exec (so no worker
     inherits it)."""
-    if _libc is None:
+    if not LINUX:
         raise OSError(errno.ENOSYS, "watching files needs Linux (inotify)")
-    return _inotify_call(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    return _oscalls.inotify_init()
 
 
 def inotify_add_watch(fd: int, path: str | os.PathLike[str], mask: int) -> int:
     """Watch `path` for the events of `mask`; the watch descriptor. Watching
     an inode that is already watched (through another path) returns its wd."""
-    assert _libc is not None  # inotify_init() refused already
-    return _inotify_call(_libc.inotify_add_watch(fd, os.fsencode(path), ctypes.c_uint32(mask)))
+    return _oscalls.inotify_add_watch(fd, os.fsencode(path), mask)
 
 
 def inotify_rm_watch(fd: int, wd: int) -> None:
     """Stop watch `wd` (EINVAL if the kernel already dropped it: its inode is gone)."""
-    assert _libc is not None
-    _inotify_call(_libc.inotify_rm_watch(fd, wd))
+    _oscalls.inotify_rm_watch(fd, wd)
 
 
 def inotify_events(data: bytes) -> list[tuple[int, int, str]]:

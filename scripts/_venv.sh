@@ -52,10 +52,10 @@ ensure_venv() {
   fi
   local stale="" input tag
   tag="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-  for input in pyproject.toml setup.py bgpool/shm/*.c; do
+  for input in pyproject.toml setup.py bgpool/*.c bgpool/shm/*.c; do
     if [ "$input" -nt "$stamp" ]; then stale=1; fi
   done
-  for input in bgpool/shm/*.c; do
+  for input in bgpool/*.c bgpool/shm/*.c; do
     if [ ! -f "${input%.c}$tag" ]; then stale=1; fi
   done
   if [ ! -f "$stamp" ] || [ -n "$stale" ]; then

@@ -300,10 +300,11 @@ def tree_pids() -> list[int]:
 
 def is_generation(proc: psutil.Process) -> bool:
     """Whether `proc` is a code generation (a child of the supervisor that
-    workers are forked from, named bgpool-gen<N>) or the seed generations are
-    forked from (bgpool-seed), not a worker."""
+    workers are forked from, named bgpool-gen<N>), the seed generations are
+    forked from (bgpool-seed) or a generation's spare not yet a worker
+    (bgpool-spare)."""
     with contextlib.suppress(psutil.Error):
-        return proc.name().startswith(("bgpool-gen", "bgpool-seed"))
+        return proc.name().startswith(("bgpool-gen", "bgpool-seed", "bgpool-spare"))
     return False
 
 

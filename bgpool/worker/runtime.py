@@ -96,11 +96,16 @@ def reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def _detach(boot: Boot) -> None:
-    """Cut the child loose from the supervisor's process state (its signal
-    handling: reset by the caller)."""
+def _leave_the_group() -> None:
+    """Leave the supervisor's process group, and ask for SIGKILL when the
+    supervisor (this process's parent) dies."""
     os.setpgid(0, 0)
     platform.set_parent_death_signal(signal.SIGKILL)
+
+
+def _detach(boot: Boot) -> None:
+    """Cut the child loose from the supervisor's process state (its signal
+    handling and process group: by the caller)."""
     if os.getppid() != boot.supervisor_pid:
         os._exit(1)  # the supervisor died before the prctl took effect
     for fd, target in ((boot.stdout_fd, 1), (boot.stderr_fd, 2)):
@@ -111,17 +116,24 @@ def _detach(boot: Boot) -> None:
         os.environ.update(boot.env)
 
 
+def prepare_forked() -> None:
+    """What a child forked from a code generation does before it knows which
+    worker it will be: a spare (`zygote.py`) does it before it is asked for."""
+    gc.freeze()  # never collect the generation's objects
+    atexit._clear()  # the generation's exit handlers are not this process's
+    # The generation reset every other signal (`zygote.serve`); a full
+    # reset here would cost each worker pages of memory of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _leave_the_group()
+
+
 def run_forked(boot: Boot) -> NoReturn:
-    """Entry point in the child of a fork, for `start_method="fork"`."""
+    """Entry point in the child of a fork, for `start_method="fork"`, once
+    `prepare_forked()` has run."""
     code = 1
     try:
-        gc.freeze()  # never collect the supervisor's objects (they hold closed fds)
-        atexit._clear()  # the supervisor's exit handlers are not this process's
         if PROCESS_NAME:
             platform.set_process_name(PROCESS_NAME)
-        # The generation reset every other signal (`zygote.serve`); a full
-        # reset here would cost each worker pages of memory of its own.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         _detach(boot)
         code = _run(boot)
     finally:
@@ -133,6 +145,7 @@ def exec_spawned(boot: Boot) -> NoReturn:
     the process with a fresh interpreter that runs `spawned_main()`."""
     try:
         reset_signals()
+        _leave_the_group()
         _detach(boot)
         os.set_inheritable(boot.stop_fd, True)
         os.set_inheritable(boot.notify_fd, True)

@@ -11,7 +11,10 @@ what failed, then forks one worker per request it receives on its socket.
 
 Workers are forked with `platform.fork_sibling()`, so each is the supervisor's
 child, not this process's: the supervisor waits for, signals and reaps its
-workers as if it had forked them itself, and this process never has to.
+workers as if it had forked them itself, and this process never has to. While
+no request waits, a generation keeps one **spare** forked ahead (`_Spare`,
+`bgpool-spare` in ps), which takes the next request: a cold start or a crash
+restart then waits for no fork.
 
 The socket is SOCK_SEQPACKET, one JSON message per packet. This process sends
 ``{"t": "loaded", "failures": {target: error}, "threads": n}`` once, then
@@ -28,13 +31,13 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import select
 import signal
 import socket
 import sys
 import sysconfig
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from types import CodeType
 from typing import NoReturn
 
@@ -43,6 +46,11 @@ from . import runtime
 
 MAX_PACKET = 1 << 20
 """The largest request: a Boot with its environment and sys.path."""
+
+SPARE_AFTER = 0.01
+"""Seconds without a request before a generation forks its next spare: not
+while the worker it just started boots (they would share the CPUs), nor in
+the middle of a batch."""
 
 
 class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
@@ -147,7 +155,7 @@ def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[st
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
         sock.send(json.dumps(loaded).encode())
-        _fork_on_request(sock, len(runtime.Boot.FDS), _worker)
+        _fork_on_request(sock, len(runtime.Boot.FDS), _worker, spares=True)
         code = 0
     finally:
         os._exit(code)
@@ -155,34 +163,119 @@ def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[st
 
 def _worker(data: bytes, fds: list[int]) -> NoReturn:
     """In the generation's child: become the worker a spawn request describes."""
+    runtime.prepare_forked()
+    _become(data, fds)
+
+
+def _become(data: bytes, fds: list[int]) -> NoReturn:
+    """Run the worker a spawn request describes, in a prepared child."""
     request = json.loads(data)
-    given = dict(zip(request["fds"], fds, strict=True))
-    runtime.run_forked(replace(runtime.Boot(**request["boot"]), **given))
+    fields = request["boot"]
+    fields.update(zip(request["fds"], fds, strict=True))  # our numbers for its descriptors
+    runtime.run_forked(runtime.Boot(**fields))
+
+
+class _Spare:
+    """A worker process forked before it is asked for, as Android's zygote
+    keeps unspecialised app processes: the next spawn request is handed to
+    it, so a cold start or a crash restart waits for no fork. It prepares
+    itself as far as it can without its request (`runtime.prepare_forked`),
+    then waits on a socket of its own; it exits if that closes first (its
+    generation ended). Like every worker, it is the supervisor's child."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def fork(cls, generation: socket.socket, max_fds: int) -> _Spare | None:
+        """Fork a spare (None if the fork fails: requests fork then)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = platform.fork_sibling()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:  # pragma: no cover - the child never returns
+            try:
+                generation.close()
+                ours.close()
+                _wait_for_request(theirs, max_fds)
+            finally:
+                os._exit(1)
+        theirs.close()
+        return cls(pid, ours)
+
+    def take(self, data: bytes, fds: list[int]) -> bytes | None:
+        """Hand the spare a spawn request; the answer for the generation's
+        client, or None if the spare is gone (killed by someone)."""
+        try:
+            socket.send_fds(self.sock, [data], fds)
+        except OSError:
+            return None
+        finally:
+            self.sock.close()
+        return b'{"t": "spawned", "pid": %d}' % self.pid
+
+
+def _wait_for_request(sock: socket.socket, max_fds: int) -> NoReturn:
+    """In a spare: take the spare's name (ps tells it from workers), prepare,
+    then become the worker its request describes."""
+    platform.set_process_name(b"bgpool-spare")
+    runtime.prepare_forked()
+    data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
+    if not data:
+        os._exit(0)
+    sock.close()
+    _become(data, fds)
 
 
 def _fork_on_request(
-    sock: socket.socket, max_fds: int, child: Callable[[bytes, list[int]], NoReturn]
+    sock: socket.socket,
+    max_fds: int,
+    child: Callable[[bytes, list[int]], NoReturn],
+    spares: bool = False,
 ) -> None:
     """Fork one child per request (which runs `child` with the request and its
-    descriptors), answering each with its pid, until the socket closes."""
+    descriptors), answering each with its pid, until the socket closes. With
+    `spares`, a spare is forked whenever no request is waiting, and takes the
+    next one."""
+    spare: _Spare | None = None
+    patience = 0.0  # the first spare at once: no worker of ours is booting yet
     while True:
+        if spares and spare is None and not select.select([sock], [], [], patience)[0]:
+            spare = _Spare.fork(sock, max_fds)
+        patience = SPARE_AFTER
         data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
         if not data:
             return
-        # Fork first, decode in the child: whatever this process writes to
-        # memory between forks stops being shared with the processes it forked.
-        try:
-            pid = platform.fork_sibling()
-        except OSError as exc:
-            reply = b'{"t": "failed", "errno": %d}' % (exc.errno or 0)
-        else:
-            if pid == 0:  # pragma: no cover - the child never returns
-                try:
-                    sock.close()
-                    child(data, fds)
-                finally:
-                    os._exit(1)  # never back into this loop: it is the parent's
-            reply = b'{"t": "spawned", "pid": %d}' % pid
+        reply = spare.take(data, fds) if spare is not None else None
+        spare = None
+        if reply is None:
+            reply = _fork_child(sock, data, fds, child)
         for fd in fds:
             os.close(fd)
         sock.send(reply)
+
+
+def _fork_child(
+    sock: socket.socket,
+    data: bytes,
+    fds: list[int],
+    child: Callable[[bytes, list[int]], NoReturn],
+) -> bytes:
+    """Fork a child that runs `child` with a request; the answer to it."""
+    # Fork first, decode in the child: whatever this process writes to
+    # memory between forks stops being shared with the processes it forked.
+    try:
+        pid = platform.fork_sibling()
+    except OSError as exc:
+        return b'{"t": "failed", "errno": %d}' % (exc.errno or 0)
+    if pid == 0:  # pragma: no cover - the child never returns
+        try:
+            sock.close()
+            child(data, fds)
+        finally:
+            os._exit(1)  # never back into the loop: it is the parent's
+    return b'{"t": "spawned", "pid": %d}' % pid
