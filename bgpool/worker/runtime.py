@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from types import CodeType, ModuleType, TracebackType
 from typing import Any, ClassVar, NoReturn
 
-from .. import identity, platform
+from .. import identity, platform, protocol
 from ..launch import python_command
 from . import handle
 
@@ -125,6 +125,23 @@ def prepare_forked() -> None:
     # reset here would cost each worker pages of memory of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _leave_the_group()
+    _line_buffered_output()
+
+
+def warm_up() -> None:
+    """Take, on made-up values, the first steps `_run` takes in every worker
+    (its identity and handle records, the encoding of its readiness message):
+    a spare does, before it is asked for."""
+    identity.WorkerInfo("", "", 0)
+    handle.Context(stop_fd=-1, notify_fd=-1, vars_segment="", max_vars_bytes=0)
+    protocol.encode({"t": "ready"})
+
+
+def _line_buffered_output() -> None:
+    """Line-buffer stdout and stderr: a line reaches the relay when printed."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
 
 
 def run_forked(boot: Boot) -> NoReturn:
@@ -161,6 +178,7 @@ def spawned_main() -> NoReturn:
     sys.path[:] = boot.sys_path
     os.set_inheritable(boot.stop_fd, False)
     os.set_inheritable(boot.notify_fd, False)
+    _line_buffered_output()
     os._exit(_run(boot))
 
 
@@ -177,9 +195,6 @@ def _run(boot: Boot) -> int:
     )
     os.environ["BGPOOL_WORKER"] = boot.name
     sys.argv = [boot.script or boot.target, *boot.args]
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(line_buffering=True)  # a line reaches the relay when printed
     where: tuple[str, int] | None = None  # where the error lies, if not in the traceback
     try:
         if boot.script is not None:

@@ -12,8 +12,8 @@ what failed, then forks one worker per request it receives on its socket.
 Workers are forked with `platform.fork_sibling()`, so each is the supervisor's
 child, not this process's: the supervisor waits for, signals and reaps its
 workers as if it had forked them itself, and this process never has to. While
-no request waits, a generation keeps one **spare** forked ahead (`_Spare`,
-`bgpool-spare` in ps), which takes the next request: a cold start or a crash
+no request waits, a generation keeps two **spares** forked ahead (`_Spare`,
+`bgpool-spare` in ps), which take the next requests: a cold start or a crash
 restart then waits for no fork.
 
 The socket is SOCK_SEQPACKET, one JSON message per packet. This process sends
@@ -25,6 +25,7 @@ SCM_RIGHTS, in the order of `Boot.FDS`) with ``{"t": "spawned", "pid": n}`` or
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import importlib.machinery
@@ -46,6 +47,10 @@ from . import runtime
 
 MAX_PACKET = 1 << 20
 """The largest request: a Boot with its environment and sys.path."""
+
+SPARES = 2
+"""The spares a generation keeps: two, so that a crash right after a start
+(or two starts in a row) still finds one."""
 
 SPARE_AFTER = 0.01
 """Seconds without a request before a generation forks its next spare: not
@@ -155,7 +160,7 @@ def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[st
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
         sock.send(json.dumps(loaded).encode())
-        _fork_on_request(sock, len(runtime.Boot.FDS), _worker, spares=True)
+        _fork_on_request(sock, len(runtime.Boot.FDS), _worker, SPARES)
         code = 0
     finally:
         os._exit(code)
@@ -169,10 +174,27 @@ def _worker(data: bytes, fds: list[int]) -> NoReturn:
 
 def _become(data: bytes, fds: list[int]) -> NoReturn:
     """Run the worker a spawn request describes, in a prepared child."""
+    runtime.run_forked(_decode(data, fds))
+
+
+def _decode(data: bytes, fds: list[int]) -> runtime.Boot:
+    """The Boot a spawn request describes, with `fds` as its descriptors."""
     request = json.loads(data)
     fields = request["boot"]
     fields.update(zip(request["fds"], fds, strict=True))  # our numbers for its descriptors
-    runtime.run_forked(runtime.Boot(**fields))
+    return runtime.Boot(**fields)
+
+
+def _made_up_request() -> bytes:
+    """A spawn request as the supervisor makes them (`Generation.spawn_many`),
+    with made-up values, for a spare to decode before its real one."""
+    values = {"str": "", "int": 0, "str | None": None, "int | None": None, "list[str]": [],
+              "dict[str, str]": {}}  # fmt: skip
+    boot = {field.name: values[str(field.type)] for field in dataclasses.fields(runtime.Boot)}
+    return json.dumps({"t": "spawn", "boot": boot, "fds": list(runtime.Boot.FDS)}).encode()
+
+
+MADE_UP_REQUEST = _made_up_request()
 
 
 class _Spare:
@@ -188,8 +210,9 @@ class _Spare:
         self.sock = sock
 
     @classmethod
-    def fork(cls, generation: socket.socket, max_fds: int) -> _Spare | None:
-        """Fork a spare (None if the fork fails: requests fork then)."""
+    def fork(cls, generation: socket.socket, others: list[_Spare], max_fds: int) -> _Spare | None:
+        """Fork a spare beside `others` (None if the fork fails: requests fork
+        then)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = platform.fork_sibling()
@@ -199,8 +222,8 @@ class _Spare:
             return None
         if pid == 0:  # pragma: no cover - the child never returns
             try:
-                generation.close()
-                ours.close()
+                for sock in [generation, ours, *(other.sock for other in others)]:
+                    sock.close()
                 _wait_for_request(theirs, max_fds)
             finally:
                 os._exit(1)
@@ -221,9 +244,15 @@ class _Spare:
 
 def _wait_for_request(sock: socket.socket, max_fds: int) -> NoReturn:
     """In a spare: take the spare's name (ps tells it from workers), prepare,
-    then become the worker its request describes."""
+    run the first steps of every worker once on made-up values (so that what
+    they cost the first time in a new process, copy-on-write faults and the
+    interpreter's specialisation of their code, is paid before the request:
+    a third of a millisecond measured), then become the worker its request
+    describes."""
     platform.set_process_name(b"bgpool-spare")
     runtime.prepare_forked()
+    _decode(MADE_UP_REQUEST, [-1] * len(runtime.Boot.FDS))
+    runtime.warm_up()
     data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
     if not data:
         os._exit(0)
@@ -235,23 +264,26 @@ def _fork_on_request(
     sock: socket.socket,
     max_fds: int,
     child: Callable[[bytes, list[int]], NoReturn],
-    spares: bool = False,
+    spares: int = 0,
 ) -> None:
     """Fork one child per request (which runs `child` with the request and its
-    descriptors), answering each with its pid, until the socket closes. With
-    `spares`, a spare is forked whenever no request is waiting, and takes the
-    next one."""
-    spare: _Spare | None = None
+    descriptors), answering each with its pid, until the socket closes. Keep
+    up to `spares` spares, forked while no request waits; each takes a request
+    (the oldest first)."""
+    ready: list[_Spare] = []
     patience = 0.0  # the first spare at once: no worker of ours is booting yet
     while True:
-        if spares and spare is None and not select.select([sock], [], [], patience)[0]:
-            spare = _Spare.fork(sock, max_fds)
+        if len(ready) < spares and not select.select([sock], [], [], patience)[0]:
+            spare = _Spare.fork(sock, ready, max_fds)
+            ready += [spare] if spare is not None else []
+            continue
         patience = SPARE_AFTER
         data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
         if not data:
             return
-        reply = spare.take(data, fds) if spare is not None else None
-        spare = None
+        reply = None
+        while reply is None and ready:
+            reply = ready.pop(0).take(data, fds)
         if reply is None:
             reply = _fork_child(sock, data, fds, child)
         for fd in fds:
