@@ -19,7 +19,7 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a small version (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--no-peers", action="store_true", help="skip supervisord and circus")
+    parser.add_argument("--no-peers", action="store_true", help="skip supervisord, circus and pm2")
     parser.add_argument("--only", help="comma-separated case ids (see the module docstring)")
     parser.add_argument("--reps", type=int, help="samples per case (overrides the preset)")
     parser.add_argument("--workers", type=int, help="idle workers for drain and idle cost")

@@ -20,7 +20,7 @@ class Config:
     batch: int  # names in the batch case
     workers: int  # idle workers for drain and idle cost
     drain_reps: int
-    peer_drain_reps: int  # samples of a peer's group of N (start, drain)
+    peer_drain_reps: int  # samples of a peer's drain of --workers (at --scale: scale_reps)
     peer_reps: int  # samples of a peer's crash to ready (a second or more each)
     peer_timeout_s: float  # the bound of every request to a peer and wait for one
     peer_max_workers: int  # the largest group of processes started under a peer

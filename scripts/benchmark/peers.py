@@ -187,24 +187,30 @@ def _too_many(bench: Bench, n: int) -> str | None:
 
 
 def groups(
-    bench: Bench, n: int, *, start_case: str | None, drain: bool, idle_costs: bool = False
+    bench: Bench,
+    n: int,
+    reps: int,
+    *,
+    start_case: str | None,
+    drain: bool,
+    idle_costs: bool = False,
 ) -> None:
-    """Every peer's group of `n`: the rows of `start_case` (its start), of the
-    drain (its stop), of its idle cost."""
+    """Every peer's group of `n`, started and stopped `reps` times: the rows of
+    `start_case` (its start), of the drain (its stop), of its idle cost."""
     what = f"{n} processes"
     if (reason := _too_many(bench, n)) is not None:
         bench.skip(f"the peers ({what})", reason)
         return
     setup = Setup(hot_and_lazy=False, group=n)
-    reps = bench.config.peer_drain_reps
     _each(bench, what, setup, lambda d: _group(bench, d, start_case, drain, idle_costs, reps))
 
 
 def start_scaling(bench: Bench, sizes: tuple[int, ...]) -> None:
-    """Every peer's start of a group of each of `sizes` (one daemon each), in ms
-    per process; a size its smaller one says would exceed the time bound (the
-    cost per process the same) is skipped."""
-    reps, bound = bench.config.start_reps, bench.config.peer_timeout_s
+    """Every peer's start of a group of each of `sizes` (one daemon each), once
+    (a start of N is a mean over N already, and the peers' starts take seconds
+    to a minute), in ms per process; a size its smaller one says would exceed
+    the time bound (the cost per process the same) is skipped."""
+    bound = bench.config.peer_timeout_s
     for kind in PEERS:
         last_n, last_s = 1, 0.0  # the last size measured and its start, in seconds
         for n in sorted(sizes):
@@ -222,7 +228,7 @@ def start_scaling(bench: Bench, sizes: tuple[int, ...]) -> None:
                 kind,
                 what,
                 setup,
-                lambda d: _group(bench, d, "start_scaling", False, False, reps),
+                lambda d: _group(bench, d, "start_scaling", False, False, 1),
             )
             if seconds is None:
                 break

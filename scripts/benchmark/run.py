@@ -3,8 +3,10 @@ phase share (the steady pool of a ready "hot" worker and the "pub" publisher, th
 peer daemons, the Manager dict, the temp dir, the bare floors' helper processes,
 which run for the whole run). Each phase records a case's bare floors, then its
 baseline, then bgpool, then the peers, so that every row's ratios are to the
-floors and the baseline recorded before it. A phase that fails is recorded as an
-error, with its traceback printed, and the run goes on with the next."""
+floors, the baseline and bgpool's row recorded before it (of the same N). The
+peers' daemons run for their rows only (peers.py: one per peer and phase, or per
+N). A phase that fails is recorded as an error, with its traceback printed, and
+the run goes on with the next."""
 
 from __future__ import annotations
 
@@ -114,7 +116,9 @@ def _drain(bench: Bench, helpers: list[floors.Floor], n: int, *, idle_costs: boo
 def _idle_and_drain(bench: Bench, helpers: list[floors.Floor]) -> None:
     n = bench.config.workers
     _drain(bench, helpers, n, idle_costs=True)
-    peers.groups(bench, n, start_case=None, drain=True, idle_costs=True)
+    peers.groups(
+        bench, n, bench.config.peer_drain_reps, start_case=None, drain=True, idle_costs=True
+    )
 
 
 def _scale(bench: Bench, helpers: list[floors.Floor], start: bool, drain: bool) -> None:
@@ -130,7 +134,8 @@ def _scale(bench: Bench, helpers: list[floors.Floor], start: bool, drain: bool) 
         cases.scale(bench, params)
     if drain:
         _drain(bench, helpers, n, idle_costs=False)
-    peers.groups(bench, n, start_case="scale" if start else None, drain=drain)
+    start_case = "scale" if start else None
+    peers.groups(bench, n, bench.config.scale_reps, start_case=start_case, drain=drain)
 
 
 def _start_scaling(bench: Bench, helpers: list[floors.Floor]) -> None:
