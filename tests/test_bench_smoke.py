@@ -175,7 +175,7 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
         "pm2": shutil.which("node") is not None and PM2.exists(),
     }
     for name, present in installed.items():
-        skips = [reason for reason in data["skipped"] if reason.startswith(f"skipped {name} ")]
+        skips = [reason for reason in data["skipped"] if reason.startswith(f"skipped {name}")]
         if present:
             assert peers.get(name) == expected, (name, peers.get(name), data["skipped"])
             assert not skips, skips

@@ -9,7 +9,14 @@ import argparse
 import os
 
 from .config import make_config
-from .machine import ForeignCpu, describe, kill_leftovers, leftover_children, machine_info
+from .machine import (
+    ForeignCpu,
+    describe,
+    kill_leftovers,
+    leftover_children,
+    machine_info,
+    pm2_version,
+)
 from .report import print_summary, print_table, write_json
 from .run import run
 from .targets import CASES
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     foreign = ForeignCpu()
     bench, timing = run(config, only)
     machine["other_processes_cpu_pct"] = foreign.pct()
+    machine["pm2"] = pm2_version()
     if machine["other_processes_cpu_pct"] > 5:
         print(
             f"warning: other processes used {machine['other_processes_cpu_pct']:.0f}% of one "

@@ -522,7 +522,10 @@ class Pm2(Daemon):
         return tree
 
     def _quit(self) -> None:
-        self.request("kill")
+        """Kill the driver: close() then kills the daemon and its processes
+        (pm2's own killDaemon() stops them two at a time, 100 ms polls each:
+        more than a minute for 1,000; its PM2_HOME goes with the temp dir)."""
+        self.process.kill()
 
     def _disconnect(self) -> None:
         for pipe in (self.process.stdin, self.process.stdout):
@@ -534,13 +537,19 @@ class Pm2(Daemon):
 PEERS: tuple[type[Daemon], ...] = (Supervisord, Circusd, Pm2)
 
 
-def peer_available(bench: Bench, kind: type[Daemon], what: str) -> bool:
+_REASONS: dict[type[Daemon], str | None] = {}  # unavailable(), asked once a run
+
+
+def peer_available(bench: Bench, kind: type[Daemon]) -> bool:
+    """Whether `kind` can run here; if not, the reason is printed (once a run)."""
     if not bench.config.peers:
-        bench.skip(what, "--no-peers")
+        bench.skip("the peers (supervisord, circus, pm2)", "--no-peers", once=True)
         return False
-    reason = kind.unavailable()
+    if kind not in _REASONS:
+        _REASONS[kind] = kind.unavailable()
+    reason = _REASONS[kind]
     if reason is not None:
-        bench.skip(what, reason)
+        bench.skip(kind.NAME, reason, once=True)
         return False
     return True
 
@@ -549,7 +558,7 @@ def peer_available(bench: Bench, kind: type[Daemon], what: str) -> bool:
 def peer(bench: Bench, kind: type[Daemon], what: str, setup: Setup) -> Iterator[Daemon | None]:
     """Start a peer daemon for a block, or yield None (skipped, with the reason
     printed) when it is not installed or cannot run here."""
-    if not peer_available(bench, kind, what):
+    if not peer_available(bench, kind):
         yield None
         return
     try:

@@ -88,8 +88,11 @@ class Bench:
         progress(row)
         return row
 
-    def skip(self, what: str, why: str) -> None:
+    def skip(self, what: str, why: str, *, once: bool = False) -> None:
+        """Say what was skipped and why (with `once`, only the first time)."""
         message = f"skipped {what}: {why}"
+        if once and message in self.skipped:
+            return
         print(f"  {message}", flush=True)
         self.skipped.append(message)
 

@@ -152,9 +152,9 @@ def _group(
     reps: int,
 ) -> float:
     """`reps` starts of the daemon's group until every first line ran, each
-    stopped again (drain); rows for those `start_case` and `drain` ask for
-    (and, the first time with `idle_costs`, the idle daemon's). The median
-    start in seconds."""
+    stopped again (drain: timed) but for the last without `drain`; rows for
+    those `start_case` and `drain` ask for (and, the first time with
+    `idle_costs`, the idle daemon's). The median start in seconds."""
     n = daemon.setup.group
     params = {"workers": n}
     starts, stops = [], []
@@ -171,7 +171,8 @@ def _group(
                 f"{daemon.NAME} idle worker (python)",
                 params,
             )
-        stops.append(_stop_group_ms(daemon))
+        if drain or rep + 1 < reps:  # (the last start of start_scaling: close() stops it)
+            stops.append(_stop_group_ms(daemon))
     if start_case is not None:
         _add_start_row(bench, daemon, start_case, n, starts)
     if drain:

@@ -14,9 +14,9 @@
 //   delete NAME        pm2.delete()
 //   pids NAME          the pids of NAME's running processes (pm2.list())
 //   repeat N NAME      N pm2.describe(NAME) one after the other: mean us each
-//   kill               pm2.killDaemon(), disconnect, exit
 //
-// On EOF on stdin (the benchmark exited) it kills the daemon too.
+// On EOF on stdin (the benchmark exited without killing it) it kills the
+// daemon, pm2.killDaemon(), and exits.
 "use strict";
 
 const readline = require("readline");
@@ -58,7 +58,6 @@ const OPS = {
   delete: (name) => call("delete", name).then(() => true),
   pids,
   repeat,
-  kill,
 };
 
 async function serve() {
@@ -70,7 +69,6 @@ async function serve() {
     } catch (err) {
       reply(null, err);
     }
-    if (op === "kill") process.exit(0);
   }
   await kill().catch(() => {});
   process.exit(0);
