@@ -2,8 +2,10 @@
 its baseline and the tools a Python user would pick instead, in one run on one
 machine. Run it with ./scripts/bench (which installs the `bench` extra first).
 
-    ./scripts/bench                 the full run (a few minutes)
-    ./scripts/bench --quick         a small version (well under a minute)
+    ./scripts/bench                 the full run (a quarter of an hour: the peers start
+                                    and stop 1,000 processes)
+    ./scripts/bench --quick         a small version (two minutes or so; under one with
+                                    --no-peers)
     ./scripts/bench --json PATH     also write the results as JSON
     ./scripts/bench --only cold_ensure,crash_to_ready --no-peers
     ./scripts/bench --quick --no-peers \

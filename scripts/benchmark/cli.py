@@ -24,7 +24,11 @@ from .targets import CASES
 
 def parser(description: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="a small version (under a minute)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small version (two minutes or so; --no-peers: under one)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-peers", action="store_true", help="skip supervisord, circus and pm2")
     parser.add_argument("--only", help="comma-separated case ids (see the module docstring)")
