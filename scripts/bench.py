@@ -2,8 +2,10 @@
 its baseline and the tools a Python user would pick instead, in one run on one
 machine. Run it with ./scripts/bench (which installs the `bench` extra first).
 
-    ./scripts/bench                 the full run (a few minutes)
-    ./scripts/bench --quick         a small version (well under a minute)
+    ./scripts/bench                 the full run (a quarter of an hour: the peers start
+                                    and stop 1,000 processes)
+    ./scripts/bench --quick         a small version (two minutes or so; under one with
+                                    --no-peers)
     ./scripts/bench --json PATH     also write the results as JSON
     ./scripts/bench --only cold_ensure,crash_to_ready --no-peers
     ./scripts/bench --quick --no-peers \
@@ -13,7 +15,10 @@ Each case is measured several times; the table shows the median, the 90th
 percentile (nearest rank), the ratio of the median to the case's baseline
 measured in the same run ("x baseline"), its ratios to the case's two bare
 floors ("x sized", "x clean"; ratio_to_bare_sized and ratio_to_bare_clean in
-the JSON), and the case's target with whether it is met.
+the JSON), a peer's ratio to bgpool's row ("x bgpool", ratio_to_bgpool), and
+the case's target with whether it is met. A case measured at several N (drain,
+start_scaling) has its rows and ratios per N: each row's ratios are to the rows
+of its own N.
 
 The bare floors are the physical limit of what a case asks of a supervisor,
 measured in the same run by two helper processes (scripts/benchmark/
@@ -29,6 +34,24 @@ crash_to_ready: the child stamps CLOCK_MONOTONIC and exits 1; from the stamp:
 reap, fork, handshake. batch_ensure, scale, start_scaling: N forks one after the
 other, then every handshake. drain: close N stop pipes, reap N.
 
+The peers are supervisord, circus and pm2, each a private daemon of its own (its
+config, sockets and logs in the run's temp dir; pm2's PM2_HOME there too, so a
+user's pm2 is never touched), supervising `bench_workers.py peer` processes: a
+fresh Python interpreter each, whose first line writes a byte to a FIFO the
+benchmark waits on. supervisord is driven over XML-RPC and circus over ZeroMQ
+from this process; pm2 through its programmatic API from one node process
+(scripts/benchmark/pm2_driver.js) that reads JSON requests on a pipe, so no
+request pays node's start-up. pm2 (pm2@5) is installed from the npm registry
+into .bench-node/ on first use (node and npm needed; --no-peers needs neither).
+The peers run with their defaults but: startsecs=0 (supervisord); pm2's apps in
+fork mode with treekill off (the workers have no children) and out/err to
+/dev/null. A peer that is missing, fails, or exceeds the run's bound on any
+request or wait (60 s quick, 180 s full) is skipped with the reason, never
+failed; groups of more than 100 processes (quick) or 1,000 (full) are not
+started under a peer, nor a start_scaling size its smaller size predicts beyond
+the bound. Every daemon and everything it started is killed at the end of its
+phase, on failure too.
+
 What each case measures, exactly:
 
 hot_ensure_owner   `pool.ensure(name)` of a ready worker, in the process that
@@ -38,17 +61,19 @@ hot_ensure_client  The same through `bgpool.connect()` in another process (a
                    child forked before it connects). Baseline:
                    `multiprocessing.Event.is_set()` in that process. Peers:
                    supervisord's XML-RPC `getProcessInfo(name)` over its unix
-                   socket and circus's `status` command over its ZeroMQ socket,
-                   each on a running process.
+                   socket, circus's `status` command over its ZeroMQ socket,
+                   each on a running process; pm2's `describe(name)`, timed in
+                   its node client (10 calls a batch: each takes milliseconds).
 cold_ensure        `pool.ensure(name)` of a lazy worker that is not running,
                    until it returns (the worker took its handle and the
                    supervisor answered); a fresh pool for every sample. Baseline:
                    `multiprocessing` (fork) starting a process whose function
                    writes one byte to a pipe, until the parent has read it.
                    Peers: supervisord `startProcess(name, wait=True)` with
-                   startsecs=0, and circus `start` (waiting), each until the
-                   worker's first line ran (it writes a byte to a FIFO the
-                   benchmark waits on) and the call returned.
+                   startsecs=0, circus `start` (waiting), and pm2 `start(name)`
+                   of a stopped app, each until the worker's first line ran (it
+                   writes a byte to a FIFO the benchmark waits on) and the call
+                   returned.
 batch_ensure       `pool.ensure([64 catch-all names])`, fresh pool per sample.
                    Baseline: 64 such forks started one after the other, until
                    all 64 handshakes arrived.
@@ -60,11 +85,18 @@ crash_to_ready     A ready worker is told (a byte on a FIFO) to crash: it stamps
                    sample, so each crash is a first crash (no backoff).
                    Baseline: the same with a bare fork: the parent reads the
                    stamp, reaps the child, forks a new one and reads its
-                   handshake.
+                   handshake. Peers: a worker that exits 1 on a byte written to
+                   a FIFO it opened before its first line, restarted by its
+                   peer (supervisord autorestart=true, startsecs=0; circus's
+                   respawn; pm2 autorestart, restart_delay 0, min_uptime 0):
+                   from writing the byte until the new worker's first line.
 drain              `pool.shutdown()` of N idle ready workers until it returns
-                   (the supervisor reaped every worker and exited). Baseline: N
-                   bare forked children: close their stop pipes, join them all.
-                   Peer: supervisord `stopAllProcesses(wait=True)`.
+                   (the supervisor reaped every worker and exited), at N =
+                   --workers and at N = --scale. Baseline: N bare forked
+                   children: close their stop pipes, join them all. Peers, N
+                   processes that all ran their first line: supervisord
+                   `stopAllProcesses(wait=True)`, circus `stop` (waiting) of a
+                   watcher of N, pm2 `stop()` of an app of N instances.
 edit_to_new_code   A ready worker of a small generated module (ready_on="vars":
                    it publishes its VERSION with set_vars(), then takes its
                    handle). Measured: from rewriting the module's source with
@@ -90,17 +122,23 @@ rolling_ready      A pool of 8 idle instances (num=8); a thread counts those in
                    the same sampler over 100 ms with nothing happening.
 idle_cpu           The supervisor's CPU (psutil cpu_times user+system) over a
                    quiet window with N idle ready workers, as % of one core.
-supervisor_rss     The supervisor's RSS then.
+                   Peers: each daemon with N idle processes (pm2: its God
+                   daemon), in the drain phase at --workers.
+supervisor_rss     The supervisor's RSS then (and the peers' daemons').
 worker_uss         The USS (psutil memory_full_info) of each of 16 idle ready
                    workers of one pool, read after they idled 0.5 s; a row of
                    the largest. Baseline (the floor): the child a plain `python
                    -c` process forked with os.fork(), waiting on a pipe (five
-                   of them). Peer: five of supervisord's idle workers (in the
-                   drain phase).
+                   of them). Peers: five of each peer's idle workers (in the
+                   drain phase): a fresh interpreter each.
 scale              Pool.start() plus ensure() of N catch-all names until all are
                    ready (RLIMIT_NOFILE soft limit raised to the hard one
                    first); success means every one was ready. Baseline: N bare
-                   forks with handshakes.
+                   forks with handshakes. Peers: from asking for a group of N
+                   until every one's first line ran: supervisord
+                   `startProcessGroup(wait=True)` of numprocs=N, circus `start`
+                   (waiting) of a watcher of numprocesses=N, pm2 `start()` of
+                   an app of N instances; stopped again for the drain rows.
 start_scaling      Pool.start() of a pool of N eager idle instances (num=N)
                    until all N are ready in pool.status() (polled every 2 ms),
                    for N = 100, 500, 1000 (--start-sizes), a fresh pool each
@@ -109,6 +147,8 @@ start_scaling      Pool.start() of a pool of N eager idle instances (num=N)
                    N's, so 1,000 cost at most 11x what 100 do (each row's note
                    and extra.total_x_smallest: its total as a multiple of the
                    smallest N's). No multiprocessing baseline: the floors.
+                   Peers: the start of a group of each N as in scale, per
+                   process, one sample each (a daemon per N).
 get_vars_owner     `pool.get_vars(name)` of an unchanged 10 kB snapshot (the
                    cached object), per call. Baseline: a
                    `multiprocessing.Manager().dict()` read of the same snapshot.

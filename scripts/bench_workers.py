@@ -158,13 +158,22 @@ def publisher() -> None:
 
 
 def peer_main(argv: list[str]) -> None:
-    """`bench_workers.py peer [FIFO]`: the worker supervisord and circus run. Its
-    first line writes one byte to FIFO (the benchmark holds it open), then it
-    idles until it is signalled (SIGTERM, the peers' stop signal, ends it)."""
+    """`bench_workers.py peer [FIFO [TRIGGER]]`: the worker supervisord, circus
+    and pm2 run. Its first line writes one byte to FIFO (the benchmark holds it
+    open). Without TRIGGER it then idles until it is signalled (SIGTERM or
+    SIGINT, the peers' stop signals, end it); with TRIGGER (a FIFO it opened
+    before its first line, so a byte written once that line ran is never
+    missed) it exits with status 1 on a byte there: a crash after its first
+    line, which its peer restarts."""
+    trigger = os.open(argv[3], os.O_RDWR | os.O_NONBLOCK) if len(argv) > 3 else None
     if len(argv) > 2:
         fd = os.open(argv[2], os.O_WRONLY | os.O_NONBLOCK)
         os.write(fd, b"x")
         os.close(fd)
+    if trigger is not None:
+        select.select([trigger], [], [])
+        os.read(trigger, 64)  # (left there, it would crash the restarted process too)
+        os._exit(1)  # the crash
     import signal
 
     while True:
@@ -177,4 +186,5 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["idle"]:  # bgpool's script target (reload_cold_ensure)
         idle()
     else:
-        sys.exit("usage: bench_workers.py peer [FIFO] | bench_workers.py idle (a bgpool script)")
+        usage = "bench_workers.py peer [FIFO [TRIGGER]] | bench_workers.py idle (a bgpool script)"
+        sys.exit(f"usage: {usage}")

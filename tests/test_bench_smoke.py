@@ -4,8 +4,10 @@ code is the package scripts/benchmark/).
 CI does not run the benchmark (its numbers mean nothing on a shared runner), but
 this keeps the script from rotting: a tiny `--quick` run with this test
 environment's Python, then the shape of the JSON it writes. Where the peers
-(supervisord, circus: the `bench` extra) are not installed, the script must
-skip them and say why.
+(supervisord, circus: the `bench` extra; pm2: node, and pm2 from the npm
+registry in .bench-node) are not installed, the script must skip them and say
+why; where they are, each has a row in every case it has an equivalent for,
+with its ratio to bgpool's row.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +58,19 @@ WITH_FLOORS = {
     "start_scaling",
 }
 FLOOR_KINDS = {"bare_sized", "bare_clean"}
+# the cases every peer has rows in (the drain at --workers and at --scale)
+PEER_CASES = {
+    "hot_ensure_client",
+    "cold_ensure",
+    "crash_to_ready",
+    "drain",
+    "scale",
+    "start_scaling",
+    "idle_cpu",
+    "supervisor_rss",
+    "worker_uss",
+}
+PM2 = ROOT / ".bench-node" / "node_modules" / "pm2" / "package.json"
 WITH_TARGET = CASES - {"supervisor_rss", "vars_read"}
 ROW_KEYS = {
     "case",
@@ -67,6 +83,7 @@ ROW_KEYS = {
     "ratio_to_baseline",
     "ratio_to_bare_sized",
     "ratio_to_bare_clean",
+    "ratio_to_bgpool",
     "target",
     "met",
 }
@@ -132,10 +149,37 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
     scale = next(r for r in rows if r["case"] == "scale" and r["kind"] == "bgpool")
     assert scale["met"] is True, scale
 
-    peers = {row["subject"].split()[0] for row in rows if row["kind"] == "peer"}
-    for module, name in (("supervisor", "supervisord"), ("circus", "circus")):
-        if _installed(module):
-            assert name in peers, data["skipped"]
+    drains = {
+        r["params"]["workers"] for r in rows if r["case"] == "drain" and r["kind"] == "bgpool"
+    }
+    assert drains == {4, 8}, drains  # at --workers and at --scale
+
+    bgpool_medians = {
+        (r["case"], r["params"].get("workers")): r["median"] for r in rows if r["kind"] == "bgpool"
+    }
+    peers: dict[str, set[tuple[str, int | None]]] = {}
+    for row in rows:
+        if row["kind"] != "peer":
+            continue
+        n = row["params"].get("workers")
+        peers.setdefault(row["subject"].split()[0].rstrip(","), set()).add((row["case"], n))
+        if bgpool_medians.get((row["case"], n), 0) > 0:  # (an idle CPU may measure 0)
+            assert row["ratio_to_bgpool"] > 0, row["subject"]
+    expected = {(case, None) for case in ("hot_ensure_client", "cold_ensure", "crash_to_ready")}
+    expected |= {(c, 4) for c in ("drain", "idle_cpu", "supervisor_rss")} | {("drain", 8)}
+    expected |= {("scale", 8), ("start_scaling", 4), ("start_scaling", 8), ("worker_uss", None)}
+    assert {case for case, _ in expected} == PEER_CASES
+    installed = {
+        "supervisord": _installed("supervisor"),
+        "circus": _installed("circus"),
+        "pm2": shutil.which("node") is not None and PM2.exists(),
+    }
+    for name, present in installed.items():
+        skips = [reason for reason in data["skipped"] if reason.startswith(f"skipped {name}")]
+        if present:
+            assert peers.get(name) == expected, (name, peers.get(name), data["skipped"])
+            assert not skips, skips
+        elif name == "pm2" and shutil.which("node") is not None:  # installed by the run, or not
+            assert name in peers or skips, data["skipped"]
         else:
-            assert any(name in reason and "not installed" in reason for reason in data["skipped"])
-            assert name not in peers
+            assert skips and name not in peers, data["skipped"]

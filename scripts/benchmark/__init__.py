@@ -15,8 +15,9 @@ each case measures, exactly); this package is the code, one job a module:
     vars_cases  bgpool's shared-state cases: get_vars(), set_vars(), decoding
     reload_cases  bgpool's reload cases: an edit to new code, cold ensure() on
                 a new generation, ready instances during a rolling restart
-    daemons     private supervisord and circusd daemons, or why they are skipped
-    peers       what the cases measure of supervisord and circus
+    daemons     private supervisord, circusd and pm2 daemons (pm2 through
+                pm2_driver.js, its node client), or why they are skipped
+    peers       what the cases measure of the peers, each through its daemon
     channels    hearing back from other processes: FIFOs, files, forked children
     costs       what an idle supervising process costs: CPU, RSS, its workers' USS
     machine     the machine, who else used it during the run, leftover processes

@@ -127,8 +127,7 @@ def crash_to_ready(bench: Bench) -> None:
     bench.add("crash_to_ready", "baseline: reap + fork + handshake", "baseline", samples)
 
 
-def drain(bench: Bench, params: dict[str, Any]) -> None:
-    n = bench.config.workers
+def drain(bench: Bench, n: int, params: dict[str, Any]) -> None:
     samples = []
     for _ in range(bench.config.drain_reps):
         bare = Bare()

@@ -191,10 +191,9 @@ def crash_to_ready(bench: Bench) -> None:
     )
 
 
-def _drain_ms(bench: Bench, params: dict[str, Any], *, idle_costs: bool) -> float:
-    """ms for shutdown() of a fresh pool of N idle ready workers; with
+def _drain_ms(bench: Bench, n: int, params: dict[str, Any], *, idle_costs: bool) -> float:
+    """ms for shutdown() of a fresh pool of `n` idle ready workers; with
     `idle_costs`, the idle supervisor's rows first."""
-    n = bench.config.workers
     pool = pool_of([bgpool.WorkerSpec(name="idle", target=IDLE, num=n)])
     pool.start()
     try:
@@ -218,12 +217,15 @@ def _drain_ms(bench: Bench, params: dict[str, Any], *, idle_costs: bool) -> floa
     return elapsed
 
 
-def idle_and_drain(bench: Bench, params: dict[str, Any]) -> None:
-    """N idle ready workers: the supervisor's idle cost (the first pool only),
-    then shutdown() of all of them, a fresh pool per sample."""
-    c = bench.config
-    samples = [_drain_ms(bench, params, idle_costs=rep == 0) for rep in range(c.drain_reps)]
-    subject = f"bgpool Pool.shutdown() of {c.workers} idle workers"
+def drain(bench: Bench, n: int, params: dict[str, Any], *, idle_costs: bool) -> None:
+    """`n` idle ready workers: with `idle_costs`, the supervisor's idle cost
+    (the first pool only); then shutdown() of all of them, a fresh pool per
+    sample."""
+    samples = [
+        _drain_ms(bench, n, params, idle_costs=idle_costs and rep == 0)
+        for rep in range(bench.config.drain_reps)
+    ]
+    subject = f"bgpool Pool.shutdown() of {n} idle workers"
     bench.add("drain", subject, "bgpool", samples, params)
 
 

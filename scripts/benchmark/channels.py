@@ -46,10 +46,19 @@ def drain_fd(fd: int) -> None:
 
 
 def wait_readable(fd: int, timeout: float, what: str) -> None:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    if not ready:
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-    os.read(fd, 4096)
+    """Wait for a byte on `fd` (a FIFO of first lines), reading what is there."""
+    wait_bytes(fd, 1, timeout, what)
+
+
+def wait_bytes(fd: int, count: int, timeout: float, what: str) -> None:
+    """Read `fd` until `count` bytes came (one a worker's first line)."""
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < count:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what} ({got} of {count})")
+        got += len(os.read(fd, 65536))
 
 
 def wait_file(path: Path, timeout: float) -> Any:

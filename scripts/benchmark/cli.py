@@ -9,7 +9,14 @@ import argparse
 import os
 
 from .config import make_config
-from .machine import ForeignCpu, describe, kill_leftovers, leftover_children, machine_info
+from .machine import (
+    ForeignCpu,
+    describe,
+    kill_leftovers,
+    leftover_children,
+    machine_info,
+    pm2_version,
+)
 from .report import print_summary, print_table, write_json
 from .run import run
 from .targets import CASES
@@ -17,9 +24,13 @@ from .targets import CASES
 
 def parser(description: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="a small version (under a minute)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small version (two minutes or so; --no-peers: under one)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--no-peers", action="store_true", help="skip supervisord and circus")
+    parser.add_argument("--no-peers", action="store_true", help="skip supervisord, circus and pm2")
     parser.add_argument("--only", help="comma-separated case ids (see the module docstring)")
     parser.add_argument("--reps", type=int, help="samples per case (overrides the preset)")
     parser.add_argument("--workers", type=int, help="idle workers for drain and idle cost")
@@ -57,6 +68,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     foreign = ForeignCpu()
     bench, timing = run(config, only)
     machine["other_processes_cpu_pct"] = foreign.pct()
+    machine["pm2"] = pm2_version()
     if machine["other_processes_cpu_pct"] > 5:
         print(
             f"warning: other processes used {machine['other_processes_cpu_pct']:.0f}% of one "

@@ -20,7 +20,10 @@ class Config:
     batch: int  # names in the batch case
     workers: int  # idle workers for drain and idle cost
     drain_reps: int
-    peer_drain_reps: int
+    peer_drain_reps: int  # samples of a peer's drain of --workers (at --scale: scale_reps)
+    peer_reps: int  # samples of a peer's crash to ready (a second or more each)
+    peer_timeout_s: float  # the bound of every request to a peer and wait for one
+    peer_max_workers: int  # the largest group of processes started under a peer
     idle_seconds: float
     scale: int
     scale_reps: int
@@ -43,6 +46,9 @@ PRESETS: dict[str, tuple[Any, Any]] = {
     "workers": (16, 256),
     "drain_reps": (2, 5),
     "peer_drain_reps": (1, 3),
+    "peer_reps": (3, 10),
+    "peer_timeout_s": (60.0, 180.0),
+    "peer_max_workers": (100, 1000),
     "idle_seconds": (2.0, 10.0),
     "scale": (100, 1000),
     "scale_reps": (1, 2),
@@ -71,4 +77,5 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.reps is not None:
         config.batch_reps = config.drain_reps = config.batches = max(2, args.reps)
         config.peer_drain_reps = config.scale_reps = config.start_reps = 1
+        config.peer_reps = max(2, args.reps)
     return config

@@ -37,6 +37,7 @@ class Row:
     ratio_to_baseline: float | None = None
     ratio_to_bare_sized: float | None = None  # to the supervisor-sized floor
     ratio_to_bare_clean: float | None = None  # to the clean-interpreter floor
+    ratio_to_bgpool: float | None = None  # a peer's, to bgpool's row
     target: str | None = None
     met: bool | None = None
 
@@ -87,30 +88,36 @@ class Bench:
         progress(row)
         return row
 
-    def skip(self, what: str, why: str) -> None:
+    def skip(self, what: str, why: str, *, once: bool = False) -> None:
+        """Say what was skipped and why (with `once`, only the first time)."""
         message = f"skipped {what}: {why}"
+        if once and message in self.skipped:
+            return
         print(f"  {message}", flush=True)
         self.skipped.append(message)
 
     def finish(self) -> None:
-        """Ratios to the case's baseline and to its two floors (to the last of
-        each recorded before the row, where a case has one per variant; a
-        floor's own row has no ratio to a floor), then the targets."""
+        """Each row's ratios to its case's baseline and two floors and, a peer's,
+        to bgpool's row: to the last of each recorded before it with the same
+        params["workers"] (a case measured at several N has them per N); a floor's
+        own row has no ratio to a floor. Then the targets."""
         for case_id, case in CASES.items():
             rows = [r for r in self.rows if r.case == case_id]
-            baseline = None
-            floors: dict[str, Row] = {}
+            last: dict[tuple[Any, str], Row] = {}  # (workers, kind): the last such row
             for row in rows:
+                n = row.params.get("workers")
                 if row.kind == "baseline":
-                    baseline = row
-                if baseline is not None and baseline.median > 0:
-                    row.ratio_to_baseline = row.median / baseline.median
-                if row.kind in FLOOR_KINDS:
-                    floors[row.kind] = row
-                    continue
-                for kind, floor in floors.items():
-                    if floor.median > 0:
-                        setattr(row, f"ratio_to_{kind}", row.median / floor.median)
+                    last[(n, "baseline")] = row
+                refs = ["baseline"]
+                if row.kind not in FLOOR_KINDS:
+                    refs += FLOOR_KINDS
+                if row.kind == "peer":
+                    refs.append("bgpool")
+                for ref_kind in refs:
+                    ref = last.get((n, ref_kind))
+                    if ref is not None and ref.median > 0:
+                        setattr(row, f"ratio_to_{ref_kind}", row.median / ref.median)
+                last[(n, row.kind)] = row
                 if row.kind == "bgpool" and case.check is not None:
                     row.target = case.target
                     row.met = bool(case.check(row, rows))

@@ -90,6 +90,19 @@ def version_of(package: str) -> str | None:
         return None
 
 
+def pm2_version() -> str | None:
+    """The version of pm2 in daemons.PM2_MODULE (installed on a run's first use
+    of it: ask once the run is over), if any."""
+    import json
+
+    from .daemons import PM2_MODULE  # (daemons imports this module)
+
+    try:
+        return str(json.loads((PM2_MODULE / "package.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 class ForeignCpu:
     """How busy the machine was with processes that are not this benchmark's:
     system-wide busy CPU time minus this process's and its reaped descendants'

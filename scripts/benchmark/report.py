@@ -1,6 +1,7 @@
 """What the run prints and writes: a progress line per row as it is measured, the
 table at the end (the median, p90, ratios to the baseline and to the two bare
-floors, "x sized" and "x clean", and target of every row, in the cases' order),
+floors, "x sized" and "x clean", a peer's ratio to bgpool's row, "x bgpool", and
+target of every row, in the cases' order),
 the summary lines, and the JSON document of --json."""
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ _HEADER = (
     "x baseline",
     "x sized",
     "x clean",
+    "x bgpool",
     "target",
     "met",
 )
-_RIGHT = {2, 3, 5, 6, 7}  # the numeric columns
+_RIGHT = {2, 3, 5, 6, 7, 8}  # the numeric columns
 
 
 def fmt(value: float) -> str:
@@ -56,7 +58,12 @@ def progress(row: Row) -> None:
 def _cells(case_id: str, row: Row) -> tuple[str, ...]:
     params = row.params.get("workers") or row.params.get("names")
     label = f"{case_id} ({params})" if params else case_id
-    ratios = (row.ratio_to_baseline, row.ratio_to_bare_sized, row.ratio_to_bare_clean)
+    ratios = (
+        row.ratio_to_baseline,
+        row.ratio_to_bare_sized,
+        row.ratio_to_bare_clean,
+        row.ratio_to_bgpool,
+    )
     met = "-" if row.met is None else ("yes" if row.met else "NO")
     return (
         label,
@@ -71,8 +78,17 @@ def _cells(case_id: str, row: Row) -> tuple[str, ...]:
 
 
 def print_table(rows: list[Row]) -> None:
-    """Every row, grouped by case in CASES' order, a blank line between cases."""
-    lines = [_cells(case_id, row) for case_id in CASES for row in rows if row.case == case_id]
+    """Every row, grouped by case in CASES' order and within a case by N (the
+    rows of one N in the order they were measured), a blank line between groups."""
+
+    def per_n(row: Row) -> int:
+        return int(row.params.get("workers") or 0)
+
+    lines = [
+        _cells(case_id, row)
+        for case_id in CASES
+        for row in sorted((r for r in rows if r.case == case_id), key=per_n)
+    ]
     widths = [max(len(str(x)) for x in column) for column in zip(_HEADER, *lines, strict=False)]
 
     def render(cells: tuple[str, ...]) -> str:

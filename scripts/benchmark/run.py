@@ -3,8 +3,10 @@ phase share (the steady pool of a ready "hot" worker and the "pub" publisher, th
 peer daemons, the Manager dict, the temp dir, the bare floors' helper processes,
 which run for the whole run). Each phase records a case's bare floors, then its
 baseline, then bgpool, then the peers, so that every row's ratios are to the
-floors and the baseline recorded before it. A phase that fails is recorded as an
-error, with its traceback printed, and the run goes on with the next."""
+floors, the baseline and bgpool's row recorded before it (of the same N). The
+peers' daemons run for their rows only (peers.py: one per peer and phase, or per
+N). A phase that fails is recorded as an error, with its traceback printed, and
+the run goes on with the next."""
 
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import bgpool
 from . import baselines, cases, floors, peers, reload_cases, vars_cases
 from .channels import FORK
 from .config import Config
-from .daemons import Circusd, Supervisord, peer
 from .harness import Bench
 
 HOT_CASES = ("hot_ensure_owner", "hot_ensure_client")
@@ -68,13 +69,10 @@ def _vars(bench: Bench, steady: bgpool.Pool, vars_dir: Path) -> None:
         manager.shutdown()
 
 
-def _cold_ensure(
-    bench: Bench, helpers: list[floors.Floor], sd: Supervisord | None, cd: Circusd | None
-) -> None:
+def _cold_ensure(bench: Bench, helpers: list[floors.Floor]) -> None:
     floors.add_rows(bench, helpers, "cold_ensure", "fork + handshake", ("cold",), bench.config.reps)
     baselines.cold_ensure(bench)
     cases.cold_ensure(bench)
-    peers.cold_ensure(bench, sd, cd)
 
 
 def _batch(bench: Bench, helpers: list[floors.Floor]) -> None:
@@ -90,6 +88,7 @@ def _crash(bench: Bench, helpers: list[floors.Floor]) -> None:
     floors.add_rows(bench, helpers, "crash_to_ready", what, ("crash",), reps)
     baselines.crash_to_ready(bench)
     cases.crash_to_ready(bench)
+    peers.crash_to_ready(bench)
 
 
 def _reload_cold_ensure(bench: Bench, helpers: list[floors.Floor]) -> None:
@@ -104,23 +103,39 @@ def _worker_uss(bench: Bench) -> None:
     cases.worker_uss(bench)
 
 
-def _idle_and_drain(bench: Bench, helpers: list[floors.Floor]) -> None:
-    n = bench.config.workers
+def _drain(bench: Bench, helpers: list[floors.Floor], n: int, *, idle_costs: bool) -> None:
+    """The drain of `n`: its floors, its baseline, bgpool's (with `idle_costs`,
+    the idle supervisor's rows first)."""
     params = {"workers": n}
     what, reps = f"close {n} stop pipes, reap {n}", bench.config.drain_reps
     floors.add_rows(bench, helpers, "drain", what, ("drain", n), reps, params)
-    baselines.drain(bench, params)
-    cases.idle_and_drain(bench, params)
-    peers.idle_and_drain(bench, params)
+    baselines.drain(bench, n, params)
+    cases.drain(bench, n, params, idle_costs=idle_costs)
 
 
-def _scale(bench: Bench, helpers: list[floors.Floor]) -> None:
+def _idle_and_drain(bench: Bench, helpers: list[floors.Floor]) -> None:
+    n = bench.config.workers
+    _drain(bench, helpers, n, idle_costs=True)
+    peers.groups(
+        bench, n, bench.config.peer_drain_reps, start_case=None, drain=True, idle_costs=True
+    )
+
+
+def _scale(bench: Bench, helpers: list[floors.Floor], start: bool, drain: bool) -> None:
+    """At --scale N: with `start`, the scale case (start N); with `drain`, the
+    drain of N; then the peers' start and stop of a group of N (one daemon for
+    both rows)."""
     n = bench.config.scale
     params = {"workers": n, "nofile": cases.raise_nofile_limit()}
-    what, reps = f"{n} forks + handshakes", bench.config.scale_reps
-    floors.add_rows(bench, helpers, "scale", what, ("start", n), reps, params)
-    baselines.scale(bench, params)
-    cases.scale(bench, params)
+    if start:
+        what, reps = f"{n} forks + handshakes", bench.config.scale_reps
+        floors.add_rows(bench, helpers, "scale", what, ("start", n), reps, params)
+        baselines.scale(bench, params)
+        cases.scale(bench, params)
+    if drain:
+        _drain(bench, helpers, n, idle_costs=False)
+    start_case = "scale" if start else None
+    peers.groups(bench, n, bench.config.scale_reps, start_case=start_case, drain=drain)
 
 
 def _start_scaling(bench: Bench, helpers: list[floors.Floor]) -> None:
@@ -138,6 +153,7 @@ def _start_scaling(bench: Bench, helpers: list[floors.Floor]) -> None:
         )
         cases.start_eager(bench, n)
     cases.start_linearity(bench)
+    peers.start_scaling(bench, bench.config.start_sizes)
 
 
 def _steady_pool(vars_dir: Path) -> bgpool.Pool:
@@ -189,15 +205,11 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
                     phase("get_vars() / set_vars() / visibility", _vars, bench, steady, vars_dir)
             finally:
                 steady.shutdown()
+        if wanted("cold_ensure"):
+            phase("cold ensure()", _cold_ensure, bench, helpers)
         if wanted("hot_ensure_client", "cold_ensure"):
-            with (
-                peer(bench, Supervisord, "supervisord (hot, cold)") as sd,
-                peer(bench, Circusd, "circus (hot, cold)") as cd,
-            ):
-                if wanted("hot_ensure_client") and (sd or cd):
-                    phase("hot ensure(): peers", peers.hot_ensure_client, bench, sd, cd)
-                if wanted("cold_ensure"):
-                    phase("cold ensure()", _cold_ensure, bench, helpers, sd, cd)
+            hot, cold = wanted("hot_ensure_client"), wanted("cold_ensure")
+            phase("hot and cold ensure(): peers", peers.hot_and_cold, bench, hot, cold)
         if wanted("vars_read"):
             phase("decode and read a new snapshot", vars_cases.vars_read, bench)
         if wanted("batch_ensure"):
@@ -220,8 +232,9 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
             phase(f"idle worker USS, {cases.USS_WORKERS} workers", _worker_uss, bench)
         if wanted(*IDLE_CASES):
             phase(f"idle cost and drain, {config.workers} workers", _idle_and_drain, bench, helpers)
-        if wanted("scale"):
-            phase(f"scale: {config.scale} workers", _scale, bench, helpers)
+        if wanted("scale", "drain"):
+            title = f"start and drain of {config.scale} workers"
+            phase(title, _scale, bench, helpers, wanted("scale"), wanted("drain"))
         if wanted("start_scaling"):
             sizes = ", ".join(map(str, config.start_sizes))
             phase(f"start scaling: {sizes} eager workers", _start_scaling, bench, helpers)
