@@ -42,7 +42,7 @@ benchmark waits on. supervisord is driven over XML-RPC and circus over ZeroMQ
 from this process; pm2 through its programmatic API from one node process
 (scripts/benchmark/pm2_driver.js) that reads JSON requests on a pipe, so no
 request pays node's start-up. pm2 (pm2@5) is installed from the npm registry
-into .bench-node/ on first use (node and npm needed; --no-peers needs neither).
+into .bench-node/ by ./scripts/bench (node and npm needed; --no-peers needs neither).
 The peers run with their defaults but: startsecs=0 (supervisord); pm2's apps in
 fork mode with treekill off (the workers have no children) and out/err to
 /dev/null. A peer that is missing, fails, or exceeds the run's bound on any

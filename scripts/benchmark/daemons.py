@@ -392,7 +392,7 @@ class Pm2(Daemon):
     touched), driven through pm2's programmatic API by one node process
     (pm2_driver.js) that answers JSON lines on a pipe; its apps are the same
     Python workers (interpreter: this Python, out/err to /dev/null). pm2 is
-    installed from the npm registry into .bench-node on first use."""
+    installed from the npm registry into .bench-node by ./scripts/bench."""
 
     NAME = "pm2"
     SUBJECTS: ClassVar[dict[str, str]] = {
@@ -408,18 +408,8 @@ class Pm2(Daemon):
     def unavailable(cls) -> str | None:
         if shutil.which("node") is None:
             return "node is not on the PATH"
-        if (PM2_MODULE / "package.json").exists():
-            return None
-        if shutil.which("npm") is None:
-            return f"pm2 is not installed in {PM2_PREFIX} and npm is not on the PATH"
-        print(f"  (installing pm2@5 from the npm registry into {PM2_PREFIX})", flush=True)
-        argv = ["npm", "install", "--prefix", str(PM2_PREFIX), "--no-fund", "--no-audit", "pm2@5"]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"npm install pm2@5 failed: {exc}"
-        if done.returncode != 0 or not (PM2_MODULE / "package.json").exists():
-            return f"npm install pm2@5 failed: {done.stderr.strip()[-300:]}"
+        if not (PM2_MODULE / "package.json").exists():
+            return f"pm2 is not installed in {PM2_PREFIX} (./scripts/bench installs it)"
         return None
 
     def __init__(self, tmp: Path, setup: Setup, timeout: float) -> None:
