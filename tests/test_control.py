@@ -337,13 +337,23 @@ def test_scale_up_starts_new_instances_and_leaves_the_others(make_pool: MakePool
     assert metric(pool, "bgpool_ready_workers", "web") == 4
     assert all(s.eager for s in statuses(pool, "web"))
 
+    pool.restart_workers("web")  # a rolling restart replaces the new instances too
+    restarted = running(pool, "web", 4)
+    assert not set(restarted.values()) & set(after.values())
+    wait_all_gone(after.values(), 5, "the replaced instances")
+
 
 def test_scale_down_drains_the_highest_indexes(make_pool: MakePool, sentinel_dir: Path) -> None:
     log = sentinel_dir / "eof"
     pool = make_pool([spec("web", "tenant", num=4, env={"EOF_LOG": str(log)})])
     before = running(pool, "web", 4)
-    pool.scale("web", 2)
-    assert {i: pid for i, pid in pids(pool, "web").items()} == {0: before[0], 1: before[1]}
+    with pool.watch() as watch:
+        pool.scale("web", 2)
+        events = events_of(watch, lambda seen: sum(e["state"] == "stopped" for e in seen) >= 2)
+    assert sorted((e["instance"], e["state"]) for e in events) == [
+        (2, "stopped"), (2, "stopping"), (3, "stopped"), (3, "stopping")
+    ], events  # fmt: skip
+    assert pids(pool, "web") == {0: before[0], 1: before[1]}
     assert gone(before[2]) and gone(before[3])  # exited before scale() returned
     drained = sorted(instance for _, _, _, instance, _ in tenant_log(log))
     assert drained == [2, 3]  # each saw its drain (EOF), then exited
