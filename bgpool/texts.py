@@ -199,6 +199,14 @@ def vars_not_published(name: str) -> str:
     return f'background worker "{name}" has not published any vars yet'
 
 
+def stopped(name: str) -> str:
+    """What a call waiting for a worker hears when `stop()` (or `scale(name, 0)`) stops it."""
+    return (
+        f'background worker "{name}" was stopped while this call waited for it; '
+        "ensure() or start_workers() starts it again"
+    )
+
+
 def scale_catch_all(name: str) -> str:
     """Why `scale()` refused a name a catch-all serves."""
     return (

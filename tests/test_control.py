@@ -229,6 +229,20 @@ def test_stop_of_a_worker_that_was_given_up(make_pool: MakePool, sentinel_dir: P
     assert the_status(pool, "flaky").consecutive_failures == 0, status
 
 
+def test_a_call_waiting_for_a_worker_hears_that_it_was_stopped(make_pool: MakePool) -> None:
+    pool = make_pool([spec("never", "never_ready"), spec("web", "idle", num=1)], grace_period=0.5)
+    waiting = Background(lambda: pool.ensure(["never", "web"], timeout=30))
+    wait_for(lambda: the_status(pool, "never").state == "starting", what="never started")
+    pool.stop("never")
+    waiting.wait(5, "ensure()")  # at once, not at its deadline
+    assert type(waiting.error) is bgpool.BgpoolError, waiting.error
+    assert str(waiting.error) == (
+        'background worker "never" was stopped while this call waited for it; '
+        "ensure() or start_workers() starts it again"
+    )
+    assert the_status(pool, "web").state == "ready"
+
+
 def test_ensure_during_a_stop_starts_the_worker_again(make_pool: MakePool) -> None:
     pool = make_pool([spec("stuck", "stuck", num=1)], grace_period=1.0)
     old = the_status(pool, "stuck").pid

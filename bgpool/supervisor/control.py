@@ -52,10 +52,13 @@ class Control(Reloads):
     def _halt(self, workers: list[Worker]) -> list[Instance]:
         """Drain every instance of `workers` for good (a pending restart is
         cancelled, an aborted one stopped) and return them: their names are
-        not ready any more, so `ensure()` starts them again and waits."""
+        not ready any more, so `ensure()` starts them again and waits; a call
+        that was waiting for one of them hears that it was stopped."""
         instances = [inst for worker in workers for inst in worker.instances]
         for worker in workers:
             worker.name_ready = False
+            for waiter in [w for w in self.waiters if worker in w.workers]:
+                self._answer(waiter, error_reply("BgpoolError", texts.stopped(worker.name)))
         for inst in instances:
             if inst.state == State.ABORTED:
                 self._transition(inst, State.STOPPED, "stopped after it was given up")
