@@ -11,6 +11,7 @@ a stopped one is not started again by anything but ``ensure()`` or
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -38,6 +39,7 @@ from helpers import (
 )
 from prometheus_client import CollectorRegistry
 from test_cli_commands import cli, parse_table
+from test_metrics import http_get
 from test_restart_rolling import stays
 
 import bgpool
@@ -475,6 +477,26 @@ def test_scale_of_a_catch_all_name_is_refused(make_pool: MakePool) -> None:
             "name=None), which runs one instance per name; only a named worker can be scaled"
         )
     assert states(pool, "tenant-1") == {0: "ready"}
+
+
+def test_readyz_follows_stop_start_and_scale(make_pool: MakePool) -> None:
+    pool = make_pool([spec("web", "idle", num=2), spec("other", "idle", num=1)], metrics_port=0)
+    port = pool.metrics_port
+    assert port is not None
+
+    def readyz() -> tuple[int, str]:
+        code, _, body = http_get(port, "/readyz")
+        return code, body
+
+    assert readyz()[0] == 200
+    pool.stop("web")  # an eager worker stopped: not ready
+    code, body = readyz()
+    assert (code, json.loads(body)) == (503, {"ok": False, "waiting": ["web"]})
+    pool.start_workers("web")
+    wait_for(lambda: readyz()[0] == 200, timeout=10, what="/readyz ready again")
+    pool.scale("web", 0)  # no longer eager: not waited for
+    assert readyz()[0] == 200
+    assert metric(pool, "bgpool_total_workers", "web") == 1
 
 
 # ----------------------------------------------------------------------- CLI
