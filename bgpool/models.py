@@ -25,7 +25,9 @@ class ErrorInfo(_Report):
 
 
 class WorkerStatus(_Report):
-    """One worker instance, as the readiness table shows it."""
+    """One worker instance, as the readiness table shows it. `eager`: it
+    belongs to a worker that should run whether or not anyone ensured it
+    (`num >= 1`, as declared or as `scale()` set it; a stopped one included)."""
 
     name: str
     scope: str
@@ -38,6 +40,7 @@ class WorkerStatus(_Report):
     last_exit_status: int | None
     started_at: datetime | None
     ready_at: datetime | None
+    eager: bool = False
 
 
 class ReloadReport(_Report):

@@ -11,7 +11,7 @@ state; clients, metrics and the CLI read it.
        │     ABORTED ◀── CRASHED ──▶ BACKOFF     STOPPING ──exit──▶ STOPPED
        │  (boot failures     (restart waits)        │
        │   reached the cap)                         └──exit, restart──▶ STARTING
-       └── a drain cancels a pending restart (BACKOFF, CRASHED)
+       └── a drain cancels a pending restart (BACKOFF, CRASHED); stop() of an ABORTED one
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import enum
 class State(enum.IntEnum):
     """The lifecycle state of one worker instance."""
 
-    STOPPED = 0  # not running and not scheduled (lazy, drained, or never started)
+    STOPPED = 0  # not running and not scheduled (lazy, drained, stop()ped, or never started)
     STARTING = 1  # process spawned, not ready in this run
     READY = 2  # ready in this run
     BACKOFF = 3  # exited; waiting before the next start
@@ -52,8 +52,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.CRASHED: frozenset({State.STARTING, State.BACKOFF, State.STOPPED}),
     # the wait is over, or a drain cut it short
     State.BACKOFF: frozenset({State.STARTING, State.STOPPED}),
-    # ensure() tries afresh after an abort
-    State.ABORTED: frozenset({State.STARTING}),
+    # ensure() tries afresh after an abort; stop() holds it stopped
+    State.ABORTED: frozenset({State.STARTING, State.STOPPED}),
     # the drained process exited: stopped for good, or respawned by a restart
     State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
 }

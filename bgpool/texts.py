@@ -197,3 +197,27 @@ def fd_limit_too_low(instances: int, need: int, soft: int, hard: int) -> str:
 def vars_not_published(name: str) -> str:
     """VarsNotPublished's message."""
     return f'background worker "{name}" has not published any vars yet'
+
+
+def stopped(name: str) -> str:
+    """What a call waiting for a worker hears when `stop()` (or `scale(name, 0)`) stops it."""
+    return (
+        f'background worker "{name}" was stopped while this call waited for it; '
+        "ensure() or start_workers() starts it again"
+    )
+
+
+def scale_catch_all(name: str) -> str:
+    """Why `scale()` refused a name a catch-all serves."""
+    return (
+        f'cannot scale "{name}": it is served by a catch-all (a WorkerSpec with name=None), '
+        "which runs one instance per name; only a named worker can be scaled"
+    )
+
+
+def scale_too_large(label: str, num: int, more: int, free: int) -> str:
+    """Why `scale()` refused to grow a worker: the table has no room for it."""
+    return (
+        f'cannot scale "{label}" to {num} instances: that needs {more} more slots in the '
+        f"readiness table, which has {free} free; restart the pool to make a larger one"
+    )

@@ -783,6 +783,9 @@ def closed_calls(pool: Any, ready_name: str, lazy_name: str) -> dict[str, Callab
         "diagnostics()": lambda: pool.diagnostics(ready_name),
         "restart_workers()": pool.restart_workers,
         "get_vars()": lambda: pool.get_vars(ready_name),
+        "stop()": lambda: pool.stop(ready_name),
+        "start_workers()": lambda: pool.start_workers(lazy_name),
+        "scale()": lambda: pool.scale(ready_name, 2),
     }
 
 

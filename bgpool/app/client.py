@@ -82,6 +82,16 @@ def _check_names(names: object) -> list[str]:
     return batch
 
 
+def _check_name(name: object) -> str:
+    """One worker name, or `TypeError`/`ValueError` (not a str; empty, with
+    NUL, too long)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    if (problem := name_problem(name)) is not None:
+        raise ValueError(f"worker name {name!r} {problem}")
+    return name
+
+
 MAX_TIMEOUT = 1e18
 """The longest deadline a call keeps, in seconds (an integer such as 10**400 is
 a legal, finite timeout, past what a float holds): longer than anyone waits."""
@@ -266,8 +276,10 @@ class PoolClient:
         """Raise the error an error reply names, with its diagnostics as models:
         one `WorkerDiagnostics` (the first worker the message names), or a list
         of them for `StartupError`."""
-        kind = ERRORS.get(str(reply.get("error")), BgpoolError)
         message = str(reply.get("message", "the supervisor reported an error"))
+        if reply.get("error") == "ValueError":  # an argument only the supervisor could check
+            raise ValueError(message)
+        kind = ERRORS.get(str(reply.get("error")), BgpoolError)
         if not issubclass(kind, _WithDiagnostics):
             raise kind(message)
         models = [self._diagnostics_model(d) for d in reply.get("diagnostics") or []]
@@ -377,10 +389,7 @@ class PoolClient:
     @_reads_shared_memory
     def diagnostics(self, name: str, *, scope: Scope | str | None = None) -> WorkerDiagnostics:
         """Why worker `name` is in its state: last exit, exception, instances."""
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, not {type(name).__name__}")
-        if (problem := name_problem(name)) is not None:
-            raise ValueError(f"worker name {name!r} {problem}")
+        _check_name(name)
         scope_id = self._scope_id(scope)
         reply = self._request({"op": "diagnostics", "name": name, "scope": scope_id}, timeout=10.0)
         return self._diagnostics_model(reply["diagnostics"])
@@ -451,10 +460,7 @@ class PoolClient:
     def _locate_vars(self, scope_id: int, name: str) -> _VarsView:
         """Find (and remember) where `name`'s vars live: from the directory of
         named workers, else by asking the supervisor (catch-all names)."""
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, not {type(name).__name__}")
-        if (problem := name_problem(name)) is not None:
-            raise ValueError(f"worker name {name!r} {problem}")
+        _check_name(name)
         table = self._reader()
         entry = self._directory.get((scope_id, name))
         if entry is not None and table.generation(entry[0]) != entry[1]:
@@ -492,6 +498,52 @@ class PoolClient:
         # No deadline of ours: a rollout takes as long as its drains and boots;
         # the supervisor always answers, and its death closes the connection.
         self._request(message, timeout=None)
+
+    def stop(self, names: str | Sequence[str], *, scope: Scope | str | None = None) -> None:
+        """Stop every instance of the named workers: each is drained (stop
+        pipe closed, `grace_period`, then SIGTERM and SIGKILL to its process
+        tree, a pending restart cancelled), and this returns once all have
+        exited. They stay declared, in state `stopped`, and nothing starts
+        them again (no crash restart, restart or reload) until `ensure()` or
+        `start_workers()` asks; their names are not ready meanwhile.
+        `WorkerNotDeclared` (nothing stopped) for an undeclared name."""
+        self._control({"op": "stop", "names": _check_names(names)}, scope, timeout=None)
+
+    def start_workers(
+        self, names: str | Sequence[str], *, scope: Scope | str | None = None
+    ) -> None:
+        """Start whatever is not running of the named workers (stopped,
+        lazy, aborted: every instance; a catch-all name is hosted) and return
+        without waiting for readiness: `ensure()` is the waiting form.
+        `WorkerNotDeclared`, `CatchAllLimitReached`: nothing started."""
+        self._control({"op": "start_workers", "names": _check_names(names)}, scope, timeout=10.0)
+
+    def scale(self, name: str, num: int, *, scope: Scope | str | None = None) -> None:
+        """Give named worker `name` `num` instances from now on, as if it were
+        declared with `num`: `0` stops every instance (the worker is then
+        lazy: `ensure()` starts one); growing starts the new instances at once
+        (unless the worker was stopped: then with it); shrinking drains the
+        highest indexes, and this returns once they have exited. The count
+        holds until a `reload()` changes the worker's declaration.
+        `TypeError`/`ValueError` for a bad `num`, `ValueError` for a name a
+        catch-all serves, `WorkerNotDeclared` for an undeclared one."""
+        _check_name(name)
+        if isinstance(num, bool) or not isinstance(num, int):
+            raise TypeError(f"num must be an int, not {type(num).__name__}")
+        if num < 0:
+            raise ValueError(f"num must be >= 0, not {num}")
+        self._control({"op": "scale", "name": name, "num": num}, scope, timeout=None)
+
+    def _control(
+        self, message: dict[str, Any], scope: Scope | str | None, timeout: float | None
+    ) -> None:
+        """Send a per-worker control request in the scope names resolve in.
+        With no deadline of ours for a drain: the supervisor always answers
+        (after the grace period and the kill at worst), and its death closes
+        the connection."""
+        message["scope"] = self._scope_id(scope)
+        self._reader()
+        self._request(message, timeout=timeout)
 
     def reload_config(self) -> str:
         """Have the `bgpool run` that owns the pool load its config file again,
@@ -593,6 +645,7 @@ def status_of(slot: Slot) -> WorkerStatus:
         last_exit_status=slot.last_exit,
         started_at=_when(slot.started_at),
         ready_at=_when(slot.ready_at),
+        eager=slot.eager,
     )
 
 

@@ -256,7 +256,7 @@ class Pool(PoolClient):
                 f"{s.scope_label}:{s.name}" if s.scope_label else s.name
                 for s in self._reader().slots()
                 if (s.scope_id, s.name) in eager and s.kind == Kind.NAMED
-                and s.instance == 0 and not s.name_ready
+                and s.instance == 0 and s.eager and not s.name_ready
             ]  # fmt: skip
             return not waiting and alive()[0], {"waiting": waiting}
 

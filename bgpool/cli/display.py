@@ -59,13 +59,19 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = STATUS_C
 
 def format_diagnostics(d: WorkerDiagnostics) -> str:
     """A worker's diagnostics as readable lines."""
+    was_ready = d.ever_ready and d.state != "ready"
+    last_exit = "none yet" if d.last_exit_status is None else str(d.last_exit_status)
     lines = [
         f"worker:       {d.name}" + (f" (scope {d.scope})" if d.scope else ""),
         f"target:       {d.target}",
-        f"state:        {d.state}" + (" (was ready)" if d.ever_ready else ""),
+        f"state:        {d.state}" + (" (was ready)" if was_ready else ""),
         f"attempts:     {d.attempts}, consecutive failures {d.consecutive_failures}",
-        f"last exit:    {d.last_exit_status}" + (f" ({d.last_signal})" if d.last_signal else ""),
+        f"last exit:    {last_exit}" + (f" ({d.last_signal})" if d.last_signal else ""),
     ]
+    if d.vars_generation:
+        published = d.vars_published_at
+        when = f", published {published.astimezone():%Y-%m-%d %H:%M:%S}" if published else ""
+        lines.append(f"vars:         generation {d.vars_generation}{when}")
     if d.last_error is not None:
         e = d.last_error
         lines.append(f"last error:   {e.type}: {e.message}")

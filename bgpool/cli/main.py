@@ -5,6 +5,9 @@
     bgpool ensure NAME... [--timeout S] [--scope LABEL] [--address A]
     bgpool diagnostics NAME [--json] [--scope LABEL] [--address A]
     bgpool restart [NAME...] [--scope LABEL] [--address A]
+    bgpool start NAME... [--scope LABEL] [--address A]
+    bgpool stop NAME... [--scope LABEL] [--address A]
+    bgpool scale NAME NUM [--scope LABEL] [--address A]
     bgpool reload [--address A]
 
 Every command but `run` (in `run.py`) finds the pool through `--address`, else
@@ -20,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from ..app.client import PoolClient, connect
 from ..errors import BgpoolError
+from ..models import WorkerStatus
 from .display import format_diagnostics, format_table, print_error, status_rows
 from .run import run
 
@@ -36,8 +40,22 @@ def _client_command(action: Callable[[PoolClient], int], address: str | None) ->
         return 2
 
 
+NOT_READY = 3
+"""`bgpool status`'s exit status when an instance that should run is not
+ready (supervisorctl's, the LSB's "program is not running")."""
+
+
+def _should_run(s: WorkerStatus) -> bool:
+    """Whether `bgpool status` counts an instance: every one of an eager
+    worker (one stopped by `bgpool stop` too: it is down), and one of a lazy
+    worker or a catch-all name unless it is stopped (never started, or
+    stopped on purpose)."""
+    return s.eager or s.state != "stopped"
+
+
 def status(address: str | None, as_json: bool) -> int:
-    """`bgpool status`: every instance of the running pool."""
+    """`bgpool status`: every instance of the running pool; exit 0 when each
+    that should run is ready, 3 when one is not."""
 
     def show(client: PoolClient) -> int:
         statuses = client.status()
@@ -45,7 +63,8 @@ def status(address: str | None, as_json: bool) -> int:
             print(json.dumps([s.model_dump(mode="json") for s in statuses], indent=2))
         else:
             print(format_table(status_rows(statuses)))
-        return 0
+        due = [s for s in statuses if _should_run(s)]
+        return 0 if all(s.state == "ready" for s in due) else NOT_READY
 
     return _client_command(show, address)
 
@@ -82,6 +101,50 @@ def restart(address: str | None, names: list[str], scope: str | None) -> int:
         return 0
 
     return _client_command(act, address)
+
+
+def start(address: str | None, names: list[str], scope: str | None) -> int:
+    """`bgpool start`: start what is not running of those workers, without waiting."""
+
+    def act(client: PoolClient) -> int:
+        client.start_workers(names, scope=scope)
+        print(f"started {', '.join(names)}")
+        return 0
+
+    return _client_command(act, address)
+
+
+def stop(address: str | None, names: list[str], scope: str | None) -> int:
+    """`bgpool stop`: drain those workers and keep them stopped."""
+
+    def act(client: PoolClient) -> int:
+        client.stop(names, scope=scope)
+        print(f"stopped {', '.join(names)}")
+        return 0
+
+    return _client_command(act, address)
+
+
+def scale(address: str | None, name: str, num: int, scope: str | None) -> int:
+    """`bgpool scale`: a named worker's instance count from now on."""
+
+    def act(client: PoolClient) -> int:
+        client.scale(name, num, scope=scope)
+        print(f"scaled {name} to {num} instance{'' if num == 1 else 's'}")
+        return 0
+
+    return _client_command(act, address)
+
+
+def _count(text: str) -> int:
+    """`bgpool scale`'s NUM: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
 
 
 def reload(address: str | None) -> int:
@@ -123,7 +186,10 @@ def _parser() -> argparse.ArgumentParser:
     status_parser = against_a_pool(
         "status", "show every worker instance",
         "Show every instance of the running pool: name, scope, index, pid, state, "
-        "attempts, consecutive failures, last exit status, uptime, time ready.",
+        "attempts, consecutive failures, last exit status, uptime, time ready. Exits 0 "
+        "when every instance that should run is ready, 3 when one is not: each instance "
+        "of an eager worker (one stopped by `bgpool stop` too), and each of a lazy "
+        "worker or catch-all name that is not stopped.",
     )  # fmt: skip
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     ensure_parser = against_a_pool(
@@ -151,6 +217,35 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     restart_parser.add_argument("names", nargs="*", metavar="NAME")
     restart_parser.add_argument("--scope", help="scope label to resolve the names in")
+    start_parser = against_a_pool(
+        "start", "start stopped workers",
+        "Start whatever is not running of each NAME (stopped by `bgpool stop`, lazy, or "
+        "given up after boot failures: every instance) and return without waiting for "
+        "readiness (`bgpool ensure` waits). Exits 1 if a NAME is not declared (nothing "
+        "is started then).",
+    )  # fmt: skip
+    start_parser.add_argument("names", nargs="+", metavar="NAME")
+    start_parser.add_argument("--scope", help="scope label to resolve the names in")
+    stop_parser = against_a_pool(
+        "stop", "stop workers and keep them stopped",
+        "Drain every instance of each NAME (stop pipe closed, the pool's grace period, "
+        "then SIGTERM and SIGKILL) and return once all have exited. They stay declared, "
+        "stopped: nothing restarts them until `bgpool start` or an ensure() asks. Exits "
+        "1 if a NAME is not declared (nothing is stopped then).",
+    )  # fmt: skip
+    stop_parser.add_argument("names", nargs="+", metavar="NAME")
+    stop_parser.add_argument("--scope", help="scope label to resolve the names in")
+    scale_parser = against_a_pool(
+        "scale", "change a worker's number of instances",
+        "Give the named worker NAME NUM instances from now on, as if declared with "
+        "num=NUM: 0 stops them all, growing starts the new ones (unless NAME is stopped), "
+        "shrinking drains the highest indexes and returns once they have exited. Holds "
+        "until a reload changes NAME's declaration. Exits 1 if NAME is not declared, 2 "
+        "if a catch-all serves it or NUM is not an integer >= 0.",
+    )  # fmt: skip
+    scale_parser.add_argument("name", metavar="NAME")
+    scale_parser.add_argument("num", metavar="NUM", type=_count, help="instances, 0 or more")
+    scale_parser.add_argument("--scope", help="scope label to resolve the name in")
     against_a_pool(
         "reload", "make `bgpool run` load its config file again",
         "Have the `bgpool run` that owns the pool load its config file again, apply it "
@@ -174,6 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return diagnostics(args.address, args.name, args.scope, args.json)
     if args.command == "restart":
         return restart(args.address, args.names, args.scope)
+    if args.command == "start":
+        return start(args.address, args.names, args.scope)
+    if args.command == "stop":
+        return stop(args.address, args.names, args.scope)
+    if args.command == "scale":
+        return scale(args.address, args.name, args.num, args.scope)
     return reload(args.address)
 
 

@@ -111,7 +111,8 @@ _FIELDS = (
     ("state", "B"),
     ("ever_ready", "B"),
     ("has_exit", "B"),  # whether last_exit is set
-    ("", "3x"),
+    ("eager", "B"),  # an eager worker's instance (num >= 1, as declared or scaled)
+    ("", "2x"),
     ("scope_id", "Q"),
     ("decl", "H"),  # declaration index
     ("instance", "H"),
@@ -180,6 +181,7 @@ class Slot:
     boot_buckets: tuple[int, ...] = (0,) * len(BOOT_BUCKETS)
     name: str = ""
     scope_label: str = ""
+    eager: bool = False
 
 
 def _pack_body(slot: Slot) -> bytes:
@@ -188,6 +190,7 @@ def _pack_body(slot: Slot) -> bytes:
     return _BODY.pack(
         slot.gen,
         slot.name_ready, slot.kind, slot.state, slot.ever_ready, slot.last_exit is not None,
+        slot.eager,
         slot.scope_id, slot.decl, slot.instance, slot.pool_size, len(name),
         slot.pid, slot.attempts, slot.failures, slot.last_exit or 0, slot.crashes, slot.restarts,
         slot.started_at, slot.ready_at, slot.boot_sum, *slot.boot_buckets,
@@ -214,7 +217,7 @@ def _member(enum_type: type[_E], value: int) -> _E:
 
 def _unpack_body(body: bytes) -> Slot:
     """The slot `body` holds; `ValueError` saying which field is out of its range."""
-    (gen, name_ready, kind, state, ever_ready, has_exit, scope_id, decl, instance,
+    (gen, name_ready, kind, state, ever_ready, has_exit, eager, scope_id, decl, instance,
      pool_size, name_len, pid, attempts, failures, last_exit, crashes, restarts,
      started_at, ready_at, boot_sum, *rest) = _BODY.unpack_from(body)  # fmt: skip
     buckets = tuple(rest[: len(BOOT_BUCKETS)])
@@ -226,6 +229,7 @@ def _unpack_body(body: bytes) -> Slot:
         attempts=attempts, failures=failures, crashes=crashes, restarts=restarts,
         started_at=started_at, ready_at=ready_at, boot_sum=boot_sum, boot_buckets=buckets,
         name=_text(name, name_len, "name"), scope_label=_text(label, label_len, "scope label"),
+        eager=bool(eager),
     )  # fmt: skip
 
 

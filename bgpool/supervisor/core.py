@@ -4,7 +4,7 @@ instance changes state (`_transition`, checked against `states.TRANSITIONS`).
 
 The supervisor is layered, one job per module, each layer using the ones
 below it: `Core` (here), `Drains`, `Lifecycle`, `Rollouts`, `Reloads`,
-`Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
+`Control`, `Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
 in the supervisor's single thread.
 """
 
@@ -101,7 +101,7 @@ class Core:
     def _declare(self, decl: Decl, name: str) -> Worker:
         """Give a named declaration, or a catch-all's name, its worker and
         slots (the caller checked that enough are free)."""
-        taken, gen = self.slots.take(Worker.instance_count(decl))
+        taken, gen = self.slots.take(Worker.instance_count(decl.num))
         worker = Worker(decl, name, taken, gen)
         self.workers[(decl.scope_id, name)] = worker
         for inst in worker.instances:

@@ -113,6 +113,7 @@ class Instance:
             boot_buckets=tuple(self.boot_buckets),
             name=self.worker.name,
             scope_label=self.worker.decl.scope_label,
+            eager=self.worker.eager,
         )
 
 
@@ -123,15 +124,24 @@ class Worker:
         self.decl = decl
         self.name = name
         self.gen = gen  # the generation of its slots in the table
+        self.num = decl.num  # as declared, or as scale() set it since
         self.instances = [Instance(self, i, slot) for i, slot in enumerate(slots)]
         self.name_ready = False
+        self.held = False  # stop()ped: nothing starts it but ensure() or start_workers()
         self.boot_failures = 0
         self.last_failure: texts.Failure | None = None
 
     @staticmethod
-    def instance_count(decl: Decl) -> int:
-        """How many instances a worker of `decl` has: a pool's size, else one."""
-        return max(decl.num, 1) if decl.name is not None else 1
+    def instance_count(num: int) -> int:
+        """How many instances a worker asked for `num` has: a pool's size, else
+        one (a lazy worker's, a catch-all name's: their `num` is 0)."""
+        return max(num, 1)
+
+    @property
+    def eager(self) -> bool:
+        """Whether its instances should run whether or not anyone ensured it: a
+        named worker with num >= 1 (a stopped one included)."""
+        return self.decl.name is not None and self.num >= 1
 
     @property
     def label(self) -> str:
@@ -170,7 +180,7 @@ class Worker:
             "scope": self.decl.scope_label,
             "target": self.decl.target,
             "state": state.label,
-            "ever_ready": self.name_ready,
+            "ever_ready": any(i.ever_ready for i in insts),
             "attempts": sum(i.attempts for i in insts),
             "consecutive_failures": max(i.failures for i in insts),
             "last_exit_status": last.last_exit,

@@ -105,14 +105,18 @@ class Lifecycle(Drains):
 
     def _wake(self, workers: list[Worker]) -> None:
         """Start the instances of workers that are not running (a fresh try
-        after an abort), from the newest code (`_transition` forgot their
-        generation)."""
+        after an abort or a stop), from the newest code (`_transition` forgot
+        their generation); one that `stop()` is draining starts again once it
+        has exited. Nothing holds these workers stopped any more."""
         stopped = []
-        for inst in [i for worker in workers for i in worker.instances]:
-            if inst.state == State.ABORTED:
-                inst.failures = 0
-            if inst.state in (State.STOPPED, State.ABORTED):
-                stopped.append(inst)
+        for worker in workers:
+            worker.held = False
+            for inst in worker.instances:
+                if inst.state in (State.STOPPED, State.ABORTED):
+                    inst.failures = 0
+                    stopped.append(inst)
+                elif inst.drain is not None:
+                    inst.drain.respawn = True
         self._spawn_all(stopped)
 
     # -- spawn -----------------------------------------------------------------------

@@ -31,6 +31,7 @@ Where each job lives (one layer per module, each using those below it):
                   hosting, the code generations workers fork from (generations.py)
     rollouts.py   restarts on new code: load a generation, replace instances, rolling
     reloads.py    reload(config): declarations added, removed, changed, kept (slots.py)
+    control.py    stop(), start_workers(), scale(): one worker, on an operator's request
     watches.py    file watch: a change restarts its worker on new code (watch.py)
     requests.py   control requests, dispatched by operation name (`HANDLERS`)
     teardown.py   kill and release everything once the loop ends

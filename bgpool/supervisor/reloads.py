@@ -142,9 +142,8 @@ class Reloads(Rollouts):
             else:
                 report.changed.append(_label(decl))
                 restart.extend(moved)
-        self._free_retired()
         new_workers = [self._declare(d, d.name) for d in added if d.name is not None]
-        eager = [w for w in new_workers + restart if w.decl.eager]
+        eager = [w for w in new_workers + restart if w.eager and not w.held]
 
         def rolled(reply: Message) -> None:
             if reply.get("ok"):
@@ -158,24 +157,34 @@ class Reloads(Rollouts):
 
     def _move(self, before: Decl, decl: Decl) -> list[Worker]:
         """Hand `before`'s workers to `decl` (same scope and name); return them.
-        A pool that shrank drains the instances it no longer has."""
+        A changed declaration's `num` replaces what `scale()` set (an unchanged
+        one keeps it); a pool that shrank drains the instances it no longer has."""
         decl.hosted = before.hosted
+        changed = before.fields() != decl.fields()
         workers = [w for w in self.workers.values() if w.decl is before]
         for worker in workers:
             worker.decl = decl
-            count, had = Worker.instance_count(decl), len(worker.instances)
-            if count < had:
-                self._retire(worker.instances[count:])
-                del worker.instances[count:]
-            elif count > had:
-                slots, _ = self.slots.take(count - had)
-                worker.instances += [
-                    Instance(worker, had + i, slot) for i, slot in enumerate(slots)
-                ]
-                worker.gen = self.slots.bump([i.slot for i in worker.instances])
-            for inst in worker.instances:
-                self._publish(inst)
+            if changed:
+                worker.num = decl.num
+            self._resize(worker)
         return workers
+
+    def _resize(self, worker: Worker) -> list[Instance]:
+        """Give `worker` the instances its `num` asks for: the highest indexes
+        drained for good (returned), or new ones added, stopped (the caller
+        starts them)."""
+        count, had = Worker.instance_count(worker.num), len(worker.instances)
+        retired = worker.instances[count:]
+        if retired:
+            self._retire(retired)
+            del worker.instances[count:]
+        elif count > had:
+            slots, _ = self.slots.take(count - had)
+            worker.instances += [Instance(worker, had + i, slot) for i, slot in enumerate(slots)]
+            worker.gen = self.slots.bump([i.slot for i in worker.instances])
+        for inst in worker.instances:
+            self._publish(inst)
+        return retired
 
     def _remove(self, decl: Decl) -> None:
         """Drain every worker of a removed declaration for good; its names are
@@ -187,15 +196,17 @@ class Reloads(Rollouts):
             for waiter in [w for w in self.waiters if worker in w.workers]:
                 self._answer(waiter, error_reply(WorkerNotDeclared.__name__,
                                                  texts.not_declared(worker.name)))  # fmt: skip
-            self._forget_in_rollouts(worker)
             self._retire(worker.instances)
 
     def _retire(self, instances: list[Instance]) -> None:
-        """Drain `instances` for good; their slots go back once they stopped."""
+        """Drain `instances` for good; their slots go back once they stopped
+        (at once for those not running)."""
         self.retiring += instances
         for inst in instances:
             self._publish(inst)
+        self._leave_rollouts(instances)
         self._drain_all(instances, self.settings.grace_period, respawn=False)
+        self._free_retired()
 
     def _free_retired(self) -> None:
         for inst in [i for i in self.retiring if i.run is None and i.drain is None]:

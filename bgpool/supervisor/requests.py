@@ -105,12 +105,7 @@ class Requests(Watches):
     def _ensure(self, conn: Connection, message: Message) -> None:
         """Start what is not running among `names`; answer once all are ready,
         one fails (as asked), or the deadline passes."""
-        names = message["names"]
-        if not isinstance(names, list) or not names or len(set(names)) != len(names):
-            raise ValueError("names must be a non-empty list of distinct names")
-        for name in names:
-            if not isinstance(name, str) or name_problem(name):
-                raise ValueError("bad worker name")
+        names = self._names_of(message)
         timeout = message.get("timeout")
         if timeout is None:
             timeout = self.settings.ensure_timeout
@@ -122,13 +117,9 @@ class Requests(Watches):
         fail_fast = message.get("fail_fast", False)
         if type(fail_fast) is not bool:
             raise TypeError("fail_fast must be a boolean")
-        if self.closing:
-            conn.send(error_reply("PoolClosed", texts.SHUTTING_DOWN))
+        if self._refuse_closing(conn):
             return
-        scope_id = self._scope_of(message)
-        if scope_id < 0:
-            raise ValueError("unknown or ambiguous scope label")
-        workers = self._resolve(conn, scope_id, names)
+        workers = self._resolve(conn, self._declared_scope(message), names)
         if workers is None:
             return
         self._wake(workers)
@@ -169,31 +160,62 @@ class Requests(Watches):
         """restart_workers(names, scope): new code for the running instances of
         those names (every worker, or every one of the scope, without names);
         answered once each is replaced, or failed."""
-        names = message.get("names")
-        scope_id = self._scope_of(message)
-        if scope_id < 0:
-            raise ValueError("unknown or ambiguous scope label")
-        if names is None:
+        scope_id = self._declared_scope(message)
+        if message.get("names") is None:
             scoped = message.get("scope") is not None
             scope_id = self.registry.effective_scope(scope_id)
             workers = [
                 w for w in self.workers.values() if not scoped or w.decl.scope_id == scope_id
             ]
         else:
-            if not isinstance(names, list) or not names or len(set(names)) != len(names):
-                raise ValueError("names must be a non-empty list of distinct names")
-            workers = []
-            for name in names:
-                if not isinstance(name, str) or name_problem(name):
-                    raise ValueError("bad worker name")
-                decl = self.registry.resolve(scope_id, name)
-                if decl is None:
-                    conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
-                    return
-                worker = self.workers.get((decl.scope_id, name))
-                if worker is not None:  # else a catch-all name not hosted: nothing runs
-                    workers.append(worker)
+            found = self._hosted(conn, scope_id, self._names_of(message))
+            if found is None:
+                return
+            workers = found
         self._roll(workers, self._answer_conn(conn))
+
+    def _stop(self, conn: Connection, message: Message) -> None:
+        """stop(names, scope): drain every instance of those workers for good
+        and hold them stopped; answered once each has exited."""
+        names = self._names_of(message)
+        if self._refuse_closing(conn):
+            return
+        workers = self._hosted(conn, self._declared_scope(message), names)
+        if workers is not None:
+            self._stop_workers(workers, conn.send)
+
+    def _start_workers(self, conn: Connection, message: Message) -> None:
+        """start_workers(names, scope): start what is not running among those
+        workers (hosting new catch-all names); answered at once, not once ready."""
+        names = self._names_of(message)
+        if self._refuse_closing(conn):
+            return
+        workers = self._resolve(conn, self._declared_scope(message), names)
+        if workers is not None:
+            self._wake(workers)
+            conn.send({"ok": True})
+
+    def _scale_request(self, conn: Connection, message: Message) -> None:
+        """scale(name, num, scope): a named worker's instance count from now
+        on; answered once the instances drained away have exited."""
+        num = message["num"]
+        if type(num) is not int or num < 0:
+            raise ValueError("num must be an integer >= 0")
+        if self._refuse_closing(conn):
+            return
+        found = self._lookup(conn, message)
+        if found is None:
+            return
+        decl, worker = found
+        if decl.name is None or worker is None:
+            conn.send(error_reply("ValueError", texts.scale_catch_all(message["name"])))
+            return
+        more = Worker.instance_count(num) - len(worker.instances)
+        if more > self.slots.available:
+            text = texts.scale_too_large(worker.label, num, more, self.slots.available)
+            conn.send(error_reply("ValueError", text))
+            return
+        self._scale(worker, num, conn.send)
 
     def _reload(self, conn: Connection, message: Message) -> None:
         """reload(config): apply a new set of declarations (answered with the
@@ -236,6 +258,45 @@ class Requests(Watches):
         conn.send({"ok": True})
 
     # -- resolving names ---------------------------------------------------------------
+
+    @staticmethod
+    def _names_of(message: Message) -> list[str]:
+        """A request's `names`: a non-empty list of distinct, valid names."""
+        names = message["names"]
+        if not isinstance(names, list) or not names or len(set(names)) != len(names):
+            raise ValueError("names must be a non-empty list of distinct names")
+        for name in names:
+            if not isinstance(name, str) or name_problem(name):
+                raise ValueError("bad worker name")
+        return names
+
+    def _refuse_closing(self, conn: Connection) -> bool:
+        """Answer `PoolClosed` once the pool drains; return whether it did."""
+        if self.closing:
+            conn.send(error_reply("PoolClosed", texts.SHUTTING_DOWN))
+        return self.closing
+
+    def _declared_scope(self, message: Message) -> int:
+        """The scope id a request names, which must be declared (or global)."""
+        scope_id = self._scope_of(message)
+        if scope_id < 0:
+            raise ValueError("unknown or ambiguous scope label")
+        return scope_id
+
+    def _hosted(self, conn: Connection, scope_id: int, names: list[str]) -> list[Worker] | None:
+        """The workers `names` resolve to, hosting nothing (a catch-all name
+        not hosted now has no worker: nothing of it runs). Replies
+        WorkerNotDeclared and returns None when a name is undeclared."""
+        workers = []
+        for name in names:
+            decl = self.registry.resolve(scope_id, name)
+            if decl is None:
+                conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
+                return None
+            worker = self.workers.get((decl.scope_id, name))
+            if worker is not None:
+                workers.append(worker)
+        return workers
 
     def _scope_of(self, message: Message) -> int:
         """The scope id a request names (by id or label); -1 for a label that
@@ -297,6 +358,9 @@ HANDLERS: dict[str, Callable[[Requests, Connection, Message], None]] = {
     "diagnostics": Requests._diagnostics,
     "locate": Requests._locate,
     "restart": Requests._restart,
+    "stop": Requests._stop,
+    "start_workers": Requests._start_workers,
+    "scale": Requests._scale_request,
     "reload": Requests._reload,
     "owner_reloads": Requests._owner_reloads,
     "reload_config": Requests._reload_config,

@@ -148,13 +148,16 @@ class Rollouts(Lifecycle):
             return
         rollout.chains.remove(chain)
 
-    def _forget_in_rollouts(self, worker: Worker) -> None:
-        """A removed worker is no rollout's business any more."""
+    def _leave_rollouts(self, instances: list[Instance]) -> None:
+        """Instances drained for good (removed, scaled away, stopped) are no
+        rollout's to replace: each chain skips them, and one that was
+        replacing one of them moves on to its next instance."""
+        leaving = set(instances)
         for rollout in list(self.rollouts):
-            for chain in [c for c in rollout.chains if c.worker is worker]:
-                if chain.timer is not None:
-                    chain.timer.cancel()
-                rollout.chains.remove(chain)
+            for chain in list(rollout.chains):
+                chain.todo = collections.deque(i for i in chain.todo if i not in leaving)
+                if chain.step in leaving:
+                    self._next(rollout, chain)
             self._finish_if_done(rollout)
 
     def _chain_of(self, inst: Instance) -> tuple[Rollout, Chain] | None:

@@ -15,11 +15,11 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
+from .control import Control
 from .core import Settings
 from .generations import Generation
 from .listener import Connection
 from .registry import Registry
-from .reloads import Reloads
 from .timers import Timer
 from .watch import FileWatch
 
@@ -31,7 +31,7 @@ DEBOUNCE = 0.2
 Key = tuple[int, str | None]  # a declaration: its scope and name (None: the catch-all)
 
 
-class Watches(Reloads):
+class Watches(Control):
     """Watching the declared files, and restarting what they belong to."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
