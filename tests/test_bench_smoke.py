@@ -165,7 +165,9 @@ def test_quick_run_writes_every_case(tmp_path: Path) -> None:
         peers.setdefault(row["subject"].split()[0].rstrip(","), set()).add((row["case"], n))
         if bgpool_medians.get((row["case"], n), 0) > 0:  # (an idle CPU may measure 0)
             assert row["ratio_to_bgpool"] > 0, row["subject"]
-    expected = {(case, None) for case in ("hot_ensure_client", "cold_ensure", "crash_to_ready")}
+    expected: set[tuple[str, int | None]] = {
+        (case, None) for case in ("hot_ensure_client", "cold_ensure", "crash_to_ready")
+    }
     expected |= {(c, 4) for c in ("drain", "idle_cpu", "supervisor_rss")} | {("drain", 8)}
     expected |= {("scale", 8), ("start_scaling", 4), ("start_scaling", 8), ("worker_uss", None)}
     assert {case for case, _ in expected} == PEER_CASES
