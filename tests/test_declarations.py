@@ -75,7 +75,7 @@ def test_pool_config_defaults_match_spec() -> None:
     assert c.grace_period == 30.0
     assert c.restart_grace_period == 6.0
     assert c.start_method == "fork"
-    assert c.root is None
+    assert c.root == Path.cwd()  # built in Python: the current directory
     assert c.metrics_port is None
     assert c.max_vars_bytes == 1048576
 

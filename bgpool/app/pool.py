@@ -33,9 +33,10 @@ from .client import REPLY_MARGIN, PoolClient
 if TYPE_CHECKING:
     from .metrics import HealthServer
 
-FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host")
+FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host", "root")
 """The settings `reload()` cannot change: the supervisor or the metrics server
-were set up with them."""
+were set up with them (and the code of instances already running was found
+under the root)."""
 
 POOL_MARK = "BGPOOL_POOL"
 """Environment variable that marks every process of one pool (its value is the
