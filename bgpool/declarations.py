@@ -7,7 +7,7 @@ before any process starts, and reported at once with each mistake's field path
 Where targets are looked for is `PoolConfig.root`: a relative script path is
 resolved against it, and a module target is looked for with root first on the
 module search path (then the application's `sys.path`), here as in the code
-generations and workers (`module_path`).
+generations and workers (`supervisor/lifecycle.py`, `_module_path`).
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ def default_root(directory: Path) -> Iterator[None]:
         _DEFAULT_ROOT.reset(token)
 
 
-def module_path(root: str, path: list[str]) -> list[str]:
-    """The module search path of a pool's code generations and workers:
-    `root` first, then `path` (the application's `sys.path`) without it."""
-    return [root, *(entry for entry in path if entry != root)]
+def _default_root_dir() -> Path:
+    """`PoolConfig.root` when none is given: `default_root()`'s, else the
+    current directory."""
+    return _DEFAULT_ROOT.get() or Path.cwd()
 
 
 def _no_nul(value: str, what: str) -> None:
@@ -223,7 +223,7 @@ class PoolConfig(BaseModel):
     grace_period: float = 30.0
     restart_grace_period: float = 6.0
     start_method: Literal["fork", "spawn"] = "fork"
-    root: Path = Field(default_factory=lambda: _DEFAULT_ROOT.get() or Path.cwd())
+    root: Path = Field(default_factory=_default_root_dir)
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
@@ -243,7 +243,7 @@ class PoolConfig(BaseModel):
     @field_validator("root", mode="before")
     @classmethod
     def _default_root(cls, root: object) -> object:
-        return _DEFAULT_ROOT.get() or Path.cwd() if root is None else root
+        return _default_root_dir() if root is None else root
 
     @field_validator("root")
     @classmethod
@@ -282,8 +282,9 @@ class PoolConfig(BaseModel):
         for index, entry in enumerate(entries if isinstance(entries, list) else []):
             with contextlib.suppress(ValidationError):
                 workers.append((index, WorkerSpec.model_validate(entry)))
+        value = data.get("root")
         try:
-            root = cls._check_root(Path(cls._default_root(data.get("root"))))  # type: ignore[arg-type]
+            root = _default_root_dir() if value is None else cls._check_root(Path(value))
         except (TypeError, ValueError):
             root = None
         return workers, root

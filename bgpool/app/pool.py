@@ -139,7 +139,8 @@ class Pool(PoolClient):
         changed ones (any field) restarted with the new settings, rolling,
         unchanged ones left running; the live settings change. Nothing changes
         if a setting that cannot change live differs (`ValueError` naming it),
-        or if a new or changed worker's code fails to load (`WorkerBootFailed`)."""
+        or if a new or changed worker's code fails to load or its function
+        does not exist (`WorkerBootFailed`)."""
         if not isinstance(config, PoolConfig):
             raise TypeError(f"config must be a PoolConfig, not {type(config).__name__}")
         for name in FIXED_SETTINGS:
@@ -163,8 +164,9 @@ class Pool(PoolClient):
     def start(self) -> None:
         """Start the supervisor and every eager worker; return once each eager
         worker is ready (for a pool, its first ready instance). Raises
-        `StartupError`, with nothing left running, if an eager instance is
-        aborted or `ensure_timeout` passes first."""
+        `StartupError`, with nothing left running, if a declaration's target
+        function does not exist (before any worker starts), or an eager
+        instance is aborted or `ensure_timeout` passes first."""
         if self._process is not None or self._closing:
             raise BgpoolError("a Pool can be started only once")
         self._owner_pid = os.getpid()

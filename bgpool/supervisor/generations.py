@@ -167,8 +167,9 @@ class Generation:
     def missing(self, decl: Decl) -> dict[str, Any] | None:
         """Why `decl`'s module target cannot run although its module imported:
         its function does not exist (with a did-you-mean) or is not callable.
-        A declaration error, which no retry can mend (an import may fail for
-        a while only, so a failed import is left to the workers' retries)."""
+        A declaration error, which no retry can mend. (A module that failed
+        to import is not one: what it failed on, a file or a service, may be
+        there at the next attempt, so it is left to the boot failures.)"""
         return self.failures.get(decl.target) if decl.script is None else None
 
     def spawn_many(self, boots: list[Boot]) -> list[int | OSError]:

@@ -61,8 +61,8 @@ class Lifecycle(Drains):
                 "StartupError", texts.fd_limit_too_low(len(eager), need, soft, hard)
             )
             return
-        missing = [(d.label, d) for d in self.registry.decls]
-        refusal = self._refuse_missing(missing, "StartupError", "could not start the pool: ")
+        declared = [(d.label, d) for d in self.registry.decls]  # lazy ones and catch-alls too
+        refusal = self._refuse_missing(declared, "StartupError", "could not start the pool: ")
         if refusal is not None:
             self.startup_problem = refusal
             return
@@ -75,7 +75,7 @@ class Lifecycle(Drains):
         declaration starting under it) name, if the newest code lacks the
         function of one of them; None if it has them all. Each such worker's
         diagnostics show why (no attempt was made)."""
-        gen = self._newest_code()
+        gen = self._newest_code() if candidates else None
         if gen is None:
             return None
         missing = [(label, decl, e) for label, decl in candidates if (e := gen.missing(decl))]

@@ -117,17 +117,19 @@ def _no_function(module: ModuleType, target: str) -> dict[str, Any] | None:
             found = getattr(found, part)
         except AttributeError:
             message = texts.no_attribute(target, owner, part, _closest(found, part))
-            return {"type": "AttributeError", "message": message,
-                    "filename": getattr(module, "__file__", None), "lineno": None,
-                    "traceback": ""}  # fmt: skip
+            return _problem("AttributeError", message, module)
         except BaseException as exc:  # a module __getattr__ or a descriptor that raised
             return runtime.describe(exc)
         owner = f"{owner.removeprefix('module ')}.{part}"
     if not callable(found):
-        return {"type": "TypeError", "message": texts.not_callable(target, found),
-                "filename": getattr(module, "__file__", None), "lineno": None,
-                "traceback": ""}  # fmt: skip
+        return _problem("TypeError", texts.not_callable(target, found), module)
     return None
+
+
+def _problem(kind: str, message: str, module: ModuleType) -> dict[str, Any]:
+    """A target's problem as diagnostics data, placed in its module's file."""
+    return {"type": kind, "message": message, "filename": getattr(module, "__file__", None),
+            "lineno": None, "traceback": ""}  # fmt: skip
 
 
 def _closest(owner: object, name: str) -> list[str]:
