@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-from helpers import spec
+from helpers import BgpoolRun, spec
 
 import bgpool
 from bgpool import PoolConfig, WorkerSpec
@@ -192,3 +192,26 @@ def test_worker_not_declared_names_the_closest_declared_names(make_pool: MakePoo
     with pytest.raises(bgpool.WorkerNotDeclared) as info:
         pool.restart_workers(["importr"])
     assert str(info.value).endswith('(did you mean "importer"?)'), info.value
+
+
+def test_bgpool_run_says_it_once_and_exits_1(tmp_path: Path, sentinel_dir: Path) -> None:
+    config = tmp_path / "typo_config.py"
+    config.write_text(
+        "from bgpool import PoolConfig, WorkerSpec\n"
+        "config = PoolConfig(workers=[WorkerSpec(name='job', target='fixtures.workers:idel', "
+        "num=1)])\n"
+    )
+    run = BgpoolRun(str(config), sentinel_dir, "--plain")
+    try:
+        assert run.wait(30) == 1
+    finally:
+        run.close()
+    output = run.text() + run.stderr()
+    sentence = (
+        'background worker "job" cannot run: target fixtures.workers:idel does not exist: '
+        'module fixtures.workers has no attribute "idel" (did you mean "idle"?)'
+    )
+    assert f"StartupError: could not start the pool: {sentence}" in output, output
+    assert output.count(sentence) == 1, output  # said once, not once per boot attempt
+    assert "Traceback (most recent call last)" not in output, output
+    assert "attempts:     0," in output, output  # its diagnostics: no worker was started
