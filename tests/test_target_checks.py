@@ -215,3 +215,19 @@ def test_bgpool_run_says_it_once_and_exits_1(tmp_path: Path, sentinel_dir: Path)
     assert output.count(sentence) == 1, output  # said once, not once per boot attempt
     assert "Traceback (most recent call last)" not in output, output
     assert "attempts:     0," in output, output  # its diagnostics: no worker was started
+
+
+# ------------------------------------------------------------------ the wording
+
+
+def test_closest_names_ignore_case_and_come_best_first() -> None:
+    from bgpool import texts
+
+    assert texts.closest("rnu", ["run", "runner", "stop"]) == ["run"]
+    found = texts.closest("MAILER", ["mail", "mailer", "mailers"], 3)
+    assert found == ["mailer", "mailers", "mail"]
+    assert texts.closest("zzz", ["run"]) == []
+    assert texts.not_declared("x", []) == 'no background worker configured for name "x"'
+    assert texts.not_declared("ab", ["abc", "abd", "xab"]) == (
+        'no background worker configured for name "ab" (did you mean "abc", "abd" or "xab"?)'
+    )
