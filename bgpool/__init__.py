@@ -30,6 +30,7 @@ from .names import GLOBAL_SCOPE, Scope, next_scope
 from .worker.handle import WorkerHandle, get_worker_handle, set_vars
 
 if TYPE_CHECKING:
+    from . import metrics as metrics
     from .app.client import PoolClient, connect, get_vars
     from .app.pool import Pool
     from .declarations import PoolConfig, WorkerSpec
@@ -82,7 +83,14 @@ __all__ = [
 ]
 
 
+_SUBMODULES = frozenset({"metrics"})
+"""Public submodules reachable as attributes after `import bgpool` alone
+(`bgpool.metrics.collector(...)`), imported on first use."""
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # which sets the attribute
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bgpool' has no attribute {name!r}")
@@ -92,4 +100,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted([*__all__, *_SUBMODULES])

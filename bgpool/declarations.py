@@ -3,13 +3,23 @@
 Everything a user can get wrong is checked here, when the models are built and
 before any process starts, and reported at once with each mistake's field path
 (`workers.2.target`). Knows nothing of processes.
+
+Where targets are looked for is `PoolConfig.root`: a relative script path is
+resolved against it, and a module target is looked for with root first on the
+module search path (then the application's `sys.path`), here as in the code
+generations and workers (`supervisor/lifecycle.py`, `_module_path`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import re
+import sys
+import typing
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,12 +27,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from pydantic_core.core_schema import ErrorType
 
 from .names import GLOBAL_SCOPE, Scope, name_problem
 
@@ -44,6 +56,44 @@ def _field_error(loc: str | tuple[str | int, ...], kind: str, message: str, valu
         "loc": (loc,) if isinstance(loc, str) else loc,
         "input": value,
     }
+
+
+_BUILT_IN_ERRORS = frozenset(typing.get_args(ErrorType))
+
+
+def _line_errors(exc: ValidationError) -> list[Any]:
+    """`exc`'s errors, as entries a new ValidationError can be built from
+    (pydantic's own kinds as they are; bgpool's kept with their message)."""
+    entries: list[Any] = []
+    for error in exc.errors():
+        entry: dict[str, Any] = {"loc": error["loc"], "input": error["input"]}
+        if error["type"] in _BUILT_IN_ERRORS:
+            entry.update(type=error["type"], **({"ctx": error["ctx"]} if "ctx" in error else {}))
+        else:
+            entry.update(type=PydanticCustomError(error["type"], error["msg"]))
+        entries.append(entry)
+    return entries
+
+
+_DEFAULT_ROOT: ContextVar[Path | None] = ContextVar("bgpool_default_root", default=None)
+
+
+@contextlib.contextmanager
+def default_root(directory: Path) -> Iterator[None]:
+    """Make `directory` the default `PoolConfig.root` of the configs built
+    inside the block (`bgpool run` builds its config file's so), instead of
+    the current directory."""
+    token = _DEFAULT_ROOT.set(directory)
+    try:
+        yield
+    finally:
+        _DEFAULT_ROOT.reset(token)
+
+
+def _default_root_dir() -> Path:
+    """`PoolConfig.root` when none is given: `default_root()`'s, else the
+    current directory."""
+    return _DEFAULT_ROOT.get() or Path.cwd()
 
 
 def _no_nul(value: str, what: str) -> None:
@@ -173,7 +223,7 @@ class PoolConfig(BaseModel):
     grace_period: float = 30.0
     restart_grace_period: float = 6.0
     start_method: Literal["fork", "spawn"] = "fork"
-    root: Path | None = None
+    root: Path = Field(default_factory=_default_root_dir)
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
@@ -190,68 +240,54 @@ class PoolConfig(BaseModel):
     def _check_grace(cls, value: float) -> float:
         return _finite(value, positive=False)
 
+    @field_validator("root", mode="before")
+    @classmethod
+    def _default_root(cls, root: object) -> object:
+        return _default_root_dir() if root is None else root
+
     @field_validator("root")
     @classmethod
-    def _check_root(cls, root: Path | None) -> Path | None:
-        if root is not None and not root.is_dir():
+    def _check_root(cls, root: Path) -> Path:
+        if not root.is_dir():
             raise ValueError(f"root {str(root)!r} is not a directory")
-        return root.resolve() if root is not None else None
+        return root.resolve()
 
-    @model_validator(mode="after")
-    def _check_pool(self) -> PoolConfig:
-        errors: list[Any] = []
-
-        def fail(index: int, field: str, kind: str, message: str, value: object) -> None:
-            errors.append(_field_error(("workers", index, field), kind, message, value))
-
-        named: dict[tuple[Scope, str], int] = {}
-        catch_alls: dict[Scope, int] = {}
-        base = self.root or Path.cwd()
-        for index, spec in enumerate(self.workers):
-            if spec.name is None:
-                if spec.scope in catch_alls:
-                    fail(
-                        index,
-                        "name",
-                        "duplicate_catch_all",
-                        f"a second catch-all in scope {spec.scope!r}; the first is "
-                        f"workers.{catch_alls[spec.scope]}",
-                        None,
-                    )
-                catch_alls.setdefault(spec.scope, index)
-            else:
-                key = (spec.scope, spec.name)
-                if key in named:
-                    fail(
-                        index,
-                        "name",
-                        "duplicate_name",
-                        f'worker "{spec.name}" is already declared in this scope '
-                        f"(workers.{named[key]})",
-                        spec.name,
-                    )
-                named.setdefault(key, index)
-            problem = self._locate(index, spec.target, base)
-            if problem is not None:
-                fail(index, "target", "target_not_found", problem, spec.target)
-        if errors:
-            raise ValidationError.from_exception_data(type(self).__name__, errors)
-        return self
-
-    def _locate(self, index: int, target: str, base: Path) -> str | None:
-        """Check that `target` exists; remember a script's absolute path."""
-        if target_kind(target) == "script":
-            path = (base / target).resolve()
-            if not path.is_file():
-                return f"script {str(path)!r} does not exist"
-            self._scripts[index] = path
-            return None
-        module = target.partition(":")[0]
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_pool(cls, data: Any, handler: ModelWrapValidatorHandler[PoolConfig]) -> PoolConfig:
+        """Check what spans declarations (a name declared twice, a target that
+        does not exist) along with every field, and report it all in one
+        ValidationError: even when a field is wrong, the declarations (and the
+        root) that are valid on their own are checked across too."""
         try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError) as exc:
-            return f"module {module!r} cannot be found: {exc}"
-        return None if found else f"module {module!r} cannot be found"
+            config = handler(data)
+        except ValidationError as exc:
+            workers, root = cls._valid_parts(data)
+            errors = _line_errors(exc) + _check_across(workers, root, {})
+            errors.sort(key=lambda e: (e["loc"][:1] != ("workers",), e["loc"][1:2]))  # stable
+            raise ValidationError.from_exception_data(cls.__name__, errors) from None
+        errors = _check_across(list(enumerate(config.workers)), config.root, config._scripts)
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return config
+
+    @classmethod
+    def _valid_parts(cls, data: Any) -> tuple[list[tuple[int, WorkerSpec]], Path | None]:
+        """What of a PoolConfig's input that failed is valid on its own: the
+        declarations, by index, and the root (None if it is not valid)."""
+        if not isinstance(data, dict):
+            return [], None
+        workers = []
+        entries = data.get("workers")
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            with contextlib.suppress(ValidationError):
+                workers.append((index, WorkerSpec.model_validate(entry)))
+        value = data.get("root")
+        try:
+            root = _default_root_dir() if value is None else cls._check_root(Path(value))
+        except (TypeError, ValueError):
+            root = None
+        return workers, root
 
     def worker_messages(self) -> list[dict[str, Any]]:
         """The declarations as the supervisor receives them (plain data)."""
@@ -283,9 +319,73 @@ class PoolConfig(BaseModel):
             "restart_grace_period": self.restart_grace_period,
             "start_method": self.start_method,
             "max_vars_bytes": self.max_vars_bytes,
-            "root": str(self.root or Path.cwd()),
+            "root": str(self.root),
         }
 
     def script_path(self, index: int) -> Path | None:
         """The absolute path of declaration `index`'s script target, if it is one."""
         return self._scripts.get(index)
+
+
+def _check_across(
+    workers: list[tuple[int, WorkerSpec]], root: Path | None, scripts: dict[int, Path]
+) -> list[Any]:
+    """The mistakes that span declarations: a name (or a scope's catch-all)
+    declared twice, a target that cannot be found under `root` (not looked
+    for without one). Fills `scripts` with each script target's absolute path."""
+    errors: list[Any] = []
+
+    def fail(index: int, field: str, kind: str, message: str, value: object) -> None:
+        errors.append(_field_error(("workers", index, field), kind, message, value))
+
+    named: dict[tuple[Scope, str], int] = {}
+    catch_alls: dict[Scope, int] = {}
+    for index, spec in workers:
+        if spec.name is None:
+            if spec.scope in catch_alls:
+                fail(
+                    index,
+                    "name",
+                    "duplicate_catch_all",
+                    f"a second catch-all in scope {spec.scope!r}; the first is "
+                    f"workers.{catch_alls[spec.scope]}",
+                    None,
+                )
+            catch_alls.setdefault(spec.scope, index)
+        else:
+            key = (spec.scope, spec.name)
+            if key in named:
+                fail(
+                    index,
+                    "name",
+                    "duplicate_name",
+                    f'worker "{spec.name}" is already declared in this scope '
+                    f"(workers.{named[key]})",
+                    spec.name,
+                )
+            named.setdefault(key, index)
+        problem = _locate(index, spec.target, root, scripts) if root is not None else None
+        if problem is not None:
+            fail(index, "target", "target_not_found", problem, spec.target)
+    return errors
+
+
+def _locate(index: int, target: str, root: Path, scripts: dict[int, Path]) -> str | None:
+    """Check that `target` exists under `root`; remember a script's absolute path."""
+    if target_kind(target) == "script":
+        path = (root / target).resolve()
+        if not path.is_file():
+            return f"script {str(path)!r} does not exist"
+        scripts[index] = path
+        return None
+    module = target.partition(":")[0]
+    # Looked for as a worker will: root first on the path (parent packages are
+    # imported to find a submodule, as importlib.util.find_spec does).
+    sys.path.insert(0, str(root))
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as exc:
+        return f"module {module!r} cannot be found: {exc}"
+    finally:
+        sys.path.remove(str(root))
+    return None if found else f"module {module!r} cannot be found"

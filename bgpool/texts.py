@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,8 @@ def error_words(error: dict[str, Any] | None) -> str:
         return ""
     text = f"{error['type']}: {error['message']}" if error["message"] else str(error["type"])
     if error.get("filename"):
-        text += f" ({_display_path(error['filename'])}, line {error['lineno']})"
+        line = f", line {error['lineno']}" if error.get("lineno") is not None else ""
+        text += f" ({_display_path(error['filename'])}{line})"
     return text
 
 
@@ -139,8 +141,11 @@ NO_CONFIG_FILE = (
 RELOAD_FAILED = "reload() changed the pool, but not every eager worker it added is ready"
 
 
-def reload_refused(label: str, error: dict[str, Any]) -> str:
-    """Why a reload changed nothing: a new or changed worker's code fails to load."""
+def reload_refused(label: str, error: dict[str, Any], *, missing: bool = False) -> str:
+    """Why a reload changed nothing: a new or changed worker's code fails to
+    load, or (`missing`) its target does not exist (`target_missing`)."""
+    if missing:
+        return f"reload refused, nothing was changed: {target_missing(label, error)}"
     return (
         f'reload refused, nothing was changed: the code of background worker "{label}" '
         f"failed to load ({error_words(error)})"
@@ -163,9 +168,49 @@ def restart_refused(name: str, error: dict[str, Any]) -> str:
     )
 
 
-def not_declared(name: str) -> str:
-    """WorkerNotDeclared's message."""
-    return f'no background worker configured for name "{name}"'
+def closest(word: str, candidates: Iterable[str], count: int = 1) -> list[str]:
+    """The candidates closest to `word`, best first, case ignored: what a
+    did-you-mean offers."""
+    import difflib  # only once someone mistyped a name
+
+    folded: dict[str, str] = {}
+    for candidate in candidates:
+        folded.setdefault(candidate.casefold(), candidate)
+    return [folded[m] for m in difflib.get_close_matches(word.casefold(), folded, n=count)]
+
+
+def _did_you_mean(names: list[str]) -> str:
+    """` (did you mean "run"?)`, ` (did you mean "a" or "b"?)`; "" without names."""
+    if not names:
+        return ""
+    quoted = [f'"{name}"' for name in names]
+    choices = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+    return f" (did you mean {choices}?)"
+
+
+def not_declared(name: str, close: list[str] | None = None) -> str:
+    """WorkerNotDeclared's message, with the closest declared names if any."""
+    return f'no background worker configured for name "{name}"' + _did_you_mean(close or [])
+
+
+def no_attribute(target: str, owner: str, attribute: str, close: list[str]) -> str:
+    """Why a module target's function does not exist: `target myapp.jobs:rnu
+    does not exist: module myapp.jobs has no attribute "rnu" (did you mean "run"?)`."""
+    return f'target {target} does not exist: {owner} has no attribute "{attribute}"' + (
+        _did_you_mean(close)
+    )
+
+
+def not_callable(target: str, found: object) -> str:
+    """Why a module target cannot be called."""
+    return f"target {target} is not callable (a {type(found).__name__} object)"
+
+
+def target_missing(label: str, error: dict[str, Any]) -> str:
+    """Why a declaration cannot start at all, whatever the number of
+    attempts: its module imports, but its function does not exist (or is
+    not callable). Said once, by start(), ensure() and reload() alike."""
+    return f'background worker "{label}" cannot run: {error["message"]}'
 
 
 def limit_reached(name: str, cap: int) -> str:

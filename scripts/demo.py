@@ -39,6 +39,11 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
+def expect(what: str) -> None:
+    """Say that the traceback about to appear is the demo's own doing."""
+    print(f"   [expected] {what}; what follows is deliberate", flush=True)
+
+
 def show(pool: bgpool.Pool) -> None:
     print(f"   {'worker':<12} {'state':<9} {'pid':>7} {'attempts':>8} {'last exit':>9}")
     for s in pool.status():
@@ -77,6 +82,7 @@ def main() -> int:
               "(a shared-memory read, no round trip)")
 
         step("3. 'flaky' crashes after it was ready: restarted at once, readiness stays")
+        expect("'flaky' raises ConnectionError once it is ready")
         pool.ensure("flaky")
         first_pid = next(s.pid for s in pool.status() if s.name == "flaky")
         wait_for(lambda: any(s.name == "flaky" and s.state == "ready" and s.pid != first_pid
@@ -89,11 +95,13 @@ def main() -> int:
         print("   ensure('flaky') returns at once: a dependency that was ready stays ready")
 
         step("4. 'importer' cannot boot: ensure(fail_fast=True) says why at the first failure")
+        expect("'importer' fails to boot (its settings file does not exist)")
         try:
             pool.ensure("importer", fail_fast=True)
         except bgpool.WorkerBootFailed as exc:
             print(f"   {type(exc).__name__}: {exc}")
         print("   ...and a tolerant ensure() waits through the retries until the supervisor gives up:")
+        expect("'importer' fails to boot twice more, then the supervisor gives up")
         try:
             pool.ensure("importer", timeout=5)
         except bgpool.WorkerAborted as exc:
@@ -116,9 +124,22 @@ def main() -> int:
     leftovers = psutil.Process().children(recursive=True)
     print(f"   child processes left: {len(leftovers)}; table {table} exists: "
           f"{os.path.exists(table)}; socket exists: {os.path.exists(pool.address)}")
+    typo_demo()
     web_ok = web_demo()
     print(f"\ndemo finished in {time.monotonic() - begin:.1f} s")
     return 1 if leftovers or os.path.exists(table) or not web_ok else 0
+
+
+def typo_demo() -> None:
+    step("7. a typo in a target's function name: start() refuses at once, no worker is started")
+    typo = bgpool.PoolConfig(workers=[
+        bgpool.WorkerSpec(name="clock", target="fixtures.demo.workers:clokc", num=1),
+    ])  # fmt: skip
+    try:
+        bgpool.Pool(typo).start()
+    except bgpool.StartupError as exc:
+        print(f"   {type(exc).__name__}: {exc}")
+        print(f"   boot attempts: {exc.diagnostics[0].attempts}")
 
 
 def free_port() -> int:
@@ -128,7 +149,7 @@ def free_port() -> int:
 
 
 def web_demo() -> bool:
-    step("7. a web application: gunicorn's master owns a pool, its 3 workers read a bgpool "
+    step("8. a web application: gunicorn's master owns a pool, its 3 workers read a bgpool "
          "worker's vars")
     print("   (fixtures/webapp: the 'flags' worker publishes a snapshot every 0.1 s with "
           "set_vars();\n    each request calls ensure('flags') and get_vars('flags'))")

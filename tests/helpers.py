@@ -415,8 +415,9 @@ def last_json_line(stdout: str) -> Any:
 
 
 class BgpoolRun:
-    """``python -m bgpool run CONFIG ARGS...`` in a subprocess (cwd = project root,
-    ``$BGPOOL_TEST_DIR`` = ``directory``, no inherited ``BGPOOL_ADDRESS``), its stdout
+    """``python -m bgpool run CONFIG ARGS...`` in a subprocess (cwd = ``cwd``, the
+    project root unless given, ``$BGPOOL_TEST_DIR`` = ``directory``, no inherited
+    ``BGPOOL_ADDRESS``), its stdout
     collected as it comes through a pipe, or a pty with ``tty=True``, its stderr in a
     file. ``unbuffered`` sets (True) or removes (False) ``PYTHONUNBUFFERED``; None
     leaves it as inherited. ``close()`` (always call it) kills what is left."""
@@ -430,6 +431,7 @@ class BgpoolRun:
         *args: str,
         tty: bool = False,
         unbuffered: bool | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         env = subprocess_env(BGPOOL_TEST_DIR=str(directory))
         env.pop("BGPOOL_ADDRESS", None)
@@ -448,7 +450,7 @@ class BgpoolRun:
             with open(self.stderr_path, "wb") as stderr:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "bgpool", "run", config, *args],
-                    cwd=ROOT,
+                    cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stdout,

@@ -75,7 +75,7 @@ def test_pool_config_defaults_match_spec() -> None:
     assert c.grace_period == 30.0
     assert c.restart_grace_period == 6.0
     assert c.start_method == "fork"
-    assert c.root is None
+    assert c.root == Path.cwd()  # built in Python: the current directory
     assert c.metrics_port is None
     assert c.max_vars_bytes == 1048576
 
@@ -351,3 +351,76 @@ def test_errors_are_importable_from_package() -> None:
         "VarsNotPublished",
     ):
         assert issubclass(getattr(bgpool, name), bgpool.BgpoolError), name
+
+
+# ---------------------------------------------------- every mistake at once, across
+
+
+def test_field_and_declaration_mistakes_are_reported_together(tmp_path: Path) -> None:
+    """A wrong PoolConfig field does not hide what only the PoolConfig can see
+    in its declarations: a target that does not exist, a name declared twice."""
+    with pytest.raises(ValidationError) as info:
+        PoolConfig(
+            ensure_timeout=0,
+            grace_period=-1,
+            root=tmp_path,
+            workers=[
+                WorkerSpec(name="a", target="no_such_pkg_for_bgpool_tests:run"),
+                WorkerSpec(name="a", target=IDLE),
+                WorkerSpec(name="s", target="missing_script.py"),
+            ],
+        )
+    found = locs(info.value)
+    assert found == [
+        ("workers", 0, "target"),
+        ("workers", 1, "name"),
+        ("workers", 2, "target"),
+        ("ensure_timeout",),
+        ("grace_period",),
+    ], found
+    text = str(info.value)
+    assert "5 validation errors for PoolConfig" in text, text
+    assert "must be a finite number > 0" in text and "must be a finite number >= 0" in text
+    assert "module 'no_such_pkg_for_bgpool_tests' cannot be found" in text, text
+    assert 'worker "a" is already declared in this scope (workers.0)' in text, text
+    assert f"script '{tmp_path / 'missing_script.py'}' does not exist" in text, text
+
+
+def test_bad_declarations_given_as_dicts_are_all_reported_with_the_rest() -> None:
+    """Declarations as dicts are checked in the same pass: one's own field
+    error, another's missing module and a PoolConfig field, all at once."""
+    found = config_error_locs(
+        start_method="thread",
+        workers=[
+            {"name": "a", "target": IDLE, "num": -1},
+            {"name": "b", "target": "no_such_pkg_for_bgpool_tests:run"},
+            {"name": "b", "target": IDLE},
+        ],
+    )
+    assert found == [
+        ("workers", 0, "num"),
+        ("workers", 1, "target"),
+        ("workers", 2, "name"),
+        ("start_method",),
+    ], found
+
+
+def test_a_bad_root_is_reported_without_guessing_the_targets_under_it() -> None:
+    found = config_error_locs(
+        root="/no/such/bgpool/root",
+        workers=[spec("a", "idle"), spec("a", "idle"), WorkerSpec(name="s", target="x.py")],
+    )
+    assert found == [("workers", 1, "name"), ("root",)], found
+
+
+def test_a_config_built_under_default_root_resolves_there(tmp_path: Path) -> None:
+    """What `bgpool run` does while it runs a config file: its directory is
+    the default root, whatever the current directory."""
+    from bgpool.declarations import default_root
+
+    (tmp_path / "job.py").write_text("print('job')\n")
+    with default_root(tmp_path):
+        config = PoolConfig(workers=[WorkerSpec(name="s", target="job.py")])
+    assert config.root == tmp_path
+    assert config.script_path(0) == tmp_path / "job.py"
+    assert PoolConfig(workers=[]).root == Path.cwd()  # outside the block: the cwd again

@@ -33,9 +33,10 @@ from .client import REPLY_MARGIN, PoolClient
 if TYPE_CHECKING:
     from .metrics import HealthServer
 
-FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host")
+FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host", "root")
 """The settings `reload()` cannot change: the supervisor or the metrics server
-were set up with them."""
+were set up with them (and the code of instances already running was found
+under the root)."""
 
 POOL_MARK = "BGPOOL_POOL"
 """Environment variable that marks every process of one pool (its value is the
@@ -138,7 +139,8 @@ class Pool(PoolClient):
         changed ones (any field) restarted with the new settings, rolling,
         unchanged ones left running; the live settings change. Nothing changes
         if a setting that cannot change live differs (`ValueError` naming it),
-        or if a new or changed worker's code fails to load (`WorkerBootFailed`)."""
+        or if a new or changed worker's code fails to load or its function
+        does not exist (`WorkerBootFailed`)."""
         if not isinstance(config, PoolConfig):
             raise TypeError(f"config must be a PoolConfig, not {type(config).__name__}")
         for name in FIXED_SETTINGS:
@@ -162,8 +164,9 @@ class Pool(PoolClient):
     def start(self) -> None:
         """Start the supervisor and every eager worker; return once each eager
         worker is ready (for a pool, its first ready instance). Raises
-        `StartupError`, with nothing left running, if an eager instance is
-        aborted or `ensure_timeout` passes first."""
+        `StartupError`, with nothing left running, if a declaration's target
+        function does not exist (before any worker starts), or an eager
+        instance is aborted or `ensure_timeout` passes first."""
         if self._process is not None or self._closing:
             raise BgpoolError("a Pool can be started only once")
         self._owner_pid = os.getpid()

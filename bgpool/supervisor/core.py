@@ -88,11 +88,12 @@ class Core:
         self.waiters: list[Waiter] = []
         self.watchers: list[Connection] = []  # subscribed to state changes
         self.generations: list[Generation] = []  # loaded or loading, oldest first
-        self.current: Generation | None = None  # the newest loaded: fresh starts fork from it
+        # the newest loaded: fresh starts fork from it (with spawn: closed, it checked the code)
+        self.current: Generation | None = None
         self.generation_count = 0
         self.closing = False  # shutting down: drains are final, requests refused
         self.finished = False  # the loop may end
-        self.startup_problem: str | None = None  # why start() must fail before any spawn
+        self.startup_problem: Message | None = None  # start()'s error reply, before any spawn
         self.owner_fd: int | None = None
         for decl in decls:
             if decl.name is not None:

@@ -88,16 +88,25 @@ def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socke
 class Generation:
     """One generation process, seen from the supervisor."""
 
-    def __init__(self, number: int, decls: list[Decl], seed: socket.socket | None) -> None:
-        modules = sorted({d.target.partition(":")[0] for d in decls if d.script is None})
-        scripts = sorted({d.script for d in decls if d.script is not None})
+    def __init__(
+        self, number: int, decls: list[Decl], seed: socket.socket | None, path: list[str]
+    ) -> None:
+        """Fork generation `number` (from `seed`, else from this process), which
+        loads the code of `decls` with `path` as its module search path."""
+        targets = sorted({d.target for d in decls if d.script is None})
+        request = {
+            "number": number,
+            "path": path,
+            "modules": sorted({t.partition(":")[0] for t in targets}),
+            "scripts": sorted({d.script for d in decls if d.script is not None}),
+            "targets": targets,
+        }
         self.number = number
         self.started = time.monotonic()
         self.loaded = False
         self.failures: dict[str, dict[str, Any]] = {}
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            request = {"number": number, "modules": modules, "scripts": scripts}
             self.pid = _from_seed(seed, request, child) if seed is not None else os.fork()
         except OSError:
             self.sock.close()
@@ -105,7 +114,7 @@ class Generation:
             raise
         if self.pid == 0:  # pragma: no cover - the child never returns
             self.sock.close()
-            zygote.serve(child, number, modules, scripts)
+            zygote.serve(child, request)
         child.close()
 
     def fileno(self) -> int:
@@ -149,8 +158,19 @@ class Generation:
 
     def failure(self, decl: Decl) -> dict[str, Any] | None:
         """Why this generation cannot run `decl`'s target (its module failed to
-        import, its script to compile), as diagnostics data; None if it can."""
-        return self.failures.get(decl.script or decl.target.partition(":")[0])
+        import, its script to compile, or `missing()`), as diagnostics data;
+        None if it can."""
+        if decl.script is not None:
+            return self.failures.get(decl.script)
+        return self.failures.get(decl.target.partition(":")[0]) or self.missing(decl)
+
+    def missing(self, decl: Decl) -> dict[str, Any] | None:
+        """Why `decl`'s module target cannot run although its module imported:
+        its function does not exist (with a did-you-mean) or is not callable.
+        A declaration error, which no retry can mend. (A module that failed
+        to import is not one: what it failed on, a file or a service, may be
+        there at the next attempt, so it is left to the boot failures.)"""
+        return self.failures.get(decl.target) if decl.script is None else None
 
     def spawn_many(self, boots: list[Boot]) -> list[int | OSError]:
         """Have the generation fork the workers `boots` describe: each one's

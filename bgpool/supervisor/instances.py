@@ -155,6 +155,11 @@ class Worker:
         return all(inst.state == State.ABORTED for inst in self.instances)
 
     @property
+    def stopped(self) -> bool:
+        """Whether an instance is stopped or aborted: `ensure()` starts it afresh."""
+        return any(inst.state in (State.STOPPED, State.ABORTED) for inst in self.instances)
+
+    @property
     def missing_step(self) -> str:
         """What the worker has not done yet to be ready, for timeout messages."""
         waits_for_vars = self.decl.ready_on == "vars"

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from .. import platform, texts
-from ..protocol import ProtocolError
+from ..protocol import Message, ProtocolError, error_reply
 from ..shm import varstore
 from ..shm.table import BOOT_BUCKETS
 from ..states import State
@@ -28,6 +28,7 @@ from .drains import Drains
 from .generations import Generation
 from .instances import Instance, Run, Worker, error_record
 from .registry import Decl
+from .waiters import failure_reply
 
 log = logging.getLogger("bgpool")
 
@@ -49,25 +50,79 @@ class Lifecycle(Drains):
 
     def start_eager(self) -> None:
         """Start every instance of every eager declaration, unless the
-        descriptor limit cannot hold them: then start none, and let `start()`
-        say why (`startup_problem`)."""
+        descriptor limit cannot hold them or a declaration's target does not
+        exist (the code is loaded first, with either start method): then
+        start none, and let `start()` say why (`startup_problem`)."""
         eager = [i for w in self.workers.values() if w.decl.eager for i in w.instances]
         need = FIXED_FDS + sum(_fds_per_instance(i.worker.decl) for i in eager)
         soft, hard = platform.fd_limits()
         if 0 <= soft < need:
-            self.startup_problem = texts.fd_limit_too_low(len(eager), need, soft, hard)
+            self.startup_problem = error_reply(
+                "StartupError", texts.fd_limit_too_low(len(eager), need, soft, hard)
+            )
             return
-        if self.settings.start_method == "fork":
-            self._current_generation()
+        declared = [(d.label, d) for d in self.registry.decls]  # lazy ones and catch-alls too
+        refusal = self._refuse_missing(declared, "StartupError", "could not start the pool: ")
+        if refusal is not None:
+            self.startup_problem = refusal
+            return
         self._spawn_all(eager)
+
+    def _refuse_missing(
+        self, candidates: list[tuple[str, Decl]], error: str, opening: str = ""
+    ) -> Message | None:
+        """The reply refusing to start what `candidates` (a label and the
+        declaration starting under it) name, if the newest code lacks the
+        function of one of them; None if it has them all. Each such worker's
+        diagnostics show why (no attempt was made)."""
+        gen = self._newest_code() if candidates else None
+        if gen is None:
+            return None
+        missing = [(label, decl, e) for label, decl in candidates if (e := gen.missing(decl))]
+        if not missing:
+            return None
+        workers = []
+        for _, decl, problem in missing:
+            worker = self.workers.get((decl.scope_id, decl.name)) if decl.name else None
+            if worker is not None:
+                attempts = max(i.attempts for i in worker.instances)
+                worker.last_failure = texts.Failure(attempts, None, decl.target, problem)
+                workers.append(worker)
+        text = "; ".join(texts.target_missing(label, problem) for label, _, problem in missing)
+        return failure_reply(error, opening + text, workers)
 
     # -- code generations ------------------------------------------------------------
 
     def _new_generation(self, decls: list[Decl]) -> Generation:
         """Fork a generation that loads the code of `decls` afresh."""
         self.generation_count += 1
-        gen = Generation(self.generation_count, decls, self.seed)
+        gen = Generation(self.generation_count, decls, self.seed, self._module_path())
         self.generations.append(gen)
+        return gen
+
+    def _module_path(self) -> list[str]:
+        """The module search path of generations and spawned workers: the
+        pool's root first, then the application's `sys.path` (the
+        supervisor's), so a module target resolves the same from any
+        current directory."""
+        root = self.settings.root
+        return [root, *(entry for entry in sys.path if entry != root)]
+
+    def _newest_code(self) -> Generation | None:
+        """The newest loaded code, which a fresh start runs (loaded now,
+        blocking, if there is none): the generation fresh starts fork from,
+        or with start_method="spawn" the last one loaded only to check the
+        code, closed at once (a spawned worker imports its own). None if no
+        generation could be made (the spawn then says why)."""
+        spawn = self.settings.start_method == "spawn"
+        if spawn and self.current is not None:
+            return self.current
+        try:
+            gen = self._current_generation()
+        except OSError:
+            return None
+        if spawn:
+            gen.close()
         return gen
 
     def _current_generation(self) -> Generation:
@@ -195,7 +250,7 @@ class Lifecycle(Drains):
             supervisor_pid=self.pid,
             stop_fd=stop_r,
             notify_fd=notify_w,
-            sys_path=sys.path,
+            sys_path=self._module_path(),
             vars_segment=varstore.segment_name(self.table.name, worker.instances[0].slot),
             max_vars_bytes=self.settings.max_vars_bytes,
             stdout_fd=outputs[1] if outputs else None,

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import texts
+
 GLOBAL_SCOPE_ID = 0
 
 
@@ -33,6 +35,12 @@ class Decl:
     ready_on: str = "handle"
     watch: list[str] = field(default_factory=list)
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
+
+    @property
+    def label(self) -> str:
+        """How messages name the declaration: `name`, `label:name`, `*` for a catch-all."""
+        name = self.name if self.name is not None else "*"
+        return f"{self.scope_label}:{name}" if self.scope_label else name
 
     @property
     def eager(self) -> bool:
@@ -78,6 +86,12 @@ class Registry:
         one, else the scope's catch-all, else None."""
         scope_id = self.effective_scope(scope_id)
         return self.named.get((scope_id, name)) or self.catch_alls.get(scope_id)
+
+    def close_names(self, scope_id: int, name: str) -> list[str]:
+        """The names declared in `scope_id` (after fallback) closest to
+        `name`, best first (at most three), for WorkerNotDeclared's did-you-mean."""
+        scope_id = self.effective_scope(scope_id)
+        return texts.closest(name, [n for sid, n in self.named if sid == scope_id], 3)
 
     def scope_by_label(self, label: str) -> int | None:
         """The declared scope with this label, if exactly one has it."""

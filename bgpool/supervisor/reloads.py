@@ -34,12 +34,6 @@ def _key(decl: Decl) -> tuple[int, str | None]:
     return decl.scope_id, decl.name
 
 
-def _label(decl: Decl) -> str:
-    """How a report names a declaration: `name`, `label:name`, `*` for a catch-all."""
-    name = decl.name if decl.name is not None else "*"
-    return f"{decl.scope_label}:{name}" if decl.scope_label else name
-
-
 @dataclass
 class Report:
     """What a reload did, by declaration label (`ReloadReport`'s fields)."""
@@ -120,7 +114,10 @@ class Reloads(Rollouts):
         ]
         if refused:
             gen.close()
-            text = "; ".join(texts.reload_refused(_label(d), error) for d, error in refused)
+            text = "; ".join(
+                texts.reload_refused(d.label, error, missing=gen.missing(d) is not None)
+                for d, error in refused
+            )
             conn.send(error_reply("WorkerBootFailed", text, diagnostics=[]))
             return
         self.registry = registry
@@ -128,19 +125,19 @@ class Reloads(Rollouts):
         self.table.declarations_changed()  # clients learn the scopes again
         for key, decl in old.items():
             if key not in new:
-                report.removed.append(_label(decl))
+                report.removed.append(decl.label)
                 self._remove(decl)
         restart: list[Worker] = []
         for key, decl in new.items():
             before = old.get(key)
             if before is None:
-                report.added.append(_label(decl))
+                report.added.append(decl.label)
                 continue
             moved = self._move(before, decl)
             if before.fields() == decl.fields():
-                report.unchanged.append(_label(decl))
+                report.unchanged.append(decl.label)
             else:
-                report.changed.append(_label(decl))
+                report.changed.append(decl.label)
                 restart.extend(moved)
         new_workers = [self._declare(d, d.name) for d in added if d.name is not None]
         eager = [w for w in new_workers + restart if w.eager and not w.held]

@@ -129,7 +129,7 @@ class Requests(Watches):
         """start(): answer once every eager worker is ready, or one is aborted
         (at once if they could not even be spawned)."""
         if self.startup_problem is not None:
-            conn.send(error_reply("StartupError", self.startup_problem))
+            conn.send(self.startup_problem)
             return
         eager = [w for w in self.workers.values() if w.decl.eager]
         self._wait(Waiter(conn, eager, self.settings.ensure_timeout, startup=True))
@@ -291,7 +291,7 @@ class Requests(Watches):
         for name in names:
             decl = self.registry.resolve(scope_id, name)
             if decl is None:
-                conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
+                self._not_declared(conn, scope_id, name)
                 return None
             worker = self.workers.get((decl.scope_id, name))
             if worker is not None:
@@ -314,15 +314,16 @@ class Requests(Watches):
     def _resolve(self, conn: Connection, scope_id: int, names: list[str]) -> list[Worker] | None:
         """Every name's worker, hosting new catch-all names only once all fit.
 
-        Replies with the error and returns None when a name is undeclared or a
-        catch-all would exceed its cap: nothing is started then.
+        Replies with the error and returns None when a name is undeclared, a
+        catch-all would exceed its cap, or the target of one that would start
+        does not exist in the newest code: nothing is started then.
         """
         plan: list[tuple[Decl, str, Worker | None]] = []
         wanted: Counter[int] = Counter()
         for name in names:
             decl = self.registry.resolve(scope_id, name)
             if decl is None:
-                conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
+                self._not_declared(conn, scope_id, name)
                 return None
             worker = self.workers.get((decl.scope_id, name))
             if worker is None:
@@ -334,6 +335,11 @@ class Requests(Watches):
                     conn.send(reply)
                     return None
             plan.append((decl, name, worker))
+        fresh = [(name, decl) for decl, name, worker in plan if worker is None or worker.stopped]
+        refusal = self._refuse_missing(fresh, "WorkerBootFailed")
+        if refusal is not None:
+            conn.send(refusal)
+            return None
         return [worker or self._host(decl, name) for decl, name, worker in plan]
 
     def _lookup(self, conn: Connection, message: Message) -> tuple[Decl, Worker | None] | None:
@@ -346,9 +352,14 @@ class Requests(Watches):
         scope_id = self._scope_of(message)
         decl = self.registry.resolve(scope_id, name) if scope_id >= 0 else None
         if decl is None:
-            conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name)))
+            self._not_declared(conn, scope_id, name)
             return None
         return decl, self.workers.get((decl.scope_id, name))
+
+    def _not_declared(self, conn: Connection, scope_id: int, name: str) -> None:
+        """Reply WorkerNotDeclared for `name`, with the closest declared names."""
+        close = self.registry.close_names(scope_id, name) if scope_id >= 0 else []
+        conn.send(error_reply(WorkerNotDeclared.__name__, texts.not_declared(name, close)))
 
 
 HANDLERS: dict[str, Callable[[Requests, Connection, Message], None]] = {

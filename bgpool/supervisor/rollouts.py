@@ -108,9 +108,8 @@ class Rollouts(Lifecycle):
         gen = rollout.generation
         assert gen is not None
         self.rollouts.append(rollout)
-        if self.settings.start_method == "fork":
-            self.current = gen
-        else:
+        self.current = gen
+        if self.settings.start_method == "spawn":
             rollout.generation = None  # it only checked the code: spawned workers load their own
         for worker in rollout.workers:
             instances = [i for i in worker.instances if i.state in RESTARTABLE]

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from types import CodeType, ModuleType, TracebackType
 from typing import Any, ClassVar, NoReturn
 
-from .. import identity, platform, protocol
+from .. import identity, platform, protocol, texts
 from ..launch import python_command
 from . import handle
 
@@ -205,7 +205,7 @@ def _run(boot: Boot) -> int:
             for part in attribute.split("."):
                 target = getattr(target, part)
             if not callable(target):
-                raise TypeError(f"target {boot.target} is not callable")
+                raise TypeError(texts.not_callable(boot.target, target))
             result = target()
             if inspect.iscoroutine(result):  # never awaited: said here, not in a warning
                 where = (result.cr_code.co_filename, result.cr_code.co_firstlineno)

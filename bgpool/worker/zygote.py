@@ -7,7 +7,10 @@ so that generations and workers carry only what workers need (see
 makes itself a clean parent for workers (signals as a new interpreter has
 them, no descriptor but its socket, SIGKILL when the supervisor dies), imports
 every module target afresh from disk and compiles every script target, says
-what failed, then forks one worker per request it receives on its socket.
+what failed (a module target's function that does not exist too: a
+declaration error, with the closest name there is), then forks one worker per
+request it receives on its socket. Its module search path is the one the
+request gives: the pool's root first, then the application's `sys.path`.
 
 Workers are forked with `platform.fork_sibling()`, so each is the supervisor's
 child, not this process's: the supervisor waits for, signals and reaps its
@@ -39,10 +42,10 @@ import sys
 import sysconfig
 import threading
 from collections.abc import Callable
-from types import CodeType
-from typing import NoReturn
+from types import CodeType, ModuleType
+from typing import Any, NoReturn
 
-from .. import platform
+from .. import platform, texts
 from . import runtime
 
 MAX_PACKET = 1 << 20
@@ -93,13 +96,15 @@ def _fresh_imports() -> None:
             del sys.path_importer_cache[directory]
 
 
-def _load(modules: list[str], scripts: list[str]) -> dict[str, object]:
-    """Import `modules` and compile `scripts` (into `runtime.COMPILED`); return
-    what failed, by module name or script path, as diagnostics data."""
+def _load(modules: list[str], scripts: list[str], targets: list[str]) -> dict[str, object]:
+    """Import `modules`, compile `scripts` (into `runtime.COMPILED`) and look
+    up each module target's function; return what failed, by module name,
+    script path or target, as diagnostics data."""
     failures: dict[str, object] = {}
+    loaded: dict[str, ModuleType] = {}
     for module in modules:
         try:
-            importlib.import_module(module)
+            loaded[module] = importlib.import_module(module)
         except BaseException as exc:  # the workers that need it report it as a boot failure
             failures[module] = runtime.describe(exc)
     for path in scripts:
@@ -107,7 +112,51 @@ def _load(modules: list[str], scripts: list[str]) -> dict[str, object]:
             runtime.COMPILED[path] = runtime.compile_script(path)
         except BaseException as exc:
             failures[path] = runtime.describe(exc)
+    for target in targets:
+        module = target.partition(":")[0]
+        if module in loaded and (problem := _no_function(loaded[module], target)) is not None:
+            failures[target] = problem
     return failures
+
+
+def _no_function(module: ModuleType, target: str) -> dict[str, Any] | None:
+    """Why `target`'s function cannot be called, its module imported: an
+    attribute on its path does not exist (with the closest name there is) or
+    it is not callable; None if it can be."""
+    found: object = module
+    owner = f"module {module.__name__}"
+    for part in target.partition(":")[2].split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            message = texts.no_attribute(target, owner, part, _closest(found, part))
+            return _problem("AttributeError", message, module)
+        except BaseException as exc:  # a module __getattr__ or a descriptor that raised
+            return runtime.describe(exc)
+        owner = f"{owner.removeprefix('module ')}.{part}"
+    if not callable(found):
+        return _problem("TypeError", texts.not_callable(target, found), module)
+    return None
+
+
+def _problem(kind: str, message: str, module: ModuleType) -> dict[str, Any]:
+    """A target's problem as diagnostics data, placed in its module's file."""
+    return {"type": kind, "message": message, "filename": getattr(module, "__file__", None),
+            "lineno": None, "traceback": ""}  # fmt: skip
+
+
+def _closest(owner: object, name: str) -> list[str]:
+    """The name on `owner` closest to `name` (its modules and dunders left
+    out), for a did-you-mean."""
+    import inspect  # only when a target is misspelt
+
+    names = [
+        n
+        for n in dir(owner)
+        if not n.startswith("__")
+        and not isinstance(inspect.getattr_static(owner, n, None), ModuleType)
+    ]
+    return texts.closest(name, names)
 
 
 def _set_apart(sock: socket.socket, name: str) -> None:
@@ -143,19 +192,21 @@ def seed(sock: socket.socket) -> NoReturn:
 
 def _generation(data: bytes, fds: list[int]) -> NoReturn:
     """In the seed's child: become the generation a request asks for."""
-    request = json.loads(data)
-    serve(socket.socket(fileno=fds[0]), request["number"], request["modules"], request["scripts"])
+    serve(socket.socket(fileno=fds[0]), json.loads(data))
 
 
-def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[str]) -> NoReturn:
-    """Entry point of generation `number`, a child of the supervisor (forked
-    from the seed, or from the supervisor itself); never returns."""
+def serve(sock: socket.socket, request: dict[str, Any]) -> NoReturn:
+    """Entry point of the generation `request` describes (its number, module
+    search path, modules, scripts and module targets), a child of the
+    supervisor (forked from the seed, or from the supervisor itself); never
+    returns."""
     code = 1
     try:
         gc.disable()  # nothing of the supervisor's may be collected: its objects hold its fds
-        _set_apart(sock, f"bgpool-gen{number}")
+        _set_apart(sock, f"bgpool-gen{request['number']}")
+        sys.path[:] = request["path"]
         _fresh_imports()
-        failures = _load(modules, scripts)
+        failures = _load(request["modules"], request["scripts"], request["targets"])
         gc.freeze()  # what is loaded now is shared with every worker, untouched
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
