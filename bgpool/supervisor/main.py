@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .. import platform, texts
+from ..launch import TRANSITIONS_SHOWN
 from .generations import start_seed
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ def main() -> None:
     not start), then runs until shut down.
     """
     bootstrap = json.loads(sys.stdin.buffer.read())
+    # before the seed is forked: no worker inherits it
+    transitions_shown = os.environ.pop(TRANSITIONS_SHOWN, "") == "1"
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # workers must not inherit the bootstrap pipe as stdin
     os.close(devnull)
@@ -102,6 +105,7 @@ def main() -> None:
     from .registry import Decl
 
     with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
+        logging.getLogger("bgpool.transitions").disabled = transitions_shown
         decls = [Decl.from_message(d) for d in bootstrap["workers"]]
         settings = Settings(**bootstrap["settings"])
         platform.set_child_subreaper()
