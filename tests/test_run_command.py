@@ -141,6 +141,21 @@ def test_a_command_that_cannot_be_found_exits_127(cli: StartRun, sentinel_dir: P
     assert all(gone(p) for p in eager_pids(sentinel_dir))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_start_up_stops_the_pool_and_command_never_runs(
+    cli: StartRun, sentinel_dir: Path, sig: signal.Signals
+) -> None:
+    run = cli("fixtures/slow_start_config.py", *with_command(sentinel_dir, "exit", "0"))
+    wait_for((sentinel_dir / "slow.starts").exists, timeout=20, what="the eager worker spawned")
+    (worker,) = eager_pids(sentinel_dir, "slow.starts")
+    run.proc.send_signal(sig)
+    assert run.wait(15) == 0, run.stderr()
+    run.wait_line(f"bgpool: {sig.name} during start-up: stopped")
+    assert gone(worker)
+    assert not (sentinel_dir / "command.json").exists()
+    assert "Traceback" not in run.stderr()
+
+
 def test_orphans_of_command_are_reaped(cli: StartRun, sentinel_dir: Path) -> None:
     run = cli("fixtures/cli_config.py", *with_command(sentinel_dir, "orphan"))
     orphan = sentinel_dir / "orphan"

@@ -23,7 +23,7 @@ import selectors
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -80,7 +80,8 @@ def run(
     try:
         os.environ[TRANSITIONS_SHOWN] = "1"  # the view shows them: not in the log too
         try:
-            pool.start()
+            with _interruptible():
+                pool.start()
         finally:
             del os.environ[TRANSITIONS_SHOWN]
             for _, write_end in pipes.values():  # the supervisor holds its own copies now
@@ -91,6 +92,9 @@ def run(
     except StartupError as exc:
         print_error(exc)
         return 1
+    except _Interrupted as exc:
+        view.note(f"{exc.signal.name} during start-up: stopped")
+        return 0
     finally:
         pool.shutdown()
         for key in list(selector.get_map().values()):
@@ -100,6 +104,40 @@ def run(
         selector.close()
         if notifier is not None:
             notifier.close()
+
+
+class _Interrupted(Exception):
+    """A SIGTERM or SIGINT while the pool starts: the start is abandoned."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(sig.name)
+        self.signal = sig
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """While the pool starts, SIGTERM and SIGINT abandon the start (`Pool.start()`
+    leaves nothing running), the first one only: one that follows must not cut
+    the clean-up short. The other signals of `FORWARDED` do nothing until the
+    loop takes them (nobody to pass them to yet). Handlers, not SIG_IGN, which
+    the supervisor would inherit through exec."""
+
+    def ignore(_signum: int, _frame: object) -> None:
+        pass
+
+    def interrupt(signum: int, _frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, ignore)
+        raise _Interrupted(signal.Signals(signum))
+
+    previous = {
+        sig: signal.signal(sig, interrupt if sig in STOP_SIGNALS else ignore) for sig in FORWARDED
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _checked_options(options: Mapping[str, object]) -> dict[str, object] | None:
