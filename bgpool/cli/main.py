@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         "place on a terminal, a line per change otherwise. SIGTERM or SIGINT drains "
         "the workers and exits 0; SIGHUP (or `bgpool reload`) loads CONFIG again, applies "
         "it and restarts every worker on new code. Exits 1 with the diagnostics "
-        "if start-up fails, 2 if CONFIG cannot be loaded. With `-- COMMAND [ARG...]`: "
+        "if start-up fails, 2 if an option is invalid or CONFIG cannot be loaded. "
+        "With `-- COMMAND [ARG...]`: "
         "run COMMAND once the pool is up (BGPOOL_ADDRESS set), pass it SIGTERM, SIGINT, "
         "SIGHUP and the other signals bgpool run receives, drain the pool when it exits "
         "and exit with its status (128+N if signal N killed it); a second SIGTERM or "
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(own)
     if command == []:
-        parser.error("bgpool run: -- must be followed by a COMMAND")
+        parser.error("-- must be followed by a COMMAND to run")
     if args.command == "run":
         return run(args.config, args.metrics_port, args.metrics_host, args.plain, command or ())
     if args.command == "status":
