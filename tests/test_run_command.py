@@ -146,8 +146,9 @@ def test_a_signal_during_start_up_stops_the_pool_and_command_never_runs(
     cli: StartRun, sentinel_dir: Path, sig: signal.Signals
 ) -> None:
     run = cli("fixtures/slow_start_config.py", *with_command(sentinel_dir, "exit", "0"))
-    wait_for((sentinel_dir / "slow.starts").exists, timeout=20, what="the eager worker spawned")
-    (worker,) = eager_pids(sentinel_dir, "slow.starts")
+    (worker,) = wait_for(
+        lambda: eager_pids(sentinel_dir, "slow.starts"), timeout=20, what="the eager worker spawned"
+    )
     run.proc.send_signal(sig)
     assert run.wait(15) == 0, run.stderr()
     run.wait_line(f"bgpool: {sig.name} during start-up: stopped")
@@ -269,3 +270,13 @@ def test_info_log_shows_each_transition_once(
     both = run.text() + run.stderr()
     assert both.count("stop pipe closed") == 1, both
     assert "INFO shutting down: asked to stop" in run.stderr()  # the rest of the log stays
+
+
+def test_a_separator_without_command_is_refused() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bgpool", "run", "fixtures/cli_config.py", "--"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.endswith("bgpool: error: -- must be followed by a COMMAND to run\n")
+    assert "BGPOOL_ADDRESS" not in done.stdout
