@@ -11,6 +11,11 @@ from pathlib import Path
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
+TRANSITIONS_SHOWN = "BGPOOL_TRANSITIONS_SHOWN"
+"""Set to 1 in the supervisor's environment by an owner that shows every state
+transition itself (`bgpool run`): the supervisor then leaves them out of its log,
+which would print each twice. The supervisor removes it before anything inherits it."""
+
 
 def python_command(module: str, function: str, *args: str) -> list[str]:
     """`python -c "...; from <module> import <function>; <function>()" ARGS...`."""

@@ -232,6 +232,20 @@ def _children(pid: int) -> list[int] | None:
     return found
 
 
+def child_pids() -> list[int]:
+    """This process's children, those that exited and wait to be reaped
+    included: from /proc/self/task/*/children (Linux), else a scan of the
+    process table."""
+    found = _children(os.getpid())
+    if found is not None:
+        return found
+    import psutil
+
+    with contextlib.suppress(OSError):  # out of descriptors: none found this time
+        return [p.pid for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == os.getpid()]
+    return []
+
+
 def descendants(pids: Collection[int]) -> dict[int, list[psutil.Process]]:
     """Each of `pids`' descendants: walked down from each pid when the kernel
     lists children (a few reads per worker, where a scan reads every process

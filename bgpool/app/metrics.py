@@ -49,8 +49,15 @@ class TableCollector(Collector):
     def __init__(self, client: PoolClient) -> None:
         self._client = client
 
-    def collect(self) -> Iterator[Metric]:
-        """One sample per worker name (a pool's instances are summed)."""
+    @staticmethod
+    def _families() -> tuple[
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        CounterMetricFamily,
+        CounterMetricFamily,
+        HistogramMetricFamily,
+    ]:
+        """bgpool's metric families, without samples."""
         total = GaugeMetricFamily(
             "bgpool_total_workers", "Worker instances declared or hosted.", labels=["worker"]
         )
@@ -72,6 +79,17 @@ class TableCollector(Collector):
             "Time from spawn to get_worker_handle().",
             labels=["worker"],
         )
+        return total, ready, crashes, restarts, boot
+
+    def describe(self) -> Iterator[Metric]:
+        """The families, without samples: what a registry learns when this is
+        registered, which may be before the pool's table exists (the metrics
+        server binds its port before the supervisor starts)."""
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample per worker name (a pool's instances are summed)."""
+        total, ready, crashes, restarts, boot = self._families()
         by_worker: dict[str, list[Slot]] = defaultdict(list)
         for slot in self._client._reader().slots():
             if slot.kind != Kind.FREE:

@@ -97,6 +97,7 @@ class Pool(PoolClient):
         self._closing = False
         self._closed_for_good = False
         self._shutdown_lock = threading.RLock()
+        self._pidfd_lock = threading.Lock()  # `_skip_grace()` from another thread
         self._attached = False  # start() mapped the table
         self._owner_pid = os.getpid()
         self._health: HealthServer | None = None
@@ -171,10 +172,13 @@ class Pool(PoolClient):
             raise BgpoolError("a Pool can be started only once")
         self._owner_pid = os.getpid()
         platform.fill_closed_stdio()  # no descriptor of ours may land on 0-2
+        if self.config.metrics_port is not None:  # first: a port in use starts nothing
+            self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
         try:
             self._address = private_address()
             boot_r, boot_w = os.pipe()
         except OSError as exc:
+            self._stop_metrics()
             raise StartupError(_cannot_start(exc)) from None
         atexit.register(self.shutdown)  # a pool left running is drained at exit
         self._table_name = new_name()  # ours to remove, whatever becomes of the supervisor
@@ -204,6 +208,7 @@ class Pool(PoolClient):
         except BaseException as exc:
             if self._process is None:
                 shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
+                self._stop_metrics()
             self.shutdown()
             if isinstance(exc, OSError):
                 raise StartupError(_cannot_start(exc)) from None
@@ -214,8 +219,6 @@ class Pool(PoolClient):
             self._attach()
             self._attached = True
             os.environ["BGPOOL_ADDRESS"] = self._address
-            if self.config.metrics_port is not None:
-                self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
             self._request({"op": "start"}, timeout=self.config.ensure_timeout + REPLY_MARGIN)
         except BaseException:
             self.shutdown()
@@ -246,6 +249,16 @@ class Pool(PoolClient):
         assert self._pidfd is not None
         platform.pidfd_send_signal(self._pidfd, sig)
 
+    def _skip_grace(self) -> None:
+        """Cut a drain's grace period short (`bgpool run`'s second SIGINT or
+        SIGTERM): the supervisor sends SIGTERM to every remaining worker's tree
+        now, SIGKILL a second later. Safe from any thread, during `shutdown()`;
+        does nothing once the supervisor is gone. SIGQUIT, not a second SIGTERM:
+        a service manager may SIGTERM the supervisor itself as well as us."""
+        with self._pidfd_lock:
+            if self._pidfd is not None:
+                platform.pidfd_send_signal(self._pidfd, signal.SIGQUIT)
+
     def _serve_metrics(self, host: str, port: int) -> None:
         from .metrics import HealthServer
 
@@ -255,6 +268,9 @@ class Pool(PoolClient):
 
         def ready() -> tuple[bool, dict[str, Any]]:
             eager = {(s.scope.id, s.name) for s in self.config.workers if s.num >= 1}
+            if not self._attached:  # served from before the supervisor is up
+                labels = {(s.scope.label, s.name) for s in self.config.workers if s.num >= 1}
+                return False, {"waiting": sorted(f"{a}:{n}" if a else n for a, n in labels)}
             waiting = [
                 f"{s.scope_label}:{s.name}" if s.scope_label else s.name
                 for s in self._reader().slots()
@@ -263,7 +279,17 @@ class Pool(PoolClient):
             ]  # fmt: skip
             return not waiting and alive()[0], {"waiting": waiting}
 
-        self._health = HealthServer(self, host, port, alive, ready)
+        try:
+            self._health = HealthServer(self, host, port, alive, ready)
+        except (OSError, OverflowError) as exc:
+            words = platform.os_error_words(exc) if isinstance(exc, OSError) else str(exc)
+            raise StartupError(
+                f"could not start the pool: cannot serve metrics on {host}:{port}: {words}"
+            ) from None
+
+    def _stop_metrics(self) -> None:
+        if self._health is not None:  # closing twice is harmless
+            self._health.close()
 
     @property
     def metrics_port(self) -> int | None:
@@ -315,10 +341,10 @@ class Pool(PoolClient):
         if self._watcher.is_alive():
             self._signal_supervisor(signal.SIGKILL)  # workers follow: parent-death signal
             self._watcher.join()
-        os.close(self._pidfd)
-        self._pidfd = None
-        if self._health is not None:
-            self._health.close()
+        with self._pidfd_lock:
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._stop_metrics()
         self.close()
         if self._table_name:  # left over only if the supervisor died, even mid-start
             platform.unlink_shm(self._table_name)

@@ -1,6 +1,6 @@
 """The `bgpool` command line: argument parsing and display over the public API.
 
-    bgpool run CONFIG.py [--metrics-port P] [--metrics-host H] [--plain]
+    bgpool run CONFIG.py [--metrics-port P] [--metrics-host H] [--plain] [-- COMMAND [ARG...]]
     bgpool status [--json] [--address A]
     bgpool ensure NAME... [--timeout S] [--scope LABEL] [--address A]
     bgpool diagnostics NAME [--json] [--scope LABEL] [--address A]
@@ -17,6 +17,7 @@ Every command but `run` (in `run.py`) finds the pool through `--address`, else
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -161,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bgpool", description="Run and inspect supervised background workers."
     )
+    parser.add_argument("--version", action="version", version=f"bgpool {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_parser = commands.add_parser(
         "run",
@@ -170,10 +172,16 @@ def _parser() -> argparse.ArgumentParser:
         "place on a terminal, a line per change otherwise. SIGTERM or SIGINT drains "
         "the workers and exits 0; SIGHUP (or `bgpool reload`) loads CONFIG again, applies "
         "it and restarts every worker on new code. Exits 1 with the diagnostics "
-        "if start-up fails, 2 if CONFIG cannot be loaded.",
+        "if start-up fails, 2 if an option is invalid or CONFIG cannot be loaded. "
+        "With `-- COMMAND [ARG...]`: "
+        "run COMMAND once the pool is up (BGPOOL_ADDRESS set), pass it SIGTERM, SIGINT, "
+        "SIGHUP and the other signals bgpool run receives, drain the pool when it exits "
+        "and exit with its status (128+N if signal N killed it); a second SIGTERM or "
+        "SIGINT during a drain skips the rest of the grace period.",
     )
     run_parser.add_argument("config", help="path to the Python config file")
-    run_parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz")
+    # no type=: run.py checks each option as the PoolConfig field it sets
+    run_parser.add_argument("--metrics-port", help="serve /metrics, /healthz, /readyz")
     run_parser.add_argument("--metrics-host", help="address to serve them on (127.0.0.1)")
     run_parser.add_argument("--plain", action="store_true", help="a line per change, always")
 
@@ -256,11 +264,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("bgpool")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`bgpool run ... -- COMMAND ARG...`: the arguments before `--`, and
+    COMMAND with its own (None without `--`), left unparsed."""
+    if argv[:1] != ["run"] or "--" not in argv:
+        return argv, None
+    at = argv.index("--")
+    return argv[:at], argv[at + 1 :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bgpool` command."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    own, command = _split_command(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(own)
+    if command == []:
+        parser.error("-- must be followed by a COMMAND to run")
     if args.command == "run":
-        return run(args.config, args.metrics_port, args.metrics_host, args.plain)
+        return run(args.config, args.metrics_port, args.metrics_host, args.plain, command or ())
     if args.command == "status":
         return status(args.address, args.json)
     if args.command == "ensure":

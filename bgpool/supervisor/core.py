@@ -32,6 +32,9 @@ from .timers import Timers
 from .waiters import Waiter
 
 log = logging.getLogger("bgpool")
+transitions_log = logging.getLogger("bgpool.transitions")
+"""Every state transition, at INFO (WARNING, ERROR for failures): a logger of
+its own, so an owner that shows them itself can have them left out."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class Core:
         if target in (State.STOPPED, State.ABORTED):
             inst.generation = None  # a later start is a fresh one, from the newest code
         self._publish(inst)
-        log.log(level, "%s %s: %s", inst.label, target.label, detail)
+        transitions_log.log(level, "%s %s: %s", inst.label, target.label, detail)
         event = {
             "event": "state",
             "worker": inst.worker.name,

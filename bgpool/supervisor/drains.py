@@ -63,13 +63,14 @@ class Drains(Core):
         self._transition(inst, State.STOPPING, f"stop pipe closed, grace period {grace:g}s")
         inst.timer = self.timers.call_later(grace, lambda: self._terminate(inst))
 
-    def _terminate(self, inst: Instance) -> None:
-        """The grace period passed: SIGTERM to the instance's process tree."""
+    def _terminate(self, inst: Instance, why: str = "did not stop within its grace period") -> None:
+        """The grace period passed (or was skipped): SIGTERM to the instance's
+        process tree, SIGKILL a second later."""
         if inst.pid is None:
             return
-        log.warning(
-            "%s did not stop within its grace period: SIGTERM to its process tree", inst.label
-        )
+        log.warning("%s %s: SIGTERM to its process tree", inst.label, why)
+        if inst.drain is not None:
+            inst.drain.terminated = True
         self._signal_tree(inst.pid, signal.SIGTERM)
         inst.timer = self.timers.call_later(FORCE_KILL_DELAY, lambda: self._kill(inst))
 
@@ -126,6 +127,23 @@ class Drains(Core):
             self._transition(inst, State.STOPPED, texts.exit_words(status))
         if self.closing and not self.by_pid:
             self.finished = True
+
+    def _skip_grace(self) -> None:
+        """Asked to stop at once (SIGQUIT: the owner got a second SIGINT or
+        SIGTERM during its drain): shut down if not yet, and SIGTERM every
+        draining instance's tree now instead of at the end of its grace period,
+        SIGKILL a second later. A tree that got SIGTERM already keeps its
+        SIGKILL timer."""
+        self._shutdown("asked to stop at once")
+        draining = [inst for worker in self.workers.values() for inst in worker.instances
+                    if inst.drain is not None and not inst.drain.terminated]  # fmt: skip
+        if draining:
+            log.warning("grace period skipped: SIGTERM to %d worker(s), SIGKILL 1s later",
+                        len(draining))  # fmt: skip
+        for inst in draining:
+            if inst.timer is not None:
+                inst.timer.cancel()
+            self._terminate(inst, "grace period skipped")
 
     def _shutdown(self, reason: str) -> None:
         """Drain every instance for good; the loop ends once all have exited.

@@ -47,10 +47,11 @@ class Run:
 class Drain:
     """A drain in progress: whether the instance is respawned afterwards (a
     restart) and its descendants when the drain began, stopped too after its
-    exit if they outlive it."""
+    exit if they outlive it; whether its tree got SIGTERM already."""
 
     respawn: bool
     tree: list[psutil.Process] = field(default_factory=list)
+    terminated: bool = False
 
 
 class Instance:

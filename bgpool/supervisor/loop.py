@@ -85,9 +85,10 @@ class Supervisor(Teardown):
         self.selector.register(self.owner_fd, selectors.EVENT_READ, self._on_owner_exit)
 
     def install_signals(self) -> None:
-        """Route SIGCHLD, SIGTERM, SIGINT and SIGHUP into the loop's wake-up pipe."""
+        """Route SIGCHLD, SIGTERM, SIGINT, SIGHUP and SIGQUIT into the loop's
+        wake-up pipe."""
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, lambda *_: None)
 
     def run(self) -> None:
@@ -118,6 +119,8 @@ class Supervisor(Teardown):
             self._reap()
         if received & {signal.SIGTERM, signal.SIGINT}:
             self._shutdown("asked to stop")
+        if signal.SIGQUIT in received:  # a second SIGTERM could be a service manager's own
+            self._skip_grace()
         if signal.SIGHUP in received:  # what restart_workers() does
             self._roll(list(self.workers.values()), self._answer_conn(None))
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import platform, texts
+from ..launch import TRANSITIONS_SHOWN
 from .generations import start_seed
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ def main() -> NoReturn:
 
 def _serve() -> None:
     bootstrap = json.loads(sys.stdin.buffer.read())
+    # before the seed is forked: no worker inherits it
+    transitions_shown = os.environ.pop(TRANSITIONS_SHOWN, "") == "1"
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # workers must not inherit the bootstrap pipe as stdin
     os.close(devnull)
@@ -121,6 +124,7 @@ def _serve() -> None:
     from .registry import Decl
 
     with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
+        logging.getLogger("bgpool.transitions").disabled = transitions_shown
         decls = [Decl.from_message(d) for d in bootstrap["workers"]]
         settings = Settings(**bootstrap["settings"])
         platform.set_child_subreaper()
