@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .app.client import PoolClient, connect, get_vars
     from .app.pool import Pool
     from .declarations import PoolConfig, WorkerSpec
-    from .models import ErrorInfo, ReloadReport, WorkerDiagnostics, WorkerStatus
+    from .models import ErrorInfo, LogLine, ReloadReport, WorkerDiagnostics, WorkerStatus
     from .shm.snapshot import Vars
 
 _LAZY = {
@@ -44,6 +44,7 @@ _LAZY = {
     "PoolConfig": "declarations",
     "WorkerSpec": "declarations",
     "ErrorInfo": "models",
+    "LogLine": "models",
     "ReloadReport": "models",
     "WorkerDiagnostics": "models",
     "WorkerStatus": "models",
@@ -56,6 +57,7 @@ __all__ = [
     "CatchAllLimitReached",
     "EnsureTimeout",
     "ErrorInfo",
+    "LogLine",
     "Pool",
     "PoolClient",
     "PoolClosed",
