@@ -25,13 +25,20 @@ from ..app.pool import Pool
 from ..declarations import PoolConfig
 from ..errors import BgpoolError, StartupError
 from .config import load_config
-from .display import LiveView, PlainView, View, print_error
+from .display import LiveView, PlainView, View, colour_labels, print_error
 
 
-def run(config_path: str, metrics_port: int | None, metrics_host: str | None, plain: bool) -> int:
+def run(
+    config_path: str,
+    metrics_port: int | None,
+    metrics_host: str | None,
+    plain: bool,
+    timestamps: bool = False,
+) -> int:
     """`bgpool run`: start the pool, show its state, stop on a signal. Exits 0
     after a drain, 1 if start-up fails or the supervisor dies, 2 if the config
-    cannot be loaded."""
+    cannot be loaded. Worker lines carry their label, coloured on a terminal,
+    and with `timestamps` the time they were relayed."""
     overrides = {"metrics_port": metrics_port, "metrics_host": metrics_host}
     try:
         config = _load(config_path, overrides)
@@ -48,7 +55,12 @@ def run(config_path: str, metrics_port: int | None, metrics_host: str | None, pl
         os.set_blocking(read_end, False)
         selector.register(read_end, selectors.EVENT_READ, ("output", target))
     output = (pipes[1][1], pipes[2][1]) if live else None
-    pool = Pool(config, supervisor_output=output)
+    pool = Pool(
+        config,
+        supervisor_output=output,
+        colour_labels=colour_labels(live),
+        timestamps=timestamps,
+    )
     try:
         try:
             pool.start()
@@ -67,6 +79,7 @@ def run(config_path: str, metrics_port: int | None, metrics_host: str | None, pl
                 _drain_output(key.fileobj, key.data[1], view)
                 os.close(key.fileobj)
         selector.close()
+        view.close()
 
 
 def _load(path: str, overrides: Mapping[str, object]) -> PoolConfig:
