@@ -45,7 +45,7 @@ class Settings:
     start_method: str
     max_vars_bytes: int
     root: str  # what watch patterns are relative to
-    log_lines: int = 1000  # relayed lines kept per worker name, for logs()
+    log_lines: int  # relayed lines kept per worker name, for logs()
 
 
 def guarded(handler: Callable[..., None], *args: Any) -> None:
