@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
 import sys
 from collections.abc import Callable, Sequence
@@ -111,6 +112,9 @@ def logs(address: str | None, name: str, lines: int, follow: bool, scope: str | 
     try:
         return _client_command(show, address)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `bgpool logs NAME | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 0
 
 
