@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .app.client import PoolClient, connect, get_vars
     from .app.pool import Pool
     from .declarations import PoolConfig, WorkerSpec
-    from .models import ErrorInfo, ReloadReport, WorkerDiagnostics, WorkerStatus
+    from .models import ErrorInfo, LogLine, ReloadReport, WorkerDiagnostics, WorkerStatus
     from .shm.snapshot import Vars
 
 _LAZY = {
@@ -45,6 +45,7 @@ _LAZY = {
     "PoolConfig": "declarations",
     "WorkerSpec": "declarations",
     "ErrorInfo": "models",
+    "LogLine": "models",
     "ReloadReport": "models",
     "WorkerDiagnostics": "models",
     "WorkerStatus": "models",
@@ -57,6 +58,7 @@ __all__ = [
     "CatchAllLimitReached",
     "EnsureTimeout",
     "ErrorInfo",
+    "LogLine",
     "Pool",
     "PoolClient",
     "PoolClosed",

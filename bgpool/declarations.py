@@ -40,6 +40,10 @@ from .names import GLOBAL_SCOPE, Scope, name_problem
 
 DEFAULT_MAX_INSTANCES = 16
 
+MAX_LOG_LINES = 10_000_000
+"""The most `log_lines` a pool keeps per worker name (a bound, so a typo cannot
+ask the supervisor for a ring it cannot make)."""
+
 _MODULE_TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
@@ -227,6 +231,7 @@ class PoolConfig(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
+    log_lines: Annotated[int, Field(ge=0, le=MAX_LOG_LINES)] = 1000
 
     _scripts: dict[int, Path] = PrivateAttr(default_factory=dict)
 
@@ -319,6 +324,7 @@ class PoolConfig(BaseModel):
             "restart_grace_period": self.restart_grace_period,
             "start_method": self.start_method,
             "max_vars_bytes": self.max_vars_bytes,
+            "log_lines": self.log_lines,
             "root": str(self.root),
         }
 

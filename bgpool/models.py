@@ -43,6 +43,18 @@ class WorkerStatus(_Report):
     eager: bool = False
 
 
+class LogLine(_Report):
+    """One line a worker instance wrote, as the supervisor keeps it for
+    `logs()`: when it was relayed (UTC), on which stream, by which instance
+    of the name, and its text (without the newline; cut past 2,000 characters,
+    saying how many more there were)."""
+
+    time: datetime
+    stream: Literal["stdout", "stderr"]
+    instance: int
+    line: str
+
+
 class ReloadReport(_Report):
     """What `Pool.reload()` did, by declaration label: `name` in the global
     scope, `label:name` in another, `*` (or `label:*`) for a catch-all."""

@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from . import _oscalls, texts
@@ -368,3 +368,26 @@ def inotify_events(data: bytes) -> list[tuple[int, int, str]]:
         offset += length
         events.append((wd, mask, os.fsdecode(name)))
     return events
+
+
+def hide_control_echo(fd: int) -> Callable[[], None]:
+    """Make the terminal at `fd` echo a typed control character (Ctrl-C) as
+    itself, which moves nothing, rather than as the two characters `^C`
+    (ECHOCTL off), which can wrap the last line of a display redrawn in
+    place onto a new one. Returns what turns it back as it was (a no-op if
+    `fd` is not a terminal)."""
+    import termios
+
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        return lambda: None
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHOCTL
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+
+    def restore() -> None:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+    return restore

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import functools
 import inspect
 import itertools
@@ -30,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import pyte
 import pytest
 
 import bgpool
@@ -420,7 +423,10 @@ class BgpoolRun:
     ``BGPOOL_ADDRESS``), its stdout
     collected as it comes through a pipe, or a pty with ``tty=True``, its stderr in a
     file. ``unbuffered`` sets (True) or removes (False) ``PYTHONUNBUFFERED``; None
-    leaves it as inherited. ``close()`` (always call it) kills what is left."""
+    leaves it as inherited. With ``tty=True``: ``size`` is the terminal's
+    ``(columns, rows)`` (``COLUMNS`` and ``LINES`` are removed from the environment,
+    and ``TERM`` is ``xterm``), and ``stderr_tty=True`` sends stderr to the terminal
+    too. ``env`` adds variables. ``close()`` (always call it) kills what is left."""
 
     _serial = itertools.count()
 
@@ -432,13 +438,23 @@ class BgpoolRun:
         tty: bool = False,
         unbuffered: bool | None = None,
         cwd: Path = ROOT,
+        size: tuple[int, int] = (80, 24),
+        stderr_tty: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
+        extra = env or {}
         env = subprocess_env(BGPOOL_TEST_DIR=str(directory))
         env.pop("BGPOOL_ADDRESS", None)
         if unbuffered is not None:
             env.pop("PYTHONUNBUFFERED", None)
             if unbuffered:
                 env["PYTHONUNBUFFERED"] = "1"
+        if tty:
+            for name in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR"):
+                env.pop(name, None)
+            env["TERM"] = "xterm"
+        env.update(extra)
+        self.size = size
         self.stderr_path = directory / f"bgpool-run-{next(self._serial)}.stderr"
         self._buf = bytearray()
         self._lock = threading.Lock()
@@ -446,6 +462,8 @@ class BgpoolRun:
         stdout: int = subprocess.PIPE
         if tty:
             self._master, stdout = pty.openpty()
+            columns, rows = size
+            fcntl.ioctl(stdout, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
         try:
             with open(self.stderr_path, "wb") as stderr:
                 self.proc = subprocess.Popen(
@@ -454,7 +472,7 @@ class BgpoolRun:
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stdout,
-                    stderr=stderr,
+                    stderr=stdout if stderr_tty else stderr,
                 )
         finally:
             if tty:
@@ -477,6 +495,19 @@ class BgpoolRun:
                 return
             with self._lock:
                 self._buf.extend(chunk)
+
+    def raw(self) -> bytes:
+        """Everything written to stdout so far, as it was written."""
+        with self._lock:
+            return bytes(self._buf)
+
+    def screen(self) -> list[str]:
+        """What a person sees on the terminal (``tty=True``) now: ``raw()`` played
+        on a terminal emulator of ``size``, a string per row, right-stripped."""
+        columns, rows = self.size
+        emulator = pyte.Screen(columns, rows)
+        pyte.ByteStream(emulator).feed(self.raw())
+        return [row.rstrip() for row in emulator.display]
 
     def text(self) -> str:
         """Everything written to stdout so far (a pty's CR LF as LF)."""

@@ -104,14 +104,15 @@ def live_pool(make_pool: Callable[..., Any], sentinel_dir: Path) -> Any:
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ((), ["run", "status", "ensure", "diagnostics", "restart"]),
-        (("run",), ["--metrics-port", "--metrics-host", "--plain"]),
+        ((), ["run", "status", "ensure", "diagnostics", "restart", "logs"]),
+        (("run",), ["--metrics-port", "--metrics-host", "--plain", "--timestamps"]),
         (("status",), ["--json", "--address"]),
         (("ensure",), ["--timeout", "--scope", "--address"]),
         (("diagnostics",), ["--json", "--scope", "--address"]),
         (("restart",), ["--address"]),
+        (("logs",), ["--lines", "--follow", "--scope", "--address"]),
     ],
-    ids=["bgpool", "run", "status", "ensure", "diagnostics", "restart"],
+    ids=["bgpool", "run", "status", "ensure", "diagnostics", "restart", "logs"],
 )
 def test_help(command: tuple[str, ...], options: list[str]) -> None:
     assert BGPOOL_SCRIPT.exists(), "the bgpool console script is not installed"
@@ -132,7 +133,15 @@ def test_help(command: tuple[str, ...], options: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("status",), ("status", "--json"), ("ensure", "web"), ("diagnostics", "web"), ("restart",)],
+    [
+        ("status",),
+        ("status", "--json"),
+        ("ensure", "web"),
+        ("diagnostics", "web"),
+        ("restart",),
+        ("logs", "web"),
+        ("logs", "web", "-f"),
+    ],
     ids=lambda a: " ".join(a),
 )
 def test_without_address_exits_1_saying_so(args: tuple[str, ...]) -> None:
@@ -143,7 +152,9 @@ def test_without_address_exits_1_saying_so(args: tuple[str, ...]) -> None:
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("args", [("status",), ("ensure", "web"), ("restart",)])
+@pytest.mark.parametrize(
+    "args", [("status",), ("ensure", "web"), ("restart",), ("logs", "web", "-f")]
+)
 def test_unreachable_address_exits_1(args: tuple[str, ...], tmp_path: Path) -> None:
     proc = cli(*args, "--address", str(tmp_path / "nothing.sock"), env=env_without_address())
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
@@ -460,7 +471,17 @@ def test_run_on_a_terminal(run: Callable[..., BgpoolRun], plain: bool) -> None:
     else:
         # a table (header and a row per instance) redrawn in place with escape codes
         assert "\x1b[" in text
-        assert re.search(r"WORKER +SCOPE +# +PID +STATE", text), text
-        assert re.search(r"obs-eager +\S+ +0 +\d+ +ready", text), text
-        assert re.search(r"obs-crashy +\S+ +0 +\d+ +ready", text), text
+
+        def shown() -> bool:  # obs-crashy crashes once: wait for it to be ready again
+            screen = "\n".join(r.screen())
+            return all(
+                re.search(pattern, screen)
+                for pattern in (
+                    r"WORKER +SCOPE +# +PID +STATE",
+                    r"obs-eager +\S+ +0 +\d+ +ready",
+                    r"obs-crashy +\S+ +0 +\d+ +ready",
+                )
+            )
+
+        wait_for(shown, timeout=15, what="the table showing both workers ready")
     assert r.stop() == 0, r.stderr()

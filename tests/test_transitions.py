@@ -42,7 +42,7 @@ class Machine(Supervisor):
         # spawn: no code generation is loaded, and _spawn_all below forks nothing
         settings = Settings(
             ensure_timeout=5.0, grace_period=3.0, restart_grace_period=2.0,
-            start_method="spawn", max_vars_bytes=1 << 16, root=os.getcwd(),
+            start_method="spawn", max_vars_bytes=1 << 16, root=os.getcwd(), log_lines=100,
         )  # fmt: skip
         super().__init__(decls, settings, os.getpid(), address, new_name())
         self.timers = Timers(clock)

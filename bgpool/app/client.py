@@ -9,6 +9,7 @@ any number of threads can call it at once. It never forks.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import functools
@@ -30,7 +31,7 @@ from ..errors import (
     VarsNotPublished,
     _WithDiagnostics,
 )
-from ..models import ErrorInfo, WorkerDiagnostics, WorkerStatus
+from ..models import ErrorInfo, LogLine, WorkerDiagnostics, WorkerStatus
 from ..names import Scope, name_problem
 from ..shm.snapshot import decode
 from ..shm.table import Kind, Slot, Status, TableReader
@@ -57,6 +58,23 @@ stopped or overloaded supervisor must not stretch the caller's deadline."""
 
 MAX_UNDECLARED_SCOPES = 1024
 """Undeclared scopes a client remembers as such (more are asked about each time)."""
+
+
+def _check_lines(lines: object) -> int:
+    """`logs()`'s line count: an int >= 0 (not a bool)."""
+    if isinstance(lines, bool) or not isinstance(lines, int):
+        raise TypeError(f"lines must be an int, not {type(lines).__name__}")
+    if lines < 0:
+        raise ValueError(f"lines must be >= 0, not {lines}")
+    return lines
+
+
+def _log_line(data: list[Any]) -> LogLine:
+    """A kept line as the supervisor sends it (`[time, stream, instance, text]`)."""
+    when, stream, instance, text = data
+    return LogLine(
+        time=datetime.fromtimestamp(when, UTC), stream=stream, instance=instance, line=text
+    )
 
 
 def _check_names(names: object) -> list[str]:
@@ -565,6 +583,50 @@ class PoolClient:
         sock, _ = self._open({"op": "watch"}, timeout=10.0)
         return Watch(sock)
 
+    def logs(
+        self, name: str, lines: int = 100, *, scope: Scope | str | None = None
+    ) -> list[LogLine]:
+        """The last `lines` lines the instances of worker `name` wrote (stdout
+        and stderr, relayed), oldest first, each with its time, stream and
+        instance: the supervisor keeps the last `PoolConfig.log_lines` of every
+        name. `[]` for a name that wrote nothing or whose output is not relayed
+        (`output="inherit"`); `WorkerNotDeclared` for an undeclared name (one
+        that a reload removed included); `PoolClosed` if the pool is gone."""
+        message = self._logs_message(name, lines, scope, follow=False)
+        sock, reply = self._open(message, timeout=10.0)
+        with sock:
+            found = [_log_line(data) for data in reply["lines"]]
+            while reply["more"]:
+                try:
+                    reply = protocol.receive(sock)
+                except (ConnectionError, protocol.ProtocolError):
+                    raise self._closed() from None
+                except TimeoutError:
+                    raise BgpoolError("the supervisor did not answer in time") from None
+                found += [_log_line(data) for data in reply["lines"]]
+        return found
+
+    def follow_logs(
+        self, name: str, lines: int = 0, *, scope: Scope | str | None = None
+    ) -> LogFollow:
+        """Follow worker `name`'s lines as `bgpool logs -f` does: a `LogFollow`
+        that gives its last `lines` kept lines, then every new one as the
+        supervisor relays it, until it is closed or the pool is. Errors as
+        `logs()`."""
+        message = self._logs_message(name, lines, scope, follow=True)
+        sock, reply = self._open(message, timeout=10.0)
+        return LogFollow(sock, reply)
+
+    def _logs_message(
+        self, name: str, lines: int, scope: Scope | str | None, *, follow: bool
+    ) -> protocol.Message:
+        """A checked `logs` request."""
+        _check_name(name)
+        count = _check_lines(lines)
+        scope_id = self._scope_id(scope)
+        self._reader()
+        return {"op": "logs", "name": name, "scope": scope_id, "lines": count, "follow": follow}
+
     def close(self) -> None:
         """Unmap the table and vars: every later call raises `PoolClosed`, and
         so does a call that was reading them in another thread. A mapping that
@@ -621,6 +683,80 @@ class Watch:
         self._sock.close()
 
     def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LogFollow:
+    """A worker name's lines as they come (`PoolClient.follow_logs()`).
+
+    Non-blocking, as `Watch` is: wait until `fileno()` is readable, then call
+    `lines()` until it returns `[]`. A reader too slow for the flow of lines
+    does not hold the supervisor up: lines it cannot take are dropped (for it
+    alone) and counted in `dropped`. Usable as a context manager. One
+    connection to the supervisor, held until closed.
+    """
+
+    def __init__(self, sock: socket.socket, first: protocol.Message) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._decoder = protocol.FrameDecoder()
+        self._pending: collections.deque[protocol.Message] = collections.deque([first])
+        self._ended = False
+        self.dropped = 0
+        """Lines the supervisor dropped for this reader so far."""
+
+    def fileno(self) -> int:
+        """The file descriptor that is readable when lines (or the
+        supervisor's end) have arrived."""
+        return self._sock.fileno()
+
+    def lines(self) -> list[LogLine] | None:
+        """The lines that arrived since the last call, oldest first (`[]` if
+        none has; call again while it returns some); None once the pool is
+        gone and every line was returned. A call stops at a gap of dropped
+        lines, and the next begins with it: `dropped` grows just before the
+        lines that came after the gap are returned."""
+        if not self._pending and not self._ended:
+            self._receive()
+        found: list[LogLine] = []
+        while self._pending:
+            message = self._pending[0]
+            if message.get("event") == "dropped":
+                if found:
+                    break  # the gap begins the next call
+                self.dropped += int(message["count"])
+            elif "lines" in message:  # the kept lines, first
+                found += [_log_line(data) for data in message["lines"]]
+            else:
+                found.append(_log_line(message["line"]))
+            self._pending.popleft()
+        if not found and self._ended and not self._pending:
+            return None
+        return found
+
+    def _receive(self) -> None:
+        """Read what has arrived, without blocking; note the end."""
+        try:
+            data = self._sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        try:
+            self._pending.extend(self._decoder.feed(data))
+        except protocol.ProtocolError:
+            data = b""
+        if not data:
+            self._ended = True
+
+    def close(self) -> None:
+        """End the subscription. Idempotent."""
+        self._sock.close()
+
+    def __enter__(self) -> LogFollow:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -70,6 +70,11 @@ class Pool(PoolClient):
     `start()` hands the supervisor copies, so the caller may close its own once
     `start()` returns; a pipe's read end then sees EOF when the supervisor and
     its workers are gone.
+
+    `colour_labels=True` colours the label of every relayed worker line (one
+    colour per worker, as honcho does) and `timestamps=True` prefixes each with
+    the time it was relayed (`12:03:07 job.0 | ...`): what `bgpool run` asks
+    for on a terminal, and with `--timestamps`.
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class Pool(PoolClient):
         config: PoolConfig | Sequence[WorkerSpec],
         *,
         supervisor_output: tuple[int, int] | None = None,
+        colour_labels: bool = False,
+        timestamps: bool = False,
     ) -> None:
         if not isinstance(config, PoolConfig):
             config = PoolConfig(workers=list(config))
@@ -102,6 +109,8 @@ class Pool(PoolClient):
         self._owner_pid = os.getpid()
         self._health: HealthServer | None = None
         self._stdio: tuple[int | None, int | None] = supervisor_output or (None, None)
+        self._colour_labels = bool(colour_labels)
+        self._timestamps = bool(timestamps)
 
     def _closed(self) -> BgpoolError:
         if self._process is None and not self._closing:
@@ -121,6 +130,7 @@ class Pool(PoolClient):
                 "sys_path": [os.path.abspath(p) for p in sys.path],
                 "workers": self.config.worker_messages(),
                 "settings": self.config.settings_message(),
+                "relay": {"colour": self._colour_labels, "timestamps": self._timestamps},
             }
         ).encode()
 

@@ -7,12 +7,19 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from rich.console import Console
+from rich.constrain import Constrain
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .. import platform
 from ..app.client import PoolClient
 from ..errors import BgpoolError, EnsureTimeout, StartupError, WorkerBootFailed
-from ..models import WorkerDiagnostics, WorkerStatus
+from ..models import LogLine, WorkerDiagnostics, WorkerStatus
 
 STATUS_COLUMNS = ("WORKER", "SCOPE", "#", "PID", "STATE", "ATTEMPTS", "FAILS", "EXIT", "UPTIME",
                   "READY FOR")  # fmt: skip
@@ -85,6 +92,13 @@ def format_diagnostics(d: WorkerDiagnostics) -> str:
     return "\n".join(lines)
 
 
+def format_log_line(name: str, line: LogLine) -> str:
+    """One kept line as `bgpool logs` prints it: local time to the
+    millisecond, the instance's label, the stream, the text."""
+    when = line.time.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return f"{when} {name}.{line.instance} {line.stream} | {line.line}"
+
+
 def print_error(exc: BgpoolError) -> None:
     """An error on stderr, followed by the diagnostics it carries (if any)."""
     print(f"bgpool: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -116,59 +130,139 @@ class PlainView:
         """A line from `bgpool run` itself."""
         print(f"bgpool: {text}", flush=True)
 
+    def close(self) -> None:
+        """Nothing to put away: every line is printed as it comes."""
+
 
 class LiveView:
-    """`bgpool run`'s display on a terminal: a compact table redrawn in place;
-    worker output and notes scroll above it."""
+    """`bgpool run`'s display on a terminal: a compact table kept in place at
+    the bottom (a `rich.live.Live` region), fitted to the terminal's width
+    (cells are cut, never wrapped, so a redraw always knows how many lines it
+    replaces), its states coloured (unless `NO_COLOR` is set) and redrawn every
+    second, so uptimes tick on a quiet pool. Worker output and notes scroll
+    above it."""
 
     def __init__(self) -> None:
+        self._console = Console(highlight=False, markup=False, emoji=False)
+        self._live: Live | None = None
         self._pool: PoolClient | None = None
-        self._height = 0
+        self._statuses: list[WorkerStatus] = []  # as last read
         self._details: dict[tuple[str, str, int], str] = {}
+        self._moves: dict[tuple[str, str, int], dict[str, object]] = {}  # the events' states
+        self._partial = {1: b"", 2: b""}
+        # stderr on the terminal too: its lines are shown above the table as well
+        self._stderr_here = os.isatty(2)
+        self._restore_echo: Callable[[], None] = lambda: None
 
     def started(self, pool: PoolClient) -> None:
-        """Draw the table of `pool`'s instances, read again at every redraw."""
+        """Show the table of `pool`'s instances, read again at every redraw."""
         self._pool = pool
-        self._draw()
+        self._live = Live(
+            console=self._console,
+            get_renderable=self._table,
+            refresh_per_second=1 / TICK,
+            redirect_stderr=self._stderr_here,
+        )
+        self._restore_echo = platform.hide_control_echo(sys.stdout.fileno())
+        self._live.start()
 
     def event(self, name: str, scope: str, instance: int, state: str, detail: str) -> None:
         """Note one state change in the instance's LAST CHANGE cell."""
         self._details[(scope, name, instance)] = f"{time.strftime('%H:%M:%S')} {detail}"
-        self._draw()
+        move: dict[str, object] = {"state": state}
+        if state == "stopped":
+            move["pid"] = None
+        self._moves[(scope, name, instance)] = move
+        if self._live is not None:
+            self._live.refresh()
 
     def output(self, fd: int, data: bytes) -> None:
-        """Write the supervisor's output to `fd` (1 or 2), above the table."""
-        self._erase()
-        os.write(fd, data)
-        self._draw()
+        """Show what the supervisor wrote to `fd` (1 or 2) above the table, a
+        whole line at a time (stderr written as it is when it is not the
+        terminal, its colours taken out)."""
+        data = self._partial[fd] + data
+        complete, _, self._partial[fd] = data.rpartition(b"\n")
+        if complete:
+            self._show(fd, complete.decode(errors="replace"))
+
+    def _show(self, fd: int, text: str) -> None:
+        if fd == 2 and not self._stderr_here:
+            os.write(2, (Text.from_ansi(text).plain + "\n").encode())
+        else:
+            self._console.print(Text.from_ansi(text), soft_wrap=True)
 
     def note(self, text: str) -> None:
         """A line from `bgpool run` itself, above the table."""
-        self._erase()
-        print(f"bgpool: {text}", flush=True)
-        self._draw()
+        self._console.print(Text(f"bgpool: {text}"), soft_wrap=True)
 
-    def _erase(self) -> None:
-        if self._height:
-            sys.stdout.write(f"\x1b[{self._height}F\x1b[J")
-            self._height = 0
+    def close(self) -> None:
+        """Leave the last table on the screen, below what was shown."""
+        for fd, partial in self._partial.items():
+            if partial:
+                self._show(fd, partial.decode(errors="replace"))
+        if self._live is not None:
+            self._live.stop()
+        self._restore_echo()
 
-    def _draw(self) -> None:
-        if self._pool is None:
-            return
-        try:
-            statuses = self._pool.status()
-        except BgpoolError:
-            return
-        rows = [
-            (*row[:5], row[8], self._details.get((s.scope, s.name, s.instance), ""))
-            for row, s in zip(status_rows(statuses), statuses, strict=True)
+    def _current(self) -> list[WorkerStatus]:
+        """Every instance as the table says now; once it can no longer be read
+        (the pool closed), as it last said, with the states events told since."""
+        if self._pool is not None:
+            try:
+                self._statuses = self._pool.status()
+                self._moves.clear()
+                return self._statuses
+            except BgpoolError:
+                pass
+        return [
+            s.model_copy(update=self._moves.get((s.scope, s.name, s.instance), {}))
+            for s in self._statuses
         ]
-        text = format_table(rows, (*STATUS_COLUMNS[:5], "UPTIME", "LAST CHANGE"))
-        self._erase()
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-        self._height = text.count("\n") + 1
+
+    def _table(self) -> Constrain:
+        """The table as it is now, a column narrower than the terminal (a
+        full last line would leave the cursor past its end, where a
+        terminal's echo of ^C wraps it onto a new line)."""
+        statuses = self._current()
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in (*STATUS_COLUMNS[:5], "UPTIME"):
+            table.add_column(column, no_wrap=True, overflow="ellipsis")
+        # the one column that gives way when the terminal is narrow
+        table.add_column("LAST CHANGE", no_wrap=False)
+        for row, s in zip(status_rows(statuses), statuses, strict=True):
+            detail = self._details.get((s.scope, s.name, s.instance), "")
+            table.add_row(
+                *row[:4],
+                Text(s.state, style=STATE_STYLES.get(s.state, "")),
+                row[8],
+                Text(detail, no_wrap=True, overflow="ellipsis"),
+            )
+        return Constrain(table, max(self._console.width - 1, 1))
+
+
+TICK = 1.0
+"""Seconds between two redraws of the live table when nothing happens."""
+
+STATE_STYLES = {
+    "ready": "green",
+    "starting": "cyan",
+    "stopping": "yellow",
+    "backoff": "yellow",
+    "crashed": "red",
+    "aborted": "bold red",
+    "stopped": "dim",
+}
+"""How the live table colours each state."""
+
+
+def colour_labels(live: bool) -> bool:
+    """Whether `bgpool run` colours its workers' labels: stdout is a terminal,
+    `NO_COLOR` is not set (https://no-color.org), and either the live view
+    shows them (it takes the colours out of what goes to a stderr that is not
+    the terminal) or stderr is a terminal too (in the plain view the lines go
+    there as they are)."""
+    terminal = sys.stdout.isatty() and (live or sys.stderr.isatty())
+    return terminal and not os.environ.get("NO_COLOR")
 
 
 View = PlainView | LiveView

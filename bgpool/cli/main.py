@@ -1,6 +1,7 @@
 """The `bgpool` command line: argument parsing and display over the public API.
 
-    bgpool run CONFIG.py [--metrics-port P] [--metrics-host H] [--plain] [-- COMMAND [ARG...]]
+    bgpool run CONFIG.py [--metrics-port P] [--metrics-host H] [--plain] [--timestamps]
+               [-- COMMAND [ARG...]]
     bgpool status [--json] [--address A]
     bgpool ensure NAME... [--timeout S] [--scope LABEL] [--address A]
     bgpool diagnostics NAME [--json] [--scope LABEL] [--address A]
@@ -9,6 +10,7 @@
     bgpool stop NAME... [--scope LABEL] [--address A]
     bgpool scale NAME NUM [--scope LABEL] [--address A]
     bgpool reload [--address A]
+    bgpool logs NAME [-n N] [-f] [--scope LABEL] [--address A]
 
 Every command but `run` (in `run.py`) finds the pool through `--address`, else
 `$BGPOOL_ADDRESS`; what they print is made in `display.py`.
@@ -19,13 +21,15 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
+import selectors
 import sys
 from collections.abc import Callable, Sequence
 
-from ..app.client import PoolClient, connect
+from ..app.client import LogFollow, PoolClient, connect
 from ..errors import BgpoolError
 from ..models import WorkerStatus
-from .display import format_diagnostics, format_table, print_error, status_rows
+from .display import format_diagnostics, format_log_line, format_table, print_error, status_rows
 from .run import run
 
 
@@ -158,6 +162,52 @@ def reload(address: str | None) -> int:
     return _client_command(act, address)
 
 
+def logs(address: str | None, name: str, lines: int, follow: bool, scope: str | None) -> int:
+    """`bgpool logs`: a worker's last lines; with `follow`, then its new lines
+    as they come, until Ctrl-C (exit 0) or the pool closes."""
+
+    def show(client: PoolClient) -> int:
+        if not follow:
+            for line in client.logs(name, lines, scope=scope):
+                print(format_log_line(name, line))
+            return 0
+        with client.follow_logs(name, lines, scope=scope) as following:
+            return _follow(name, following)
+
+    try:
+        return _client_command(show, address)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `bgpool logs NAME | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
+
+
+def _follow(name: str, following: LogFollow) -> int:
+    """Print `following`'s lines as they come, and what was dropped, until the
+    pool closes."""
+    dropped = 0
+    with selectors.DefaultSelector() as selector:
+        selector.register(following, selectors.EVENT_READ)
+        while True:
+            found = following.lines()
+            if found is None:
+                print("bgpool: the pool closed", file=sys.stderr)
+                return 0
+            if following.dropped > dropped:
+                print(
+                    f"bgpool: {following.dropped - dropped} lines dropped "
+                    "(they came faster than this terminal took them)",
+                    file=sys.stderr,
+                )
+                dropped = following.dropped
+            for line in found:
+                print(format_log_line(name, line))
+            sys.stdout.flush()
+            if not found:
+                selector.select()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bgpool", description="Run and inspect supervised background workers."
@@ -184,6 +234,9 @@ def _parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--metrics-port", help="serve /metrics, /healthz, /readyz")
     run_parser.add_argument("--metrics-host", help="address to serve them on (127.0.0.1)")
     run_parser.add_argument("--plain", action="store_true", help="a line per change, always")
+    run_parser.add_argument(
+        "--timestamps", action="store_true", help="prefix each worker line with its time"
+    )
 
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", help="control socket of the pool ($BGPOOL_ADDRESS)")
@@ -261,6 +314,19 @@ def _parser() -> argparse.ArgumentParser:
         "SIGHUP does; prints what changed. Exits 1 if the config could not be applied "
         "(the pool keeps running as it was).",
     )  # fmt: skip
+    logs_parser = against_a_pool(
+        "logs", "print a worker's last output lines",
+        "Print the last lines worker NAME's instances wrote (stdout and stderr), each with "
+        "its time, instance and stream: the pool keeps the last PoolConfig.log_lines of "
+        "every name. With -f, then print new lines as they come, until Ctrl-C or the pool "
+        "closes.",
+    )  # fmt: skip
+    logs_parser.add_argument("name", metavar="NAME")
+    logs_parser.add_argument(
+        "-n", "--lines", type=int, default=100, metavar="N", help="how many (100)"
+    )
+    logs_parser.add_argument("-f", "--follow", action="store_true", help="then follow new lines")
+    logs_parser.add_argument("--scope", help="scope label to resolve the name in")
     return parser
 
 
@@ -288,7 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == []:
         parser.error("-- must be followed by a COMMAND to run")
     if args.command == "run":
-        return run(args.config, args.metrics_port, args.metrics_host, args.plain, command or ())
+        return run(
+            args.config,
+            args.metrics_port,
+            args.metrics_host,
+            args.plain,
+            command or (),
+            args.timestamps,
+        )
     if args.command == "status":
         return status(args.address, args.json)
     if args.command == "ensure":
@@ -303,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop(args.address, args.names, args.scope)
     if args.command == "scale":
         return scale(args.address, args.name, args.num, args.scope)
+    if args.command == "logs":
+        return logs(args.address, args.name, args.lines, args.follow, args.scope)
     return reload(args.address)
 
 

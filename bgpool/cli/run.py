@@ -35,7 +35,7 @@ from ..errors import BgpoolError, StartupError
 from ..launch import TRANSITIONS_SHOWN
 from .command import FORWARDED, NOT_EXECUTABLE, NOT_FOUND, Command
 from .config import format_load_error, load_config
-from .display import LiveView, PlainView, View, print_error
+from .display import LiveView, PlainView, View, colour_labels, print_error
 from .notify import Notifier, ReadyCount, Watchdog
 
 OPTIONS = {"metrics_port": "--metrics-port", "metrics_host": "--metrics-host"}
@@ -50,12 +50,15 @@ def run(
     metrics_host: object,
     plain: bool,
     command: Sequence[str] = (),
+    timestamps: bool = False,
 ) -> int:
     """`bgpool run`: start the pool, show its state, stop on a signal, or run
     COMMAND beside it and stop once it exits. Exits 0 after a drain (with
     COMMAND: its exit status, 128+N if a signal N killed it), 1 if start-up
     fails or the supervisor dies, 2 if an option is invalid or the config
-    cannot be loaded; 127 (126) if COMMAND cannot be found (run)."""
+    cannot be loaded; 127 (126) if COMMAND cannot be found (run). Worker lines
+    carry their label, coloured on a terminal, and with `timestamps` the time
+    they were relayed."""
     overrides = _checked_options({"metrics_port": metrics_port, "metrics_host": metrics_host})
     if overrides is None:
         return 2
@@ -76,7 +79,12 @@ def run(
         os.set_blocking(read_end, False)
         selector.register(read_end, selectors.EVENT_READ, ("output", target))
     output = (pipes[1][1], pipes[2][1]) if live else None
-    pool = Pool(config, supervisor_output=output)
+    pool = Pool(
+        config,
+        supervisor_output=output,
+        colour_labels=colour_labels(live),
+        timestamps=timestamps,
+    )
     try:
         os.environ[TRANSITIONS_SHOWN] = "1"  # the view shows them: not in the log too
         try:
@@ -102,6 +110,7 @@ def run(
                 _drain_output(key.fileobj, key.data[1], view)
                 os.close(key.fileobj)
         selector.close()
+        view.close()
         if notifier is not None:
             notifier.close()
 

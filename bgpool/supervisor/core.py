@@ -26,6 +26,7 @@ from . import slots
 from .generations import Generation
 from .instances import Instance, Worker
 from .listener import Connection, Listener
+from .logs import Follower
 from .registry import Decl, Registry
 from .relay import Relay
 from .timers import Timers
@@ -47,6 +48,7 @@ class Settings:
     start_method: str
     max_vars_bytes: int
     root: str  # what watch patterns are relative to
+    log_lines: int  # relayed lines kept per worker name, for logs()
 
 
 def guarded(handler: Callable[..., None], *args: Any) -> None:
@@ -90,6 +92,7 @@ class Core:
         self.slots = slots.Slots(self.table, count)
         self.waiters: list[Waiter] = []
         self.watchers: list[Connection] = []  # subscribed to state changes
+        self.followers: dict[tuple[int, str], list[Follower]] = {}  # of a name's lines
         self.generations: list[Generation] = []  # loaded or loading, oldest first
         # the newest loaded: fresh starts fork from it (with spawn: closed, it checked the code)
         self.current: Generation | None = None
@@ -106,7 +109,7 @@ class Core:
         """Give a named declaration, or a catch-all's name, its worker and
         slots (the caller checked that enough are free)."""
         taken, gen = self.slots.take(Worker.instance_count(decl.num))
-        worker = Worker(decl, name, taken, gen)
+        worker = Worker(decl, name, taken, gen, log_lines=self.settings.log_lines)
         self.workers[(decl.scope_id, name)] = worker
         for inst in worker.instances:
             self._publish(inst)

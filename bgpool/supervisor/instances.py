@@ -18,7 +18,7 @@ from .. import texts
 from ..protocol import FrameDecoder, Message
 from ..shm.table import BOOT_BUCKETS, Kind, Slot
 from ..states import State
-from . import relay
+from . import logs, relay
 from .registry import Decl
 from .timers import Timer
 
@@ -121,16 +121,24 @@ class Instance:
 class Worker:
     """A name in a scope: a named declaration's instances, or one catch-all name."""
 
-    def __init__(self, decl: Decl, name: str, slots: list[int], gen: int) -> None:
+    def __init__(
+        self, decl: Decl, name: str, slots: list[int], gen: int, *, log_lines: int
+    ) -> None:
         self.decl = decl
         self.name = name
         self.gen = gen  # the generation of its slots in the table
         self.num = decl.num  # as declared, or as scale() set it since
         self.instances = [Instance(self, i, slot) for i, slot in enumerate(slots)]
+        self.logs = logs.ring(log_lines)  # its instances' last relayed lines
         self.name_ready = False
         self.held = False  # stop()ped: nothing starts it but ensure() or start_workers()
         self.boot_failures = 0
         self.last_failure: texts.Failure | None = None
+
+    def keep_lines(self, limit: int) -> None:
+        """Keep `limit` lines from now on (a reload changed `log_lines`): the
+        newest of those kept so far stay."""
+        self.logs = logs.ring(limit, self.logs)
 
     @staticmethod
     def instance_count(num: int) -> int:

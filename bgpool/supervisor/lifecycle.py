@@ -23,7 +23,7 @@ from ..shm import varstore
 from ..shm.table import BOOT_BUCKETS
 from ..states import State
 from ..worker.runtime import Boot, exec_spawned
-from . import policy, relay
+from . import logs, policy, relay
 from .drains import Drains
 from .generations import Generation
 from .instances import Instance, Run, Worker, error_record
@@ -223,8 +223,9 @@ class Lifecycle(Drains):
         read_ends, write_ends = outputs[0::2], outputs[1::2]
         for fd in write_ends:
             os.close(fd)
+        record = functools.partial(self._logged, inst)
         for stream, read_end in enumerate(read_ends, start=1):
-            self.relay.attach(read_end, stream, inst.label, inst.tail)
+            self.relay.attach(read_end, stream, inst.label, inst.tail, record)
         inst.run = Run(pid, stop_w, notify_r, read_ends)
         inst.ready_at = 0.0
         self.by_pid[pid] = inst
@@ -232,6 +233,15 @@ class Lifecycle(Drains):
             notify_r, selectors.EVENT_READ, functools.partial(self._on_notify, inst)
         )
         self._transition(inst, State.STARTING, f"pid {pid}, attempt {inst.attempts}")
+
+    def _logged(self, inst: Instance, stream: int, text: str) -> None:
+        """One line `inst` wrote on `stream` (1 or 2): kept in its worker's
+        ring, and sent to those who follow the name."""
+        worker = inst.worker
+        entry = (time.time(), stream, inst.index, texts.clip(text, logs.LINE_CHARS))
+        worker.logs.append(entry)
+        for follower in self.followers.get((worker.decl.scope_id, worker.name), ()):
+            follower.send(entry)
 
     def _boot(self, inst: Instance, fds: list[int]) -> Boot:
         """What the worker process of `inst` is told: its ends of `fds` (stop

@@ -32,6 +32,12 @@ class Connection:
         self._decoder = protocol.FrameDecoder()
         self._out = bytearray()
         self.on_close: list[Callable[[], None]] = []
+        self.on_flushed: Callable[[], None] | None = None  # run when the queue empties
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued for the peer and not yet written."""
+        return len(self._out)
 
     def receive(self) -> list[protocol.Message] | None:
         """Read what is available; None when the peer is gone or misbehaved."""
@@ -74,6 +80,8 @@ class Connection:
         del self._out[:sent]
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
         self._selector.modify(self.sock, events, self)
+        if not self._out and self.on_flushed is not None:
+            self.on_flushed()
 
     def close(self) -> None:
         """Forget the connection and run its close callbacks once."""

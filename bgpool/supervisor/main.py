@@ -144,6 +144,7 @@ def _serve() -> None:
             with boot:
                 boot.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
             raise SystemExit(1) from None
+        supervisor.relay.decorate(**bootstrap["relay"])
         _relay_logging(supervisor.relay)
         try:
             supervisor.install_signals()

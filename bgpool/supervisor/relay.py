@@ -9,6 +9,9 @@ split by another writer and a slow terminal never blocks the loop. When a
 destination falls behind, the relay stops reading the workers that feed it, so
 a flooding worker blocks in its own `write()` (as it would on a slow terminal)
 while the supervisor goes on serving everyone else.
+
+Each line cut is also told to its instance's recorder, which keeps it for
+diagnostics and `logs()` (`logs.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ they cannot be held back like a worker's pipe."""
 
 CHUNK = select.PIPE_BUF
 
+COLOURS = (36, 33, 32, 35, 31, 34, 96, 93, 92, 95, 91, 94)
+"""The SGR colours of worker labels, in the order honcho hands them out: cyan,
+yellow, green, magenta, red, blue, then their bright forms."""
+
 FINAL_FLUSH = 1.0
 """Seconds the exiting supervisor waits for its stdout/stderr to take what is
 still queued."""
@@ -57,16 +64,28 @@ class _Destination:
         self.broken = False
 
 
+Recorder = Callable[[int, str], None]
+"""What the relay tells of each line it cuts: its stream (1 or 2) and its text."""
+
+
 class _Source:
     """One worker pipe (its stdout or its stderr)."""
 
     def __init__(
-        self, fd: int, prefix: bytes, destination: _Destination, tail: collections.deque[str]
+        self,
+        fd: int,
+        stream: int,
+        prefix: bytes,
+        destination: _Destination,
+        tail: collections.deque[str],
+        record: Recorder,
     ) -> None:
         self.fd = fd
+        self.stream = stream
         self.prefix = prefix
         self.destination = destination
         self.tail = tail
+        self.record = record
         self.partial = b""
         self.paused = False
 
@@ -80,11 +99,34 @@ class Relay:
         self._sources: dict[int, _Source] = {}
         self._dropped = 0
         self._closed = False
+        self._colours: dict[str, int] | None = None  # a colour per worker, when coloured
+        self._timestamps = False
 
-    def attach(self, fd: int, stream: int, label: str, tail: collections.deque[str]) -> None:
-        """Relay pipe `fd` (the read end of a worker's stream 1 or 2)."""
+    def decorate(self, colour: bool, timestamps: bool) -> None:
+        """Colour each worker's label (one colour per worker, in the order they
+        first speak, as honcho does), and prefix each line with the time it
+        was read: what `bgpool run` asks for on a terminal, and with
+        `--timestamps`."""
+        self._colours = {} if colour else None
+        self._timestamps = timestamps
+
+    def attach(
+        self,
+        fd: int,
+        stream: int,
+        label: str,
+        tail: collections.deque[str],
+        record: Recorder,
+    ) -> None:
+        """Relay pipe `fd` (the read end of a worker's stream 1 or 2); keep the
+        last lines in `tail` (for diagnostics) and tell `record` of each."""
         os.set_blocking(fd, False)
-        source = _Source(fd, f"{label} | ".encode(), self._destinations[stream], tail)
+        prefix = f"{label} | ".encode()
+        if self._colours is not None:
+            worker = label.rpartition(".")[0]  # the label without its instance index
+            colour = self._colours.setdefault(worker, len(self._colours) % len(COLOURS))
+            prefix = f"\x1b[{COLOURS[colour]}m{label} |\x1b[0m ".encode()
+        source = _Source(fd, stream, prefix, self._destinations[stream], tail, record)
         self._sources[fd] = source
         self._selector.register(fd, selectors.EVENT_READ, self._reader(source))
 
@@ -139,8 +181,13 @@ class Relay:
     def _line(self, source: _Source, line: bytes, final: bool = False) -> None:
         if final and not line:
             return
-        source.tail.append(texts.clip(line.decode(errors="replace"), TAIL_LINE_CHARS))
-        self._queue(source.destination, source.prefix + line + b"\n")
+        text = line.decode(errors="replace")
+        source.tail.append(texts.clip(text, TAIL_LINE_CHARS))
+        source.record(source.stream, text)
+        prefix = source.prefix
+        if self._timestamps:
+            prefix = time.strftime("%H:%M:%S ").encode() + prefix
+        self._queue(source.destination, prefix + line + b"\n")
 
     def _queue(self, destination: _Destination, data: bytes) -> None:
         if destination.broken:

@@ -121,6 +121,9 @@ class Reloads(Rollouts):
             conn.send(error_reply("WorkerBootFailed", text, diagnostics=[]))
             return
         self.registry = registry
+        if settings.log_lines != self.settings.log_lines:
+            for worker in self.workers.values():
+                worker.keep_lines(settings.log_lines)
         self.settings = settings
         self.table.declarations_changed()  # clients learn the scopes again
         for key, decl in old.items():

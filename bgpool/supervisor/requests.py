@@ -21,6 +21,7 @@ from .. import platform, texts
 from ..errors import CatchAllLimitReached, WorkerNotDeclared
 from ..names import name_problem
 from ..protocol import Message, ProtocolError, error_reply
+from . import logs
 from .core import Settings
 from .instances import Worker
 from .listener import Connection
@@ -142,7 +143,7 @@ class Requests(Watches):
             return
         decl, worker = found
         if worker is None:
-            diagnostics = Worker(decl, message["name"], [0], 0).diagnostics()
+            diagnostics = Worker(decl, message["name"], [0], 0, log_lines=0).diagnostics()
             diagnostics["slots"] = []
         else:
             diagnostics = worker.diagnostics()
@@ -256,6 +257,34 @@ class Requests(Watches):
         self.watchers.append(conn)
         conn.on_close.append(lambda: self.watchers.remove(conn))
         conn.send({"ok": True})
+
+    def _logs(self, conn: Connection, message: Message) -> None:
+        """The last `lines` kept lines of a name, in frames (`logs.replies`);
+        with `follow`, every new one after them as it comes (`logs.Follower`),
+        until the connection closes."""
+        lines = message["lines"]
+        if type(lines) is not int or lines < 0:
+            raise ValueError("lines must be an integer >= 0")
+        follow = message.get("follow", False)
+        if type(follow) is not bool:
+            raise TypeError("follow must be a boolean")
+        found = self._lookup(conn, message)
+        if found is None:
+            return
+        decl, worker = found
+        for reply in logs.replies(logs.last(worker.logs, lines) if worker is not None else []):
+            conn.send(reply)
+        if follow:
+            key = (decl.scope_id, message["name"])
+            follower = logs.Follower(conn)
+            self.followers.setdefault(key, []).append(follower)
+            conn.on_close.append(lambda: self._unfollow(key, follower))
+
+    def _unfollow(self, key: tuple[int, str], follower: logs.Follower) -> None:
+        followers = self.followers[key]
+        followers.remove(follower)
+        if not followers:
+            del self.followers[key]
 
     # -- resolving names ---------------------------------------------------------------
 
@@ -377,5 +406,6 @@ HANDLERS: dict[str, Callable[[Requests, Connection, Message], None]] = {
     "reload_config": Requests._reload_config,
     "config_reloaded": Requests._config_reloaded,
     "watch": Requests._watch,
+    "logs": Requests._logs,
 }
 """The handler of each control operation, by its `op`."""
