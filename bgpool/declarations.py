@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .names import GLOBAL_SCOPE, Scope, name_problem
+from .names import GLOBAL_SCOPE, Scope, name_problem, pool_name_problem
 
 DEFAULT_MAX_INSTANCES = 16
 
@@ -164,7 +164,10 @@ def _finite(value: float, *, positive: bool) -> float:
 
 
 class PoolConfig(BaseModel):
-    """A pool's declarations and settings. Building it checks every target exists."""
+    """A pool's declarations and settings. Building it checks every target exists.
+
+    `name` makes the pool findable by name (its socket at a fixed place, see
+    `bgpool.naming`) and unique: a second pool of that name cannot start."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -177,6 +180,7 @@ class PoolConfig(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
+    name: str | None = None
 
     _scripts: dict[int, Path] = PrivateAttr(default_factory=dict)
 
@@ -189,6 +193,13 @@ class PoolConfig(BaseModel):
     @classmethod
     def _check_grace(cls, value: float) -> float:
         return _finite(value, positive=False)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str | None) -> str | None:
+        if name is not None and (problem := pool_name_problem(name)) is not None:
+            raise ValueError(f"name {problem}")
+        return name
 
     @field_validator("root")
     @classmethod
@@ -284,6 +295,7 @@ class PoolConfig(BaseModel):
             "start_method": self.start_method,
             "max_vars_bytes": self.max_vars_bytes,
             "root": str(self.root or Path.cwd()),
+            "name": self.name,
         }
 
     def script_path(self, index: int) -> Path | None:

@@ -52,8 +52,9 @@ def none_cell(value: str) -> bool:
 
 
 def parse_table(text: str) -> list[dict[str, str]]:
-    """The status table as one dict per row, cut at the header's column starts."""
-    rows = [line for line in text.splitlines() if line.strip()]
+    """The status table as one dict per row, cut at the header's column starts (the
+    table ends at the first blank line: a note may follow)."""
+    rows = text.strip("\n").split("\n\n")[0].splitlines()
     assert rows, "empty output"
     header = rows[0]
     assert header.split() == " ".join(STATUS_COLUMNS).split(), header

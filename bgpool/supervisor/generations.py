@@ -51,13 +51,14 @@ SPAWN_WINDOW = 16
 """Spawn requests sent to a generation before the first answer is read."""
 
 
-def start_seed() -> socket.socket:
-    """Fork the seed generations are forked from (`zygote.seed`); the socket
-    to it. Called before the supervisor imports its own modules."""
+def start_seed(pool: str) -> socket.socket:
+    """Fork the seed generations are forked from (`zygote.seed`; `pool` is the
+    pool's label in process titles); the socket to it. Called before the
+    supervisor imports its own modules."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if os.fork() == 0:  # pragma: no cover - the child never returns
         ours.close()
-        zygote.seed(theirs)
+        zygote.seed(theirs, pool)
     theirs.close()
     return ours
 
@@ -88,7 +89,9 @@ def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socke
 class Generation:
     """One generation process, seen from the supervisor."""
 
-    def __init__(self, number: int, decls: list[Decl], seed: socket.socket | None) -> None:
+    def __init__(
+        self, number: int, decls: list[Decl], seed: socket.socket | None, pool: str
+    ) -> None:
         modules = sorted({d.target.partition(":")[0] for d in decls if d.script is None})
         scripts = sorted({d.script for d in decls if d.script is not None})
         self.number = number
@@ -105,7 +108,7 @@ class Generation:
             raise
         if self.pid == 0:  # pragma: no cover - the child never returns
             self.sock.close()
-            zygote.serve(child, number, modules, scripts)
+            zygote.serve(child, number, modules, scripts, pool)
         child.close()
 
     def fileno(self) -> int:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from types import CodeType, ModuleType, TracebackType
 from typing import Any, ClassVar, NoReturn
 
-from .. import identity, platform
+from .. import identity, platform, texts
 from ..launch import python_command
 from . import handle
 
@@ -54,6 +54,7 @@ class Boot:
     sys_path: list[str]
     vars_segment: str
     max_vars_bytes: int
+    pool: str  # the pool's label in process titles
     stdout_fd: int | None = None  # pipes to the supervisor's relay, or inherit stdio
     stderr_fd: int | None = None
 
@@ -63,10 +64,6 @@ class Boot:
 
 COMPILED: dict[str, CodeType] = {}
 """Script targets' code, compiled once by the generation workers fork from."""
-
-PROCESS_NAME = b""
-"""The name a worker takes back from the generation it was forked from (which
-renamed itself for ps)."""
 
 
 def compile_script(path: str) -> CodeType:
@@ -117,8 +114,7 @@ def run_forked(boot: Boot) -> NoReturn:
     try:
         gc.freeze()  # never collect the supervisor's objects (they hold closed fds)
         atexit._clear()  # the supervisor's exit handlers are not this process's
-        if PROCESS_NAME:
-            platform.set_process_name(PROCESS_NAME)
+        _set_title(boot)  # and its comm: the generation's is not ours
         # The generation reset every other signal (`zygote.serve`); a full
         # reset here would cost each worker pages of memory of its own.
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -145,10 +141,17 @@ def exec_spawned(boot: Boot) -> NoReturn:
 def spawned_main() -> NoReturn:
     """Entry point of a spawned worker's fresh interpreter."""
     boot = Boot(**json.loads(sys.argv[1]))
+    _set_title(boot)
     sys.path[:] = boot.sys_path
     os.set_inheritable(boot.stop_fd, False)
     os.set_inheritable(boot.notify_fd, False)
     os._exit(_run(boot))
+
+
+def _set_title(boot: Boot) -> None:
+    """Show the worker in ps as `bgpool: worker NAME.INSTANCE POOL`."""
+    label = f"{boot.scope_label}:{boot.name}" if boot.scope_label else boot.name
+    platform.set_process_title(texts.process_title(f"worker {label}.{boot.instance}", boot.pool))
 
 
 def _run(boot: Boot) -> int:

@@ -22,6 +22,7 @@ SCM_RIGHTS, in the order of `Boot.FDS`) with ``{"t": "spawned", "pid": n}`` or
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import importlib.machinery
@@ -38,7 +39,7 @@ from dataclasses import replace
 from types import CodeType
 from typing import NoReturn
 
-from .. import platform
+from .. import platform, texts
 from . import runtime
 
 MAX_PACKET = 1 << 20
@@ -97,10 +98,11 @@ def _load(modules: list[str], scripts: list[str]) -> dict[str, object]:
     return failures
 
 
-def _set_apart(sock: socket.socket, name: str) -> None:
+def _set_apart(sock: socket.socket, name: str, title: str) -> None:
     """Make this new process a clean parent for what it forks, named `name` in
-    ps: signals as a new interpreter has them, no descriptor of its parent's
-    but `sock`, SIGKILL when the supervisor dies."""
+    its comm (what tools that tell generations from workers read) and `title`
+    in ps: signals as a new interpreter has them, no descriptor of its
+    parent's but `sock`, SIGKILL when the supervisor dies."""
     parent = os.getppid()
     runtime.reset_signals()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
@@ -108,39 +110,43 @@ def _set_apart(sock: socket.socket, name: str) -> None:
     if os.getppid() != parent:
         os._exit(1)  # the supervisor died before the prctl took effect
     platform.close_fds_except({sock.fileno()})
-    if not runtime.PROCESS_NAME:  # the name workers take back, once
-        runtime.PROCESS_NAME = platform.process_name()
-    platform.set_process_name(name.encode())
+    platform.set_process_title(title)
+    platform.set_process_name(name.encode())  # after the title, which set the comm too
 
 
-def seed(sock: socket.socket) -> NoReturn:
-    """Entry point of the seed, forked by the supervisor before it imports its
-    own modules: each generation is forked from here (as a child of the
-    supervisor), so a generation, and every worker, holds what workers need
-    and not what the supervisor does. Never returns."""
+def seed(sock: socket.socket, pool: str) -> NoReturn:
+    """Entry point of the seed of pool `pool` (its label in process titles),
+    forked by the supervisor before it imports its own modules: each
+    generation is forked from here (as a child of the supervisor), so a
+    generation, and every worker, holds what workers need and not what the
+    supervisor does. Never returns."""
     code = 1
     try:
-        _set_apart(sock, "bgpool-seed")
+        _set_apart(sock, "bgpool-seed", texts.process_title("seed", pool))
         gc.freeze()
-        _fork_on_request(sock, 1, _generation)
+        _fork_on_request(sock, 1, functools.partial(_generation, pool))
         code = 0
     finally:
         os._exit(code)
 
 
-def _generation(data: bytes, fds: list[int]) -> NoReturn:
+def _generation(pool: str, data: bytes, fds: list[int]) -> NoReturn:
     """In the seed's child: become the generation a request asks for."""
     request = json.loads(data)
-    serve(socket.socket(fileno=fds[0]), request["number"], request["modules"], request["scripts"])
+    sock = socket.socket(fileno=fds[0])
+    serve(sock, request["number"], request["modules"], request["scripts"], pool)
 
 
-def serve(sock: socket.socket, number: int, modules: list[str], scripts: list[str]) -> NoReturn:
-    """Entry point of generation `number`, a child of the supervisor (forked
-    from the seed, or from the supervisor itself); never returns."""
+def serve(
+    sock: socket.socket, number: int, modules: list[str], scripts: list[str], pool: str
+) -> NoReturn:
+    """Entry point of generation `number` of pool `pool`, a child of the
+    supervisor (forked from the seed, or from the supervisor itself); never
+    returns."""
     code = 1
     try:
         gc.disable()  # nothing of the supervisor's may be collected: its objects hold its fds
-        _set_apart(sock, f"bgpool-gen{number}")
+        _set_apart(sock, f"bgpool-gen{number}", texts.process_title(f"generation {number}", pool))
         _fresh_imports()
         failures = _load(modules, scripts)
         gc.freeze()  # what is loaded now is shared with every worker, untouched
