@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def cli(
 
 
 def env_without_address() -> dict[str, str]:
-    env = subprocess_env()
+    """The test's environment without ``BGPOOL_ADDRESS``, and with a runtime directory
+    of the session's own, so that no named pool of this user is found by chance."""
+    env = subprocess_env(XDG_RUNTIME_DIR=tempfile.gettempdir())
     env.pop("BGPOOL_ADDRESS", None)
     return env
 
