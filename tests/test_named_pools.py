@@ -268,13 +268,12 @@ def test_stale_socket_of_a_killed_pool_is_taken_over(make_pool: Any, runtime_dir
         hello = raw_request(address, {"op": "hello"})
         supervisor = psutil.Process(int(hello["pid"]))
         pool_processes = [supervisor, *supervisor.children(recursive=True)]
-        # Killed so that nothing can clean up: the supervisor stopped first (it
-        # would drain at its owner's death), then the owner, then the supervisor.
-        supervisor.send_signal(signal.SIGSTOP)
-        owner.kill()
-        owner.wait(10)
+        # Killed so that nothing can clean up: the supervisor first (the owner
+        # would clean up at its shutdown), then the owner (which would not drain).
         supervisor.kill()
         wait_all_gone([p.pid for p in pool_processes], 10, "the killed pool's processes")
+        owner.kill()
+        owner.wait(10)
     finally:
         if owner.poll() is None:  # failed before the kill: the leak check kills the rest
             owner.kill()
