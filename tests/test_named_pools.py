@@ -362,7 +362,12 @@ def test_without_a_usable_xdg_runtime_dir_pools_live_under_the_temp_dir(tmp_path
     """Unset, relative, missing, or another user's: the temp dir's bgpool-UID instead."""
     code = "from bgpool import naming; print(naming.address('alpha'))"
     expected = f"{tmp_path}/bgpool-{os.getuid()}/alpha/control.sock"
-    for runtime in [None, "relative/dir", str(tmp_path / "missing")]:
+    runtimes = [None, "relative/dir", str(tmp_path / "missing")]
+    if os.geteuid() == 0:  # a directory of another user's (making one needs root)
+        (tmp_path / "theirs").mkdir(mode=0o700)
+        os.chown(tmp_path / "theirs", 65534, -1)
+        runtimes.append(str(tmp_path / "theirs"))
+    for runtime in runtimes:
         env = subprocess_env(TMPDIR=str(tmp_path))
         env.pop("XDG_RUNTIME_DIR", None)
         if runtime is not None:
