@@ -78,20 +78,6 @@ oscalls_prctl_int(PyObject *Py_UNUSED(module), PyObject *args)
 #endif
 }
 
-/* get_name(): this process's name (its comm, at most 15 bytes). */
-static PyObject *
-oscalls_get_name(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
-{
-#ifdef __linux__
-    char name[17] = {0};
-    if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return PyBytes_FromString(name);
-#else
-    return unsupported();
-#endif
-}
-
 /* set_name(name): rename this process (the kernel keeps 15 bytes). */
 static PyObject *
 oscalls_set_name(PyObject *Py_UNUSED(module), PyObject *arg)
@@ -161,7 +147,6 @@ oscalls_rm_watch(PyObject *Py_UNUSED(module), PyObject *args)
 static PyMethodDef methods[] = {
     {"fork_sibling", oscalls_fork_sibling, METH_NOARGS, "Fork with CLONE_PARENT: 0 in the child."},
     {"prctl", oscalls_prctl_int, METH_VARARGS, "prctl(option, value)."},
-    {"get_name", oscalls_get_name, METH_NOARGS, "This process's name (comm)."},
     {"set_name", oscalls_set_name, METH_O, "Rename this process (comm)."},
     {"inotify_init", oscalls_inotify_init, METH_NOARGS, "inotify_init1(IN_NONBLOCK | IN_CLOEXEC)."},
     {"inotify_add_watch", oscalls_add_watch, METH_VARARGS, "inotify_add_watch(fd, path, mask)."},

@@ -36,7 +36,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_core.core_schema import ErrorType
 
-from .names import GLOBAL_SCOPE, Scope, name_problem
+from .names import GLOBAL_SCOPE, Scope, name_problem, pool_name_problem
 
 DEFAULT_MAX_INSTANCES = 16
 
@@ -218,7 +218,10 @@ def _finite(value: float, *, positive: bool) -> float:
 
 
 class PoolConfig(BaseModel):
-    """A pool's declarations and settings. Building it checks every target exists."""
+    """A pool's declarations and settings. Building it checks every target exists.
+
+    `name` makes the pool findable by name (its socket at a fixed place, see
+    `bgpool.naming`) and unique: a second pool of that name cannot start."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -232,6 +235,7 @@ class PoolConfig(BaseModel):
     metrics_host: str = "127.0.0.1"
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
     log_lines: Annotated[int, Field(ge=0, le=MAX_LOG_LINES)] = 1000
+    name: str | None = None
 
     _scripts: dict[int, Path] = PrivateAttr(default_factory=dict)
 
@@ -249,6 +253,13 @@ class PoolConfig(BaseModel):
     @classmethod
     def _default_root(cls, root: object) -> object:
         return _default_root_dir() if root is None else root
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str | None) -> str | None:
+        if name is not None and (problem := pool_name_problem(name)) is not None:
+            raise ValueError(f"name {problem}")
+        return name
 
     @field_validator("root")
     @classmethod
@@ -326,6 +337,7 @@ class PoolConfig(BaseModel):
             "max_vars_bytes": self.max_vars_bytes,
             "log_lines": self.log_lines,
             "root": str(self.root),
+            "name": self.name,
         }
 
     def script_path(self, index: int) -> Path | None:

@@ -35,6 +35,17 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def pool_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a pool's name (`PoolConfig.name`), or None when it
+    can: a worker name that can also be one directory's name, since it names
+    the directory of the pool's socket."""
+    if "/" in name:
+        return "must not contain '/' (it names a directory)"
+    if name in (".", ".."):
+        return "must not be '.' or '..' (it names a directory)"
+    return name_problem(name)
+
+
 def label_problem(label: str) -> str | None:
     """Why `label` cannot be a scope label, or None when it can."""
     if ":" in label:

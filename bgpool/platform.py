@@ -54,15 +54,43 @@ def set_child_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def process_name() -> bytes:
-    """This process's name as ps shows it (its comm, at most 15 bytes)."""
-    return _oscalls.get_name() if LINUX else b""
-
-
 def set_process_name(name: bytes) -> None:
-    """Rename this process as ps shows it (cut to 15 bytes by the kernel)."""
+    """Rename this process's comm, as `ps -o comm` and `top` show it (cut to
+    15 bytes by the kernel)."""
     if LINUX:
         _oscalls.set_name(name)
+
+
+_titled = False  # setproctitle has found this process's command line (forks inherit it)
+
+
+def set_process_title(title: str) -> None:
+    """Show `title` as this process's command line (/proc/PID/cmdline, what
+    `ps` shows), and its first 15 bytes as its comm.
+
+    setproctitle writes the title over the command line in place. Told not to
+    use the environment's memory past it (`SPT_NOENV`), it leaves
+    /proc/PID/environ intact, where the straggler sweep finds the pool's mark
+    (`BGPOOL_POOL`) in every pool process and in what a worker forks; the title
+    is then cut to the length of the command line the process was started with.
+    setproctitle reads `SPT_NOENV` once, at its first title in a process image:
+    it is set for that call only, so workers do not inherit it."""
+    global _titled
+    import setproctitle
+
+    if _titled:
+        setproctitle.setproctitle(title)
+        return
+    before = os.environ.get("SPT_NOENV")
+    os.environ["SPT_NOENV"] = "1"
+    try:
+        setproctitle.setproctitle(title)
+    finally:
+        if before is None:
+            del os.environ["SPT_NOENV"]
+        else:
+            os.environ["SPT_NOENV"] = before
+    _titled = True
 
 
 def fork_sibling() -> int:

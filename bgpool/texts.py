@@ -266,3 +266,60 @@ def scale_too_large(label: str, num: int, more: int, free: int) -> str:
         f'cannot scale "{label}" to {num} instances: that needs {more} more slots in the '
         f"readiness table, which has {free} free; restart the pool to make a larger one"
     )
+
+
+# -- finding a pool ------------------------------------------------------------------
+
+
+def no_pool_at(address: str) -> str:
+    """Why a client could not reach a pool it had never reached: nothing listens
+    at `address` (no socket file there, or one nobody listens on); `CLOSED`
+    says instead that a pool it was connected to has stopped."""
+    return f"no pool is listening at {address}"
+
+
+NO_POOL_GIVEN = (
+    "no pool given, and no named pool of this user is running: give its address "
+    "(--address PATH), its name (--pool NAME), or set BGPOOL_ADDRESS"
+)
+"""The CLI's error when it has no address, no name and finds no running pool."""
+
+
+def several_pools(names: list[str]) -> str:
+    """The CLI's error when it has no address and more than one named pool runs."""
+    listed = ", ".join(f'"{name}"' for name in names)
+    return f"{len(names)} pools of this user are running ({listed}): choose one with --pool NAME"
+
+
+def name_taken(name: str, pids: list[int]) -> str:
+    """Why a named pool could not start: another pool of that name holds it
+    (`pids`: its owner's, then its supervisor's, as far as known)."""
+    if not pids:
+        return f'a pool named "{name}" is already starting'
+    which = f"pid {pids[0]}" + (f", supervisor pid {pids[1]}" if len(pids) > 1 else "")
+    return f'a pool named "{name}" is already running ({which})'
+
+
+def unsafe_directory(path: str, problem: str) -> str:
+    """Why a pool directory is refused: another user could reach the sockets in it."""
+    return f"refusing to use {path} for pool sockets: {problem}"
+
+
+def process_title(role: str, pool: str) -> str:
+    """How a pool's process shows in ps: `bgpool: supervisor myapp`,
+    `bgpool: worker mailer.0 myapp`."""
+    return f"bgpool: {role} {pool}"
+
+
+def pool_label(name: str | None, address: str) -> str:
+    """What names a pool in its processes' titles: its name, else the name of
+    its private socket directory (`bgpool-k2x9q1ab`, as in its address)."""
+    return name if name is not None else os.path.basename(os.path.dirname(address))
+
+
+def unnamed_pool(address: str) -> str:
+    """What `bgpool status` says under the table of an unnamed pool."""
+    return (
+        f"unnamed pool at {address} (a PoolConfig.name would let bgpool find it "
+        "by name, and refuse a second pool of that name)"
+    )

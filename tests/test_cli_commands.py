@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def cli(
 
 
 def env_without_address() -> dict[str, str]:
-    env = subprocess_env()
+    """The test's environment without ``BGPOOL_ADDRESS``, and with a runtime directory
+    of the session's own, so that no named pool of this user is found by chance."""
+    env = subprocess_env(XDG_RUNTIME_DIR=tempfile.gettempdir())
     env.pop("BGPOOL_ADDRESS", None)
     return env
 
@@ -52,8 +55,9 @@ def none_cell(value: str) -> bool:
 
 
 def parse_table(text: str) -> list[dict[str, str]]:
-    """The status table as one dict per row, cut at the header's column starts."""
-    rows = [line for line in text.splitlines() if line.strip()]
+    """The status table as one dict per row, cut at the header's column starts (the
+    table ends at the first blank line: a note may follow)."""
+    rows = text.strip("\n").split("\n\n")[0].splitlines()
     assert rows, "empty output"
     header = rows[0]
     assert header.split() == " ".join(STATUS_COLUMNS).split(), header

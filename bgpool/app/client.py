@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from .. import identity, platform, protocol, texts
+from .. import identity, naming, platform, protocol, texts
 from ..errors import (
     ERRORS,
     BgpoolError,
@@ -185,12 +185,18 @@ class PoolClient:
         self._undeclared: tuple[int | None, set[int]] = (None, set())
         self._own_scope = 0
         self._ensure_timeout = ensure_timeout
+        self._name: str | None = None
+        # whether the supervisor ever answered: if it no longer does, the pool
+        # has closed; if it never did, there was no pool at the address
+        self._reached = False
 
     # -- plumbing ------------------------------------------------------------
 
     def _attach(self) -> None:
         """Say hello to the supervisor; map its table; learn the named workers."""
         hello = self._learn_scopes()
+        self._reached = True
+        self._name = hello["name"]
         self._ensure_timeout = float(hello["ensure_timeout"])
         own = identity.own_scope_id()
         self._own_scope = own if own is not None and own in self._scopes else 0
@@ -275,7 +281,11 @@ class PoolClient:
             try:
                 sock.connect(self._address)
                 reply = protocol.request(sock, message)
-            except (FileNotFoundError, ConnectionError, protocol.ProtocolError):
+            except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
+                if not self._reached:  # no socket file, or one nobody listens on
+                    raise BgpoolError(texts.no_pool_at(self._address)) from None
+                raise self._closed() from None
+            except (ConnectionError, protocol.ProtocolError):
                 raise self._closed() from None
             except TimeoutError:
                 if silence is not None:
@@ -309,6 +319,12 @@ class PoolClient:
     def address(self) -> str:
         """The control socket's path (what `BGPOOL_ADDRESS` holds)."""
         return self._address
+
+    @property
+    def name(self) -> str | None:
+        """The pool's name (`PoolConfig.name`); None for an unnamed pool, which
+        only its address reaches."""
+        return self._name
 
     # -- scopes ----------------------------------------------------------------
 
@@ -801,13 +817,38 @@ def get_vars(name: str, *, scope: Scope | str | None = None) -> Mapping[str, Any
     return client.get_vars(name, scope=scope)
 
 
-def connect(address: str | None = None) -> PoolClient:
-    """A client of the running pool at `address`, else at `$BGPOOL_ADDRESS`."""
-    if address is None:
-        address = os.environ.get("BGPOOL_ADDRESS")
-        if not address:
-            raise BgpoolError(
-                "no pool address: pass connect(address=...) or set BGPOOL_ADDRESS "
-                "(Pool.start() sets it for the processes the application starts)"
-            )
-    return PoolClient(address)
+def _given_address(address: str | None, pool: str | None) -> str | None:
+    """The control socket of `address`, else of the pool named `pool`, else of
+    `$BGPOOL_ADDRESS`; None when none is given."""
+    if address is not None:
+        return address
+    if pool is not None:
+        return naming.address(pool)
+    return os.environ.get("BGPOOL_ADDRESS") or None
+
+
+def connect(address: str | None = None, *, pool: str | None = None) -> PoolClient:
+    """A client of the running pool at `address`, else of this user's pool
+    named `pool` (`PoolConfig.name`), else at `$BGPOOL_ADDRESS`.
+    `BgpoolError` if none is given, or `no pool is listening at ADDRESS`."""
+    found = _given_address(address, pool)
+    if found is None:
+        raise BgpoolError(
+            "no pool address: pass connect(address) or connect(pool=NAME), or set "
+            "BGPOOL_ADDRESS (Pool.start() sets it for the processes the application starts)"
+        )
+    return PoolClient(found)
+
+
+def locate(address: str | None = None, pool: str | None = None) -> str:
+    """The control socket a command line means, first found of: `address`,
+    the socket of the pool named `pool`, `$BGPOOL_ADDRESS`, and the only named
+    pool of this user that is running. `BgpoolError` saying how to give one
+    when none is found, or naming them when several run."""
+    found = _given_address(address, pool)
+    if found is not None:
+        return found
+    names = naming.running()
+    if len(names) == 1:
+        return naming.address(names[0])
+    raise BgpoolError(texts.several_pools(names) if names else texts.NO_POOL_GIVEN)

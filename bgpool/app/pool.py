@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import platform, texts
+from .. import naming, platform, texts
 from ..declarations import PoolConfig, WorkerSpec
 from ..errors import BgpoolError, PoolClosed, StartupError
 from ..launch import python_command
@@ -33,7 +33,7 @@ from .client import REPLY_MARGIN, PoolClient
 if TYPE_CHECKING:
     from .metrics import HealthServer
 
-FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host", "root")
+FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host", "root", "name")
 """The settings `reload()` cannot change: the supervisor or the metrics server
 were set up with them (and the code of instances already running was found
 under the root)."""
@@ -98,6 +98,11 @@ class Pool(PoolClient):
             )
         self.config = config
         self._detached("", config.ensure_timeout)
+        self._name = config.name
+        # Its own supervisor: a socket that does not answer means it stopped,
+        # or has not started (`_closed()` says which), never "no pool there".
+        self._reached = True
+        self._name_lock: naming.NameLock | None = None  # a named pool's, until start() ends
         self._process: subprocess.Popen[bytes] | None = None
         self._watcher: threading.Thread | None = None
         self._pidfd: int | None = None
@@ -126,6 +131,11 @@ class Pool(PoolClient):
             {
                 "owner_pid": os.getpid(),
                 "boot_fd": boot_fd,
+                "name_lock": (
+                    {"directory": self._name_lock.directory, "fd": self._name_lock.fd}
+                    if self._name_lock is not None
+                    else None
+                ),
                 "table": self._table_name,
                 "sys_path": [os.path.abspath(p) for p in sys.path],
                 "workers": self.config.worker_messages(),
@@ -185,10 +195,11 @@ class Pool(PoolClient):
         if self.config.metrics_port is not None:  # first: a port in use starts nothing
             self._serve_metrics(self.config.metrics_host, self.config.metrics_port)
         try:
-            self._address = private_address()
+            self._address = self._claim_address()
             boot_r, boot_w = os.pipe()
         except OSError as exc:
             self._stop_metrics()
+            self._release_address()
             raise StartupError(_cannot_start(exc)) from None
         atexit.register(self.shutdown)  # a pool left running is drained at exit
         self._table_name = new_name()  # ours to remove, whatever becomes of the supervisor
@@ -198,7 +209,7 @@ class Pool(PoolClient):
                 stdin=subprocess.PIPE,
                 stdout=self._stdio[0],
                 stderr=self._stdio[1],
-                pass_fds=(boot_w,),
+                pass_fds=(boot_w,) + ((self._name_lock.fd,) if self._name_lock else ()),
                 process_group=0,
                 # BGPOOL_POOL marks the supervisor and everything it starts (and
                 # only that: the application's own processes get BGPOOL_ADDRESS
@@ -214,10 +225,11 @@ class Pool(PoolClient):
             assert self._process.stdin is not None
             with self._process.stdin as stdin:
                 stdin.write(self._bootstrap(boot_w))
+            self._hand_over_name()
             self._read_boot(boot_r)
         except BaseException as exc:
             if self._process is None:
-                shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
+                self._release_address()
                 self._stop_metrics()
             self.shutdown()
             if isinstance(exc, OSError):
@@ -233,6 +245,37 @@ class Pool(PoolClient):
         except BaseException:
             self.shutdown()
             raise
+
+    def _claim_address(self) -> str:
+        """Where the supervisor will listen: a fresh private directory's socket,
+        or a named pool's, once this process holds the name (`StartupError`
+        while another pool runs under it)."""
+        if self.config.name is None:
+            return private_address()
+        try:
+            self._name_lock = naming.NameLock.take(self.config.name)
+        except BgpoolError as exc:
+            raise StartupError(f"could not start the pool: {exc}", []) from None
+        return self._name_lock.address
+
+    def _release_address(self) -> None:
+        """Undo `_claim_address()` when no supervisor was started."""
+        if self._name_lock is not None:
+            self._name_lock.release()
+        elif self._address:
+            shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
+
+    def _hand_over_name(self) -> None:
+        """The supervisor holds the pool's name from now on (it inherited the
+        lock's descriptor): say who holds it, and close this process's copy,
+        so the name is free once the supervisor is gone."""
+        lock = self._name_lock
+        if lock is not None and lock.fd >= 0:
+            assert self._process is not None
+            try:
+                lock.record(os.getpid(), self._process.pid)
+            finally:
+                lock.close()
 
     def _watch_supervisor(self) -> None:
         """Runs in a thread of the owner: wait for the supervisor to end, reap
@@ -359,10 +402,13 @@ class Pool(PoolClient):
         if self._table_name:  # left over only if the supervisor died, even mid-start
             platform.unlink_shm(self._table_name)
             varstore.remove_all(self._table_name)
-        if self._address:
+        if self._name_lock is not None:  # the supervisor removed its files, unless it died
+            self._name_lock.close()
+            naming.clear_stale(self._name_lock.directory)
+        elif self._address:
             shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
-            if os.environ.get("BGPOOL_ADDRESS") == self._address:
-                del os.environ["BGPOOL_ADDRESS"]
+        if self._address and os.environ.get("BGPOOL_ADDRESS") == self._address:
+            del os.environ["BGPOOL_ADDRESS"]
         self._closed_for_good = True
 
     def __enter__(self) -> Pool:

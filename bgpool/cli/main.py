@@ -2,18 +2,19 @@
 
     bgpool run CONFIG.py [--metrics-port P] [--metrics-host H] [--plain] [--timestamps]
                [-- COMMAND [ARG...]]
-    bgpool status [--json] [--address A]
-    bgpool ensure NAME... [--timeout S] [--scope LABEL] [--address A]
-    bgpool diagnostics NAME [--json] [--scope LABEL] [--address A]
-    bgpool restart [NAME...] [--scope LABEL] [--address A]
-    bgpool start NAME... [--scope LABEL] [--address A]
-    bgpool stop NAME... [--scope LABEL] [--address A]
-    bgpool scale NAME NUM [--scope LABEL] [--address A]
-    bgpool reload [--address A]
-    bgpool logs NAME [-n N] [-f] [--scope LABEL] [--address A]
+    bgpool status [--json] [--address A | --pool NAME]
+    bgpool ensure NAME... [--timeout S] [--scope LABEL] [--address A | --pool NAME]
+    bgpool diagnostics NAME [--json] [--scope LABEL] [--address A | --pool NAME]
+    bgpool restart [NAME...] [--scope LABEL] [--address A | --pool NAME]
+    bgpool start NAME... [--scope LABEL] [--address A | --pool NAME]
+    bgpool stop NAME... [--scope LABEL] [--address A | --pool NAME]
+    bgpool scale NAME NUM [--scope LABEL] [--address A | --pool NAME]
+    bgpool reload [--address A | --pool NAME]
+    bgpool logs NAME [-n N] [-f] [--scope LABEL] [--address A | --pool NAME]
 
 Every command but `run` (in `run.py`) finds the pool through `--address`, else
-`$BGPOOL_ADDRESS`; what they print is made in `display.py`.
+`--pool`, else `$BGPOOL_ADDRESS`, else the only named pool of this user that
+runs (`locate()`); what they print is made in `display.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import selectors
 import sys
 from collections.abc import Callable, Sequence
 
-from ..app.client import LogFollow, PoolClient, connect
+from .. import texts
+from ..app.client import LogFollow, PoolClient, connect, locate
 from ..errors import BgpoolError
 from ..models import WorkerStatus
 from .display import format_diagnostics, format_log_line, format_table, print_error, status_rows
@@ -37,12 +39,17 @@ def _client_command(action: Callable[[PoolClient], int], address: str | None) ->
     try:
         with connect(address) as client:
             return action(client)
-    except BgpoolError as exc:
+    except (BgpoolError, TypeError, ValueError) as exc:
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> int:
+    """Say why a command failed; its exit status (2: an argument the API refused)."""
+    if isinstance(exc, BgpoolError):
         print_error(exc)
         return 1
-    except (TypeError, ValueError) as exc:  # an argument the API refused
-        print(f"bgpool: {exc}", file=sys.stderr)
-        return 2
+    print(f"bgpool: {exc}", file=sys.stderr)
+    return 2
 
 
 NOT_READY = 3
@@ -68,6 +75,8 @@ def status(address: str | None, as_json: bool) -> int:
             print(json.dumps([s.model_dump(mode="json") for s in statuses], indent=2))
         else:
             print(format_table(status_rows(statuses)))
+            if client.name is None:
+                print(f"\n{texts.unnamed_pool(client.address)}")
         due = [s for s in statuses if _should_run(s)]
         return 0 if all(s.state == "ready" for s in due) else NOT_READY
 
@@ -240,6 +249,10 @@ def _parser() -> argparse.ArgumentParser:
 
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", help="control socket of the pool ($BGPOOL_ADDRESS)")
+    address.add_argument(
+        "--pool", metavar="NAME", help="name of the pool (PoolConfig.name); without "
+        "--address, --pool or $BGPOOL_ADDRESS: the only named pool running",
+    )  # fmt: skip
 
     def against_a_pool(name: str, summary: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[address], help=summary, description=description)
@@ -362,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command or (),
             args.timestamps,
         )
+    try:
+        args.address = locate(args.address, args.pool)
+    except (BgpoolError, TypeError, ValueError) as exc:
+        return _failed(exc)
     if args.command == "status":
         return status(args.address, args.json)
     if args.command == "ensure":

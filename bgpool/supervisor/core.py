@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import texts
+from ..naming import NameLock
 from ..protocol import Message
 from ..shm.table import TableWriter
 from ..states import State, allowed
@@ -49,6 +51,7 @@ class Settings:
     max_vars_bytes: int
     root: str  # what watch patterns are relative to
     log_lines: int  # relayed lines kept per worker name, for logs()
+    name: str | None = None  # PoolConfig.name: the pool's socket is its name's (naming.py)
 
 
 def guarded(handler: Callable[..., None], *args: Any) -> None:
@@ -70,9 +73,11 @@ class Core:
         address: str,
         table: str,
         seed: socket.socket | None = None,
+        lock: NameLock | None = None,
     ) -> None:
         self.settings = settings
         self.seed = seed  # what generations are forked from (None: from the supervisor)
+        self.pool_label = texts.pool_label(settings.name, address)  # in process titles
         self.pid = os.getpid()
         self.registry = Registry(decls)
         self.timers = Timers()
@@ -82,7 +87,7 @@ class Core:
             count = slots.capacity(self.registry.slots_needed)
             self.table = TableWriter(count, self.pid, table)
             undo.callback(self.table.destroy)
-            self.listener = Listener(address)
+            self.listener = Listener(address, lock)
             undo.callback(self.listener.close)
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             undo.pop_all()

@@ -51,13 +51,14 @@ SPAWN_WINDOW = 16
 """Spawn requests sent to a generation before the first answer is read."""
 
 
-def start_seed() -> socket.socket:
-    """Fork the seed generations are forked from (`zygote.seed`); the socket
-    to it. Called before the supervisor imports its own modules."""
+def start_seed(pool: str) -> socket.socket:
+    """Fork the seed generations are forked from (`zygote.seed`; `pool` is the
+    pool's label in process titles); the socket to it. Called before the
+    supervisor imports its own modules."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if os.fork() == 0:  # pragma: no cover - the child never returns
         ours.close()
-        zygote.seed(theirs)
+        zygote.seed(theirs, pool)
     theirs.close()
     return ours
 
@@ -89,14 +90,21 @@ class Generation:
     """One generation process, seen from the supervisor."""
 
     def __init__(
-        self, number: int, decls: list[Decl], seed: socket.socket | None, path: list[str]
+        self,
+        number: int,
+        decls: list[Decl],
+        seed: socket.socket | None,
+        path: list[str],
+        pool: str,
     ) -> None:
         """Fork generation `number` (from `seed`, else from this process), which
-        loads the code of `decls` with `path` as its module search path."""
+        loads the code of `decls` with `path` as its module search path (`pool`:
+        the pool's label in process titles)."""
         targets = sorted({d.target for d in decls if d.script is None})
         request = {
             "number": number,
             "path": path,
+            "pool": pool,
             "modules": sorted({t.partition(":")[0] for t in targets}),
             "scripts": sorted({d.script for d in decls if d.script is not None}),
             "targets": targets,

@@ -96,7 +96,9 @@ class Lifecycle(Drains):
     def _new_generation(self, decls: list[Decl]) -> Generation:
         """Fork a generation that loads the code of `decls` afresh."""
         self.generation_count += 1
-        gen = Generation(self.generation_count, decls, self.seed, self._module_path())
+        gen = Generation(
+            self.generation_count, decls, self.seed, self._module_path(), self.pool_label
+        )
         self.generations.append(gen)
         return gen
 
@@ -263,6 +265,7 @@ class Lifecycle(Drains):
             sys_path=self._module_path(),
             vars_segment=varstore.segment_name(self.table.name, worker.instances[0].slot),
             max_vars_bytes=self.settings.max_vars_bytes,
+            pool=self.pool_label,
             stdout_fd=outputs[1] if outputs else None,
             stderr_fd=outputs[3] if outputs else None,
         )

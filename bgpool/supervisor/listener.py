@@ -1,9 +1,10 @@
 """The supervisor's end of the control socket: a private AF_UNIX listener and
 non-blocking connections that carry framed JSON requests and replies.
 
-Security: the socket lives in a fresh 0700 directory and is itself 0600; each
-peer's uid is checked (SO_PEERCRED) on accept; requests are data only. A peer
-that sends anything malformed is disconnected, never trusted further.
+Security: the socket lives in a fresh 0700 directory (a named pool's: in its
+name's 0700 directory, see `naming`) and is itself 0600; each peer's uid is
+checked (SO_PEERCRED) on accept; requests are data only. A peer that sends
+anything malformed is disconnected, never trusted further.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 from collections.abc import Callable
 
 from .. import platform, protocol
+from ..naming import NameLock
 
 log = logging.getLogger("bgpool")
 
@@ -95,11 +97,14 @@ class Connection:
 
 
 class Listener:
-    """The listening socket at `address`, in a private directory it removes."""
+    """The listening socket at `address`, in a private directory it removes;
+    with the `lock` of a named pool, in the name's directory, which stays:
+    closing removes the socket and the pid file, then lets go of the name."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, lock: NameLock | None = None) -> None:
         self.directory = os.path.dirname(address)
         self.address = address
+        self.lock = lock
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.bind(self.address)
@@ -128,6 +133,10 @@ class Listener:
         return conn
 
     def close(self) -> None:
-        """Close the socket and remove its file and directory."""
+        """Close the socket and remove its file and directory (a named pool's:
+        its file and pid file, and let go of the name)."""
         self.sock.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.release()
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -48,6 +48,7 @@ import signal
 import socket
 
 from .. import platform
+from ..naming import NameLock
 from .core import Settings, guarded
 from .listener import Connection
 from .registry import Decl
@@ -67,8 +68,9 @@ class Supervisor(Teardown):
         address: str,
         table: str,
         seed: socket.socket | None = None,
+        lock: NameLock | None = None,
     ) -> None:
-        super().__init__(decls, settings, address, table, seed)
+        super().__init__(decls, settings, address, table, seed, lock)
         self._watch_owner(owner_pid)
         self.selector.register(self.listener.sock, selectors.EVENT_READ, self._accept)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)

@@ -85,11 +85,12 @@ def _relay_logging(relay: Relay) -> None:
 def main() -> NoReturn:
     """Entry point of the supervisor process, started by `Pool.start()`.
 
-    Reads its bootstrap (declarations, settings, the owner's pid, sys.path) as
-    JSON from stdin, writes its table's name on the boot pipe (or why it could
-    not start), then runs until shut down. It leaves with `os._exit()` once it
-    has released all it held (`Supervisor.close`): the interpreter's own
-    finalization would only free memory, and took 25 ms of every shutdown.
+    Reads its bootstrap (declarations, settings, the owner's pid, sys.path, a
+    named pool's lock) as JSON from stdin, writes its table's name on the boot
+    pipe (or why it could not start), then runs until shut down. It leaves
+    with `os._exit()` once it has released all it held (`Supervisor.close`):
+    the interpreter's own finalization would only free memory, and took 25 ms
+    of every shutdown.
     """
     code = 1
     try:
@@ -116,9 +117,12 @@ def _serve() -> None:
     sys.path[:] = bootstrap["sys_path"]
     boot_fd: int = bootstrap["boot_fd"]
     platform.raise_fd_limit()
+    pool = texts.pool_label(bootstrap["settings"]["name"], os.environ["BGPOOL_ADDRESS"])
+    platform.set_process_title(texts.process_title("supervisor", pool))
     # First, before the supervisor's own modules are imported: the process
     # every generation, and so every worker, is forked from.
-    seed = start_seed() if bootstrap["settings"]["start_method"] == "fork" else None
+    seed = start_seed(pool) if bootstrap["settings"]["start_method"] == "fork" else None
+    from ..naming import NameLock
     from .core import Settings
     from .loop import Supervisor
     from .registry import Decl
@@ -126,6 +130,9 @@ def _serve() -> None:
     with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
         logging.getLogger("bgpool.transitions").disabled = transitions_shown
         decls = [Decl.from_message(d) for d in bootstrap["workers"]]
+        # A named pool's: the owner took it, and we hold it (and remove the
+        # socket and pid file) until we exit.
+        lock = NameLock(**bootstrap["name_lock"]) if bootstrap["name_lock"] else None
         settings = Settings(**bootstrap["settings"])
         platform.set_child_subreaper()
         # The owner put BGPOOL_ADDRESS in our environment at exec, so every
@@ -139,6 +146,7 @@ def _serve() -> None:
                 os.environ["BGPOOL_ADDRESS"],
                 bootstrap["table"],
                 seed,
+                lock,
             )
         except Exception as exc:  # the owner raises StartupError with this
             with boot:

@@ -92,12 +92,14 @@ class Requests(Watches):
     # -- the operations ----------------------------------------------------------------
 
     def _hello(self, conn: Connection, _message: Message) -> None:
-        """What a client needs to attach: the table, the default deadline, scopes."""
+        """What a client needs to attach: the table, the default deadline, scopes
+        (and the pool's name, None if it has none)."""
         conn.send(
             {
                 "ok": True,
                 "table": self.table.name,
                 "pid": self.pid,
+                "name": self.settings.name,
                 "ensure_timeout": self.settings.ensure_timeout,
                 "scopes": [[sid, label] for sid, label in self.registry.scopes.items()],
             }

@@ -54,6 +54,7 @@ class Boot:
     sys_path: list[str]
     vars_segment: str
     max_vars_bytes: int
+    pool: str  # the pool's label in process titles
     stdout_fd: int | None = None  # pipes to the supervisor's relay, or inherit stdio
     stderr_fd: int | None = None
 
@@ -63,10 +64,6 @@ class Boot:
 
 COMPILED: dict[str, CodeType] = {}
 """Script targets' code, compiled once by the generation workers fork from."""
-
-PROCESS_NAME = b""
-"""The name a worker takes back from the generation it was forked from (which
-renamed itself for ps)."""
 
 
 def compile_script(path: str) -> CodeType:
@@ -149,8 +146,7 @@ def run_forked(boot: Boot) -> NoReturn:
     `prepare_forked()` has run."""
     code = 1
     try:
-        if PROCESS_NAME:
-            platform.set_process_name(PROCESS_NAME)
+        _set_title(boot)  # its title and comm: the generation's or the spare's are not ours
         _detach(boot)
         code = _run(boot)
     finally:
@@ -175,11 +171,18 @@ def exec_spawned(boot: Boot) -> NoReturn:
 def spawned_main() -> NoReturn:
     """Entry point of a spawned worker's fresh interpreter."""
     boot = Boot(**json.loads(sys.argv[1]))
+    _set_title(boot)
     sys.path[:] = boot.sys_path
     os.set_inheritable(boot.stop_fd, False)
     os.set_inheritable(boot.notify_fd, False)
     _line_buffered_output()
     os._exit(_run(boot))
+
+
+def _set_title(boot: Boot) -> None:
+    """Show the worker in ps as `bgpool: worker NAME.INSTANCE POOL`."""
+    label = f"{boot.scope_label}:{boot.name}" if boot.scope_label else boot.name
+    platform.set_process_title(texts.process_title(f"worker {label}.{boot.instance}", boot.pool))
 
 
 def _run(boot: Boot) -> int:

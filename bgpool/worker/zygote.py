@@ -159,10 +159,11 @@ def _closest(owner: object, name: str) -> list[str]:
     return texts.closest(name, names)
 
 
-def _set_apart(sock: socket.socket, name: str) -> None:
+def _set_apart(sock: socket.socket, name: str, title: str) -> None:
     """Make this new process a clean parent for what it forks, named `name` in
-    ps: signals as a new interpreter has them, no descriptor of its parent's
-    but `sock`, SIGKILL when the supervisor dies."""
+    its comm (what tools that tell generations from workers read) and `title`
+    in ps: signals as a new interpreter has them, no descriptor of its
+    parent's but `sock`, SIGKILL when the supervisor dies."""
     parent = os.getppid()
     runtime.reset_signals()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
@@ -170,19 +171,19 @@ def _set_apart(sock: socket.socket, name: str) -> None:
     if os.getppid() != parent:
         os._exit(1)  # the supervisor died before the prctl took effect
     platform.close_fds_except({sock.fileno()})
-    if not runtime.PROCESS_NAME:  # the name workers take back, once
-        runtime.PROCESS_NAME = platform.process_name()
-    platform.set_process_name(name.encode())
+    platform.set_process_title(title)
+    platform.set_process_name(name.encode())  # after the title, which set the comm too
 
 
-def seed(sock: socket.socket) -> NoReturn:
-    """Entry point of the seed, forked by the supervisor before it imports its
-    own modules: each generation is forked from here (as a child of the
-    supervisor), so a generation, and every worker, holds what workers need
-    and not what the supervisor does. Never returns."""
+def seed(sock: socket.socket, pool: str) -> NoReturn:
+    """Entry point of the seed of pool `pool` (its label in process titles),
+    forked by the supervisor before it imports its own modules: each
+    generation is forked from here (as a child of the supervisor), so a
+    generation, and every worker, holds what workers need and not what the
+    supervisor does. Never returns."""
     code = 1
     try:
-        _set_apart(sock, "bgpool-seed")
+        _set_apart(sock, "bgpool-seed", texts.process_title("seed", pool))
         gc.freeze()
         _fork_on_request(sock, 1, _generation)
         code = 0
@@ -197,13 +198,16 @@ def _generation(data: bytes, fds: list[int]) -> NoReturn:
 
 def serve(sock: socket.socket, request: dict[str, Any]) -> NoReturn:
     """Entry point of the generation `request` describes (its number, module
-    search path, modules, scripts and module targets), a child of the
+    search path, modules, scripts and module targets, and the pool's label in
+    process titles), a child of the
     supervisor (forked from the seed, or from the supervisor itself); never
     returns."""
     code = 1
     try:
         gc.disable()  # nothing of the supervisor's may be collected: its objects hold its fds
-        _set_apart(sock, f"bgpool-gen{request['number']}")
+        number = request["number"]
+        title = texts.process_title(f"generation {number}", request["pool"])
+        _set_apart(sock, f"bgpool-gen{number}", title)
         sys.path[:] = request["path"]
         _fresh_imports()
         failures = _load(request["modules"], request["scripts"], request["targets"])

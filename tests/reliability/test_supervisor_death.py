@@ -81,8 +81,9 @@ def _kill_supervisor_and_check(
     pool: Any, res: Resources, pids: list[int], blocked: Sequence[tuple[Background, str]] = ()
 ) -> None:
     """SIGKILL the supervisor; check that the pool's processes are gone within
-    DEATH_BOUND, that blocked calls and every later call raise PoolClosed, and that
-    shutdown() cleans what the supervisor could not."""
+    DEATH_BOUND, that blocked calls and every later call raise PoolClosed (a new
+    client finds no pool listening), and that shutdown() cleans what the supervisor
+    could not."""
     with reaping(lambda: res.address):
         t0 = time.monotonic()
         os.kill(res.supervisor, signal.SIGKILL)
@@ -105,8 +106,9 @@ def _kill_supervisor_and_check(
 
         wait_for(lambda: raises_closed(pool), timeout=DEATH_BOUND, what="Pool to notice")
         assert_pool_closed(pool, "plain", "lazy", "pool is closed")
-        with pytest.raises(bgpool.PoolClosed):
+        with pytest.raises(bgpool.BgpoolError) as info:  # a new client: nobody listens there
             bgpool.connect(res.address)
+        assert str(info.value) == f"no pool is listening at {res.address}"
 
         t1 = time.monotonic()
         pool.shutdown()
