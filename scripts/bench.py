@@ -135,6 +135,19 @@ vars_read          In one process, no IPC: decoding a new 10 kB snapshot and
                    mappings it leaves unread until it reads them). Baseline:
                    `pickle.loads` of the same snapshot with the same reads.
 
+asgi_requests      Requests per second of fixtures/asgiapp (Starlette, `uvicorn
+                   --workers 2`, its pool owned by `python -m
+                   fixtures.asgiapp.serve`) from a forked child holding 8
+                   keep-alive connections, each sending its next GET as soon as
+                   the last is answered, for 0.5 s (--quick) or 1 s a sample;
+                   the two routes' samples alternate over the same connections,
+                   after one unrecorded round.
+                   bgpool: `/`, whose handler awaits `client.aensure("flags")`
+                   and returns `get_vars("flags")` as JSON. Baseline: `/bare`,
+                   the same handler returning the same snapshot (read at
+                   start-up) without the two calls. Target: the calls cost
+                   under 2% of the throughput (the row's note has the figure).
+
 The vars cases run with three 10 kB snapshots (10.2 to 10.3 kB in bgpool's
 format): "structured" (a routing table with flags: 188 small dicts, 379
 containers to check and rebuild), "wide" (one mapping of 1,030 counters, every

@@ -15,6 +15,7 @@ each case measures, exactly); this package is the code, one job a module:
     vars_cases  bgpool's shared-state cases: get_vars(), set_vars(), decoding
     reload_cases  bgpool's reload cases: an edit to new code, cold ensure() on
                 a new generation, ready instances during a rolling restart
+    asgi_cases  requests per second of a uvicorn app with and without bgpool calls
     daemons     private supervisord and circusd daemons, or why they are skipped
     peers       what the cases measure of supervisord and circus
     channels    hearing back from other processes: FIFOs, files, forked children

@@ -22,7 +22,7 @@ import bench_workers
 
 import bgpool
 
-from . import baselines, cases, floors, peers, reload_cases, vars_cases
+from . import asgi_cases, baselines, cases, floors, peers, reload_cases, vars_cases
 from .channels import FORK
 from .config import Config
 from .daemons import Circusd, Supervisord, peer
@@ -200,6 +200,9 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
                     phase("cold ensure()", _cold_ensure, bench, helpers, sd, cd)
         if wanted("vars_read"):
             phase("decode and read a new snapshot", vars_cases.vars_read, bench)
+        if wanted("asgi_requests"):
+            title = "requests/s of a uvicorn app, with and without the bgpool calls"
+            phase(title, asgi_cases.asgi_requests, bench)
         if wanted("batch_ensure"):
             phase(f"batch ensure() of {config.batch} names", _batch, bench, helpers)
         if wanted("crash_to_ready"):
