@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from .. import identity, platform, protocol, texts
 from ..errors import (
@@ -43,9 +43,6 @@ from ..names import Scope, name_problem
 from ..shm.snapshot import decode
 from ..shm.table import Kind, Slot, Status, TableReader
 from ..shm.varstore import Reader, segment_name
-
-if TYPE_CHECKING:
-    import asyncio  # imported where used: a worker or a supervisor need not pay for it
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -283,13 +280,10 @@ class PoolClient:
         while each reply is awaited. Cancelling the awaiting task closes the
         connection (the supervisor forgets the request, and goes on with what
         it started) and does nothing else."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
         try:
             exchange = next(steps)
             while True:
-                exchange = steps.send(await self._aexchange(loop, exchange))
+                exchange = steps.send(await self._aexchange(exchange))
         except StopIteration as done:
             return cast(T, done.value)
 
@@ -316,13 +310,12 @@ class PoolClient:
             raise
         return sock, reply
 
-    async def _aexchange(
-        self, loop: asyncio.AbstractEventLoop, exchange: _Exchange
-    ) -> protocol.Message:
-        """One request on a fresh non-blocking connection, through the event
-        loop's own socket support (no thread): its reply."""
+    async def _aexchange(self, exchange: _Exchange) -> protocol.Message:
+        """One request on a fresh non-blocking connection, through the running
+        event loop's own socket support (no thread): its reply."""
         import asyncio
 
+        loop = asyncio.get_running_loop()
         sock = _new_socket()
         try:
             sock.setblocking(False)
