@@ -220,6 +220,13 @@ def test_aensure_raises_worker_not_declared_and_scope_errors_as_ensure_does(
     assert the_status(failing_pool, "never-sync").attempts == 0
 
 
+def test_aensure_raises_catch_all_limit_reached_as_ensure_does(make_pool: Any) -> None:
+    pool = make_pool([spec(None, "tenant", max_instances=1)])
+    kind, message = twins(lambda: pool.ensure(["t1", "t2"]), lambda: pool.aensure(["t1", "t2"]))
+    assert kind is bgpool.CatchAllLimitReached and "t2" in message
+    assert pool.status() == [], "nothing started"
+
+
 def test_adiagnostics_and_astatus_answer_as_the_blocking_forms(make_pool: Any) -> None:
     pool = make_pool([spec("w", "idle", num=1), spec("bad", "crash_at_boot",
                                                      max_consecutive_failures=1)])  # fmt: skip
