@@ -31,6 +31,7 @@ from helpers import (
     supervisor_pid,
     the_status,
     thread_count,
+    unix_socket_inodes,
     wait_for,
 )
 
@@ -283,20 +284,15 @@ def test_aensure_gives_up_on_a_silent_supervisor_as_ensure_does(
 # -- cancelling abandons the wait, nothing else ----------------------------------------
 
 
-def supervisor_sockets(pid: int) -> int:
-    """How many sockets the supervisor holds open (its listener and connections)."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-    return count
-
-
 def test_cancelling_aensure_abandons_only_the_wait(make_pool: Any, sentinel_dir: Path) -> None:
     starts_file = sentinel_dir / "slow.starts"
     pool = make_pool([spec("slow", "slow_ready", env={"DELAY": "0.5", "STARTS": str(starts_file)})])
-    supervisor = supervisor_pid(pool)
-    sockets_before = supervisor_sockets(supervisor)
+
+    # The supervisor's end of each control connection is bound to the address.
+    def connections() -> int:
+        return len(unix_socket_inodes(pool.address)) - 1  # less the listener
+
+    wait_for(lambda: connections() == 0, what="start()'s connection to be dropped")
     fds_before = len(os.listdir("/proc/self/fd"))
 
     async def main() -> float:
@@ -304,6 +300,7 @@ def test_cancelling_aensure_abandons_only_the_wait(make_pool: Any, sentinel_dir:
         while not starts(starts_file):  # the worker is booting: the request is in
             await asyncio.sleep(0.01)
         assert not waiting.done()
+        assert connections() == 1, "our request"
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -318,10 +315,7 @@ def test_cancelling_aensure_abandons_only_the_wait(make_pool: Any, sentinel_dir:
     assert asyncio.run(main()) < 0.01
     assert len(starts(starts_file)) == 1, "cancelling must not restart the worker"
     assert len(os.listdir("/proc/self/fd")) == fds_before, "the connection was not closed"
-    wait_for(
-        lambda: supervisor_sockets(supervisor) == sockets_before,
-        what="the supervisor to drop the abandoned connection",
-    )
+    wait_for(lambda: connections() == 0, what="the supervisor to drop the abandoned connection")
     pool.ensure("slow")
     assert pool.diagnostics("slow").state == "ready"
 
