@@ -7,14 +7,17 @@ same handler without the two calls (`/bare`, the baseline), in one run.
 The load is a forked child with a fixed number of keep-alive connections, each
 sending its next request as soon as the last one is answered (so at most that
 many requests are in flight), for a fixed time per sample; the two routes'
-samples alternate over the same connections, so a slow spell of the machine
-falls on both."""
+samples alternate over the same connections, one of each per round. The
+overhead is from the server processes' CPU time per request on each route: on
+a CPU-bound server it is what the throughput loses, and other processes on a
+shared machine move it far less than they move the requests per second."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -24,13 +27,17 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from .channels import in_child, wait_until
 from .harness import Bench
 
 ROOT = Path(__file__).resolve().parents[2]
 CONNECTIONS = 8
-SAMPLE_SECONDS = (0.5, 1.0)  # --quick, the full run
+SAMPLE_SECONDS = 0.25
+ROUNDS_PER_REP = 4  # rounds of one sample per route, per --reps
 ROUTES = (("/bare", "baseline", "baseline: /bare, the handler without bgpool calls"),
           ("/", "bgpool", "bgpool /: await aensure() + get_vars()"))  # fmt: skip
 
@@ -96,29 +103,53 @@ async def _requests(connection: Connection, request: bytes, until: float) -> int
     return answered
 
 
-def _load(port: int, rounds: int, seconds: float) -> dict[str, list[float]]:
-    """Runs in a forked child: per route, the requests per second of each
-    sample, `rounds` rounds of one sample per route (in turn first), over the
-    same connections."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """The user + system CPU time the processes `pids` have used so far."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
 
-    async def main() -> dict[str, list[float]]:
+
+def _load(port: int, rounds: int, seconds: float, servers: list[int]) -> dict[str, Any]:
+    """Runs in a forked child: per route, the requests per second of each
+    sample, and the server processes' CPU time and requests over all of its
+    samples; `rounds` rounds of one sample per route (in turn first), over
+    the same connections."""
+
+    async def main() -> dict[str, Any]:
         connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONNECTIONS)]
-        samples: dict[str, list[float]] = {path: [] for path, _, _ in ROUTES}
+        found: dict[str, Any] = {
+            path: {"rps": [], "cpu": 0.0, "requests": 0} for path, *_ in ROUTES
+        }
         try:
             for turn in range(rounds):
                 for path, _, _ in ROUTES if turn % 2 else ROUTES[::-1]:
                     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
-                    t0 = time.monotonic()
+                    cpu, t0 = _cpu_seconds(servers), time.monotonic()
                     counts = await asyncio.gather(
                         *(_requests(c, request, t0 + seconds) for c in connections)
                     )
-                    samples[path].append(sum(counts) / (time.monotonic() - t0))
+                    route = found[path]
+                    route["rps"].append(sum(counts) / (time.monotonic() - t0))
+                    route["cpu"] += _cpu_seconds(servers) - cpu
+                    route["requests"] += sum(counts)
         finally:
             for _, writer in connections:
                 writer.close()
-        return samples
+        return found
 
     return asyncio.run(main())
+
+
+def _server_processes(port: int) -> list[int]:
+    """The pids of uvicorn's two server processes (each answer names its own)."""
+    seen: set[int] = set()
+
+    def both() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/bare", timeout=5) as reply:
+            seen.add(json.loads(reply.read())["served_by"])
+        return len(seen) == 2
+
+    wait_until(both, 30, "both server processes to answer", poll=0)
+    return sorted(seen)
 
 
 def asgi_requests(bench: Bench) -> None:
@@ -126,11 +157,20 @@ def asgi_requests(bench: Bench) -> None:
     if missing:
         bench.skip("asgi_requests", f"{', '.join(missing)} not installed (the bench extra)")
         return
-    seconds = SAMPLE_SECONDS[0 if bench.config.quick else 1]
     port = _free_port()
     with _served(port):
-        in_child(_load, port, 1, seconds)  # a warm-up round
-        samples = in_child(_load, port, bench.config.reps, seconds)
-    params = {"connections": CONNECTIONS, "seconds_per_sample": seconds, "server_processes": 2}
+        servers = _server_processes(port)
+        in_child(_load, port, 1, SAMPLE_SECONDS, servers)  # a warm-up round
+        rounds = ROUNDS_PER_REP * bench.config.reps
+        found = in_child(_load, port, rounds, SAMPLE_SECONDS, servers)
+    cpu_us = {path: 1e6 * r["cpu"] / r["requests"] for path, r in found.items()}
+    overhead = 100 * (cpu_us["/"] / cpu_us["/bare"] - 1)
+    params = {"connections": CONNECTIONS, "seconds_per_sample": SAMPLE_SECONDS,
+              "server_processes": 2}  # fmt: skip
     for path, kind, subject in ROUTES:
-        bench.add("asgi_requests", subject, kind, samples[path], params)
+        extra = {"server_cpu_us_per_request": cpu_us[path]}
+        if path == "/":
+            extra["overhead_pct"] = overhead
+        bench.add("asgi_requests", subject, kind, found[path]["rps"], params, extra=extra)
+    print(f"  asgi_requests      server CPU per request: {cpu_us['/bare']:.1f} us (/bare), "
+          f"{cpu_us['/']:.1f} us (/): the two calls cost {overhead:.1f}%", flush=True)  # fmt: skip
