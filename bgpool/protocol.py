@@ -69,14 +69,37 @@ class FrameDecoder:
         return messages
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = sock.recv(size - len(chunks))
-        if not chunk:
+class FrameReader:
+    """Reads exactly one frame, whatever does the reading (a blocking socket, an
+    event loop's): `needed` is how many bytes to read next, never past the
+    frame's end (on a subscription, events follow the reply), and `feed()`
+    takes them and returns the message once it is whole."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._size = _LENGTH.size
+        self._header = True
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing from the header or the body."""
+        return self._size - len(self._buffer)
+
+    def feed(self, data: bytes) -> Message | None:
+        """Add received bytes (`b""`, the peer's EOF, is a `ConnectionError`);
+        the message once complete, else None."""
+        if not data:
             raise ConnectionError("the supervisor closed the connection")
-        chunks += chunk
-    return bytes(chunks)
+        self._buffer += data
+        if self._header and len(self._buffer) == self._size:
+            (length,) = _LENGTH.unpack(self._buffer)
+            if length > MAX_FRAME:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit")
+            self._header, self._size = False, length
+            self._buffer.clear()
+        if self._header or len(self._buffer) < self._size:
+            return None
+        return _decode(bytes(self._buffer))
 
 
 def request(sock: socket.socket, message: Message) -> Message:
@@ -87,7 +110,7 @@ def request(sock: socket.socket, message: Message) -> Message:
 
 def receive(sock: socket.socket) -> Message:
     """Read one message from a blocking socket."""
-    (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds the limit")
-    return _decode(_recv_exactly(sock, length))
+    reader = FrameReader()
+    while (message := reader.feed(sock.recv(reader.needed))) is None:
+        pass
+    return message

@@ -175,6 +175,24 @@ vars_read          In one process, no IPC: decoding a new 10 kB snapshot and
                    mappings it leaves unread until it reads them). Baseline:
                    `pickle.loads` of the same snapshot with the same reads.
 
+asgi_requests      Requests per second of fixtures/asgiapp (Starlette, `uvicorn
+                   --workers 2`, its pool owned by `python -m
+                   fixtures.asgiapp.serve`) from a forked child holding 8
+                   keep-alive connections, each sending its next GET as soon as
+                   the last is answered, 0.25 s a sample; one sample of each
+                   route per round (in turn first), 4 rounds per --reps, over
+                   the same connections, after one unrecorded round. bgpool:
+                   `/`, whose handler awaits `client.aensure("flags")` and
+                   returns `dict(get_vars("flags"))` as JSON. Baseline: `/bare`,
+                   the same handler without the two calls (it returns
+                   `dict()` of the snapshot read at start-up). The overhead
+                   (printed, and extra.overhead_pct) is the ratio of the two
+                   server processes' CPU time per request (psutil, summed over
+                   each route's samples): in a CPU-bound server that is the
+                   throughput's loss, and other processes on a shared
+                   machine move it less than they move the req/s. Target:
+                   under 2%.
+
 The vars cases run with three 10 kB snapshots (10.2 to 10.3 kB in bgpool's
 format): "structured" (a routing table with flags: 188 small dicts, 379
 containers to check and rebuild), "wide" (one mapping of 1,030 counters, every

@@ -1,5 +1,6 @@
 """The bgpool demo: one pool from fixtures/demo/config.py, start to clean shutdown,
-then a gunicorn application whose workers read vars a bgpool worker publishes.
+then a gunicorn application whose workers read vars a bgpool worker publishes, and
+an ASGI application (Starlette under uvicorn) that awaits its workers with aensure().
 
 Run it with ./scripts/demo (which sets up .venv first).
 """
@@ -16,6 +17,7 @@ import time
 import timeit
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,7 +127,7 @@ def main() -> int:
     print(f"   child processes left: {len(leftovers)}; table {table} exists: "
           f"{os.path.exists(table)}; socket exists: {os.path.exists(pool.address)}")
     typo_demo()
-    web_ok = web_demo()
+    web_ok = web_demo() and asgi_demo()
     print(f"\ndemo finished in {time.monotonic() - begin:.1f} s")
     return 1 if leftovers or os.path.exists(table) or not web_ok else 0
 
@@ -155,11 +157,49 @@ def web_demo() -> bool:
           "set_vars();\n    each request calls ensure('flags') and get_vars('flags'))")
     port = free_port()
     env = {**os.environ, "WEBAPP_BIND": f"127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "fixtures/webapp/gunicorn_conf.py",
-         "--log-level", "warning", "fixtures.webapp.app:application"],
-        cwd=ROOT, env=env,
+    command = [sys.executable, "-m", "gunicorn", "-c", "fixtures/webapp/gunicorn_conf.py",
+               "--log-level", "warning", "fixtures.webapp.app:application"]
+    # on_exit drains the pool
+    return serve_and_get(command, env, port, "gunicorn", lambda f: f"dark_mode={f['dark_mode']} ")
+
+
+def asgi_demo() -> bool:
+    step("8. an ASGI application: uvicorn --workers 2 beside a pool; each server process "
+         "awaits aensure()")
+    print("   (fixtures/asgiapp: the lifespan awaits aensure(['flags'], fail_fast=True), each "
+          "request\n    awaits aensure('flags') and reads get_vars('flags'); 'flags' is an async "
+          "worker)")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "fixtures.asgiapp.serve", "--",
+               sys.executable, "-m", "uvicorn", "fixtures.asgiapp.app:app", "--workers", "2",
+               "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    if not serve_and_get(command, env, port, "uvicorn", lambda f: ""):
+        return False
+    print("   with a dependency that cannot boot (ASGIAPP_REQUIRES=flags,importer), the "
+          "server does not start:")
+    failed = subprocess.run(
+        command, cwd=ROOT, env={**env, "ASGIAPP_REQUIRES": "flags,importer"},
+        capture_output=True, text=True, timeout=60,
     )
+    said = next((line for line in failed.stderr.splitlines()
+                 if line.startswith("bgpool.errors.WorkerBootFailed")), None)
+    print(f"   {said or 'no WorkerBootFailed in its output'}")
+    answered = True
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+    except OSError:
+        answered = False
+    print(f"   the server stopped by itself; it answered no request: {not answered}")
+    return said is not None and not answered
+
+
+def serve_and_get(
+    command: list[str], env: dict[str, str], port: int, what: str, shown: Any
+) -> bool:
+    """Run a web server, GET / six times, print who answered, stop it with
+    SIGTERM; whether it answered and stopped cleanly, leaving nothing behind."""
+    server = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 10
@@ -169,7 +209,7 @@ def web_demo() -> bool:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    print("   gunicorn did not come up")
+                    print(f"   {what} did not come up")
                     return False
                 time.sleep(0.05)
         seen = set()
@@ -178,14 +218,14 @@ def web_demo() -> bool:
             seen.add(reply["served_by"])
             flags = reply["flags"]
             print(f"   GET / -> served by pid {reply['served_by']}: counter={flags['counter']} "
-                  f"dark_mode={flags['dark_mode']} (published by pid {flags['publisher']})")
+                  f"{shown(flags)}(published by pid {flags['publisher']})")
             time.sleep(0.12)
-        print(f"   {len(seen)} gunicorn worker(s) answered, each reading the same snapshot")
+        print(f"   {len(seen)} {what} worker(s) answered, each reading the same snapshot")
     finally:
-        server.send_signal(signal.SIGTERM)  # on_exit drains the pool
+        server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     left = psutil.Process().children(recursive=True)
-    print(f"   gunicorn stopped (exit {server.returncode}); processes left: {len(left)}")
+    print(f"   {what} stopped (exit {server.returncode}); processes left: {len(left)}")
     return server.returncode == 0 and not left
 
 

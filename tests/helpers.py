@@ -383,6 +383,14 @@ def unix_socket_inodes(path: str) -> set[int]:
 # ------------------------------------------------------------------- subprocesses
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test
+    starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The current environment plus PYTHONPATH so a child can import bgpool/fixtures."""
     env = dict(os.environ)

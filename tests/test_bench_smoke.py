@@ -45,6 +45,7 @@ CASES = {
     "set_vars",
     "vars_visibility",
     "vars_read",
+    "asgi_requests",
 }
 WITH_BASELINE = CASES - {"idle_cpu", "supervisor_rss", "start_scaling"}
 # the cases with rows of both bare floors (scripts/benchmark/floors.py)

@@ -5,6 +5,12 @@ A client validates arguments, answers `ensure()` for ready workers from the
 shared-memory table (no system call), and sends everything else to the
 supervisor over the control socket, one short-lived connection per request so
 any number of threads can call it at once. It never forks.
+
+Each operation that talks to the supervisor is written once, as its steps
+(`Steps`: a generator that yields each request it needs answered and is sent
+the reply), apart from any I/O; `PoolClient._run()` drives the steps over a
+blocking socket (`ensure()`), `_arun()` over the running event loop's
+non-blocking one (`aensure()`), so the two forms cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import collections
 import contextlib
 import contextvars
 import functools
+import inspect
 import math
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -38,6 +46,7 @@ from ..shm.table import Kind, Slot, Status, TableReader
 from ..shm.varstore import Reader, segment_name
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _request_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "bgpool_request_scope", default=None
@@ -129,16 +138,58 @@ def _check_timeout(timeout: object) -> float:
     return min(timeout, MAX_TIMEOUT)
 
 
+def _new_socket() -> socket.socket:
+    """A socket for one request; out of descriptors, a `BgpoolError` saying so."""
+    try:
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BgpoolError(_cannot_connect(exc)) from None
+
+
 def _cannot_connect(exc: OSError) -> str:
     """Why a request could not reach the supervisor, with the descriptor
     limit when that was the cause."""
     return f"cannot reach the pool's supervisor: {platform.os_error_words(exc)}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """One request on a fresh connection, as a step of an operation: the
+    message, how long to wait for its reply (None: as long as it takes), and
+    what to raise if none comes in time (else a `BgpoolError` saying so)."""
+
+    message: protocol.Message
+    timeout: float | None
+    silence: Callable[[], BgpoolError] | None = None
+    more: bool = False  # the reply may go on in more frames (`"more": true`): all are read
+
+    @property
+    def wait(self) -> float | None:
+        """The timeout as a socket or event loop can arm it."""
+        return None if self.timeout is None else min(self.timeout, MAX_SOCKET_WAIT)
+
+
+Steps = Generator[_Exchange, protocol.Message, T]
+"""An operation of the client apart from its I/O: it yields each request it
+needs answered, is sent the reply (an error reply is raised before it gets
+there), and returns its result. Driven by `PoolClient._run()` (blocking) or
+`PoolClient._arun()` (asyncio)."""
+
+
 def _reads_shared_memory(method: _Method) -> _Method:
     """Make a client method that reads the table or vars raise `PoolClosed`,
     not a `ValueError` of a released buffer, when another thread closes the
-    client under it."""
+    client under it (an `async def` method as well as a plain one)."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def acall(self: PoolClient, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(self, *args, **kwargs)
+            except ValueError as exc:
+                raise self._closed_under_us(exc) from None
+
+        return cast(_Method, acall)
 
     @functools.wraps(method)
     def call(self: PoolClient, *args: Any, **kwargs: Any) -> Any:
@@ -194,7 +245,7 @@ class PoolClient:
 
     def _attach(self) -> None:
         """Say hello to the supervisor; map its table; learn the named workers."""
-        hello = self._learn_scopes()
+        hello = self._run(self._learn_scopes())
         self._reached = True
         self._name = hello["name"]
         self._ensure_timeout = float(hello["ensure_timeout"])
@@ -206,27 +257,23 @@ class PoolClient:
             if slot.kind == Kind.NAMED and slot.instance == 0:
                 self._directory[(slot.scope_id, slot.name)] = (self._table.offset(index), slot.gen)
 
-    def _learn_scopes(self) -> protocol.Message:
+    def _learn_scopes(self) -> Steps[protocol.Message]:
         """Ask the supervisor which scopes are declared (a reload may have
         added some since); returns its whole hello."""
-        hello = self._request({"op": "hello"}, timeout=10.0)
+        hello = yield _Exchange({"op": "hello"}, 10.0)
         self._scopes = {0: ""} | {int(sid): str(label) for sid, label in hello["scopes"]}
         return hello
 
-    def _learn_scope(self, scope_id: int) -> None:
-        """Ask which scopes are declared if a reload may have declared
-        `scope_id` since this client last found it was not: a scope that
-        declares nothing then costs one table read, not a round trip."""
+    def _known_undeclared(self, scope_id: int) -> bool:
+        """Whether this client found `scope_id` undeclared at the current
+        version of the declarations: a scope that declares nothing then costs
+        one table read, not a round trip."""
         table = self._table
         version = table.declarations() if table is not None else None
         if version is not None and version == self._undeclared[0]:
-            if scope_id in self._undeclared[1]:
-                return
-        else:
-            self._undeclared = (version, set())
-        self._learn_scopes()
-        if scope_id not in self._scopes and len(self._undeclared[1]) < MAX_UNDECLARED_SCOPES:
-            self._undeclared[1].add(scope_id)
+            return scope_id in self._undeclared[1]
+        self._undeclared = (version, set())
+        return False
 
     def _closed(self) -> BgpoolError:
         table = self._table
@@ -252,17 +299,120 @@ class PoolClient:
         one was reading), else `exc` itself."""
         return self._closed() if self._table is None else exc
 
+    # -- the drivers: the only code that does the control socket's I/O ---------
+
+    def _run(self, steps: Steps[T]) -> T:
+        """Drive an operation's steps with blocking I/O, in the calling thread."""
+        try:
+            exchange = next(steps)
+            while True:
+                exchange = steps.send(self._exchange(exchange))
+        except StopIteration as done:
+            return cast(T, done.value)
+
+    async def _arun(self, steps: Steps[T]) -> T:
+        """Drive an operation's steps on the running event loop, which runs on
+        while each reply is awaited. Cancelling the awaiting task closes the
+        connection (the supervisor forgets the request, and goes on with what
+        it started) and does nothing else."""
+        try:
+            exchange = next(steps)
+            while True:
+                exchange = steps.send(await self._aexchange(exchange))
+        except StopIteration as done:
+            return cast(T, done.value)
+
+    def _exchange(self, exchange: _Exchange) -> protocol.Message:
+        """One request on a fresh blocking connection: its reply (with `more`,
+        `{"ok": true, "frames": [...]}`, every frame of it)."""
+        sock, reply = self._connect(exchange)
+        with sock:
+            frames = [reply]
+            while exchange.more and frames[-1].get("more"):
+                try:
+                    frames.append(protocol.receive(sock))
+                except (OSError, protocol.ProtocolError) as exc:
+                    raise self._failure(exchange, exc) from None
+        return {"ok": True, "frames": frames} if exchange.more else reply
+
+    def _connect(self, exchange: _Exchange) -> tuple[socket.socket, protocol.Message]:
+        """A fresh blocking connection, the request sent on it and its reply
+        read, the connection left open for the caller."""
+        sock = _new_socket()
+        try:
+            sock.settimeout(exchange.wait)
+            try:
+                sock.connect(self._address)
+                reply = protocol.request(sock, exchange.message)
+            except (OSError, protocol.ProtocolError) as exc:
+                raise self._failure(exchange, exc) from None
+            self._check_reply(reply)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, reply
+
+    async def _aexchange(self, exchange: _Exchange) -> protocol.Message:
+        """One request on a fresh non-blocking connection, through the running
+        event loop's own socket support (no thread): its reply."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        sock = _new_socket()
+
+        async def frame() -> protocol.Message:
+            reader = protocol.FrameReader()
+            while (message := reader.feed(await loop.sock_recv(sock, reader.needed))) is None:
+                pass
+            return message
+
+        try:
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(exchange.wait):
+                    await loop.sock_connect(sock, self._address)
+                    await loop.sock_sendall(sock, protocol.encode(exchange.message))
+                    frames = [await frame()]
+                    while exchange.more and frames[0].get("ok") and frames[-1].get("more"):
+                        frames.append(await frame())
+            except (OSError, protocol.ProtocolError) as exc:  # TimeoutError is an OSError
+                raise self._failure(exchange, exc) from None
+        finally:
+            sock.close()
+        self._check_reply(frames[0])  # (outside: EnsureTimeout is a TimeoutError too)
+        return {"ok": True, "frames": frames} if exchange.more else frames[0]
+
+    def _failure(self, exchange: _Exchange, exc: Exception) -> BgpoolError:
+        """What a request that met `exc` raises, whichever driver met it: no
+        pool there (never reached), the supervisor gone (`PoolClosed`), silent
+        past the deadline, or out of reach."""
+        if isinstance(exc, FileNotFoundError | NotADirectoryError | ConnectionRefusedError):
+            if not self._reached:  # no socket file, or one nobody listens on
+                return BgpoolError(texts.no_pool_at(self._address))
+            return self._closed()
+        if isinstance(exc, ConnectionError | protocol.ProtocolError):
+            return self._closed()
+        if isinstance(exc, TimeoutError):
+            if exchange.silence is not None:
+                return exchange.silence()
+            return BgpoolError("the supervisor did not answer in time")
+        assert isinstance(exc, OSError)
+        return BgpoolError(_cannot_connect(exc))
+
+    def _check_reply(self, reply: protocol.Message) -> None:
+        """Raise the error an error reply names."""
+        if not reply.get("ok"):
+            self._raise_reply(reply)
+
     def _request(
         self,
         message: protocol.Message,
         timeout: float | None,
         silence: Callable[[], BgpoolError] | None = None,
     ) -> protocol.Message:
-        """One request on a fresh connection; raise the error it answers with,
-        or `silence()` if no answer comes within `timeout` seconds."""
-        sock, reply = self._open(message, timeout, silence)
-        sock.close()
-        return reply
+        """One request on a fresh connection (blocking); raise the error it
+        answers with, or `silence()` if no answer comes within `timeout` seconds."""
+        return self._exchange(_Exchange(message, timeout, silence))
 
     def _open(
         self,
@@ -270,35 +420,8 @@ class PoolClient:
         timeout: float | None,
         silence: Callable[[], BgpoolError] | None = None,
     ) -> tuple[socket.socket, protocol.Message]:
-        """A fresh connection, `message` sent on it and its reply read, as
-        `_request()` does, but the connection left open for the caller."""
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:  # out of descriptors, most likely
-            raise BgpoolError(_cannot_connect(exc)) from None
-        try:
-            sock.settimeout(None if timeout is None else min(timeout, MAX_SOCKET_WAIT))
-            try:
-                sock.connect(self._address)
-                reply = protocol.request(sock, message)
-            except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
-                if not self._reached:  # no socket file, or one nobody listens on
-                    raise BgpoolError(texts.no_pool_at(self._address)) from None
-                raise self._closed() from None
-            except (ConnectionError, protocol.ProtocolError):
-                raise self._closed() from None
-            except TimeoutError:
-                if silence is not None:
-                    raise silence() from None
-                raise BgpoolError("the supervisor did not answer in time") from None
-            except OSError as exc:
-                raise BgpoolError(_cannot_connect(exc)) from None
-            if not reply.get("ok"):
-                self._raise_reply(reply)
-        except BaseException:
-            sock.close()
-            raise
-        return sock, reply
+        """As `_request()`, but the connection left open for the caller."""
+        return self._connect(_Exchange(message, timeout, silence))
 
     def _raise_reply(self, reply: protocol.Message) -> None:
         """Raise the error an error reply names, with its diagnostics as models:
@@ -329,26 +452,51 @@ class PoolClient:
     # -- scopes ----------------------------------------------------------------
 
     def _scope_id(self, scope: Scope | str | None) -> int:
-        """The scope a name is resolved in, first found of: the argument, the
-        request scope, the calling worker's own scope, global; a scope with no
-        declarations falls back to global."""
+        """The scope a name is resolved in (`_resolve_scope()`), blocking."""
+        found = self._known_scope(scope)
+        return found if found is not None else self._run(self._resolve_scope(scope))
+
+    def _known_scope(self, scope: Scope | str | None) -> int | None:
+        """The scope a name is resolved in, if this client can tell without
+        asking the supervisor (None: it must ask, see `_resolve_scope()`)."""
         if scope is None:
             scope = _request_scope.get()
             if scope is None:
                 return self._own_scope
         if isinstance(scope, Scope):
-            if scope.id not in self._scopes:
-                self._learn_scope(scope.id)
-            return scope.id if scope.id in self._scopes else 0
+            if scope.id in self._scopes:
+                return scope.id
+            return 0 if self._known_undeclared(scope.id) else None
         if isinstance(scope, str):
-            matches = [sid for sid, label in self._scopes.items() if label == scope]
-            if len(matches) != 1:
-                self._learn_scopes()
-                matches = [sid for sid, label in self._scopes.items() if label == scope]
-            if len(matches) != 1:
-                raise ValueError(f"no single declared scope is labelled {scope!r}")
-            return matches[0]
+            matches = self._labelled(scope)
+            return matches[0] if len(matches) == 1 else None
         raise TypeError(f"scope must be a Scope, a scope label or None, not {type(scope).__name__}")
+
+    def _resolve_scope(self, scope: Scope | str | None) -> Steps[int]:
+        """The scope a name is resolved in, first found of: the argument, the
+        request scope, the calling worker's own scope, global; a scope with no
+        declarations falls back to global. Asks the supervisor which scopes
+        are declared when a reload may have declared it since this client
+        last asked."""
+        found = self._known_scope(scope)
+        if found is not None:
+            return found
+        yield from self._learn_scopes()
+        if scope is None:
+            scope = _request_scope.get()
+        if isinstance(scope, Scope):
+            if scope.id not in self._scopes and len(self._undeclared[1]) < MAX_UNDECLARED_SCOPES:
+                self._undeclared[1].add(scope.id)
+            return scope.id if scope.id in self._scopes else 0
+        assert isinstance(scope, str)
+        matches = self._labelled(scope)
+        if len(matches) != 1:
+            raise ValueError(f"no single declared scope is labelled {scope!r}")
+        return matches[0]
+
+    def _labelled(self, label: str) -> list[int]:
+        """The declared scopes (as this client knows them) labelled `label`."""
+        return [sid for sid, known in self._scopes.items() if known == label]
 
     @contextlib.contextmanager
     def request_scope(self, scope: Scope) -> Iterator[None]:
@@ -375,23 +523,73 @@ class PoolClient:
         """Start the named workers that are not running and block until each is
         ready, or raise (`EnsureTimeout`, `WorkerAborted`, `WorkerBootFailed`,
         `WorkerNotDeclared`, `CatchAllLimitReached`, `PoolClosed`)."""
+        steps = self._ensure(names, timeout, scope, fail_fast)
+        if steps is not None:
+            self._run(steps)
+
+    async def aensure(
+        self,
+        names: str | Sequence[str],
+        timeout: float | None = None,
+        *,
+        scope: Scope | str | None = None,
+        fail_fast: bool = False,
+    ) -> None:
+        """`ensure()` for asyncio: the same arguments, errors and semantics,
+        without blocking the event loop. A ready worker returns at once (a
+        table read: no I/O, nothing awaited); a cold start awaits the
+        supervisor's answer on a non-blocking socket. Cancelling the awaiting
+        task abandons the wait and nothing else: the worker still starts."""
+        steps = self._ensure(names, timeout, scope, fail_fast)
+        if steps is not None:
+            await self._arun(steps)
+
+    def _ensure(
+        self,
+        names: str | Sequence[str],
+        timeout: float | None,
+        scope: Scope | str | None,
+        fail_fast: bool,
+    ) -> Steps[None] | None:
+        """What `ensure()` and `aensure()` do before any I/O: the timeout's
+        check and the hot path (one name, already resolved and ready, in a
+        pool that serves: a table read). None when that is all, else the
+        steps of the rest."""
         deadline = self._ensure_timeout if timeout is None else _check_timeout(timeout)
         if scope is None and _request_scope.get() is None:
-            scope_id = self._own_scope
+            scope_id: int | None = self._own_scope
         else:
-            scope_id = self._scope_id(scope)
-        directory = self._directory
-        if type(names) is str and (table := self._table) is not None and not self._gone:
-            # The hot path: one name, already resolved and ready, and a pool
-            # that serves (name_ready() reads the table's status too).
-            entry = directory.get((scope_id, names))
+            scope_id = self._known_scope(scope)
+        if (
+            type(names) is str
+            and scope_id is not None
+            and (table := self._table) is not None
+            and not self._gone
+        ):
+            # name_ready() reads the table's status too.
+            entry = self._directory.get((scope_id, names))
             try:
                 if entry is not None and table.name_ready(*entry):
-                    return
+                    return None
             except ValueError as exc:  # unmapped under us
                 raise self._closed_under_us(exc) from None
+        return self._ensure_steps(names, deadline, scope, scope_id, fail_fast)
+
+    def _ensure_steps(
+        self,
+        names: str | Sequence[str],
+        deadline: float,
+        scope: Scope | str | None,
+        scope_id: int | None,
+        fail_fast: bool,
+    ) -> Steps[None]:
+        """`ensure()` past its hot path: resolve the scope, check the names,
+        return if every one is ready, else ask the supervisor and wait."""
+        if scope_id is None:
+            scope_id = yield from self._resolve_scope(scope)
         table = self._reader()
         batch = _check_names(names)
+        directory = self._directory
         try:
             if all(
                 (entry := directory.get((scope_id, name))) is not None and table.name_ready(*entry)
@@ -400,16 +598,17 @@ class PoolClient:
                 return
         except ValueError as exc:
             raise self._closed_under_us(exc) from None
-        reply = self._request(
-            {
-                "op": "ensure",
-                "names": batch,
-                "scope": scope_id,
-                "timeout": deadline,
-                "fail_fast": bool(fail_fast),
-            },
-            timeout=deadline + ENSURE_SLACK,
-            silence=lambda: EnsureTimeout(texts.no_answer(batch, deadline)),
+        request = {
+            "op": "ensure",
+            "names": batch,
+            "scope": scope_id,
+            "timeout": deadline,
+            "fail_fast": bool(fail_fast),
+        }
+        reply = yield _Exchange(
+            request,
+            deadline + ENSURE_SLACK,
+            lambda: EnsureTimeout(texts.no_answer(batch, deadline)),
         )
         for name, slot, gen in reply["resolved"]:
             directory[(scope_id, name)] = (table.offset(slot), gen)
@@ -420,12 +619,27 @@ class PoolClient:
         names), read from the table without a round trip."""
         return [status_of(s) for s in self._reader().slots() if s.kind != Kind.FREE]
 
+    async def astatus(self) -> list[WorkerStatus]:
+        """`status()` for asyncio: a table read, nothing awaited."""
+        return self.status()
+
     @_reads_shared_memory
     def diagnostics(self, name: str, *, scope: Scope | str | None = None) -> WorkerDiagnostics:
         """Why worker `name` is in its state: last exit, exception, instances."""
+        return self._run(self._diagnostics(name, scope))
+
+    @_reads_shared_memory
+    async def adiagnostics(
+        self, name: str, *, scope: Scope | str | None = None
+    ) -> WorkerDiagnostics:
+        """`diagnostics()` for asyncio: the supervisor's answer is awaited on a
+        non-blocking socket."""
+        return await self._arun(self._diagnostics(name, scope))
+
+    def _diagnostics(self, name: str, scope: Scope | str | None) -> Steps[WorkerDiagnostics]:
         _check_name(name)
-        scope_id = self._scope_id(scope)
-        reply = self._request({"op": "diagnostics", "name": name, "scope": scope_id}, timeout=10.0)
+        scope_id = yield from self._resolve_scope(scope)
+        reply = yield _Exchange({"op": "diagnostics", "name": name, "scope": scope_id}, 10.0)
         return self._diagnostics_model(reply["diagnostics"])
 
     def _diagnostics_model(self, data: dict[str, Any]) -> WorkerDiagnostics:
@@ -608,19 +822,19 @@ class PoolClient:
         name. `[]` for a name that wrote nothing or whose output is not relayed
         (`output="inherit"`); `WorkerNotDeclared` for an undeclared name (one
         that a reload removed included); `PoolClosed` if the pool is gone."""
-        message = self._logs_message(name, lines, scope, follow=False)
-        sock, reply = self._open(message, timeout=10.0)
-        with sock:
-            found = [_log_line(data) for data in reply["lines"]]
-            while reply["more"]:
-                try:
-                    reply = protocol.receive(sock)
-                except (ConnectionError, protocol.ProtocolError):
-                    raise self._closed() from None
-                except TimeoutError:
-                    raise BgpoolError("the supervisor did not answer in time") from None
-                found += [_log_line(data) for data in reply["lines"]]
-        return found
+        return self._run(self._logs(name, lines, scope))
+
+    async def alogs(
+        self, name: str, lines: int = 100, *, scope: Scope | str | None = None
+    ) -> list[LogLine]:
+        """`logs()` for asyncio: the supervisor's answer is awaited on a
+        non-blocking socket."""
+        return await self._arun(self._logs(name, lines, scope))
+
+    def _logs(self, name: str, lines: int, scope: Scope | str | None) -> Steps[list[LogLine]]:
+        message = yield from self._logs_message(name, lines, scope, follow=False)
+        reply = yield _Exchange(message, 10.0, more=True)
+        return [_log_line(data) for frame in reply["frames"] for data in frame["lines"]]
 
     def follow_logs(
         self, name: str, lines: int = 0, *, scope: Scope | str | None = None
@@ -629,17 +843,17 @@ class PoolClient:
         that gives its last `lines` kept lines, then every new one as the
         supervisor relays it, until it is closed or the pool is. Errors as
         `logs()`."""
-        message = self._logs_message(name, lines, scope, follow=True)
+        message = self._run(self._logs_message(name, lines, scope, follow=True))
         sock, reply = self._open(message, timeout=10.0)
         return LogFollow(sock, reply)
 
     def _logs_message(
         self, name: str, lines: int, scope: Scope | str | None, *, follow: bool
-    ) -> protocol.Message:
+    ) -> Steps[protocol.Message]:
         """A checked `logs` request."""
         _check_name(name)
         count = _check_lines(lines)
-        scope_id = self._scope_id(scope)
+        scope_id = yield from self._resolve_scope(scope)
         self._reader()
         return {"op": "logs", "name": name, "scope": scope_id, "lines": count, "follow": follow}
 

@@ -9,15 +9,20 @@ vars segment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..shm import snapshot
 from ..shm.varstore import Publisher
+
+if TYPE_CHECKING:
+    import asyncio  # imported where used: a sync worker need not pay for it
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,14 @@ class WorkerHandle:
     """The stop signal of a running worker.
 
     `fileno()` becomes readable (at EOF) when the supervisor asks the worker to
-    stop, so it works with `select`, `selectors` and asyncio's `add_reader`.
+    stop, so it works with `select`, `selectors` and asyncio's `add_reader`
+    (which `wait_async()` uses).
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None  # what wait_async() awaits
 
     def fileno(self) -> int:
         """The stop pipe's read end; readable once a stop was requested."""
@@ -60,6 +67,37 @@ class WorkerHandle:
             poller.register(self._fd, select.POLLIN)
             self._stopped = bool(poller.poll(None if timeout is None else timeout * 1000))
         return self._stopped
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """`wait()` for an async target: await a stop request, or `timeout`
+        seconds; return whether a stop was requested. The event loop watches
+        the stop pipe (`add_reader`): no thread, and the loop runs on."""
+        import asyncio
+
+        if self.wait(0):
+            return True
+        stopping = self._stop_future(asyncio.get_running_loop())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                # shielded: a waiter that times out or is cancelled leaves the
+                # future to the others
+                await asyncio.shield(stopping)
+        return self.wait(0)
+
+    def _stop_future(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """The future every `wait_async()` on `loop` awaits, done at the stop
+        pipe's EOF (one reader per loop: `add_reader` keeps one per fd)."""
+        stopping = self._stopping
+        if stopping is None or stopping.get_loop() is not loop:
+            stopping = self._stopping = loop.create_future()
+
+            def readable() -> None:
+                loop.remove_reader(self._fd)
+                if not stopping.done():
+                    stopping.set_result(None)
+
+            loop.add_reader(self._fd, readable)
+        return stopping
 
     @property
     def stop_requested(self) -> bool:

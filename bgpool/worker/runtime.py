@@ -8,7 +8,8 @@ with a fresh interpreter first. Either
 way, before any user code runs, the child: leaves the supervisor's process
 group, asks for SIGKILL when the supervisor dies, resets signal handling to a
 new interpreter's, and closes every descriptor but stdio and its own two pipe
-ends (so it holds no sibling's stop pipe).
+ends (so it holds no sibling's stop pipe). A target that returns an awaitable
+(an `async def` function) is run to completion with `asyncio.run()`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from types import CodeType, ModuleType, TracebackType
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from .. import identity, platform, protocol, texts
 from ..launch import python_command
 from . import handle
+
+T = TypeVar("T")
 
 TRACEBACK_TAIL_LINES = 40
 TRACEBACK_TAIL_CHARS = 8000
@@ -198,7 +202,6 @@ def _run(boot: Boot) -> int:
     )
     os.environ["BGPOOL_WORKER"] = boot.name
     sys.argv = [boot.script or boot.target, *boot.args]
-    where: tuple[str, int] | None = None  # where the error lies, if not in the traceback
     try:
         if boot.script is not None:
             _run_script(boot.script)
@@ -210,19 +213,15 @@ def _run(boot: Boot) -> int:
             if not callable(target):
                 raise TypeError(texts.not_callable(boot.target, target))
             result = target()
-            if inspect.iscoroutine(result):  # never awaited: said here, not in a warning
-                where = (result.cr_code.co_filename, result.cr_code.co_firstlineno)
-                result.close()
-                raise TypeError(
-                    f"target {boot.target} returned a coroutine: it is an async def function, "
-                    "which bgpool does not run; make the target a plain function that calls "
-                    "asyncio.run()"
-                )
+            if inspect.isawaitable(result):  # an async def target, or one returning a task
+                import asyncio  # here: a generation does not pay for it unless used
+
+                asyncio.run(_awaited(result))
         code = 0
     except SystemExit as exc:
         code = _exit_status(exc.code)
     except BaseException as exc:
-        handle.notify({"t": "error", **describe(exc, where)})
+        handle.notify({"t": "error", **describe(exc)})
         traceback.print_exception(type(exc), exc, _user_traceback(exc.__traceback__))
         code = 1
     try:
@@ -232,6 +231,11 @@ def _run(boot: Boot) -> int:
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
     return code
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    """`asyncio.run()` takes a coroutine: any awaitable, awaited in one."""
+    return await awaitable
 
 
 def _run_script(path: str) -> None:
@@ -256,18 +260,23 @@ def _exit_status(code: object) -> int:
 
 
 _OWN_FILES = {__file__, os.path.join(os.path.dirname(__file__), "zygote.py")}
+_ASYNCIO = os.path.join(os.path.dirname(os.__file__), "asyncio", "")  # not imported for this
 
 
 def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
-    """Skip the runtime's (and a generation's) frames at the top of a traceback."""
-    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
+    """Skip the frames at the top of a traceback that are not the user's: the
+    runtime's, a generation's, and asyncio's (`asyncio.run()` and its loop,
+    between the runtime and an async target)."""
+    while tb is not None and (
+        (filename := tb.tb_frame.f_code.co_filename) in _OWN_FILES or filename.startswith(_ASYNCIO)
+    ):
         tb = tb.tb_next
     return tb
 
 
-def describe(exc: BaseException, where: tuple[str, int] | None = None) -> dict[str, object]:
-    """A crash as data for diagnostics: type, message, where (`where`, else
-    from the exception), traceback tail."""
+def describe(exc: BaseException) -> dict[str, object]:
+    """A crash as data for diagnostics: type, message, where it was raised (the
+    innermost frame, or a syntax error's place), traceback tail."""
     kind = type(exc)
     qualified = (
         kind.__qualname__
@@ -278,9 +287,7 @@ def describe(exc: BaseException, where: tuple[str, int] | None = None) -> dict[s
     frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith("<frozen")]
     filename: str | None = None
     lineno: int | None = None
-    if where is not None:
-        filename, lineno = where
-    elif isinstance(exc, SyntaxError) and exc.filename:
+    if isinstance(exc, SyntaxError) and exc.filename:
         filename, lineno = exc.filename, exc.lineno
     elif frames:
         filename, lineno = frames[-1].filename, frames[-1].lineno

@@ -15,6 +15,7 @@ each case measures, exactly); this package is the code, one job a module:
     vars_cases  bgpool's shared-state cases: get_vars(), set_vars(), decoding
     reload_cases  bgpool's reload cases: an edit to new code, cold ensure() on
                 a new generation, ready instances during a rolling restart
+    asgi_cases  requests per second of a uvicorn app with and without bgpool calls
     daemons     private supervisord, circusd and pm2 daemons (pm2 through
                 pm2_driver.js, its node client), or why they are skipped
     peers       what the cases measure of the peers, each through its daemon

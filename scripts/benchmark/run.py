@@ -24,7 +24,7 @@ import bench_workers
 
 import bgpool
 
-from . import baselines, cases, floors, peers, reload_cases, vars_cases
+from . import asgi_cases, baselines, cases, floors, peers, reload_cases, vars_cases
 from .channels import FORK
 from .config import Config
 from .harness import Bench
@@ -212,6 +212,9 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
             phase("hot and cold ensure(): peers", peers.hot_and_cold, bench, hot, cold)
         if wanted("vars_read"):
             phase("decode and read a new snapshot", vars_cases.vars_read, bench)
+        if wanted("asgi_requests"):
+            title = "requests/s of a uvicorn app, with and without the bgpool calls"
+            phase(title, asgi_cases.asgi_requests, bench)
         if wanted("batch_ensure"):
             phase(f"batch ensure() of {config.batch} names", _batch, bench, helpers)
         if wanted("crash_to_ready"):

@@ -47,6 +47,14 @@ def _within_2x(row: Row, _rows: list[Row]) -> bool:
     return row.ratio_to_baseline is not None and row.ratio_to_baseline <= 2
 
 
+def _under_2_percent(row: Row, _rows: list[Row]) -> bool:
+    """asgi_requests: the bgpool calls cost under 2% of the requests per second
+    (from the server's CPU time per request, asgi_cases.py; in the row's note)."""
+    overhead = float(row.extra["overhead_pct"])
+    row.note = f"overhead {overhead:.1f}% (server CPU per request)"
+    return overhead < 2
+
+
 def _linear_start(row: Row, rows: list[Row]) -> bool:
     """start_scaling: per worker, at most 1.1x what the smallest N costs (so
     1,000 workers cost at most 11x what 100 do)."""
@@ -108,4 +116,10 @@ CASES: dict[str, Case] = {
         "set_vars() returned -> seen elsewhere", "us", "<= 100 us", lambda r, _: r.median <= 100
     ),
     "vars_read": Case("decode a new 10 kB snapshot and read it", "us", None, None),
+    "asgi_requests": Case(
+        "requests/s of a uvicorn app (2 processes) with aensure() + get_vars() per request",
+        "req/s",
+        "calls < 2% of req/s",
+        _under_2_percent,
+    ),
 }

@@ -214,20 +214,6 @@ def test_a_huge_exception_message_is_cut_in_the_supervisor_log(make_pool: Any, c
     assert all(len(line) <= 2100 for line in mentions), max(map(len, mentions))
 
 
-def test_an_async_def_target_is_reported_as_such(make_pool: Any) -> None:
-    pool = make_pool([faulty("coro", "coroutine_target", max_consecutive_failures=1)])
-    with pytest.raises(bgpool.WorkerAborted):
-        pool.ensure("coro", timeout=10)
-    diagnostics = pool.diagnostics("coro")
-    assert diagnostics.last_exit_status == 1
-    error = diagnostics.last_error
-    assert error is not None and error.type == "TypeError"
-    assert "returned a coroutine" in error.message and "async def" in error.message
-    assert error.filename is not None and error.filename.endswith("fixtures/faults.py")
-    source = (ROOT / "fixtures" / "faults.py").read_text().splitlines()
-    assert source[error.lineno - 1].startswith("async def coroutine_target")
-
-
 def _supervisor(pool: Any) -> psutil.Process:
     worker = next(s.pid for s in pool.status() if s.pid)
     parent = psutil.Process(worker).parent()
