@@ -475,10 +475,19 @@ def test_process_titles(make_pool: Any, runtime_dir: Path, method: str) -> None:
     generations = [p for p in psutil.Process(supervisor).children() if is_generation(p)]
     if method == "fork":
         titles = {comm(p.pid): cmdline(p.pid) for p in generations}
+        assert titles.pop("bgpool-spare", "bgpool: spare 1 alpha") == "bgpool: spare 1 alpha"
         assert titles == {
             "bgpool-seed": "bgpool: seed alpha",
             "bgpool-gen1": "bgpool: generation 1 alpha",
         }
+        wait_for(
+            lambda: any(
+                comm(p.pid) == "bgpool-spare" for p in psutil.Process(supervisor).children()
+            ),
+            what="a spare of generation 1",
+        )
+        spares = [p for p in psutil.Process(supervisor).children() if comm(p.pid) == "bgpool-spare"]
+        assert {cmdline(p.pid) for p in spares} == {"bgpool: spare 1 alpha"}
 
 
 def test_unnamed_pool_titles_show_its_address_id(make_pool: Any) -> None:

@@ -215,7 +215,8 @@ def serve(sock: socket.socket, request: dict[str, Any]) -> NoReturn:
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
         sock.send(json.dumps(loaded).encode())
-        _fork_on_request(sock, len(runtime.Boot.FDS), _worker, SPARES)
+        spare_title = texts.process_title(f"spare {number}", request["pool"])
+        _fork_on_request(sock, len(runtime.Boot.FDS), _worker, spare_title)
         code = 0
     finally:
         os._exit(code)
@@ -265,9 +266,11 @@ class _Spare:
         self.sock = sock
 
     @classmethod
-    def fork(cls, generation: socket.socket, others: list[_Spare], max_fds: int) -> _Spare | None:
-        """Fork a spare beside `others` (None if the fork fails: requests fork
-        then)."""
+    def fork(
+        cls, generation: socket.socket, others: list[_Spare], max_fds: int, title: str
+    ) -> _Spare | None:
+        """Fork a spare beside `others`, `title` in ps (None if the fork fails:
+        requests fork then)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = platform.fork_sibling()
@@ -279,7 +282,7 @@ class _Spare:
             try:
                 for sock in [generation, ours, *(other.sock for other in others)]:
                     sock.close()
-                _wait_for_request(theirs, max_fds)
+                _wait_for_request(theirs, max_fds, title)
             finally:
                 os._exit(1)
         theirs.close()
@@ -297,14 +300,15 @@ class _Spare:
         return b'{"t": "spawned", "pid": %d}' % self.pid
 
 
-def _wait_for_request(sock: socket.socket, max_fds: int) -> NoReturn:
+def _wait_for_request(sock: socket.socket, max_fds: int, title: str) -> NoReturn:
     """In a spare: take the spare's name (ps tells it from workers), prepare,
     run the first steps of every worker once on made-up values (so that what
     they cost the first time in a new process, copy-on-write faults and the
     interpreter's specialisation of their code, is paid before the request:
     a third of a millisecond measured), then become the worker its request
     describes."""
-    platform.set_process_name(b"bgpool-spare")
+    platform.set_process_title(title)
+    platform.set_process_name(b"bgpool-spare")  # after the title, which set the comm too
     runtime.prepare_forked()
     _decode(MADE_UP_REQUEST, [-1] * len(runtime.Boot.FDS))
     runtime.warm_up()
@@ -319,17 +323,18 @@ def _fork_on_request(
     sock: socket.socket,
     max_fds: int,
     child: Callable[[bytes, list[int]], NoReturn],
-    spares: int = 0,
+    spare_title: str | None = None,
 ) -> None:
     """Fork one child per request (which runs `child` with the request and its
-    descriptors), answering each with its pid, until the socket closes. Keep
-    up to `spares` spares, forked while no request waits; each takes a request
-    (the oldest first)."""
+    descriptors), answering each with its pid, until the socket closes. With
+    `spare_title` (their title in ps), keep up to `SPARES` spares, forked while
+    no request waits; each takes a request (the oldest first)."""
+    spares = SPARES if spare_title is not None else 0
     ready: list[_Spare] = []
     patience = 0.0  # the first spare at once: no worker of ours is booting yet
     while True:
         if len(ready) < spares and not select.select([sock], [], [], patience)[0]:
-            spare = _Spare.fork(sock, ready, max_fds)
+            spare = _Spare.fork(sock, ready, max_fds, spare_title or "")
             ready += [spare] if spare is not None else []
             continue
         patience = SPARE_AFTER
