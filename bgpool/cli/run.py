@@ -64,7 +64,7 @@ def run(
         return 2
     try:
         config = _load(config_path, overrides)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in the file: no config either
         sys.stderr.write(format_load_error(exc))
         print(f"bgpool: cannot load {config_path}; nothing was started", file=sys.stderr)
         return 2
