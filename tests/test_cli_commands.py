@@ -109,7 +109,10 @@ def live_pool(make_pool: Callable[..., Any], sentinel_dir: Path) -> Any:
     ("command", "options"),
     [
         ((), ["run", "status", "ensure", "diagnostics", "restart", "logs"]),
-        (("run",), ["--metrics-port", "--metrics-host", "--plain", "--timestamps"]),
+        (
+            ("run",),
+            ["CONFIG", "--metrics-port PORT", "--metrics-host HOST", "--plain", "--timestamps"],
+        ),
         (("status",), ["--json", "--address"]),
         (("ensure",), ["--timeout", "--scope", "--address"]),
         (("diagnostics",), ["--json", "--scope", "--address"]),

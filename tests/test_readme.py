@@ -11,6 +11,14 @@ code fence, marks it (GitHub does not show the comment):
 - ``<!-- file: PATH -->``: the block is written to PATH in that directory before
   every run (a worker module or script the samples declare).
 
+A Python block that is not marked must say so: the paragraph right before it
+calls it a fragment (of what), so a reader knows not to paste it as it is.
+
+Samples run as the README says to run those that use the repository's
+fixtures ("from the repository's root"): the root is on ``PYTHONPATH``. Each
+run has a ``$XDG_RUNTIME_DIR`` of its own, so a named pool of a sample is found
+by that sample alone (two runs of the suite side by side do not collide).
+
 A run passes when it exits 0 within its deadline with no traceback on its
 stderr (a worker's crash is relayed there), and leaves nothing running: its
 pools' processes inherit this test's leak-check token, so ``no_leaks`` finds
@@ -19,14 +27,16 @@ any it left.
 
 from __future__ import annotations
 
-import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -35,6 +45,8 @@ _MARKED = re.compile(
     r"```(?P<lang>\w*)\n(?P<code>.*?)^```$",
     re.MULTILINE | re.DOTALL,
 )
+
+_PYTHON_FENCE = re.compile(r"^```python\n", re.MULTILINE)
 
 RUN_SECONDS = 45.0
 
@@ -66,6 +78,20 @@ def _parse(text: str) -> tuple[list[Sample], dict[str, str]]:
     return samples, files
 
 
+def _unannounced_fragments(text: str) -> list[int]:
+    """The lines of the Python blocks that are neither marked nor introduced,
+    in the paragraph before them, as a fragment."""
+    lines = []
+    for match in _PYTHON_FENCE.finditer(text):
+        before = text[: match.start()].rstrip("\n")
+        if before.rsplit("\n", 1)[-1].startswith("<!-- "):
+            continue
+        paragraph = before.rsplit("\n\n", 1)[-1]
+        if "fragment" not in paragraph.lower():
+            lines.append(text.count("\n", 0, match.start()) + 1)
+    return lines
+
+
 SAMPLES, FILES = _parse(README.read_text())
 
 
@@ -74,6 +100,19 @@ def test_the_readme_marks_its_samples() -> None:
     leave every sample untested), and every declared file is used."""
     assert len(SAMPLES) >= 3, SAMPLES
     assert {"myapp/jobs.py", "myapp/mailer.py"} <= FILES.keys(), FILES.keys()
+
+
+def test_every_python_block_runs_or_says_it_is_a_fragment() -> None:
+    assert _unannounced_fragments(README.read_text()) == []
+
+
+def test_an_unmarked_block_needs_a_paragraph_calling_it_a_fragment() -> None:
+    text = (
+        "A fragment of a config:\n\n```python\nx = 1\n```\n\n"
+        "Just prose.\n\n```python\ny = 2\n```\n\n"
+        "<!-- runs -->\n```python\nz = 3\n```\n"
+    )
+    assert _unannounced_fragments(text) == [9]
 
 
 def test_a_continued_block_runs_after_the_one_before() -> None:
@@ -94,15 +133,20 @@ def test_readme_sample_runs_as_written(sample: Sample, tmp_path: Path) -> None:
     for path, content in FILES.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(content)
-    env = {k: v for k, v in os.environ.items() if k != "BGPOOL_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "-c", sample.code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_SECONDS,
-    )
+    runtime = tempfile.mkdtemp(prefix="rt-")  # short: AF_UNIX paths are limited
+    env = subprocess_env(XDG_RUNTIME_DIR=runtime)
+    env.pop("BGPOOL_ADDRESS", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", sample.code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_SECONDS,
+        )
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
     where = f"the sample at README.md:{sample.line}"
     assert proc.returncode == 0, f"{where} failed:\n{proc.stdout}\n{proc.stderr}"
     assert "Traceback" not in proc.stderr, f"{where} printed a traceback:\n{proc.stderr}"

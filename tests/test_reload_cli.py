@@ -210,11 +210,12 @@ def test_reload_applies_the_edited_config(
     ("broken", "reason"),
     [
         ('raise RuntimeError("reload config broken on purpose")\n', "broken on purpose"),
+        ('raise SystemExit("reload config exits on purpose")\n', "exits on purpose"),
         ("config = PoolConfig(workers=[WorkerSpec(name='x', target='no_such_mod_zq:run')])\n",
          "no_such_mod_zq"),
         ("config = 'not a PoolConfig'\n", "must define config"),
     ],
-    ids=["raises", "invalid", "no-config"],
+    ids=["raises", "exits", "invalid", "no-config"],
 )  # fmt: skip
 def test_config_that_fails_to_load_changes_nothing(
     running: Callable[..., Running], beside_config: Sources, broken: str, reason: str

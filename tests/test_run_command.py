@@ -249,6 +249,17 @@ def test_config_load_error_shows_the_users_traceback_without_bgpools_frames(
     )
 
 
+def test_config_that_exits_is_a_load_error(cli: StartRun, tmp_path: Path) -> None:
+    """sys.exit(0) in the config file: no pool, so not a silent success."""
+    config = tmp_path / "exits_config.py"
+    config.write_text("import sys\n\nsys.exit(0)\n")
+    run = cli(str(config))
+    assert run.wait(20) == 2
+    assert run.stderr().endswith(
+        f"SystemExit: 0\nbgpool: cannot load {config}; nothing was started\n"
+    ), run.stderr()
+
+
 def test_version() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bgpool", "--version"],

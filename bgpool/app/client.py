@@ -923,7 +923,8 @@ class LogFollow:
     """A worker name's lines as they come (`PoolClient.follow_logs()`).
 
     Non-blocking, as `Watch` is: wait until `fileno()` is readable, then call
-    `lines()` until it returns `[]`. A reader too slow for the flow of lines
+    `lines()` until it returns `[]`; the first call returns the kept lines at
+    once (already read: `fileno()` does not signal them). A reader too slow for the flow of lines
     does not hold the supervisor up: lines it cannot take are dropped (for it
     alone) and counted in `dropped`. Usable as a context manager. One
     connection to the supervisor, held until closed.

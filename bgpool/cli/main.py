@@ -238,10 +238,14 @@ def _parser() -> argparse.ArgumentParser:
         "and exit with its status (128+N if signal N killed it); a second SIGTERM or "
         "SIGINT during a drain skips the rest of the grace period.",
     )
-    run_parser.add_argument("config", help="path to the Python config file")
+    run_parser.add_argument("config", metavar="CONFIG", help="path to the Python config file")
     # no type=: run.py checks each option as the PoolConfig field it sets
-    run_parser.add_argument("--metrics-port", help="serve /metrics, /healthz, /readyz")
-    run_parser.add_argument("--metrics-host", help="address to serve them on (127.0.0.1)")
+    run_parser.add_argument(
+        "--metrics-port", metavar="PORT", help="serve /metrics, /healthz, /readyz"
+    )
+    run_parser.add_argument(
+        "--metrics-host", metavar="HOST", help="address to serve them on (127.0.0.1)"
+    )
     run_parser.add_argument("--plain", action="store_true", help="a line per change, always")
     run_parser.add_argument(
         "--timestamps", action="store_true", help="prefix each worker line with its time"

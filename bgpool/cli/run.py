@@ -64,7 +64,7 @@ def run(
         return 2
     try:
         config = _load(config_path, overrides)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in the file: no config either
         sys.stderr.write(format_load_error(exc))
         print(f"bgpool: cannot load {config_path}; nothing was started", file=sys.stderr)
         return 2
@@ -178,7 +178,7 @@ def _reload(pool: Pool, path: str, overrides: Mapping[str, object]) -> tuple[boo
     on new code. Whether that worked, and what it did or why not."""
     try:
         config = _load(path, overrides)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in the file: this thread would end
         return False, f"cannot load {path} ({type(exc).__name__}: {exc}); nothing was changed"
     try:
         report = pool.reload(config)
