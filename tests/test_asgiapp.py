@@ -86,7 +86,7 @@ def test_uvicorn_workers_serve_the_workers_vars(tmp_path: Path) -> None:
         assert len(publishers) == 1
         supervisor = psutil.Process(publishers.pop()).parent()  # a worker of the pool's
         assert supervisor is not None and supervisor.ppid() == server.pid
-        assert "bgpool.supervisor" in " ".join(supervisor.cmdline())
+        assert supervisor.cmdline()[0].startswith("bgpool: supervisor ")
         counters = [r["flags"]["counter"] for r in replies]
         assert counters == sorted(counters), "a newer snapshot, then an older one"
         server.send_signal(signal.SIGTERM)

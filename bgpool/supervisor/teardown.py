@@ -46,12 +46,18 @@ class Teardown(Requests):
             functools.partial(varstore.remove_all, self.table.name),
             functools.partial(self.table.set_status, Status.CLOSED),
             self.table.destroy,
+            self._stop_wakeups,
             *(functools.partial(os.close, fd) for fd in (self.wake_r, self.wake_w)),
         ]
         if self.owner_fd is not None:
             steps.append(functools.partial(os.close, self.owner_fd))
         for step in steps:
             guarded(step)
+
+    def _stop_wakeups(self) -> None:
+        """Signals stop writing to the loop's wake-up pipe, which closes next: a
+        late one must not write its byte into a closed (or reused) descriptor."""
+        signal.set_wakeup_fd(-1)
 
     def _reap_leftovers(self) -> None:
         """SIGTERM, then SIGKILL, whatever descendants are left: orphans that
