@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
 from .. import identity, naming, platform, protocol, texts
 from ..errors import (
@@ -875,13 +875,9 @@ class PoolClient:
         self.close()
 
 
-class Watch:
-    """A subscription to a pool's state-change events (`PoolClient.watch()`).
-
-    Non-blocking: wait until `fileno()` is readable (`select`, `selectors`,
-    asyncio's `add_reader`), then call `events()`. Usable as a context manager
-    (`close()` on exit). One connection to the supervisor, held until closed.
-    """
+class _Subscription:
+    """One connection to the supervisor that streams frames, held until
+    closed, read without blocking: what `Watch` and `LogFollow` share."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -889,9 +885,28 @@ class Watch:
         self._decoder = protocol.FrameDecoder()
 
     def fileno(self) -> int:
-        """The file descriptor that is readable when events (or the
-        supervisor's end) have arrived."""
+        """The file descriptor that is readable when something (or the
+        supervisor's end) has arrived."""
         return self._sock.fileno()
+
+    def close(self) -> None:
+        """End the subscription. Idempotent."""
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Watch(_Subscription):
+    """A subscription to a pool's state-change events (`PoolClient.watch()`).
+
+    Non-blocking: wait until `fileno()` is readable (`select`, `selectors`,
+    asyncio's `add_reader`), then call `events()`. Usable as a context manager
+    (`close()` on exit). One connection to the supervisor, held until closed.
+    """
 
     def events(self) -> list[dict[str, Any]] | None:
         """The events that have arrived since the last call, oldest first (up
@@ -908,41 +923,24 @@ class Watch:
             return None
         return self._decoder.feed(data) if data else None
 
-    def close(self) -> None:
-        """End the subscription. Idempotent."""
-        self._sock.close()
 
-    def __enter__(self) -> Watch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class LogFollow:
+class LogFollow(_Subscription):
     """A worker name's lines as they come (`PoolClient.follow_logs()`).
 
     Non-blocking, as `Watch` is: wait until `fileno()` is readable, then call
     `lines()` until it returns `[]`; the first call returns the kept lines at
-    once (already read: `fileno()` does not signal them). A reader too slow for the flow of lines
-    does not hold the supervisor up: lines it cannot take are dropped (for it
-    alone) and counted in `dropped`. Usable as a context manager. One
+    once (already read: `fileno()` does not signal them). A reader too slow
+    for the flow of lines does not hold the supervisor up: lines it cannot
+    take are dropped (for it alone) and counted in `dropped`. Usable as a context manager. One
     connection to the supervisor, held until closed.
     """
 
     def __init__(self, sock: socket.socket, first: protocol.Message) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._decoder = protocol.FrameDecoder()
+        super().__init__(sock)
         self._pending: collections.deque[protocol.Message] = collections.deque([first])
         self._ended = False
         self.dropped = 0
         """Lines the supervisor dropped for this reader so far."""
-
-    def fileno(self) -> int:
-        """The file descriptor that is readable when lines (or the
-        supervisor's end) have arrived."""
-        return self._sock.fileno()
 
     def lines(self) -> list[LogLine] | None:
         """The lines that arrived since the last call, oldest first (`[]` if
@@ -982,16 +980,6 @@ class LogFollow:
             data = b""
         if not data:
             self._ended = True
-
-    def close(self) -> None:
-        """End the subscription. Idempotent."""
-        self._sock.close()
-
-    def __enter__(self) -> LogFollow:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _when(timestamp: float) -> datetime | None:
