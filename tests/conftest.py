@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import TOKEN_VAR, LeakCheck, TrackedPool
+from helpers import TOKEN_VAR, BgpoolRun, LeakCheck, StartRun, TrackedPool
 
 import bgpool
 from fixtures.reload_fixtures import Sources
@@ -160,3 +160,18 @@ def sigcont_on_exit(make_pool: Callable[..., Any]) -> Iterator[list[int]]:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def bgpool_run(sentinel_dir: Path) -> Iterator[StartRun]:
+    """``bgpool_run(config, *args)`` starts a ``bgpool run``; each is killed at teardown."""
+    runs: list[BgpoolRun] = []
+
+    def start(config: str, *args: str) -> BgpoolRun:
+        run = BgpoolRun(config, sentinel_dir, *args, unbuffered=True)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.close()

@@ -571,6 +571,10 @@ class BgpoolRun:
             self.proc.stdout.close()
 
 
+StartRun = Callable[..., BgpoolRun]
+"""Starts a ``bgpool run CONFIG ARGS...`` (conftest's ``bgpool_run`` fixture)."""
+
+
 # ------------------------------------------------------------- control protocol
 
 

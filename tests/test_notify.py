@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -25,14 +25,13 @@ import pytest
 from helpers import (
     ROOT,
     BgpoolRun,
+    StartRun,
     raw_request,
     read_json,
     starts,
     subprocess_env,
     wait_for,
 )
-
-StartRun = Callable[..., BgpoolRun]
 
 
 class Manager:
@@ -93,20 +92,6 @@ def manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Manager]:
     shutil.rmtree(directory)
 
 
-@pytest.fixture
-def cli(sentinel_dir: Path) -> Iterator[StartRun]:
-    runs: list[BgpoolRun] = []
-
-    def start(config: str, *args: str) -> BgpoolRun:
-        run = BgpoolRun(config, sentinel_dir, *args, unbuffered=True)
-        runs.append(run)
-        return run
-
-    yield start
-    for run in runs:
-        run.close()
-
-
 def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
@@ -118,9 +103,9 @@ def command_children(run: BgpoolRun) -> list[psutil.Process]:
 
 
 def test_ready_status_reloading_and_stopping(
-    cli: StartRun, manager: Manager, sentinel_dir: Path
+    bgpool_run: StartRun, manager: Manager, sentinel_dir: Path
 ) -> None:
-    run = cli(
+    run = bgpool_run(
         "fixtures/cli_config.py",
         "--", sys.executable, "fixtures/command.py", "signals", str(sentinel_dir),
     )  # fmt: skip
@@ -153,12 +138,12 @@ def test_ready_status_reloading_and_stopping(
 
 
 def test_abstract_notify_socket(
-    cli: StartRun, monkeypatch: pytest.MonkeyPatch, sentinel_dir: Path
+    bgpool_run: StartRun, monkeypatch: pytest.MonkeyPatch, sentinel_dir: Path
 ) -> None:
     manager = Manager(f"@bgpool-test-{uuid.uuid4().hex}")
     monkeypatch.setenv("NOTIFY_SOCKET", manager.address)
     try:
-        run = cli("fixtures/cli_config.py")
+        run = bgpool_run("fixtures/cli_config.py")
         manager.wait("READY=1")
         run.proc.send_signal(signal.SIGTERM)
         manager.wait("STOPPING=1")
@@ -168,10 +153,10 @@ def test_abstract_notify_socket(
 
 
 def test_watchdog_pings_while_the_supervisor_answers(
-    cli: StartRun, manager: Manager, monkeypatch: pytest.MonkeyPatch
+    bgpool_run: StartRun, manager: Manager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "600000")  # a ping every 0.3 s
-    run = cli("fixtures/cli_config.py")
+    run = bgpool_run("fixtures/cli_config.py")
     manager.wait("READY=1")
     wait_for(lambda: len(manager.pings_after_listening(0.05)) >= 6, timeout=10, what="six pings")
     gaps = [b - a for a, b in zip(manager.pings(), manager.pings()[1:], strict=False)]
@@ -192,11 +177,11 @@ def test_watchdog_pings_while_the_supervisor_answers(
 
 
 def test_watchdog_of_another_pid_is_not_ours(
-    cli: StartRun, manager: Manager, monkeypatch: pytest.MonkeyPatch
+    bgpool_run: StartRun, manager: Manager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))  # the test's, not bgpool run's
-    run = cli("fixtures/cli_config.py")
+    run = bgpool_run("fixtures/cli_config.py")
     manager.wait("READY=1")
     manager.listen(0.8)
     assert manager.pings() == []

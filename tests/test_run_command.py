@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -23,6 +22,7 @@ import pytest
 from helpers import (
     ROOT,
     BgpoolRun,
+    StartRun,
     gone,
     read_json,
     read_text,
@@ -33,23 +33,7 @@ from helpers import (
     zombie_children,
 )
 
-StartRun = Callable[..., BgpoolRun]
 COMMAND = [sys.executable, "fixtures/command.py"]
-
-
-@pytest.fixture
-def cli(sentinel_dir: Path) -> Iterator[StartRun]:
-    """``cli(config, *args)`` starts a ``bgpool run``; each is killed at teardown."""
-    runs: list[BgpoolRun] = []
-
-    def start(config: str, *args: str) -> BgpoolRun:
-        run = BgpoolRun(config, sentinel_dir, *args, unbuffered=True)
-        runs.append(run)
-        return run
-
-    yield start
-    for run in runs:
-        run.close()
 
 
 def with_command(sentinel_dir: Path, mode: str, *args: str) -> list[str]:
@@ -77,9 +61,9 @@ def eager_pids(sentinel_dir: Path, name: str = "eager.starts") -> list[int]:
 
 
 def test_signals_reach_command_and_its_exit_status_is_passed_through(
-    cli: StartRun, sentinel_dir: Path
+    bgpool_run: StartRun, sentinel_dir: Path
 ) -> None:
-    run = cli("fixtures/cli_config.py", *with_command(sentinel_dir, "signals"))
+    run = bgpool_run("fixtures/cli_config.py", *with_command(sentinel_dir, "signals"))
     wait_for((sentinel_dir / "signals.ready").exists, timeout=20, what="COMMAND's handlers")
     info = command_info(sentinel_dir)
     assert info["ppid"] == run.proc.pid
@@ -110,32 +94,36 @@ def test_signals_reach_command_and_its_exit_status_is_passed_through(
     ids=["exit-0", "exit-3", "killed-by-SIGKILL", "killed-by-SIGTERM"],
 )
 def test_command_exit_drains_the_pool_and_sets_the_status(
-    cli: StartRun, sentinel_dir: Path, args: tuple[str, ...], status: int
+    bgpool_run: StartRun, sentinel_dir: Path, args: tuple[str, ...], status: int
 ) -> None:
-    run = cli("fixtures/cli_config.py", *with_command(sentinel_dir, *args))
+    run = bgpool_run("fixtures/cli_config.py", *with_command(sentinel_dir, *args))
     assert run.wait(30) == status, run.stderr()
     (worker,) = eager_pids(sentinel_dir)
     assert gone(worker)
     assert run.text().rstrip().endswith("bgpool: stopped")
 
 
-def test_command_reaches_the_pool_through_bgpool_address(cli: StartRun, sentinel_dir: Path) -> None:
-    run = cli("fixtures/cli_config.py", *with_command(sentinel_dir, "ensure", "cli-lazy"))
+def test_command_reaches_the_pool_through_bgpool_address(
+    bgpool_run: StartRun, sentinel_dir: Path
+) -> None:
+    run = bgpool_run("fixtures/cli_config.py", *with_command(sentinel_dir, "ensure", "cli-lazy"))
     assert run.wait(30) == 0, run.stderr()
     assert read_text(sentinel_dir / "ensured") == "ready"
     assert len(eager_pids(sentinel_dir, "lazy.starts")) == 1  # started by COMMAND's ensure()
     assert command_info(sentinel_dir)["env"]["BGPOOL_ADDRESS"] == run.address()  # type: ignore[index]
 
 
-def test_command_never_runs_when_the_pool_cannot_start(cli: StartRun, sentinel_dir: Path) -> None:
-    run = cli("fixtures/cli_crash_config.py", *with_command(sentinel_dir, "exit", "0"))
+def test_command_never_runs_when_the_pool_cannot_start(
+    bgpool_run: StartRun, sentinel_dir: Path
+) -> None:
+    run = bgpool_run("fixtures/cli_crash_config.py", *with_command(sentinel_dir, "exit", "0"))
     assert run.wait(40) == 1
     assert "StartupError" in run.stderr() and "cli-crasher" in run.stderr()
     assert not (sentinel_dir / "command.json").exists()
 
 
-def test_a_command_that_cannot_be_found_exits_127(cli: StartRun, sentinel_dir: Path) -> None:
-    run = cli("fixtures/cli_config.py", "--", "/nonexistent/command")
+def test_a_command_that_cannot_be_found_exits_127(bgpool_run: StartRun, sentinel_dir: Path) -> None:
+    run = bgpool_run("fixtures/cli_config.py", "--", "/nonexistent/command")
     assert run.wait(30) == 127
     assert "bgpool: cannot run /nonexistent/command: No such file or directory" in run.stderr()
     assert all(gone(p) for p in eager_pids(sentinel_dir))
@@ -143,9 +131,9 @@ def test_a_command_that_cannot_be_found_exits_127(cli: StartRun, sentinel_dir: P
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_start_up_stops_the_pool_and_command_never_runs(
-    cli: StartRun, sentinel_dir: Path, sig: signal.Signals
+    bgpool_run: StartRun, sentinel_dir: Path, sig: signal.Signals
 ) -> None:
-    run = cli("fixtures/slow_start_config.py", *with_command(sentinel_dir, "exit", "0"))
+    run = bgpool_run("fixtures/slow_start_config.py", *with_command(sentinel_dir, "exit", "0"))
     (worker,) = wait_for(
         lambda: eager_pids(sentinel_dir, "slow.starts"), timeout=20, what="the eager worker spawned"
     )
@@ -157,8 +145,8 @@ def test_a_signal_during_start_up_stops_the_pool_and_command_never_runs(
     assert "Traceback" not in run.stderr()
 
 
-def test_orphans_of_command_are_reaped(cli: StartRun, sentinel_dir: Path) -> None:
-    run = cli("fixtures/cli_config.py", *with_command(sentinel_dir, "orphan"))
+def test_orphans_of_command_are_reaped(bgpool_run: StartRun, sentinel_dir: Path) -> None:
+    run = bgpool_run("fixtures/cli_config.py", *with_command(sentinel_dir, "orphan"))
     orphan = sentinel_dir / "orphan"
     wait_for(orphan.exists, timeout=20, what="the grandchild re-parented")
     pid, new_parent = map(int, (read_text(orphan) or "").split())
@@ -171,8 +159,8 @@ def test_orphans_of_command_are_reaped(cli: StartRun, sentinel_dir: Path) -> Non
 # ----------------------------------------------- the drain, options, errors
 
 
-def test_second_sigint_skips_the_grace_period(cli: StartRun, sentinel_dir: Path) -> None:
-    run = cli("fixtures/stuck_config.py")
+def test_second_sigint_skips_the_grace_period(bgpool_run: StartRun, sentinel_dir: Path) -> None:
+    run = bgpool_run("fixtures/stuck_config.py")
     run.wait_line("stuck.0", "ready")
     (worker,) = eager_pids(sentinel_dir, "stuck.starts")
     run.proc.send_signal(signal.SIGINT)
@@ -191,9 +179,9 @@ def test_second_sigint_skips_the_grace_period(cli: StartRun, sentinel_dir: Path)
 
 
 def test_sigterm_during_the_drain_after_command_exited_skips_the_grace_period(
-    cli: StartRun, sentinel_dir: Path
+    bgpool_run: StartRun, sentinel_dir: Path
 ) -> None:
-    run = cli("fixtures/stuck_config.py", *with_command(sentinel_dir, "signals"))
+    run = bgpool_run("fixtures/stuck_config.py", *with_command(sentinel_dir, "signals"))
     wait_for((sentinel_dir / "signals.ready").exists, timeout=20, what="COMMAND's handlers")
     run.proc.send_signal(signal.SIGTERM)  # to COMMAND, which exits 5: the drain begins
     run.wait_line("stuck.0", "stopping")
@@ -208,9 +196,9 @@ def assert_nothing_started(run: BgpoolRun, sentinel_dir: Path) -> None:
 
 
 def test_metrics_port_out_of_range_is_refused_before_anything_starts(
-    cli: StartRun, sentinel_dir: Path
+    bgpool_run: StartRun, sentinel_dir: Path
 ) -> None:
-    run = cli("fixtures/cli_config.py", "--metrics-port", "99999")
+    run = bgpool_run("fixtures/cli_config.py", "--metrics-port", "99999")
     assert run.wait(20) == 2
     assert run.stderr() == (
         "bgpool run: --metrics-port 99999: Input should be less than or equal to 65535 "
@@ -220,13 +208,13 @@ def test_metrics_port_out_of_range_is_refused_before_anything_starts(
 
 
 def test_metrics_port_in_use_is_one_line_and_starts_nothing(
-    cli: StartRun, sentinel_dir: Path
+    bgpool_run: StartRun, sentinel_dir: Path
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        run = cli("fixtures/cli_config.py", "--metrics-port", str(port))
+        run = bgpool_run("fixtures/cli_config.py", "--metrics-port", str(port))
         assert run.wait(20) == 1
     assert run.stderr() == (
         "bgpool: StartupError: could not start the pool: cannot serve metrics on "
@@ -236,9 +224,9 @@ def test_metrics_port_in_use_is_one_line_and_starts_nothing(
 
 
 def test_config_load_error_shows_the_users_traceback_without_bgpools_frames(
-    cli: StartRun,
+    bgpool_run: StartRun,
 ) -> None:
-    run = cli("fixtures/bad_config.py")
+    run = bgpool_run("fixtures/bad_config.py")
     assert run.wait(20) == 2
     assert run.stderr() == (
         "Traceback (most recent call last):\n"
@@ -249,11 +237,11 @@ def test_config_load_error_shows_the_users_traceback_without_bgpools_frames(
     )
 
 
-def test_config_that_exits_is_a_load_error(cli: StartRun, tmp_path: Path) -> None:
+def test_config_that_exits_is_a_load_error(bgpool_run: StartRun, tmp_path: Path) -> None:
     """sys.exit(0) in the config file: no pool, so not a silent success."""
     config = tmp_path / "exits_config.py"
     config.write_text("import sys\n\nsys.exit(0)\n")
-    run = cli(str(config))
+    run = bgpool_run(str(config))
     assert run.wait(20) == 2
     assert run.stderr().endswith(
         f"SystemExit: 0\nbgpool: cannot load {config}; nothing was started\n"
@@ -270,10 +258,10 @@ def test_version() -> None:
 
 
 def test_info_log_shows_each_transition_once(
-    cli: StartRun, sentinel_dir: Path, monkeypatch: pytest.MonkeyPatch
+    bgpool_run: StartRun, sentinel_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BGPOOL_LOG_LEVEL", "INFO")
-    run = cli("fixtures/cli_config.py")
+    run = bgpool_run("fixtures/cli_config.py")
     run.wait_line("cli-eager.0", "ready")
     (worker,) = eager_pids(sentinel_dir)
     assert run.stop() == 0
