@@ -176,8 +176,8 @@ vars_read          In one process, no IPC: decoding a new 10 kB snapshot and
                    `pickle.loads` of the same snapshot with the same reads.
 
 asgi_requests      Requests per second of fixtures/asgiapp (Starlette, `uvicorn
-                   --workers 2`, its pool owned by `python -m
-                   fixtures.asgiapp.serve`) from a forked child holding 8
+                   --workers 2` under `bgpool run fixtures/asgiapp/config.py
+                   --`) from a forked child holding 8
                    keep-alive connections, each sending its next GET as soon as
                    the last is answered, 0.25 s a sample; one sample of each
                    route per round (in turn first), 4 rounds per --reps, over

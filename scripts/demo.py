@@ -164,16 +164,19 @@ def web_demo() -> bool:
 
 
 def asgi_demo() -> bool:
-    step("8. an ASGI application: uvicorn --workers 2 beside a pool; each server process "
+    step("9. an ASGI application: uvicorn --workers 2 under `bgpool run`; each server process "
          "awaits aensure()")
     print("   (fixtures/asgiapp: the lifespan awaits aensure(['flags'], fail_fast=True), each "
           "request\n    awaits aensure('flags') and reads get_vars('flags'); 'flags' is an async "
           "worker)")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "fixtures.asgiapp.serve", "--",
-               sys.executable, "-m", "uvicorn", "fixtures.asgiapp.app:app", "--workers", "2",
+    # this environment's `bgpool` and `uvicorn` scripts first on PATH
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": path}
+    command = ["bgpool", "run", "fixtures/asgiapp/config.py", "--",
+               "uvicorn", "fixtures.asgiapp.app:app", "--workers", "2",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    print(f"   $ {' '.join(command)}")
     if not serve_and_get(command, env, port, "uvicorn", lambda f: ""):
         return False
     print("   with a dependency that cannot boot (ASGIAPP_REQUIRES=flags,importer), the "
@@ -190,7 +193,9 @@ def asgi_demo() -> bool:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
     except OSError:
         answered = False
-    print(f"   the server stopped by itself; it answered no request: {not answered}")
+    print(f"   the server stopped by itself, the pool with it; it answered no request: "
+          f"{not answered}\n   (bgpool run exited {failed.returncode}, uvicorn's status: its "
+          "master exits 0 when a server process fails to start)")
     return said is not None and not answered
 
 

@@ -1,18 +1,17 @@
 """A real ASGI application (fixtures/asgiapp: Starlette under uvicorn with two
-server processes) beside a pool: its lifespan awaits its dependencies with
-`aensure(..., fail_fast=True)`, its requests await `aensure()` and read a
-worker's vars.
-
-The pool's owner is `fixtures.asgiapp.serve` (what `bgpool run CONFIG --
-COMMAND` will be), which runs uvicorn with BGPOOL_ADDRESS set.
+server processes) beside a pool, run as the README says: `bgpool run
+fixtures/asgiapp/config.py -- uvicorn fixtures.asgiapp.app:app --workers 2`.
+Its lifespan awaits its dependencies with `aensure(..., fail_fast=True)`, its
+requests await `aensure()` and read a worker's vars; a signal to `bgpool run`
+reaches uvicorn once, and uvicorn's exit drains the pool.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -21,35 +20,38 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import ROOT, file_line, free_port, kill_all, subprocess_env, wait_for
+from helpers import (
+    ROOT,
+    BgpoolRun,
+    LeakCheck,
+    Resources,
+    assert_clean,
+    file_line,
+    free_port,
+    gone,
+    wait_for,
+)
+
+PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+"""This environment's scripts first, so that COMMAND is `uvicorn` itself."""
 
 
 @contextlib.contextmanager
-def served(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """`python -m fixtures.asgiapp.serve -- uvicorn fixtures.asgiapp.app:app
-    --workers 2` on a free port: the process, its URL, and the file that gets
-    its output (uvicorn's, the pool's). Stopped afterwards if it still runs."""
+def served(tmp_path: Path, workers: int = 2, **env: str) -> Iterator[tuple[BgpoolRun, str]]:
+    """`bgpool run fixtures/asgiapp/config.py -- uvicorn fixtures.asgiapp.app:app
+    --workers N` on a free port: the run (its stdout: the pool's lines; its
+    stderr: uvicorn's) and the app's URL. Killed, all of it, if it still runs."""
     port = free_port()
-    output = tmp_path / "server.out"
-    with open(output, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "fixtures.asgiapp.serve", "--",
-             sys.executable, "-m", "uvicorn", "fixtures.asgiapp.app:app",
-             "--workers", "2", "--port", str(port)],
-            cwd=ROOT, env=subprocess_env(**env), stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    run = BgpoolRun(
+        "fixtures/asgiapp/config.py", tmp_path,
+        "--", "uvicorn", "fixtures.asgiapp.app:app", "--workers", str(workers),
+        "--port", str(port),
+        unbuffered=True, env={"PATH": PATH, **env},
+    )  # fmt: skip
     try:
-        yield server, f"http://127.0.0.1:{port}", output
+        yield run, f"http://127.0.0.1:{port}"
     finally:
-        if server.poll() is None:  # failure path: stopped as by a user, else killed
-            server.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(20)
-        if server.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                kill_all(psutil.Process(server.pid).children(recursive=True))
-            server.kill()
-            server.wait(10)
+        run.close()
 
 
 def get(url: str) -> dict[str, Any]:
@@ -58,12 +60,22 @@ def get(url: str) -> dict[str, Any]:
     return result
 
 
+def tracked(run: BgpoolRun, no_leaks: LeakCheck) -> Resources:
+    """The pool `bgpool run` owns, its segments counted as this test's (asked
+    as soon as it says its address: before uvicorn has even started)."""
+    return no_leaks.track(run.address())
+
+
 @pytest.mark.timeout(90)
-def test_uvicorn_workers_serve_the_workers_vars(tmp_path: Path) -> None:
-    with served(tmp_path) as (server, url, output):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_uvicorn_workers_serve_the_workers_vars_and_a_signal_stops_it_all(
+    tmp_path: Path, no_leaks: LeakCheck, sig: signal.Signals
+) -> None:
+    with served(tmp_path) as (run, url):
+        pool = tracked(run, no_leaks)
 
         def answer() -> dict[str, Any] | None:
-            assert server.poll() is None, output.read_text()
+            assert run.proc.poll() is None, run.text() + run.stderr()
             try:
                 return get(url)
             except OSError:
@@ -78,35 +90,58 @@ def test_uvicorn_workers_serve_the_workers_vars(tmp_path: Path) -> None:
             return len(servers) == 2 and replies[-1]["flags"]["counter"] > 3
 
         wait_for(both_answered, 30, "both server processes to answer")
-        master = psutil.Process(server.pid).children()
-        uvicorn = [p for p in master if "uvicorn" in " ".join(p.cmdline())]
-        assert len(uvicorn) == 1, master
-        assert servers <= {p.pid for p in uvicorn[0].children()}, "uvicorn's own workers"
+        children = psutil.Process(run.proc.pid).children()
+        (uvicorn,) = [p for p in children if p.pid != pool.supervisor]
+        assert "uvicorn" in " ".join(uvicorn.cmdline())
+        processes = uvicorn.children()
+        assert servers <= {p.pid for p in processes}, "uvicorn's own server processes"
         publishers = {r["flags"]["publisher"] for r in replies}
         assert len(publishers) == 1
-        supervisor = psutil.Process(publishers.pop()).parent()  # a worker of the pool's
-        assert supervisor is not None and supervisor.ppid() == server.pid
-        assert supervisor.cmdline()[0].startswith("bgpool: supervisor ")
+        assert psutil.Process(publishers.pop()).ppid() == pool.supervisor  # a worker of the pool
         counters = [r["flags"]["counter"] for r in replies]
         assert counters == sorted(counters), "a newer snapshot, then an older one"
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(30) == 0, output.read_text()
-    text = output.read_text()
-    assert text.count("Application startup complete") == 2, text
+        # as a user (or a terminal's Ctrl-C, which reaches only `bgpool run`:
+        # uvicorn runs in its own process group) stops it
+        run.proc.send_signal(sig)
+        assert run.wait(30) == 0, run.text() + run.stderr()
+        uvicorn_said = run.stderr()
+        assert uvicorn_said.count(f"Received {sig.name}, exiting") == 1, uvicorn_said  # once
+        assert uvicorn_said.count("Application shutdown complete") == 2, uvicorn_said
+        assert uvicorn_said.count("Application startup complete") == 2, uvicorn_said
+        assert "uvicorn ended (exit status 0); stopping the pool" in run.text()
+        assert run.text().rstrip().endswith("bgpool: stopped")
+        assert gone(uvicorn.pid) and all(gone(p.pid) for p in processes)
+        assert_clean(pool)  # supervisor, workers, segments, socket: all gone
 
 
 @pytest.mark.timeout(90)
-def test_a_dependency_that_cannot_boot_fails_the_servers_start(tmp_path: Path) -> None:
-    with served(tmp_path, ASGIAPP_REQUIRES="flags,importer") as (server, _, output):
-        server.wait(60)  # it stops by itself
-        text = output.read_text()
+@pytest.mark.parametrize(
+    ("workers", "status"),
+    # uvicorn's exit status when a server process fails its startup: with
+    # --workers 1, 3 (its STARTUP_FAILURE); with more, its master logs "failed
+    # to start, stopping the parent process" and exits 0 (uvicorn 0.55).
+    # `bgpool run` exits with whatever uvicorn exits with.
+    [(2, 0), (1, 3)],
+    ids=["workers-2", "workers-1"],
+)
+def test_a_dependency_that_cannot_boot_fails_the_servers_start(
+    tmp_path: Path, no_leaks: LeakCheck, workers: int, status: int
+) -> None:
+    with served(tmp_path, workers, ASGIAPP_REQUIRES="flags,importer") as (run, _):
+        pool = tracked(run, no_leaks)
+        assert run.wait(60) == status, run.text() + run.stderr()  # it stops by itself
+        uvicorn_said = run.stderr()
+        assert_clean(pool)
     line = file_line(ROOT / "fixtures" / "asgiapp" / "workers.py", "with open(")
     assert (
         'bgpool.errors.WorkerBootFailed: background worker "importer" failed to boot: '
         "attempt 1 failed (exit status 1, target fixtures.asgiapp.workers:importer): "
         "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/importer.json' "
         f"(fixtures/asgiapp/workers.py, line {line})"
-    ) in text, text
-    assert "Application startup failed" in text, text
-    assert "Application startup complete" not in text, text
-    assert "failed to start, stopping the parent process" in text, text
+    ) in uvicorn_said, uvicorn_said
+    assert uvicorn_said.count("Application startup failed") == workers, uvicorn_said
+    assert "Application startup complete" not in uvicorn_said, uvicorn_said
+    if workers > 1:
+        assert "failed to start, stopping the parent process" in uvicorn_said, uvicorn_said
+    assert f"uvicorn ended (exit status {status}); stopping the pool" in run.text()
+    assert run.text().rstrip().endswith("bgpool: stopped")

@@ -1,8 +1,9 @@
 """The ASGI case: requests per second of fixtures/asgiapp (Starlette under
-uvicorn with two server processes, beside a pool owned by
-`fixtures.asgiapp.serve`) under a bounded load from another process, on the
-route whose handler awaits `aensure()` and reads `get_vars()` (`/`) and on the
-same handler without the two calls (`/bare`, the baseline), in one run.
+uvicorn with two server processes, run by `bgpool run fixtures/asgiapp/config.py
+-- uvicorn fixtures.asgiapp.app:app --workers 2`) under a bounded load from
+another process, on the route whose handler awaits `aensure()` and reads
+`get_vars()` (`/`) and on the same handler without the two calls (`/bare`, the
+baseline), in one run.
 
 The load is a forked child with a fixed number of keep-alive connections, each
 sending its next request as soon as the last one is answered (so at most that
@@ -50,14 +51,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _served(port: int) -> Iterator[None]:
-    """The app on `port`, its pool beside it, for a block (stopped with SIGTERM,
-    as a user would, killed if that does not end it)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """The app on `port` under `bgpool run`, its pool beside it, for a block
+    (stopped with SIGTERM, as a user would, killed if that does not end it).
+    `bgpool run`'s lines of the pool's states are left out (stdout)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": path}  # this environment's scripts
     server = subprocess.Popen(
-        [sys.executable, "-m", "fixtures.asgiapp.serve", "--",
-         sys.executable, "-m", "uvicorn", "fixtures.asgiapp.app:app", "--workers", "2",
+        ["bgpool", "run", "fixtures/asgiapp/config.py", "--",
+         "uvicorn", "fixtures.asgiapp.app:app", "--workers", "2",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
 
