@@ -416,20 +416,22 @@ def test_reload_of_something_else_than_a_pool_config(
 # ---------------------------------------------------------------------------- churn
 
 
-def generations(pool: Any) -> list[int]:
-    """The live code generation processes (``bgpool-gen<N>``) among the supervisor's
-    children, workers excluded."""
+def generations(pool: Any) -> set[int]:
+    """The numbers of the live code generations (processes ``bgpool-gen<N>``)
+    among the supervisor's children, workers excluded. Numbers, not processes:
+    a generation's spare is named after it until it renames itself."""
     sup = psutil.Process(supervisor_pid(pool))
     workers = {s.pid for s in pool.status() if s.pid}
-    out = []
+    out = set()
     for child in sup.children():
         if child.pid in workers:
             continue
         try:
             with open(f"/proc/{child.pid}/comm", encoding="utf-8") as f:
                 comm = f.read().strip()
-            if re.fullmatch(r"bgpool-gen\d+", comm) and child.status() != psutil.STATUS_ZOMBIE:
-                out.append(child.pid)
+            found = re.fullmatch(r"bgpool-gen(\d+)", comm)
+            if found and child.status() != psutil.STATUS_ZOMBIE:
+                out.add(int(found[1]))
         except (OSError, psutil.Error):
             continue
     return out

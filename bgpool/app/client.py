@@ -695,6 +695,7 @@ class PoolClient:
         try:
             found = view.reader.read()
             if found is None:
+                self._reader()  # a pool that stopped meanwhile removed it: PoolClosed
                 raise VarsNotPublished(texts.vars_not_published(name))
             view.value, view.generation = decode(found[2]), found[0]
         except (ValueError, TimeoutError) as exc:  # SnapshotError is a ValueError
