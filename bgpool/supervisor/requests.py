@@ -320,13 +320,11 @@ class Requests(Watches):
         WorkerNotDeclared and returns None when a name is undeclared."""
         workers = []
         for name in names:
-            decl = self.registry.resolve(scope_id, name)
-            if decl is None:
-                self._not_declared(conn, scope_id, name)
+            found = self._declared(conn, scope_id, name)
+            if found is None:
                 return None
-            worker = self.workers.get((decl.scope_id, name))
-            if worker is not None:
-                workers.append(worker)
+            if found[1] is not None:
+                workers.append(found[1])
         return workers
 
     def _scope_of(self, message: Message) -> int:
@@ -352,11 +350,10 @@ class Requests(Watches):
         plan: list[tuple[Decl, str, Worker | None]] = []
         wanted: Counter[int] = Counter()
         for name in names:
-            decl = self.registry.resolve(scope_id, name)
-            if decl is None:
-                self._not_declared(conn, scope_id, name)
+            found = self._declared(conn, scope_id, name)
+            if found is None:
                 return None
-            worker = self.workers.get((decl.scope_id, name))
+            decl, worker = found
             if worker is None:
                 wanted[decl.index] += 1
                 if len(decl.hosted) + wanted[decl.index] > decl.cap:
@@ -380,7 +377,14 @@ class Requests(Watches):
         name = message["name"]
         if not isinstance(name, str) or name_problem(name):
             raise ValueError("bad worker name")
-        scope_id = self._scope_of(message)
+        return self._declared(conn, self._scope_of(message), name)
+
+    def _declared(
+        self, conn: Connection, scope_id: int, name: str
+    ) -> tuple[Decl, Worker | None] | None:
+        """The declaration `name` resolves to in `scope_id` (-1: a label that
+        named no scope) and its worker, if running or hosted; replies
+        WorkerNotDeclared and returns None when none does."""
         decl = self.registry.resolve(scope_id, name) if scope_id >= 0 else None
         if decl is None:
             self._not_declared(conn, scope_id, name)
