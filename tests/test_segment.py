@@ -163,6 +163,29 @@ def test_slots_are_read_back_as_written(table: tuple[mmap.mmap, int]) -> None:
     assert not _segment.name_ready(mapping, SLOT, 1)  # ready, but another generation
 
 
+def test_vars_current_checks_the_pool_the_slot_and_the_vars_generation_at_once(
+    table: tuple[mmap.mmap, int], segment: tuple[mmap.mmap, int]
+) -> None:
+    mapping, _ = table
+    vars_map, fd = segment
+    _segment.write_slot(mapping, SLOT, body(5, 0, b"not ready: get_vars() reads it all the same"))
+    _segment.publish(vars_map, fd, CAPACITY, b"one")
+    published = _segment.generation(vars_map)
+    assert _segment.vars_current(mapping, SLOT, 5, vars_map, published)
+    assert not _segment.vars_current(mapping, SLOT, 4, vars_map, published)  # the slot moved on
+    assert not _segment.vars_current(mapping, SLOT, 5, vars_map, published - 1)  # older snapshot
+    _segment.publish(vars_map, fd, CAPACITY, b"two")
+    assert not _segment.vars_current(mapping, SLOT, 5, vars_map, published)  # a newer one
+    _segment.set_status(mapping, 1)  # shutting down: the slow path says so
+    assert not _segment.vars_current(mapping, SLOT, 5, vars_map, published + 1)
+    _segment.set_status(mapping, 0)
+    assert _segment.vars_current(mapping, SLOT, 5, vars_map, published + 1)
+    with mmap.mmap(-1, 8) as short:  # smaller than a header: read() says why
+        assert not _segment.vars_current(mapping, SLOT, 5, short, 0)
+    with pytest.raises(IndexError):
+        _segment.vars_current(mapping, len(mapping) - 4, 5, vars_map, 0)
+
+
 def test_a_slot_left_mid_write_times_out_naming_it_and_the_next_write_repairs_it(
     table: tuple[mmap.mmap, int],
 ) -> None:
@@ -299,6 +322,7 @@ def test_every_access_to_a_truncated_mapping_raises_truncated(case: str) -> None
         os.ftruncate(fd, 0)
         attempt("name_ready", lambda: _segment.name_ready(mapping, SLOT, 7))
         attempt("slot_generation", lambda: _segment.slot_generation(mapping, SLOT))
+        attempt("vars_current", lambda: _segment.vars_current(mapping, SLOT, 7, mapping, 0))
         attempt("status", lambda: _segment.status(mapping))
         attempt("in_use", lambda: _segment.in_use(mapping))
         attempt("read_slots", lambda: _segment.read_slots(mapping, 0, 3, PAGE, 40, 1.0))
@@ -318,6 +342,7 @@ def test_every_access_to_a_truncated_mapping_raises_truncated(case: str) -> None
     faulting = {
         "name_ready": 28,  # the table's status, loaded first
         "slot_generation": 2 * mmap.PAGESIZE + 8,
+        "vars_current": 28,  # the table's status, loaded first
         "status": 28,
         "in_use": 24,
         "read_slots": 0,

@@ -205,7 +205,7 @@ class _VarsView:
     """What one process knows of one name's vars: where they are, and the last
     snapshot it decoded (returned as is while the generation is unchanged)."""
 
-    __slots__ = ("generation", "offset", "reader", "slot_generation", "value")
+    __slots__ = ("current", "generation", "offset", "reader", "slot_generation", "value")
 
     def __init__(self, reader: Reader, offset: int, slot_generation: int) -> None:
         self.reader = reader
@@ -213,6 +213,8 @@ class _VarsView:
         self.slot_generation = slot_generation
         self.generation = 0
         self.value: Mapping[str, Any] | None = None
+        # whether `value` is still the latest (TableReader.vars_check), set after it
+        self.current: Callable[[], bool] | None = None
 
 
 class PoolClient:
@@ -228,6 +230,8 @@ class PoolClient:
         self._address = address
         self._table: TableReader | None = None
         self._directory: dict[tuple[int, str], tuple[int, int]] = {}
+        # ensure()'s hot path per directory entry (TableReader.ready_check)
+        self._ready: dict[tuple[int, str], Callable[[], bool]] = {}
         self._vars: dict[tuple[int, str], _VarsView] = {}
         self._gone = False  # the supervisor died (set by the owner's watcher)
         self._table_name = ""
@@ -255,7 +259,15 @@ class PoolClient:
         self._table = TableReader.attach(self._table_name)
         for index, slot in enumerate(self._table.slots()):
             if slot.kind == Kind.NAMED and slot.instance == 0:
-                self._directory[(slot.scope_id, slot.name)] = (self._table.offset(index), slot.gen)
+                self._remember(slot.scope_id, slot.name, index, slot.gen)
+
+    def _remember(self, scope_id: int, name: str, slot: int, gen: int) -> None:
+        """Note that `name` in scope `scope_id` is hosted at table slot `slot`
+        with identity generation `gen`."""
+        assert self._table is not None
+        offset = self._table.offset(slot)
+        self._directory[(scope_id, name)] = (offset, gen)
+        self._ready[(scope_id, name)] = self._table.ready_check(offset, gen)
 
     def _learn_scopes(self) -> Steps[protocol.Message]:
         """Ask the supervisor which scopes are declared (a reload may have
@@ -560,19 +572,13 @@ class PoolClient:
             scope_id: int | None = self._own_scope
         else:
             scope_id = self._known_scope(scope)
-        if (
-            type(names) is str
-            and scope_id is not None
-            and (table := self._table) is not None
-            and not self._gone
-        ):
-            # name_ready() reads the table's status too.
-            entry = self._directory.get((scope_id, names))
+        if type(names) is str and scope_id is not None and not self._gone:
+            ready = self._ready.get((scope_id, names))  # it reads the table's status too
             try:
-                if entry is not None and table.name_ready(*entry):
+                if ready is not None and ready():
                     return None
-            except ValueError as exc:  # unmapped under us
-                raise self._closed_under_us(exc) from None
+            except ValueError:  # closed or truncated under us: the slow path says which
+                pass
         return self._ensure_steps(names, deadline, scope, scope_id, fail_fast)
 
     def _ensure_steps(
@@ -611,7 +617,7 @@ class PoolClient:
             lambda: EnsureTimeout(texts.no_answer(batch, deadline)),
         )
         for name, slot, gen in reply["resolved"]:
-            directory[(scope_id, name)] = (table.offset(slot), gen)
+            self._remember(scope_id, name, slot, gen)
 
     @_reads_shared_memory
     def status(self) -> list[WorkerStatus]:
@@ -683,9 +689,20 @@ class PoolClient:
             scope_id = self._own_scope
         else:
             scope_id = self._scope_id(scope)
+        view = self._vars.get((scope_id, name))
+        if view is not None and view.current is not None and not self._gone:
+            try:
+                if view.current():
+                    return view.value  # type: ignore[return-value]  # set before `current`
+            except ValueError:  # closed or truncated under us: the reads below say which
+                pass
+        return self._read_vars(scope_id, name, view)
+
+    def _read_vars(self, scope_id: int, name: str, view: _VarsView | None) -> Mapping[str, Any]:
+        """`get_vars()` past its hot path: find the name's vars (again, if its
+        slot changed hands), and decode a snapshot newer than the one held."""
         table = self._reader()
         try:
-            view = self._vars.get((scope_id, name))
             if view is None or table.generation(view.offset) != view.slot_generation:
                 view = self._locate_vars(scope_id, name)
             if view.value is not None and view.reader.generation() == view.generation:
@@ -698,6 +715,9 @@ class PoolClient:
                 self._reader()  # a pool that stopped meanwhile removed it: PoolClosed
                 raise VarsNotPublished(texts.vars_not_published(name))
             view.value, view.generation = decode(found[2]), found[0]
+            view.current = table.vars_check(
+                view.offset, view.slot_generation, view.reader.mapping(), view.generation
+            )
         except (ValueError, TimeoutError) as exc:  # SnapshotError is a ValueError
             if self._table is None:
                 raise self._closed() from None

@@ -1083,6 +1083,62 @@ segment_name_ready(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     return ready < 0 ? NULL : PyBool_FromLong(ready);
 }
 
+/* 1 if the pool serves and the slot still holds generation `gen` (its
+   ready flag unread). Guarded. */
+static int
+slot_current_access(void *context)
+{
+    const Ready *r = context;
+    return __atomic_load_n(r->table + TABLE_STATUS, __ATOMIC_ACQUIRE) == 0 &&
+           __atomic_load_n((const uint32_t *)(r->slot + SLOT_GEN), __ATOMIC_ACQUIRE) == r->gen;
+}
+
+PyDoc_STRVAR(vars_current_doc,
+"vars_current(table, offset: int, gen: int, segment, vars_gen: int) -> bool\n\n"
+"get_vars()'s hot path in one call: whether the pool serves, the slot at\n"
+"`offset` still holds generation `gen` (its name did not move) and the vars\n"
+"`segment` still holds generation `vars_gen` (nothing newer was published).\n"
+"Truncated if the table's slot lies past the end of its file; False if the\n"
+"segment's load faults (read() then says why).");
+
+static PyObject *
+segment_vars_current(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("vars_current", nargs, 5) < 0) {
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    long long gen = PyLong_AsLongLong(args[2]);
+    unsigned long long vars_gen = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer table;
+    if (PyObject_GetBuffer(args[0], &table, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    Py_buffer segment;
+    if (PyObject_GetBuffer(args[3], &segment, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    Ready r = {.table = table.buf, .slot = hot_slot(&table, offset), .gen = gen};
+    int current = -1;
+    Py_ssize_t at;
+    if (r.slot != NULL && (current = guarded(&table, slot_current_access, &r, &at)) == FAULTED) {
+        truncated(&table, at);
+        current = -1;
+    }
+    if (current == 1) {
+        Load l = {.at = (const unsigned char *)segment.buf + VARS_GEN};
+        current = segment.len >= HEADER_SIZE &&
+                  guarded(&segment, load_u64, &l, NULL) != FAULTED && l.value == vars_gen;
+    }
+    PyBuffer_Release(&segment);
+    PyBuffer_Release(&table);
+    return current < 0 ? NULL : PyBool_FromLong(current);
+}
+
 static int
 load_u32(void *context)
 {
@@ -1279,6 +1335,8 @@ static PyMethodDef segment_methods[] = {
      .ml_flags = METH_FASTCALL, .ml_doc = name_ready_doc},
     {.ml_name = "slot_generation", .ml_meth = FASTCALL(segment_slot_generation),
      .ml_flags = METH_FASTCALL, .ml_doc = slot_generation_doc},
+    {.ml_name = "vars_current", .ml_meth = FASTCALL(segment_vars_current),
+     .ml_flags = METH_FASTCALL, .ml_doc = vars_current_doc},
     {.ml_name = "in_use", .ml_meth = segment_in_use, .ml_flags = METH_O,
      .ml_doc = in_use_doc},
     {.ml_name = "set_in_use", .ml_meth = FASTCALL(segment_set_in_use),

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import mmap
 import os
@@ -407,6 +408,22 @@ class TableReader:
             return _segment.name_ready(self._map, offset, gen)
         except _segment.Truncated as exc:
             raise self._truncated(exc) from None
+
+    def ready_check(self, offset: int, gen: int) -> Callable[[], bool]:
+        """`name_ready(offset, gen)` bound, for `ensure()`'s hot path: one C
+        call. It raises `ValueError` once the mapping is closed or truncated
+        under it; the caller's slow path then says why."""
+        return functools.partial(_segment.name_ready, self._map, offset, gen)
+
+    def vars_check(
+        self, offset: int, gen: int, segment: mmap.mmap, vars_gen: int
+    ) -> Callable[[], bool]:
+        """`get_vars()`'s hot path, bound: a call (one C call, no syscall)
+        saying whether the pool serves, the slot at `offset` still holds
+        generation `gen` and the vars `segment` still holds `vars_gen`. It
+        raises `ValueError` once either mapping is closed or truncated under
+        it; the caller's slow path then says why."""
+        return functools.partial(_segment.vars_current, self._map, offset, gen, segment, vars_gen)
 
     def find(self, scope_id: int, name: str) -> tuple[int, int] | None:
         """The primary slot (index, gen) holding `name` in scope `scope_id`

@@ -114,6 +114,12 @@ class Reader:
             self._capacity = (len(mapping) - HEADER_SIZE) // 2
         return self._map
 
+    def mapping(self) -> mmap.mmap:
+        """The mapped segment, once a `read()` found it (for checks done in
+        one C call: `TableReader.vars_check`)."""
+        assert self._map is not None, "mapping() before a read() that found the segment"
+        return self._map
+
     def generation(self) -> int:
         """The current generation (0: nothing published yet, or a segment
         truncated under the load, which `read()` explains). One load."""
