@@ -293,16 +293,18 @@ def test_reload_adding_a_dependant_and_its_requirement_keeps_the_order(
     assert {s.name: s.state for s in pool.status()}["search"] == "ready"
 
 
-def test_reload_adding_a_dependant_of_a_running_requirement(
+def test_reload_adding_a_dependant_of_a_declared_lazy_requirement(
     make_pool: MakePool, tmp_path: Path
 ) -> None:
     order = tmp_path / "order"
-    first = [worker("db", order, num=1)]
+    first = [worker("web", order, num=1), worker("db", order)]
     pool = make_pool(first)
-    pool.reload(PoolConfig(workers=[*first, worker("api", order, "db", num=1)],
-                           grace_period=5.0, ensure_timeout=10.0))  # fmt: skip
-    assert events(order).count("start db") == 1  # left running, not restarted
+    report = pool.reload(PoolConfig(workers=[*first, worker("api", order, "db", num=1)],
+                                    grace_period=5.0, ensure_timeout=10.0))  # fmt: skip
+    assert report.added == ["api"]
+    assert report.unchanged == ["web", "db"]
     assert_requirement_first(order, "api", "db")
+    assert events(order).count("start web") == 1
 
 
 # ------------------------------------------------------------------ shutdown
@@ -329,12 +331,12 @@ def test_a_dependant_that_ignores_the_drain_holds_its_requirement_only_for_the_g
 ) -> None:
     order = tmp_path / "order"
     pool = make_pool([
-        worker("db", order, num=1),
+        worker("db", order, num=1, env={"STOP_DELAY": "30"}),  # only SIGTERM ends it
         worker("app", order, "db", num=1, target="fixtures.requires_workers:deaf"),
-    ], grace_period=0.5)  # fmt: skip
+    ], grace_period=1.0)  # fmt: skip
     t0 = time.monotonic()
     pool.shutdown()
     took = time.monotonic() - t0
-    # the deadline is the pool's (SIGTERM at 0.5 s to both, SIGKILL 1 s later at worst),
-    # not the dependant's grace period followed by the requirement's
-    assert took < 0.5 + 1.0 + 1.0, f"shutdown took {took:.2f}s"
+    # One deadline for the pool: SIGTERM to both at 1 s (db's stop pipe closed then),
+    # not app's grace period followed by one of db's (SIGTERM to db at 2 s).
+    assert took < 1.0 + 0.7, f"shutdown took {took:.2f}s"
