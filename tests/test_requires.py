@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import read_text, spec, wait_for
+from helpers import Background, read_text, spec, wait_for
 from pydantic import ValidationError
 
 import bgpool
@@ -272,6 +272,22 @@ def test_a_catch_all_name_waits_for_its_requirements(make_pool: MakePool, tmp_pa
     pool = make_pool([worker(None, order, "db"), worker("db", order)])  # type: ignore[arg-type]
     pool.ensure("tenant-1")
     assert_requirement_first(order, "tenant-1", "db")
+
+
+def test_stop_of_a_requirement_answers_a_dependant_waiting_to_start(
+    make_pool: MakePool, tmp_path: Path
+) -> None:
+    order = tmp_path / "order"
+    pool = make_pool([worker("api", order, "db"), worker("db", order, env={"BOOT_DELAY": "1.5"})])
+    call = Background(lambda: pool.ensure("api"))
+    wait_for(lambda: "start db" in events(order), what="db to start")
+    pool.stop("db")
+    call.wait(3.0, "ensure('api')")
+    assert isinstance(call.error, bgpool.BgpoolError)
+    assert 'as it requires "db", which was stopped' in str(call.error)
+    assert "start api" not in events(order)
+    pool.ensure("api")  # starts both again
+    assert_requirement_first(order, "api", "db")
 
 
 # ------------------------------------------------------------------ reload
