@@ -66,9 +66,7 @@ class Control(Reloads):
         self._drain_all(instances, self.settings.grace_period, respawn=False)
         for inst in instances:
             self._publish(inst)
-        if self.held_back:  # what waits for them, or is stopped itself, is not started
-            self._settle_all()  # (its callers hear why first)
-            self._release_held()
+        self._settle_all()  # what waits for them to start, or is stopped itself, is not started
         return instances
 
     def _scale(self, worker: Worker, num: int, done: Callable[[Message], None]) -> None:

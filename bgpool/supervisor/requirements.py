@@ -24,7 +24,7 @@ import logging
 from typing import Any
 
 from ..states import State
-from .instances import Instance, Run, Worker
+from .instances import Instance, Worker
 from .lifecycle import Lifecycle
 
 log = logging.getLogger("bgpool")
@@ -121,22 +121,12 @@ class Requirements(Lifecycle):
 
     # -- what may release a held-back worker ---------------------------------------
 
-    def _on_ready(self, inst: Instance, run: Run) -> None:
-        super()._on_ready(inst, run)
+    def _settle_all(self) -> None:
+        """After a readiness, an exit, a stop: answer the waiters (a caller
+        waiting for a held-back worker hears first why it will not start),
+        then look again at what is held back."""
+        super()._settle_all()
         if self.held_back:
-            self._release_held()
-
-    def _after_run(
-        self,
-        inst: Instance,
-        status: int | None,
-        run_seconds: float,
-        error: dict[str, Any] | None,
-        *,
-        give_up: bool = False,
-    ) -> None:
-        super()._after_run(inst, status, run_seconds, error, give_up=give_up)
-        if self.held_back:  # an abort: what waits for it is not started
             self._release_held()
 
     def _drained(self, inst: Instance, status: int) -> None:
