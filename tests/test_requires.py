@@ -293,30 +293,35 @@ def test_stop_of_a_requirement_answers_a_dependant_waiting_to_start(
 # ------------------------------------------------------------------ reload
 
 
+def new_config(workers: list[WorkerSpec], start_method: str | None) -> PoolConfig:
+    """A config to reload: make_pool's settings, with `workers`."""
+    method: dict[str, Any] = {"start_method": start_method} if start_method is not None else {}
+    return PoolConfig(workers=workers, grace_period=5.0, ensure_timeout=10.0, **method)
+
+
 def test_reload_adding_a_dependant_and_its_requirement_keeps_the_order(
-    make_pool: MakePool, tmp_path: Path
+    make_pool: MakePool, tmp_path: Path, start_method: str | None
 ) -> None:
     order = tmp_path / "order"
     first = [worker("web", order, num=1)]
     pool = make_pool(first)
-    report = pool.reload(PoolConfig(workers=[
+    report = pool.reload(new_config([
         *first,
         worker("search", order, "index", num=1),
         worker("index", order),  # lazy: started because "search" needs it
-    ], grace_period=5.0, ensure_timeout=10.0))  # fmt: skip
+    ], start_method))  # fmt: skip
     assert sorted(report.added) == ["index", "search"]
     assert_requirement_first(order, "search", "index")
     assert {s.name: s.state for s in pool.status()}["search"] == "ready"
 
 
 def test_reload_adding_a_dependant_of_a_declared_lazy_requirement(
-    make_pool: MakePool, tmp_path: Path
+    make_pool: MakePool, tmp_path: Path, start_method: str | None
 ) -> None:
     order = tmp_path / "order"
     first = [worker("web", order, num=1), worker("db", order)]
     pool = make_pool(first)
-    report = pool.reload(PoolConfig(workers=[*first, worker("api", order, "db", num=1)],
-                                    grace_period=5.0, ensure_timeout=10.0))  # fmt: skip
+    report = pool.reload(new_config([*first, worker("api", order, "db", num=1)], start_method))
     assert report.added == ["api"]
     assert report.unchanged == ["web", "db"]
     assert_requirement_first(order, "api", "db")
