@@ -18,7 +18,7 @@ import math
 import re
 import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +36,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_core.core_schema import ErrorType
 
+from . import texts
 from .names import GLOBAL_SCOPE, Scope, name_problem, pool_name_problem
 
 DEFAULT_MAX_INSTANCES = 16
@@ -116,8 +117,9 @@ class WorkerSpec(BaseModel):
     before the instance is aborted (`-1`: never); `env` and `args` for the
     worker; `scope`; `output` relayed with a prefix or inherited; `ready_on`
     the handle alone or the handle and a first `set_vars()`; `watch`, glob
-    patterns of files whose change restarts the worker on new code. The
-    README's "Declaring workers" has the table.
+    patterns of files whose change restarts the worker on new code;
+    `requires`, named workers of the same scope that must be ready before it
+    starts. The README's "Declaring workers" has the table.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -133,6 +135,7 @@ class WorkerSpec(BaseModel):
     output: Literal["prefix", "inherit"] = "prefix"
     ready_on: Literal["handle", "vars"] = "handle"
     watch: list[str] = Field(default_factory=list)
+    requires: list[str] = Field(default_factory=list)
 
     @field_validator("target")
     @classmethod
@@ -185,6 +188,17 @@ class WorkerSpec(BaseModel):
             _no_nul(pattern, "watch patterns")
         return patterns
 
+    @field_validator("requires")
+    @classmethod
+    def _check_requires(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if (problem := name_problem(name)) is not None:
+                raise ValueError(f"a required name {problem}")
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(texts.required_twice(twice))
+        return names
+
     @model_validator(mode="after")
     def _check_kind(self) -> WorkerSpec:
         errors = []
@@ -197,6 +211,10 @@ class WorkerSpec(BaseModel):
             errors.append(_field_error(
                 "max_instances", "named_max_instances",
                 "max_instances applies only to a catch-all (name=None)", self.max_instances,
+            ))  # fmt: skip
+        if self.name is not None and self.name in self.requires:
+            errors.append(_field_error(
+                "requires", "requires_itself", texts.requires_itself(self.name), self.requires,
             ))  # fmt: skip
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
@@ -278,8 +296,8 @@ class PoolConfig(BaseModel):
         try:
             config = handler(data)
         except ValidationError as exc:
-            workers, root = cls._valid_parts(data)
-            errors = _line_errors(exc) + _check_across(workers, root, {})
+            workers, root, invalid = cls._valid_parts(data)
+            errors = _line_errors(exc) + _check_across(workers, root, {}, invalid)
             errors.sort(key=lambda e: (e["loc"][:1] != ("workers",), e["loc"][1:2]))  # stable
             raise ValidationError.from_exception_data(cls.__name__, errors) from None
         errors = _check_across(list(enumerate(config.workers)), config.root, config._scripts)
@@ -288,22 +306,28 @@ class PoolConfig(BaseModel):
         return config
 
     @classmethod
-    def _valid_parts(cls, data: Any) -> tuple[list[tuple[int, WorkerSpec]], Path | None]:
+    def _valid_parts(cls, data: Any) -> tuple[list[tuple[int, WorkerSpec]], Path | None, set[str]]:
         """What of a PoolConfig's input that failed is valid on its own: the
-        declarations, by index, and the root (None if it is not valid)."""
+        declarations, by index, and the root (None if it is not valid); and
+        the names the invalid declarations give (a requirement naming one is
+        not reported as undeclared)."""
         if not isinstance(data, dict):
-            return [], None
+            return [], None, set()
         workers = []
+        invalid: set[str] = set()
         entries = data.get("workers")
         for index, entry in enumerate(entries if isinstance(entries, list) else []):
-            with contextlib.suppress(ValidationError):
+            try:
                 workers.append((index, WorkerSpec.model_validate(entry)))
+            except ValidationError:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    invalid.add(entry["name"])
         value = data.get("root")
         try:
             root = _default_root_dir() if value is None else cls._check_root(Path(value))
         except (TypeError, ValueError):
             root = None
-        return workers, root
+        return workers, root, invalid
 
     def worker_messages(self) -> list[dict[str, Any]]:
         """The declarations as the supervisor receives them (plain data)."""
@@ -323,6 +347,7 @@ class PoolConfig(BaseModel):
                 "output": spec.output,
                 "ready_on": spec.ready_on,
                 "watch": spec.watch,
+                "requires": spec.requires,
             }
             for index, spec in enumerate(self.workers)
         ]
@@ -346,11 +371,16 @@ class PoolConfig(BaseModel):
 
 
 def _check_across(
-    workers: list[tuple[int, WorkerSpec]], root: Path | None, scripts: dict[int, Path]
+    workers: list[tuple[int, WorkerSpec]],
+    root: Path | None,
+    scripts: dict[int, Path],
+    invalid: Collection[str] = (),
 ) -> list[Any]:
     """The mistakes that span declarations: a name (or a scope's catch-all)
     declared twice, a target that cannot be found under `root` (not looked
-    for without one). Fills `scripts` with each script target's absolute path."""
+    for without one), a requirement that is undeclared (unless an invalid
+    declaration, `invalid`, gives its name) or part of a cycle. Fills
+    `scripts` with each script target's absolute path."""
     errors: list[Any] = []
 
     def fail(index: int, field: str, kind: str, message: str, value: object) -> None:
@@ -385,7 +415,66 @@ def _check_across(
         problem = _locate(index, spec.target, root, scripts) if root is not None else None
         if problem is not None:
             fail(index, "target", "target_not_found", problem, spec.target)
+    return errors + _check_requirements(workers, named, invalid)
+
+
+def _check_requirements(
+    workers: list[tuple[int, WorkerSpec]],
+    named: dict[tuple[Scope, str], int],
+    invalid: Collection[str],
+) -> list[Any]:
+    """`requires` across declarations: each name a named declaration of the
+    same scope (with the closest such names if not), and no cycle among them
+    (each cycle reported once, in order, from its first declaration)."""
+    errors: list[Any] = []
+    edges: dict[int, list[int]] = {}  # declaration index: those it requires
+    for index, spec in workers:
+        found = []
+        for name in spec.requires:
+            if (spec.scope, name) in named:
+                found.append(named[(spec.scope, name)])
+            elif name not in invalid:
+                close = texts.closest(name, [n for s, n in named if s == spec.scope], 3)
+                text = texts.unknown_requirement(name, close)
+                errors.append(_field_error(("workers", index, "requires"), "unknown_requirement",
+                                           text, spec.requires))  # fmt: skip
+        if spec.name is not None and named.get((spec.scope, spec.name)) == index:
+            edges[index] = [i for i in found if i != index]  # itself: WorkerSpec said so
+    specs = dict(workers)
+    for cycle in _cycles(edges):
+        text = texts.requirement_cycle([str(specs[i].name) for i in cycle])
+        errors.append(_field_error(("workers", cycle[0], "requires"), "requirement_cycle", text,
+                                   specs[cycle[0]].requires))  # fmt: skip
     return errors
+
+
+def _cycles(edges: dict[int, list[int]]) -> list[list[int]]:
+    """Cycles of the graph `edges`, each once, as a path that starts at its
+    lowest node and ends where it started: `[0, 1, 2, 0]`. Every node that is
+    left once those without requirements are peeled away (repeatedly) is on a
+    cycle or leads to one; one cycle is walked from the lowest, taken out, and
+    the rest peeled again, until nothing is left."""
+    remaining = {node: [n for n in targets if n in edges] for node, targets in edges.items()}
+    found: list[list[int]] = []
+    while True:
+        peeled = True
+        while peeled:
+            free = [node for node, targets in remaining.items()
+                    if not any(n in remaining for n in targets)]  # fmt: skip
+            peeled = bool(free)
+            for node in free:
+                del remaining[node]
+        if not remaining:
+            return found
+        path = [min(remaining)]
+        while path[-1] not in path[:-1]:
+            path.append(next(n for n in remaining[path[-1]] if n in remaining))
+        cycle = path[path.index(path[-1]) : -1]
+        start = cycle.index(min(cycle))
+        cycle = cycle[start:] + cycle[:start]
+        found.append([*cycle, cycle[0]])
+        for node in cycle:
+            del remaining[node]
 
 
 def _locate(index: int, target: str, root: Path, scripts: dict[int, Path]) -> str | None:

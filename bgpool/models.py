@@ -70,7 +70,9 @@ class WorkerDiagnostics(_Report):
 
     `last_exit_status` is negative when the process was killed by a signal, named
     in `last_signal`; `last_error` is the exception of the last failed run and
-    `last_output` the last lines it wrote (when its output is relayed).
+    `last_output` the last lines it wrote (when its output is relayed);
+    `waiting_for` the requirements (`WorkerSpec.requires`) not ready yet
+    while its start waits for them.
     """
 
     name: str
@@ -84,6 +86,7 @@ class WorkerDiagnostics(_Report):
     last_signal: str | None
     last_error: ErrorInfo | None
     last_output: list[str] = []
+    waiting_for: list[str] = []
     vars_generation: int = 0
     vars_published_at: datetime | None = None
     instances: list[WorkerStatus]

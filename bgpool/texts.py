@@ -252,6 +252,62 @@ def stopped(name: str) -> str:
     )
 
 
+# -- requirements (WorkerSpec.requires) ---------------------------------------------
+
+
+def required_twice(names: list[str]) -> str:
+    """Why a `requires` list was refused: it names a worker more than once."""
+    return "requires names " + ", ".join(f'"{name}"' for name in names) + " more than once"
+
+
+def requires_itself(name: str) -> str:
+    """Why a declaration's `requires` was refused: it names the worker itself."""
+    return f'worker "{name}" cannot require itself'
+
+
+def unknown_requirement(name: str, close: list[str]) -> str:
+    """Why a `requires` entry was refused: no named worker of the scope has it."""
+    return (
+        f'requires "{name}", which is not a named worker of this scope (a requirement '
+        "is a WorkerSpec with that name, in the same scope)" + _did_you_mean(close)
+    )
+
+
+def requirement_cycle(names: list[str]) -> str:
+    """Why declarations were refused: their requirements form a cycle,
+    `a -> b -> c -> a`, so none of them could ever start."""
+    return "requirements form a cycle: " + " -> ".join(names)
+
+
+def _required_through(name: str, path: list[str]) -> str:
+    """`as it requires "db"`, with the chain when it is indirect:
+    `as it requires "db" (api -> cache -> db)`."""
+    chain = f" ({' -> '.join([name, *path])})" if len(path) > 1 else ""
+    return f'as it requires "{path[-1]}"{chain}'
+
+
+def requirement_failed(name: str, path: list[str], reason: str) -> str:
+    """Why a worker was not started: a requirement (`path[-1]`, reached
+    through `path`) cannot be; `reason` is that requirement's own sentence
+    (aborted, failed to boot, not ready in time)."""
+    return f'background worker "{name}" was not started, {_required_through(name, path)}: {reason}'
+
+
+def requirement_stopped(name: str, path: list[str]) -> str:
+    """Why a call waiting for a worker's start was answered: its requirement
+    was stopped (`stop()`) meanwhile."""
+    return (
+        f'background worker "{name}" was not started, {_required_through(name, path)}, '
+        f'which was stopped; ensure("{name}") starts both'
+    )
+
+
+def not_started(name: str, path: list[str]) -> str:
+    """StartupError's words for a worker held back by a requirement that is
+    named in the same message."""
+    return f'background worker "{name}" was not started, {_required_through(name, path)}'
+
+
 def scale_catch_all(name: str) -> str:
     """Why `scale()` refused a name a catch-all serves."""
     return (

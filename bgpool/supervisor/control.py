@@ -66,6 +66,7 @@ class Control(Reloads):
         self._drain_all(instances, self.settings.grace_period, respawn=False)
         for inst in instances:
             self._publish(inst)
+        self._settle_all()  # what waits for them to start, or is stopped itself, is not started
         return instances
 
     def _scale(self, worker: Worker, num: int, done: Callable[[Message], None]) -> None:

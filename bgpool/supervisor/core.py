@@ -3,7 +3,7 @@ workers, the descriptors it waits on, the pending waiters, and the one way an
 instance changes state (`_transition`, checked against `states.TRANSITIONS`).
 
 The supervisor is layered, one job per module, each layer using the ones
-below it: `Core` (here), `Drains`, `Lifecycle`, `Rollouts`, `Reloads`,
+below it: `Core` (here), `Drains`, `Lifecycle`, `Requirements`, `Rollouts`, `Reloads`,
 `Control`, `Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
 in the supervisor's single thread.
 """
@@ -150,6 +150,13 @@ class Core:
         for conn in list(self.watchers):
             conn.send(event)
 
+    def _requirements(self, worker: Worker) -> list[Worker]:
+        """The workers `worker`'s declaration requires (named workers of its
+        scope: the declarations were checked to have them)."""
+        scope_id = worker.decl.scope_id
+        return [self.workers[(scope_id, name)] for name in worker.decl.requires
+                if (scope_id, name) in self.workers]  # fmt: skip
+
     def _publish(self, inst: Instance) -> None:
         self.table.write(inst.slot, inst.record())
 
@@ -162,6 +169,7 @@ class Core:
     def _wait(self, waiter: Waiter) -> None:
         """Answer `waiter` now if its outcome is known, else when it is or at
         its deadline."""
+        waiter.follow_requirements(self._requirements)
         if self._settle(waiter):
             return
         self.waiters.append(waiter)

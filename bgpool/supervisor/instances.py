@@ -134,6 +134,8 @@ class Worker:
         self.held = False  # stop()ped: nothing starts it but ensure() or start_workers()
         self.boot_failures = 0
         self.last_failure: texts.Failure | None = None
+        # the requirements not ready yet, while its start waits for them
+        self.waiting_for: list[str] = []
 
     def keep_lines(self, limit: int) -> None:
         """Keep `limit` lines from now on (a reload changed `log_lines`): the
@@ -201,6 +203,7 @@ class Worker:
             "last_signal": texts.signal_name(last.last_exit),
             "last_error": failure.error if failure is not None else None,
             "last_output": list(failure.output) if failure is not None else [],
+            "waiting_for": list(self.waiting_for),
             "slots": [i.slot for i in insts],
         }
 

@@ -66,7 +66,7 @@ class Lifecycle(Drains):
         if refusal is not None:
             self.startup_problem = refusal
             return
-        self._spawn_all(eager)
+        self._start_fresh(eager)
 
     def _refuse_missing(
         self, candidates: list[tuple[str, Decl]], error: str, opening: str = ""
@@ -174,9 +174,15 @@ class Lifecycle(Drains):
                     stopped.append(inst)
                 elif inst.drain is not None:
                     inst.drain.respawn = True
-        self._spawn_all(stopped)
+        self._start_fresh(stopped)
 
     # -- spawn -----------------------------------------------------------------------
+
+    def _start_fresh(self, insts: list[Instance]) -> None:
+        """Start `insts` afresh rather than as a restart: at `start()`, on
+        `ensure()` or `start_workers()`, for a reload's new workers
+        (`Requirements` holds back those whose requirements are not ready)."""
+        self._spawn_all(insts)
 
     def _spawn(self, inst: Instance) -> None:
         """Fork a new process for `inst` (to STARTING)."""

@@ -26,9 +26,10 @@ generation is a process rather than a supervisor that re-executes itself.
 Where each job lives (one layer per module, each using those below it):
 
     core.py       shared state, `_transition()` (checked against states.TRANSITIONS), waiters
-    drains.py     stop pipe closed, grace period, SIGTERM, SIGKILL; shutdown
+    drains.py     stop pipe closed, grace period, SIGTERM, SIGKILL; shutdown (dependants first)
     lifecycle.py  spawn, readiness, exits, restart/backoff/abort decisions, catch-all
                   hosting, the code generations workers fork from (generations.py)
+    requirements.py  fresh starts held back until what they require is ready
     rollouts.py   restarts on new code: load a generation, replace instances, rolling
     reloads.py    reload(config): declarations added, removed, changed, kept (slots.py)
     control.py    stop(), start_workers(), scale(): one worker, on an operator's request

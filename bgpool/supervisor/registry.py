@@ -34,6 +34,7 @@ class Decl:
     output: str = "prefix"
     ready_on: str = "handle"
     watch: list[str] = field(default_factory=list)
+    requires: list[str] = field(default_factory=list)  # named workers of its scope
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
 
     @property

@@ -25,7 +25,7 @@ from .instances import Instance, Worker
 from .listener import Connection
 from .registry import Decl, Registry
 from .rollouts import Rollout, Rollouts
-from .waiters import Waiter, startup_error
+from .waiters import Waiter
 
 log = logging.getLogger("bgpool")
 
@@ -46,28 +46,23 @@ class Report:
 
 class ReloadWaiter(Waiter):
     """A reload's caller, answered as `start()` is once the eager workers it
-    added are ready, with the report; `WorkerBootFailed` if one gave up."""
+    added are ready, with the report; `WorkerBootFailed` if one (or what it
+    requires) gave up, `EnsureTimeout` at the pool's ensure_timeout."""
+
+    error = "WorkerBootFailed"
+    opening = texts.RELOAD_FAILED
+    expired_error = "EnsureTimeout"
 
     def __init__(self, conn: Connection, workers: list[Worker], timeout: float, report: Report):
         super().__init__(conn, workers, timeout, startup=True)
         self.report = report
 
-    def _with_report(self, reply: Message | None) -> Message | None:
+    def outcome(self) -> Message | None:
+        """The report, or why an added eager worker did not come up."""
+        reply = super().outcome()
         if reply is None or not reply.get("ok"):
             return reply
         return {"ok": True, "report": self.report.__dict__}
-
-    def outcome(self) -> Message | None:
-        """The report, or why an added eager worker did not come up."""
-        failed = [w for w in self.workers if w.aborted]
-        if failed:
-            return startup_error(failed, self.timeout, "WorkerBootFailed", texts.RELOAD_FAILED)
-        return self._with_report(super().outcome())
-
-    def expired(self) -> Message:
-        """Added eager workers not ready within the pool's ensure_timeout."""
-        pending = [w for w in self.workers if not w.name_ready]
-        return startup_error(pending, self.timeout, "EnsureTimeout", texts.RELOAD_FAILED)
 
 
 class Reloads(Rollouts):

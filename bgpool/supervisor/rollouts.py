@@ -27,9 +27,9 @@ from ..states import State
 from .drains import FORCE_KILL_DELAY
 from .generations import Generation
 from .instances import Instance, Run, Worker
-from .lifecycle import Lifecycle
 from .listener import Connection
 from .registry import Decl
+from .requirements import Requirements
 from .timers import Timer
 from .waiters import failure_reply
 
@@ -61,7 +61,7 @@ class Rollout:
     failed: list[Worker] = field(default_factory=list)
 
 
-class Rollouts(Lifecycle):
+class Rollouts(Requirements):
     """Loading new generations and replacing instances with them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
