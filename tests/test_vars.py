@@ -291,10 +291,10 @@ def test_get_vars_from_another_process_and_from_a_worker(
 TORN_READER = """
 import sys, time, zlib, bgpool
 client = bgpool.connect()
-deadline = time.monotonic() + float(sys.argv[1])
+deadline = time.monotonic() + 30.0
 seen = torn = 0
 last = -1
-while time.monotonic() < deadline:
+while seen < int(sys.argv[1]) and time.monotonic() < deadline:
     value = client.get_vars("flags")
     if value["counter"] != last:
         body = {k: v for k, v in value.items() if k != "checksum"}
@@ -323,15 +323,15 @@ def test_no_torn_or_stale_snapshot_under_fast_publishing(make_pool: Any) -> None
     )
     readers = [
         subprocess.Popen(
-            [sys.executable, "-c", TORN_READER, "2.0"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+            [sys.executable, "-c", TORN_READER, "300"], stdout=subprocess.PIPE, text=True, cwd=ROOT
         )
         for _ in range(3)
     ]
     results = [r.communicate(timeout=60)[0].split() for r in readers]
     assert all(r.returncode == 0 for r in readers)
     assert [int(torn) for _, torn in results] == [0, 0, 0]
-    assert all(int(seen) > 100 for seen, _ in results), results
-    assert pool.diagnostics("flags").vars_generation > 1000
+    assert all(int(seen) == 300 for seen, _ in results), results  # each saw 300 snapshots in turn
+    assert pool.diagnostics("flags").vars_generation >= 300  # diagnostics count them too
 
 
 # -- a real web application ---------------------------------------------------------
