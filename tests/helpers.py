@@ -8,7 +8,7 @@ attribute of bgpool.
 
 Sections: waiting and timing; declarations and what a pool reports; the files the
 fixture workers write; processes and descriptors; subprocesses (Python, ``bgpool
-run``); the control protocol; what a pool owns on the machine; threads; closed pools;
+run``); HTTP; the control protocol; what a pool owns on the machine; threads; closed pools;
 the leak check.
 """
 
@@ -34,8 +34,11 @@ import tempfile
 import termios
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -573,6 +576,34 @@ class BgpoolRun:
 
 StartRun = Callable[..., BgpoolRun]
 """Starts a ``bgpool run CONFIG ARGS...`` (conftest's ``bgpool_run`` fixture)."""
+
+
+# ------------------------------------------------------- HTTP (the metrics port)
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+
+
+def http_fetch(
+    port: int, path: str, headers: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> tuple[int, Message, bytes]:
+    """``(status, response headers, raw body)`` of a GET over real HTTP, sent with
+    ``headers`` (urllib itself asks for ``Accept-Encoding: identity``)."""
+    request = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers or {})
+    try:
+        with _OPENER.open(request, timeout=5) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.headers, exc.read()
+        finally:
+            exc.close()
+
+
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str, str]:
+    """``(status, content type, body)`` of a GET over real HTTP."""
+    status, headers, body = http_fetch(port, path, host=host)
+    return status, headers.get("Content-Type", ""), body.decode()
 
 
 # ------------------------------------------------------------- control protocol
