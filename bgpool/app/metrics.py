@@ -191,7 +191,9 @@ class HealthServer:
             headers = [("Content-Type", "text/html; charset=utf-8"),
                        ("Content-Security-Policy", PAGE_POLICY)]  # fmt: skip
             return _respond(start_response, 200, self._page, headers)
-        answer = self._answer(path, parse_qs(environ.get("QUERY_STRING", "")))
+        answer = self._answer(
+            path, parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        )
         if answer is None:
             plain = [("Content-Type", "text/plain; charset=utf-8")]
             return _respond(start_response, 404, texts.not_found(PATHS).encode(), plain)
