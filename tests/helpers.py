@@ -96,6 +96,29 @@ def spec(name: str | None, worker: str, **kwargs: Any) -> bgpool.WorkerSpec:
     return bgpool.WorkerSpec(name=name, target=f"fixtures.workers:{worker}", **kwargs)
 
 
+PAGE_WORKERS = FIXTURES / "page_workers.py"
+
+
+def page_pool_workers(fail_flag: Path) -> list[bgpool.WorkerSpec]:
+    """The status page's pool (``fixtures/page_workers.py``): ``mailer`` (two
+    instances), ``thumbnailer`` (SIGUSR1 crashes it), ``feeds`` (publishes vars
+    three times), ``importer`` (lazy; fails at boot while ``fail_flag``
+    exists), ``reports``, and ``search-index`` in the scope labelled ``api``."""
+
+    def page_spec(name: str, target: str, **kwargs: Any) -> bgpool.WorkerSpec:
+        return bgpool.WorkerSpec(name=name, target=f"fixtures.page_workers:{target}", **kwargs)
+
+    return [
+        page_spec("mailer", "mailer", num=2),
+        page_spec("thumbnailer", "thumbnailer", num=1),
+        page_spec("feeds", "feeds", num=1),
+        page_spec("importer", "importer", max_consecutive_failures=-1,
+                  env={"FAIL_FLAG": str(fail_flag)}),
+        page_spec("reports", "mailer", num=1),
+        page_spec("search-index", "mailer", num=1, scope=bgpool.next_scope("api")),
+    ]  # fmt: skip
+
+
 def state(value: Any) -> str:
     """The state name, whether the model stores a ``str`` or a ``str``-valued Enum."""
     if isinstance(value, enum.Enum):

@@ -1,6 +1,6 @@
 """The orchestrators' probes on the metrics port: ``/livez`` (the supervisor's
 loop answers a round trip within 1 s) and ``/readyz?worker=NAME&scope=LABEL``
-(that name is ready), over real HTTP on 127.0.0.1, against a real supervisor
+(that name is ready), and what every other endpoint answers meanwhile, over real HTTP on 127.0.0.1, against a real supervisor
 that is frozen (SIGSTOP) and thawed (SIGCONT), killed, and whose workers are
 stopped, gated and crashed.
 """
@@ -62,6 +62,15 @@ def test_livez_is_200_while_the_loop_answers_503_while_it_is_frozen(
         assert answer(port, "/healthz") == (200, {"ok": True})
         assert http_get(port, "/metrics")[0] == 200
         assert answer(port, "/readyz")[0] == 200
+        # the status page's data: the table's part, the diagnostics missing, and why
+        t0 = time.monotonic()
+        code, body = answer(port, "/status.json")
+        assert since(t0) < FROZEN_ANSWER, since(t0)
+        assert code == 200
+        assert (body["pool"]["running"], body["pool"]["live"]) == (True, False)
+        assert [(s["name"], s["state"]) for s in body["status"]] == [("w", "ready")]
+        assert body["diagnostics"] == []
+        assert body["diagnostics_error"] == "the supervisor did not answer within 1s"
 
         # probes that arrive together share one round trip: none waits for the
         # others' (six in a row would take six seconds)
