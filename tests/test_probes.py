@@ -176,3 +176,18 @@ def test_readyz_of_one_worker(make_pool: Callable[..., Any], sentinel_dir: Path)
     assert (code, body["states"]) == (503, ["stopped", "stopped"]), body
     pool.start_workers("steady")
     assert answer(port, "/readyz?worker=steady")[0] == 200
+
+
+def test_a_worker_ready_during_its_stop_drain_stays_unready(
+    make_pool: Callable[..., Any],
+) -> None:
+    pool = make_pool([spec("slow", "slow_ready", env={"DELAY": "0.5"})], metrics_port=0)
+    port = pool.metrics_port
+    with pytest.raises(bgpool.EnsureTimeout):
+        pool.ensure("slow", timeout=0.1)
+    pool.stop("slow")  # drains it while it boots; it takes its handle meanwhile, then exits
+    (slow,) = statuses(pool, "slow")
+    assert (slow.state, slow.ever_ready) == ("stopped", True)
+    assert answer(port, "/readyz?worker=slow")[0] == 503
+    pool.ensure("slow")  # started again, and ready
+    assert answer(port, "/readyz?worker=slow")[0] == 200
