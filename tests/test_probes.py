@@ -1,8 +1,8 @@
 """The orchestrators' probes on the metrics port: ``/livez`` (the supervisor's
 loop answers a round trip within 1 s) and ``/readyz?worker=NAME&scope=LABEL``
-(that name is ready), and what every other endpoint answers meanwhile, over real HTTP on 127.0.0.1, against a real supervisor
-that is frozen (SIGSTOP) and thawed (SIGCONT), killed, and whose workers are
-stopped, gated and crashed.
+(that name is ready), and what the other endpoints answer meanwhile, over real
+HTTP on 127.0.0.1, against a real supervisor that is frozen (SIGSTOP) and
+thawed (SIGCONT), killed, and whose workers are stopped, gated and crashed.
 """
 
 from __future__ import annotations

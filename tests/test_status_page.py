@@ -70,7 +70,7 @@ def test_the_page_is_package_data_and_loads_nothing_from_elsewhere(
         assert ref.startswith("data:") or not re.match(r"^([a-z]+:|//|/)", ref), ref
     assert "@import" not in page and "url(" not in page
     assert not re.search(r"<script[^>]+src", page) and 'rel="stylesheet"' not in page
-    assert "fetch(\"status.json\"" in page
+    assert 'fetch("status.json"' in page
 
     # a non-editable install ships it: the package data lists it
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -95,9 +95,10 @@ def test_status_json_carries_status_diagnostics_and_counters(
         document = status_document(port)
         counters = by_name(document, "counters")
         diagnostics = by_name(document, "diagnostics")
-        calm = counters[":thumbnailer"]["restarts"] == 1 and diagnostics[":feeds"][
-            "vars_generation"
-        ] == 3
+        calm = (
+            counters[":thumbnailer"]["restarts"] == 1
+            and diagnostics[":feeds"]["vars_generation"] == 3
+        )
         return document if calm and statuses(pool, "thumbnailer")[0].state == "ready" else None
 
     document = wait_for(settled, timeout=10, what="the thumbnailer's crash and the feeds' vars")

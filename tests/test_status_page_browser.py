@@ -194,6 +194,7 @@ def test_the_page_shows_the_pool_and_follows_it_live(
             "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin);"
         )
         assert set(origins) <= {url.rstrip("/")}, origins
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        log = driver.get_log("browser")  # type: ignore[no-untyped-call]
+        errors = [e for e in log if e["level"] == "SEVERE"]
         assert not errors, errors
         assert driver.execute_script("return window.loadedOnce === true;"), "the page reloaded"

@@ -427,9 +427,7 @@ class PoolClient:
         """A round trip to the supervisor, answered by its loop: the proof of
         life of systemd's watchdog and of `/livez`. `BgpoolError` when no
         answer comes within `timeout` seconds (frozen, wedged) or it is gone."""
-        self._request(
-            {"op": "hello"}, timeout, lambda: BgpoolError(texts.no_heartbeat(timeout))
-        )
+        self._request({"op": "hello"}, timeout, lambda: BgpoolError(texts.no_heartbeat(timeout)))
 
     def _raise_reply(self, reply: protocol.Message) -> None:
         """Raise the error an error reply names, with its diagnostics as models:
