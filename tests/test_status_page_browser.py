@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -188,6 +189,18 @@ def test_the_page_shows_the_pool_and_follows_it_live(
         finally:
             os.kill(pid, signal.SIGCONT)
         wait_for(lambda: banner(driver) == "", what="the banner gone")
+
+        # a diagnostics field this page does not know (a later bgpool's) is
+        # still shown, by its name: the page's own render() of a document with one
+        shown = driver.execute_async_script(
+            """const done = arguments[arguments.length - 1];
+            fetch("status.json").then(r => r.json()).then(doc => {
+              doc.diagnostics.find(d => d.name === "thumbnailer").last_recycle_reason = "memory";
+              render(doc);
+              done(document.querySelector('section[data-worker=":thumbnailer"]').innerText);
+            });"""
+        )
+        assert re.search(r"last recycle reason\s+memory", shown), shown
 
         # nothing came from anywhere but the page's own origin, and nothing failed
         origins = driver.execute_script(
