@@ -228,5 +228,6 @@ class HealthServer:
 def _respond(
     start_response: Callable[..., Any], code: int, body: bytes, headers: list[tuple[str, str]]
 ) -> list[bytes]:
+    """A whole response: `code` with its reason phrase, `headers`, `body`."""
     start_response(f"{code} {HTTPStatus(code).phrase}", headers)
     return [body]
