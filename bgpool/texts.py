@@ -379,3 +379,35 @@ def unnamed_pool(address: str) -> str:
         f"unnamed pool at {address} (a PoolConfig.name would let bgpool find it "
         "by name, and refuse a second pool of that name)"
     )
+
+
+# -- probes and the status page ------------------------------------------------------
+
+
+def no_heartbeat(deadline: float) -> str:
+    """Why `/livez` fails: the supervisor's loop did not answer a round trip."""
+    return f"the supervisor did not answer within {seconds(deadline)}"
+
+
+PING_PENDING = "a round trip to the supervisor is still pending"
+"""Why `/livez` fails when the round trip before it has not come back yet."""
+
+POOL_NOT_RUNNING = "the pool is not running"
+"""Why a probe fails before the supervisor is up or once it is gone."""
+
+POOL_STARTING = "the pool is still starting"
+"""Why `/readyz?worker=` fails before the supervisor published its table."""
+
+NO_WORKER_PARAMETER = "give the worker's name: /readyz?worker=NAME[&scope=LABEL]"
+"""The 400 answer of `/readyz` given `scope=` (or an empty `worker=`) alone."""
+
+
+def no_scope_labelled(label: str) -> str:
+    """The 404 answer of `/readyz?worker=..&scope=LABEL` when no declaration has
+    that scope label."""
+    return f"no declared scope is labelled {label!r}"
+
+
+def not_found(paths: Iterable[str]) -> str:
+    """The 404 answer of the metrics port to a path it does not serve."""
+    return "not found: try " + ", ".join(paths) + "\n"

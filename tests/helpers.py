@@ -8,7 +8,7 @@ attribute of bgpool.
 
 Sections: waiting and timing; declarations and what a pool reports; the files the
 fixture workers write; processes and descriptors; subprocesses (Python, ``bgpool
-run``); the control protocol; what a pool owns on the machine; threads; closed pools;
+run``); HTTP; the control protocol; what a pool owns on the machine; threads; closed pools;
 the leak check.
 """
 
@@ -34,8 +34,11 @@ import tempfile
 import termios
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,6 +94,29 @@ def since(t0: float) -> float:
 def spec(name: str | None, worker: str, **kwargs: Any) -> bgpool.WorkerSpec:
     """A declaration whose target is ``fixtures.workers:<worker>``."""
     return bgpool.WorkerSpec(name=name, target=f"fixtures.workers:{worker}", **kwargs)
+
+
+PAGE_WORKERS = FIXTURES / "page_workers.py"
+
+
+def page_pool_workers(fail_flag: Path) -> list[bgpool.WorkerSpec]:
+    """The status page's pool (``fixtures/page_workers.py``): ``mailer`` (two
+    instances), ``thumbnailer`` (SIGUSR1 crashes it), ``feeds`` (publishes vars
+    three times), ``importer`` (lazy; fails at boot while ``fail_flag``
+    exists), ``reports``, and ``search-index`` in the scope labelled ``api``."""
+
+    def page_spec(name: str, target: str, **kwargs: Any) -> bgpool.WorkerSpec:
+        return bgpool.WorkerSpec(name=name, target=f"fixtures.page_workers:{target}", **kwargs)
+
+    return [
+        page_spec("mailer", "mailer", num=2),
+        page_spec("thumbnailer", "thumbnailer", num=1),
+        page_spec("feeds", "feeds", num=1),
+        page_spec("importer", "importer", max_consecutive_failures=-1,
+                  env={"FAIL_FLAG": str(fail_flag)}),
+        page_spec("reports", "mailer", num=1),
+        page_spec("search-index", "mailer", num=1, scope=bgpool.next_scope("api")),
+    ]  # fmt: skip
 
 
 def state(value: Any) -> str:
@@ -573,6 +599,34 @@ class BgpoolRun:
 
 StartRun = Callable[..., BgpoolRun]
 """Starts a ``bgpool run CONFIG ARGS...`` (conftest's ``bgpool_run`` fixture)."""
+
+
+# ------------------------------------------------------- HTTP (the metrics port)
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+
+
+def http_fetch(
+    port: int, path: str, headers: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> tuple[int, Message, bytes]:
+    """``(status, response headers, raw body)`` of a GET over real HTTP, sent with
+    ``headers`` (urllib itself asks for ``Accept-Encoding: identity``)."""
+    request = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers or {})
+    try:
+        with _OPENER.open(request, timeout=5) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.headers, exc.read()
+        finally:
+            exc.close()
+
+
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str, str]:
+    """``(status, content type, body)`` of a GET over real HTTP."""
+    status, headers, body = http_fetch(port, path, host=host)
+    return status, headers.get("Content-Type", ""), body.decode()
 
 
 # ------------------------------------------------------------- control protocol

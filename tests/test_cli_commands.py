@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, BgpoolRun, gone, spec, statuses, subprocess_env, wait_for
-from test_metrics import http_get, refused, scrape
+from helpers import ROOT, BgpoolRun, gone, http_get, spec, statuses, subprocess_env, wait_for
+from test_metrics import refused, scrape
 
 import bgpool
 

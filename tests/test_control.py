@@ -27,6 +27,7 @@ from helpers import (
     Background,
     alive,
     gone,
+    http_get,
     published,
     spec,
     starts,
@@ -39,7 +40,6 @@ from helpers import (
 )
 from prometheus_client import CollectorRegistry
 from test_cli_commands import cli, parse_table
-from test_metrics import http_get
 from test_restart_rolling import stays
 
 import bgpool

@@ -16,15 +16,13 @@ import re
 import signal
 import threading
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from helpers import run_python, spec, statuses, supervisor_of, wait_for
+from helpers import http_fetch, http_get, run_python, spec, statuses, supervisor_of, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
@@ -45,32 +43,8 @@ FAMILIES = {
     "bgpool_worker_boot_seconds": "histogram",
 }
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
-
 
 # ---------------------------------------------------------------------- helpers
-
-
-def http_fetch(
-    port: int, path: str, headers: dict[str, str] | None = None, host: str = "127.0.0.1"
-) -> tuple[int, Message, bytes]:
-    """``(status, response headers, raw body)`` of a GET over real HTTP, sent with
-    ``headers`` (urllib itself asks for ``Accept-Encoding: identity``)."""
-    request = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers or {})
-    try:
-        with _OPENER.open(request, timeout=5) as resp:
-            return resp.status, resp.headers, resp.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, exc.headers, exc.read()
-        finally:
-            exc.close()
-
-
-def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str, str]:
-    """``(status, content type, body)`` of a GET over real HTTP."""
-    status, headers, body = http_fetch(port, path, host=host)
-    return status, headers.get("Content-Type", ""), body.decode()
 
 
 def refused(port: int) -> bool:
@@ -668,7 +642,7 @@ def test_metrics_name_filter_serves_only_the_named_series(make_pool: Callable[..
 def test_other_paths_are_not_found(make_pool: Callable[..., Any]) -> None:
     pool = make_pool([spec("w", "idle", num=1)], metrics_port=0)
     port = pool.metrics_port
-    for path in ("/", "/metrics/", "/metricsx", "/favicon.ico", "/healthz/x"):
+    for path in ("/index.html", "/metrics/", "/metricsx", "/favicon.ico", "/healthz/x"):
         status, _, body = http_get(port, path)
         assert status == 404, (path, status, body)
         assert "/metrics" in body

@@ -9,7 +9,9 @@ code fence, marks it (GitHub does not show the comment):
   before it (so "Using the pool" runs after the ``config`` of "Declaring
   workers", as a reader reads them);
 - ``<!-- file: PATH -->``: the block is written to PATH in that directory before
-  every run (a worker module or script the samples declare).
+  every run (a worker module or script the samples declare);
+- ``<!-- copy of: PATH -->``: the block is the repository's file PATH, as it is
+  (the Kubernetes manifest, which tests/test_kubernetes.py checks).
 
 A Python block that is not marked must say so: the paragraph right before it
 calls it a fragment (of what), so a reader knows not to paste it as it is.
@@ -92,6 +94,9 @@ def _unannounced_fragments(text: str) -> list[int]:
     return lines
 
 
+_COPY = re.compile(r"^<!-- copy of: (?P<path>\S+) -->\n```\w*\n(?P<code>.*?)^```$",
+                   re.MULTILINE | re.DOTALL)  # fmt: skip
+
 SAMPLES, FILES = _parse(README.read_text())
 
 
@@ -100,6 +105,13 @@ def test_the_readme_marks_its_samples() -> None:
     leave every sample untested), and every declared file is used."""
     assert len(SAMPLES) >= 3, SAMPLES
     assert {"myapp/jobs.py", "myapp/mailer.py"} <= FILES.keys(), FILES.keys()
+
+
+def test_a_copied_file_is_shown_as_it_is() -> None:
+    copies = {m["path"]: m["code"] for m in _COPY.finditer(README.read_text())}
+    assert "deploy/kubernetes.yaml" in copies, copies.keys()
+    for path, code in copies.items():
+        assert code == (README.parent / path).read_text(), f"README's copy of {path} differs"
 
 
 def test_every_python_block_runs_or_says_it_is_a_fragment() -> None:

@@ -435,6 +435,12 @@ class PoolClient:
         """As `_request()`, but the connection left open for the caller."""
         return self._connect(_Exchange(message, timeout, silence))
 
+    def _ping(self, timeout: float) -> None:
+        """A round trip to the supervisor, answered by its loop: the proof of
+        life of systemd's watchdog and of `/livez`. `BgpoolError` when no
+        answer comes within `timeout` seconds (frozen, wedged) or it is gone."""
+        self._request({"op": "hello"}, timeout, lambda: BgpoolError(texts.no_heartbeat(timeout)))
+
     def _raise_reply(self, reply: protocol.Message) -> None:
         """Raise the error an error reply names, with its diagnostics as models:
         one `WorkerDiagnostics` (the first worker the message names), or a list
@@ -645,7 +651,13 @@ class PoolClient:
     def _diagnostics(self, name: str, scope: Scope | str | None) -> Steps[WorkerDiagnostics]:
         _check_name(name)
         scope_id = yield from self._resolve_scope(scope)
-        reply = yield _Exchange({"op": "diagnostics", "name": name, "scope": scope_id}, 10.0)
+        return (yield from self._diagnostics_in(scope_id, name, 10.0))
+
+    def _diagnostics_in(self, scope_id: int, name: str, timeout: float) -> Steps[WorkerDiagnostics]:
+        """The supervisor's diagnostics of `name` in the resolved scope
+        `scope_id`, asked with `timeout` (the status page asks with a short
+        one, so a frozen supervisor cannot hold it up)."""
+        reply = yield _Exchange({"op": "diagnostics", "name": name, "scope": scope_id}, timeout)
         return self._diagnostics_model(reply["diagnostics"])
 
     def _diagnostics_model(self, data: dict[str, Any]) -> WorkerDiagnostics:

@@ -8,8 +8,9 @@ table (the owner, a `connect()` client) reports the same numbers.
     registry = CollectorRegistry()
     bgpool.metrics.collector(pool, registry)   # into the application's registry
 
-`PoolConfig.metrics_port` serves `/metrics`, `/healthz` and `/readyz` on
-127.0.0.1 from the process that owns the pool.
+`PoolConfig.metrics_port` serves, on `metrics_host`, from the process that
+owns the pool: `/metrics`, the probes (`/healthz`, `/livez`, `/readyz`, see
+`probes`) and the status page (`/`, `/status.json`, see `statuspage`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import json
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -31,11 +34,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .. import texts
 from ..shm.table import BOOT_BUCKETS, Kind, Slot
 from ..states import State
+from .probes import Answer, Probes
+from .statuspage import page, status_document
 
 if TYPE_CHECKING:
     from .client import PoolClient
+    from .pool import Pool
 
 
 def worker_label(scope_label: str, name: str) -> str:
@@ -122,8 +129,17 @@ def collector(client: PoolClient, registry: CollectorRegistry | None = None) -> 
     return table_collector
 
 
-Probe = Callable[[], tuple[bool, dict[str, Any]]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+PATHS = ("/", "/status.json", "/metrics", "/livez", "/healthz", "/readyz")
+"""What the metrics port serves (named by its 404 answer)."""
+
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"
+)
+"""The page's Content-Security-Policy: it may load nothing from anywhere, and
+talk to its own origin only (for `/status.json`)."""
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -136,25 +152,25 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class HealthServer:
-    """`/metrics`, `/healthz` and `/readyz` over HTTP, in a background thread of
-    the owning process (never in the supervisor, which must stay single-threaded
-    to fork safely).
+    """The metrics port, over HTTP, in a background thread of the owning
+    process (never in the supervisor, which must stay single-threaded to fork
+    safely); each request in a thread of its own, so a probe waiting for a
+    frozen supervisor holds up no scrape.
 
     `/metrics` is prometheus_client's own WSGI app over the server's registry, so
     a scraper gets what it would from any Prometheus client: the text format or
     OpenMetrics as its `Accept` header asks, gzip when it accepts it, `name[]=`
-    filters. Only the probes and the 404 are routed here.
+    filters. Only the probes, the status page and the 404 are routed here.
     """
 
-    def __init__(
-        self, client: PoolClient, host: str, port: int, alive: Probe, ready: Probe
-    ) -> None:
+    def __init__(self, pool: Pool, host: str, port: int) -> None:
         # auto_describe: the registry collects once now to learn the family
         # names, without which prometheus_client's `name[]=` filter finds none.
         self._registry = CollectorRegistry(auto_describe=True)
-        self._registry.register(TableCollector(client))
-        self._alive = alive
-        self._ready = ready
+        self._registry.register(TableCollector(pool))
+        self._pool = pool
+        self._probes = Probes(pool)
+        self._page = page()
         self._metrics: WSGIApp = make_wsgi_app(self._registry)
         self._server = make_server(host, port, self._app, _Server, _QuietHandler)
         self._thread = threading.Thread(
@@ -171,16 +187,47 @@ class HealthServer:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             return self._metrics(environ, start_response)
-        if path in ("/healthz", "/readyz"):
-            ok, detail = (self._alive if path == "/healthz" else self._ready)()
-            status = "200 OK" if ok else "503 Service Unavailable"
-            start_response(status, [("Content-Type", "application/json")])
-            return [json.dumps({"ok": ok, **detail}).encode()]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics, /healthz or /readyz\n"]
+        if path == "/":
+            headers = [("Content-Type", "text/html; charset=utf-8"),
+                       ("Content-Security-Policy", PAGE_POLICY)]  # fmt: skip
+            return _respond(start_response, 200, self._page, headers)
+        answer = self._answer(
+            path, parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        )
+        if answer is None:
+            plain = [("Content-Type", "text/plain; charset=utf-8")]
+            return _respond(start_response, 404, texts.not_found(PATHS).encode(), plain)
+        code, body = answer
+        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+        return _respond(start_response, code, json.dumps(body).encode(), headers)
+
+    def _answer(self, path: str, query: dict[str, list[str]]) -> Answer | None:
+        """A JSON endpoint's answer (None: no such path)."""
+        if path == "/status.json":
+            return 200, status_document(self._pool, self._probes)
+        if path == "/healthz":
+            return self._probes.healthz()
+        if path == "/livez":
+            return self._probes.livez()
+        if path != "/readyz":
+            return None
+        worker = query.get("worker", [""])[-1]
+        if worker:
+            return self._probes.worker_ready(worker, query.get("scope", [""])[-1])
+        if "worker" in query or "scope" in query:
+            return 400, {"ok": False, "error": texts.NO_WORKER_PARAMETER}
+        return self._probes.readyz()
 
     def close(self) -> None:
         """Stop serving and close the listening socket."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+def _respond(
+    start_response: Callable[..., Any], code: int, body: bytes, headers: list[tuple[str, str]]
+) -> list[bytes]:
+    """A whole response: `code` with its reason phrase, `headers`, `body`."""
+    start_response(f"{code} {HTTPStatus(code).phrase}", headers)
+    return [body]

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import naming, platform, texts
 from ..declarations import PoolConfig, WorkerSpec
@@ -27,7 +27,7 @@ from ..errors import BgpoolError, PoolClosed, StartupError
 from ..launch import python_command
 from ..models import ReloadReport
 from ..shm import varstore
-from ..shm.table import Kind, mark_closed, new_name
+from ..shm.table import mark_closed, new_name
 from .client import REPLY_MARGIN, PoolClient
 
 if TYPE_CHECKING:
@@ -315,25 +315,8 @@ class Pool(PoolClient):
     def _serve_metrics(self, host: str, port: int) -> None:
         from .metrics import HealthServer
 
-        def alive() -> tuple[bool, dict[str, Any]]:
-            running = self._process is not None and self._process.returncode is None
-            return running and not self._closing and not self._gone, {}
-
-        def ready() -> tuple[bool, dict[str, Any]]:
-            eager = {(s.scope.id, s.name) for s in self.config.workers if s.num >= 1}
-            if not self._attached:  # served from before the supervisor is up
-                labels = {(s.scope.label, s.name) for s in self.config.workers if s.num >= 1}
-                return False, {"waiting": sorted(f"{a}:{n}" if a else n for a, n in labels)}
-            waiting = [
-                f"{s.scope_label}:{s.name}" if s.scope_label else s.name
-                for s in self._reader().slots()
-                if (s.scope_id, s.name) in eager and s.kind == Kind.NAMED
-                and s.instance == 0 and s.eager and not s.name_ready
-            ]  # fmt: skip
-            return not waiting and alive()[0], {"waiting": waiting}
-
         try:
-            self._health = HealthServer(self, host, port, alive, ready)
+            self._health = HealthServer(self, host, port)
         except (OSError, OverflowError) as exc:
             words = platform.os_error_words(exc) if isinstance(exc, OSError) else str(exc)
             raise StartupError(
@@ -346,7 +329,7 @@ class Pool(PoolClient):
 
     @property
     def metrics_port(self) -> int | None:
-        """The port `/metrics`, `/healthz` and `/readyz` are served on (the
+        """The port the metrics, probes and status page are served on (the
         actual one when `metrics_port=0` asked for any free port)."""
         return self._health.port if self._health is not None else None
 

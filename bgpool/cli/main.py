@@ -241,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     run_parser.add_argument("config", metavar="CONFIG", help="path to the Python config file")
     # no type=: run.py checks each option as the PoolConfig field it sets
     run_parser.add_argument(
-        "--metrics-port", metavar="PORT", help="serve /metrics, /healthz, /readyz"
+        "--metrics-port", metavar="PORT", help="serve /metrics, the probes and the status page"
     )
     run_parser.add_argument(
         "--metrics-host", metavar="HOST", help="address to serve them on (127.0.0.1)"

@@ -256,7 +256,7 @@ class _Session:
                 self.notifier.status(self.count.text())
                 self.notifier.ready()
                 if self.notifier.watchdog_interval is not None:
-                    ping = self._ping
+                    ping = self.pool._ping
                     watchdog = Watchdog(self.notifier, self.notifier.watchdog_interval, ping)
             while True:
                 for key, _ in selector.select():
@@ -310,10 +310,6 @@ class _Session:
         """The supervisor's pid: a child of ours that is the pool's to reap."""
         process = self.pool._process
         return {process.pid} if process is not None else set()
-
-    def _ping(self, timeout: float) -> None:
-        """A round trip to the supervisor (the watchdog's proof of life)."""
-        self.pool._request({"op": "hello"}, timeout=timeout)
 
     def _on_signals(self, received: set[int]) -> bool:
         """Act on the signals that arrived (and a reload's end, 0); True once

@@ -379,8 +379,10 @@ class Lifecycle(Drains):
         run.ready = True
         inst.ever_ready = True
         inst.ready_at = time.time()
-        first = not worker.name_ready
-        worker.name_ready = True
+        # A run of a stop()ped worker that takes its handle during the drain
+        # must not make the name ready again: stop() made it unready for good.
+        first = not worker.name_ready and not worker.held
+        worker.name_ready = worker.name_ready or not worker.held
         elapsed = self.timers.clock() - inst.started_mono
         inst.boot_sum += elapsed
         inst.boot_buckets[bisect.bisect_left(BOOT_BUCKETS, elapsed)] += 1
