@@ -42,6 +42,8 @@ FAMILIES = {
     "bgpool_ready_workers": "gauge",
     "bgpool_worker_crashes": "counter",
     "bgpool_worker_restarts": "counter",
+    "bgpool_worker_hangs": "counter",
+    "bgpool_worker_recycles": "counter",
     "bgpool_worker_boot_seconds": "histogram",
 }
 
@@ -192,6 +194,9 @@ def check_exposition(s: Scrape) -> None:
             extra = set(sample.labels) - {"worker"}
             if sample.name.endswith("_bucket"):
                 assert extra == {"le"}, sample
+            elif name == "bgpool_worker_recycles":
+                assert extra == {"reason"}, sample
+                assert sample.labels["reason"] in ("memory", "lifetime"), sample
             else:
                 assert not extra, sample
         names = {sample.name for sample in family.samples}

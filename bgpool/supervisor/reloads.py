@@ -23,8 +23,9 @@ from .core import Settings
 from .generations import Generation
 from .instances import Instance, Worker
 from .listener import Connection
+from .recycling import Recycling
 from .registry import Decl, Registry
-from .rollouts import Rollout, Rollouts
+from .rollouts import Rollout
 from .waiters import Waiter, startup_error
 
 log = logging.getLogger("bgpool")
@@ -70,7 +71,7 @@ class ReloadWaiter(Waiter):
         return startup_error(pending, self.timeout, "EnsureTimeout", texts.RELOAD_FAILED)
 
 
-class Reloads(Rollouts):
+class Reloads(Recycling):
     """Applying a new set of declarations to the running pool."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:

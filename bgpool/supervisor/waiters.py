@@ -55,10 +55,7 @@ class Waiter:
             if failure is None:
                 continue
             if worker.aborted:
-                failures = max(i.failures for i in worker.instances)
-                return failure_reply(
-                    "WorkerAborted", texts.aborted(worker.name, failures, failure), [worker]
-                )
+                return failure_reply("WorkerAborted", _aborted(worker, failure), [worker])
             if self.fail_fast and (worker.boot_failures > self.seen[id(worker)] or worker.failing):
                 return failure_reply(
                     "WorkerBootFailed", texts.boot_failed(worker.name, failure), [worker]
@@ -74,6 +71,16 @@ class Waiter:
             texts.not_ready(w.name, self.timeout, w.last_failure, w.missing_step) for w in pending
         )
         return failure_reply("EnsureTimeout", text, pending)
+
+
+def _aborted(worker: Worker, failure: texts.Failure) -> str:
+    """WorkerAborted's message: the restart intensity `max_restarts` exceeded,
+    or the boot failures that reached the cap."""
+    exhausted = next((i.exhausted for i in worker.instances if i.exhausted), None)
+    if exhausted is not None:
+        return exhausted
+    failures = max(i.failures for i in worker.instances)
+    return texts.aborted(worker.name, failures, failure)
 
 
 def _any_aborted(worker: Worker) -> bool:
@@ -115,8 +122,7 @@ def startup_error(
     for worker in workers:
         failure = worker.last_failure
         if _any_aborted(worker) and failure is not None:
-            failures = max(i.failures for i in worker.instances)
-            reasons.append(texts.aborted(worker.name, failures, failure))
+            reasons.append(_aborted(worker, failure))
         else:
             reasons.append(texts.not_ready(worker.name, timeout, failure, worker.missing_step))
     return failure_reply(error, f"{opening}: " + "; ".join(reasons), workers)
