@@ -1,0 +1,110 @@
+"""Recycling (SPEC, "Lifecycle policies"): `max_memory` and `max_lifetime` with
+`lifetime_jitter` trigger a graceful restart (drain, then respawn), rolling in a
+pool, recorded in diagnostics (`last_recycle_reason`), in `status()` and in
+`bgpool_worker_recycles_total{reason=...}`. Real processes; workers are
+``fixtures.policy_workers``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import gone, statuses, wait_for
+from test_policies import metric, policy_spec, start_lines
+
+MakePool = Callable[..., Any]
+
+MiB = 1 << 20
+
+
+def test_a_worker_past_max_memory_is_recycled(make_pool: MakePool, sentinel_dir: Path) -> None:
+    """Only the instance over the limit is recycled, gracefully (no crash), and
+    its pool keeps a ready instance."""
+    starts = sentinel_dir / "starts"
+    pool = make_pool([
+        policy_spec("hog", "memory_hog", num=2, max_memory=96 * MiB,
+                    env={"STARTS": str(starts), "ONCE": str(sentinel_dir / "once"),
+                         "HOG_BYTES": str(192 * MiB)}),
+    ])  # fmt: skip
+    wait_for(lambda: len(start_lines(starts)) == 2, 10, "both instances started")
+    hog = [pid for pid, _, _ in start_lines(starts)]
+
+    def recycled() -> Any:
+        found = [s for s in statuses(pool, "hog") if s.recycles]
+        return found[0] if found and found[0].state == "ready" else None
+
+    status = wait_for(recycled, 15, "the instance over max_memory recycled")
+    assert status.last_recycle_reason == "memory"
+    assert status.pid not in hog
+    assert sum(gone(pid) for pid in hog) == 1  # the other one kept running
+    assert [s.recycles for s in statuses(pool, "hog")].count(0) == 1
+    diag = pool.diagnostics("hog")
+    assert diag.last_recycle_reason == "memory"
+    assert diag.last_error is None  # a recycle is not a failure
+    assert metric(pool, "bgpool_worker_recycles_total", "hog", reason="memory") == 1
+    assert metric(pool, "bgpool_worker_recycles_total", "hog", reason="lifetime") == 0
+    assert metric(pool, "bgpool_worker_crashes_total", "hog") == 0
+    assert metric(pool, "bgpool_worker_restarts_total", "hog") == 1
+
+
+@pytest.mark.parametrize("jitter", [0.5, 0.0])
+def test_max_lifetime_recycles_a_pool_at_distinct_times_rolling(
+    make_pool: MakePool, sentinel_dir: Path, jitter: float
+) -> None:
+    """Each instance is recycled once its (jittered) lifetime is over, one at a
+    time: the pool has a ready instance at every moment we look. Without
+    jitter, every instance comes due at once: only the rolling spreads them."""
+    starts = sentinel_dir / "starts"
+    num = 3
+    pool = make_pool([
+        policy_spec("aging", "idle_until_stopped", num=num, max_lifetime=1.0,
+                    lifetime_jitter=jitter, env={"STARTS": str(starts)}),
+    ])  # fmt: skip
+    wait_for(lambda: sum(s.state == "ready" for s in statuses(pool, "aging")) == num, 10)
+    looks, deadline = 0, time.monotonic() + 20
+    while True:
+        now = statuses(pool, "aging")
+        looks += 1
+        assert any(s.state == "ready" for s in now), now
+        if all(s.recycles >= 1 and s.state == "ready" for s in now):
+            break
+        assert time.monotonic() < deadline, f"not every instance was recycled: {now}"
+        time.sleep(0.002)
+    assert looks > 100  # we looked often enough for a gap to be seen
+    assert all(s.last_recycle_reason == "lifetime" for s in now)
+    attempts = start_lines(starts)
+    first = {instance: when for _, instance, when in attempts[:num]}
+    assert sorted(first) == list(range(num))
+    replaced: dict[int, float] = {}
+    for _, instance, when in attempts[num:]:
+        replaced.setdefault(instance, when)
+    assert sorted(replaced) == list(range(num)), attempts
+    for instance, when in replaced.items():  # not before its lifetime was over
+        # (its lifetime counts from the fork, a little before its first note)
+        assert when - first[instance] >= 0.95, (instance, attempts)
+    times = sorted(replaced.values())
+    assert all(b > a for a, b in itertools.pairwise(times)), times
+    assert pool.diagnostics("aging").last_recycle_reason == "lifetime"
+    assert metric(pool, "bgpool_worker_recycles_total", "aging", reason="lifetime") >= num
+    assert metric(pool, "bgpool_worker_crashes_total", "aging") == 0
+
+
+def test_a_single_instance_is_recycled_by_drain_then_respawn(
+    make_pool: MakePool, sentinel_dir: Path
+) -> None:
+    starts = sentinel_dir / "starts"
+    pool = make_pool([
+        policy_spec("solo", "idle_until_stopped", num=1, max_lifetime=0.5, lifetime_jitter=0,
+                    env={"STARTS": str(starts)}),
+    ])  # fmt: skip
+    wait_for(lambda: len(start_lines(starts)) >= 3, 10, "two recycles")
+    pids = [pid for pid, _, _ in start_lines(starts)]
+    assert len(set(pids)) == len(pids)
+    pool.ensure("solo", timeout=5)  # readiness stays sticky
+    assert metric(pool, "bgpool_worker_recycles_total", "solo", reason="lifetime") >= 2
+    assert pool.diagnostics("solo").last_error is None
