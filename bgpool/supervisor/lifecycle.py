@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import selectors
 import sys
@@ -359,13 +361,23 @@ class Lifecycle(Drains):
                 run.published = True
                 self._maybe_ready(inst, run)
             elif message.get("t") == "beat":
-                run.last_beat = self.timers.clock()
+                run.last_beat = self._beat_time(message.get("at"), run.last_beat)
             elif message.get("t") == "error":
                 run.error = error_record(message)
 
+    def _beat_time(self, at: object, latest: float) -> float:
+        """When a heartbeat was sent: the worker's monotonic stamp (the same
+        clock as the supervisor's, on Linux), never later than now; now if it
+        sent none that makes sense."""
+        now = self.timers.clock()
+        if type(at) is not float or not math.isfinite(at):
+            return now
+        return max(latest, min(at, now))
+
     def _close_notify(self, run: Run) -> None:
         if run.notify_r is not None:
-            self.selector.unregister(run.notify_r)
+            with contextlib.suppress(KeyError):  # a heartbeating run's is read at deadlines
+                self.selector.unregister(run.notify_r)
             os.close(run.notify_r)
             run.notify_r = None
 

@@ -7,10 +7,15 @@ the policy's verdict as its error. `max_restarts` is decided with the other
 abort rules, in `Lifecycle._after_run`.
 
 Each deadline is one timer per run in the loop's heap, never a poll. A
-heartbeat costs the supervisor one read of the notify pipe (the worker sends
-at most `policy.BEATS_PER_TIMEOUT` per timeout) and the store of a float:
-the deadline's timer is not moved at each beat; when it fires it finds the
-latest beat and, if that was recent enough, sets itself again from there.
+heartbeat costs the supervisor nothing when it is sent: once a run is ready,
+its notify pipe leaves the loop's selector (nothing it sends after readiness
+needs an answer: a crash report is read at the exit), and the worker stamps
+each beat with its CLOCK_MONOTONIC time, the supervisor's own clock (one
+clock for the whole machine on Linux). When the deadline's timer fires, it
+reads the beats waiting in the pipe (the worker sends at most
+`policy.BEATS_PER_TIMEOUT` per timeout) and, if the latest was recent
+enough, sets itself again from that beat's time: one wake-up per run and
+timeout, however often the worker beats.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Policies(Rollouts):
         timeout = inst.worker.decl.heartbeat_timeout
         if timeout is not None and inst.run is run:
             run.last_beat = self.timers.clock()  # readiness is the first heartbeat
+            if run.notify_r is not None:  # read at each deadline from now on
+                self.selector.unregister(run.notify_r)
             run.watchdog = self.timers.call_at(
                 run.last_beat + timeout, functools.partial(self._beat_overdue, inst, run)
             )

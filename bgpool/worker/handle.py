@@ -43,7 +43,6 @@ _publisher: Publisher | None = None
 _announced = False  # whether this run told the supervisor it published
 _lock = threading.Lock()
 _write_lock = threading.Lock()  # one report at a time on the notify pipe, whole
-_BEAT = protocol.encode({"t": "beat"})
 
 
 class WorkerHandle:
@@ -108,16 +107,19 @@ class WorkerHandle:
     def heartbeat(self) -> None:
         """Tell the supervisor this worker is alive (`WorkerSpec.heartbeat_timeout`:
         one that goes longer without calling it, or `tick()`, is killed as
-        hung). Cheap enough for a tight loop: at most a few per timeout reach
-        the supervisor (one small write each), the other calls cost a clock
-        read; without a heartbeat_timeout nothing is sent."""
+        hung). Cheap enough for a tight loop: at most a few per timeout are
+        sent (one small write each, which the supervisor reads only when its
+        deadline comes), the other calls cost a clock read; without a
+        heartbeat_timeout nothing is sent."""
         interval = self._interval
         if interval is None:
             return
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + interval
-            _send(_BEAT)
+            # when: the supervisor reads beats only at its deadline (CLOCK_MONOTONIC
+            # is the same clock in every process of the machine)
+            _send(protocol.encode({"t": "beat", "at": now}))
 
     def tick(self, timeout: float | None = None) -> bool:
         """Heartbeat, then wait up to `timeout` seconds for a stop request;
