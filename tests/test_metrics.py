@@ -109,7 +109,8 @@ class Scrape:
         self.samples: dict[tuple[str, str | None, str | None], float] = {}
         for family in self.families.values():
             for s in family.samples:
-                key = (s.name, s.labels.get("worker"), s.labels.get("le"))
+                # the third part: a bucket's bound, or a recycle's reason
+                key = (s.name, s.labels.get("worker"), s.labels.get("le", s.labels.get("reason")))
                 assert key not in self.samples, f"duplicate sample {key} in:\n{text}"
                 self.samples[key] = s.value
 
