@@ -9,12 +9,14 @@ is tests/test_recycling.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import gone, read_text, the_status, wait_for
+from helpers import gone, read_text, subprocess_env, the_status, wait_for
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -23,6 +25,8 @@ import bgpool.metrics
 from bgpool.supervisor import policy
 
 MakePool = Callable[..., Any]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def policy_spec(name: str, target: str, **kwargs: Any) -> bgpool.WorkerSpec:
@@ -36,6 +40,16 @@ def metric(pool: Any, family: str, name: str, **labels: str) -> float:
     value = registry.get_sample_value(family, {"worker": f"m#:{name}", **labels})
     assert value is not None, f"no {family} sample for {name} {labels}"
     return value
+
+
+def status_command(pool: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """``bgpool status`` (or another command given in ``args``) of ``pool``, as an
+    operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "bgpool", *(args or ("status",)), "--address", pool.address],
+        cwd=ROOT, env=subprocess_env(), stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=30, check=False,
+    )  # fmt: skip
 
 
 def start_lines(path: Path) -> list[tuple[int, int, float]]:
@@ -141,6 +155,11 @@ def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(
     assert metric(pool, "bgpool_worker_hangs_total", "beater") == 1
     assert metric(pool, "bgpool_worker_crashes_total", "beater") == 1  # a hang is a crash
     assert metric(pool, "bgpool_worker_restarts_total", "beater") == 1
+    shown = status_command(pool)
+    assert shown.returncode == 0, shown
+    assert "beater.0: killed as hung once" in shown.stdout, shown.stdout
+    shown = status_command(pool, "diagnostics", "beater")
+    assert "last error:   Hung: no heartbeat for" in shown.stdout, shown.stdout
     # killed once its heartbeats had stopped for heartbeat_timeout, not while it beat
     attempts = start_lines(starts)
     assert len(attempts) == 2, attempts

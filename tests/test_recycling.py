@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from helpers import gone, statuses, wait_for
-from test_policies import metric, policy_spec, start_lines
+from test_policies import metric, policy_spec, start_lines, status_command
 
 MakePool = Callable[..., Any]
 
@@ -50,6 +50,10 @@ def test_a_worker_past_max_memory_is_recycled(make_pool: MakePool, sentinel_dir:
     assert metric(pool, "bgpool_worker_recycles_total", "hog", reason="lifetime") == 0
     assert metric(pool, "bgpool_worker_crashes_total", "hog") == 0
     assert metric(pool, "bgpool_worker_restarts_total", "hog") == 1
+    shown = status_command(pool)
+    assert f"hog.{status.instance}: recycled once (last: memory)" in shown.stdout, shown.stdout
+    shown = status_command(pool, "diagnostics", "hog")
+    assert "recycled:     last for memory" in shown.stdout, shown.stdout
 
 
 @pytest.mark.parametrize("jitter", [0.5, 0.0])

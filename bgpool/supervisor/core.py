@@ -3,7 +3,8 @@ workers, the descriptors it waits on, the pending waiters, and the one way an
 instance changes state (`_transition`, checked against `states.TRANSITIONS`).
 
 The supervisor is layered, one job per module, each layer using the ones
-below it: `Core` (here), `Drains`, `Lifecycle`, `Rollouts`, `Reloads`,
+below it: `Core` (here), `Drains`, `Lifecycle`, `Rollouts`, `Policies`,
+`Recycling`, `Reloads`,
 `Control`, `Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
 in the supervisor's single thread.
 """
