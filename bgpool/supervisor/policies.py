@@ -40,7 +40,8 @@ class Policies(Rollouts):
         timeout, run = inst.worker.decl.boot_timeout, inst.run
         if timeout is not None and run is not None:
             run.watchdog = self.timers.call_at(
-                inst.started_mono + timeout, functools.partial(self._boot_overdue, inst, run)
+                inst.started_mono + timeout,
+                functools.partial(self._boot_overdue, inst, run, timeout),
             )
 
     def _on_ready(self, inst: Instance, run: Run) -> None:
@@ -54,35 +55,33 @@ class Policies(Rollouts):
             if run.notify_r is not None:  # read at each deadline from now on
                 self.selector.unregister(run.notify_r)
             run.watchdog = self.timers.call_at(
-                run.last_beat + timeout, functools.partial(self._beat_overdue, inst, run)
+                run.last_beat + timeout, functools.partial(self._beat_overdue, inst, run, timeout)
             )
 
-    def _boot_overdue(self, inst: Instance, run: Run) -> None:
-        """`boot_timeout` passed and the run is not ready: stop it; its exit
-        is a boot failure saying which step it missed."""
+    def _boot_overdue(self, inst: Instance, run: Run, timeout: float) -> None:
+        """`timeout` (the run's `boot_timeout`, as declared when it was
+        spawned) passed and the run is not ready: stop it; its exit is a boot
+        failure saying which step it missed."""
         run.watchdog = None
         if inst.run is not run or run.ready or inst.drain is not None:
             return
-        decl = inst.worker.decl
-        assert decl.boot_timeout is not None
         missing = "call set_vars()" if run.handle_taken else "call get_worker_handle()"
-        self._kill_run(
-            inst, run, policy_error("BootTimeout", texts.boot_timed_out(missing, decl.boot_timeout))
-        )
+        verdict = policy_error("BootTimeout", texts.boot_timed_out(missing, timeout))
+        self._kill_run(inst, run, verdict)
 
-    def _beat_overdue(self, inst: Instance, run: Run) -> None:
+    def _beat_overdue(self, inst: Instance, run: Run, timeout: float) -> None:
         """The heartbeat deadline came: set it again from the latest beat, or,
-        with none within `heartbeat_timeout`, kill the run as hung."""
+        with none within `timeout` (the run's `heartbeat_timeout`, as declared
+        when it became ready: a reload's new value applies to its replacement),
+        kill the run as hung."""
         run.watchdog = None
         if inst.run is not run or inst.drain is not None or run.verdict is not None:
             return
-        timeout = inst.worker.decl.heartbeat_timeout
-        assert timeout is not None
         self._on_notify(inst)  # a beat written but not read yet counts
         now = self.timers.clock()
         due = run.last_beat + timeout
         if now < due:
-            check = functools.partial(self._beat_overdue, inst, run)
+            check = functools.partial(self._beat_overdue, inst, run, timeout)
             run.watchdog = self.timers.call_at(due, check)
             return
         inst.hangs += 1
