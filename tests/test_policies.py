@@ -222,9 +222,13 @@ def test_a_crash_loop_after_readiness_is_aborted_past_max_restarts(
     assert "RuntimeError: crash loop after readiness" in str(caught.value), caught.value
     assert caught.value.diagnostics is not None
     assert len(start_lines(starts)) == 3
-    # start_workers() is a fresh try
+    # start_workers() is a fresh try; so is ensure() once stop() held it stopped
     pool.start_workers("looper")
-    wait_for(lambda: len(start_lines(starts)) >= 4, 5, "a fresh attempt")
+    wait_for(lambda: len(start_lines(starts)) == 6, 10, "a fresh crash loop")
+    wait_for(lambda: the_status(pool, "looper").state == "aborted", 10, "aborted again")
+    pool.stop("looper")
+    pool.ensure("looper", timeout=5)
+    assert len(start_lines(starts)) >= 7
 
 
 def test_crashes_further_apart_than_the_window_are_not_aborted(

@@ -135,6 +135,8 @@ class Core:
                 inst.label, inst.state.label, target.label,
             )  # fmt: skip
         inst.state = target
+        if target != State.ABORTED:
+            inst.exhausted = None  # max_restarts' verdict holds while it stays aborted
         if target in (State.STOPPED, State.ABORTED):
             inst.generation = None  # a later start is a fresh one, from the newest code
         self._publish(inst)

@@ -177,7 +177,6 @@ class Lifecycle(Drains):
                     continue
                 if inst.state in (State.STOPPED, State.ABORTED):
                     inst.failures = 0
-                    inst.exhausted = None
                     inst.crash_times.clear()
                     stopped.append(inst)
                 elif inst.drain is not None:

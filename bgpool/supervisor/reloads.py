@@ -154,7 +154,8 @@ class Reloads(Recycling):
 
         log.info("reload: %s", report)
         self._begin(Rollout(restart, gen, rolled))  # new code first for what runs, then:
-        self._wake(eager)  # what is new, or a pool's new instances
+        # what is new, a pool's new instances, and what max_restarts gave up (new settings)
+        self._wake(eager, revive=True)
 
     def _move(self, before: Decl, decl: Decl) -> list[Worker]:
         """Hand `before`'s workers to `decl` (same scope and name); return them.
