@@ -42,6 +42,16 @@ def metric(pool: Any, family: str, name: str, **labels: str) -> float:
     return value
 
 
+def noted_pool(
+    make_pool: MakePool, sentinel_dir: Path, name: str, target: str, **kwargs: Any
+) -> tuple[Any, Path]:
+    """A started pool of one policy worker, each attempt of which is noted in
+    ``$STARTS`` (returned with it); ``env`` adds to the worker's environment."""
+    starts = sentinel_dir / "starts"
+    env = {"STARTS": str(starts), **kwargs.pop("env", {})}
+    return make_pool([policy_spec(name, target, env=env, **kwargs)]), starts
+
+
 def status_command(pool: Any, *args: str) -> subprocess.CompletedProcess[str]:
     """``bgpool status`` (or another command given in ``args``) of ``pool``, as an
     operator runs it."""
@@ -67,11 +77,10 @@ def start_lines(path: Path) -> list[tuple[int, int, float]]:
 def test_boot_timeout_kills_a_worker_that_never_takes_its_handle(
     make_pool: MakePool, sentinel_dir: Path
 ) -> None:
-    starts = sentinel_dir / "starts"
-    pool = make_pool([
-        policy_spec("slow", "never_ready", boot_timeout=0.3, max_consecutive_failures=2,
-                    env={"STARTS": str(starts)}),
-    ])  # fmt: skip
+    pool, starts = noted_pool(
+        make_pool, sentinel_dir, "slow", "never_ready", boot_timeout=0.3,
+        max_consecutive_failures=2,
+    )  # fmt: skip
     with pytest.raises(bgpool.WorkerAborted) as caught:
         pool.ensure("slow", timeout=8)
     expected = "did not call get_worker_handle() within 0.3s of starting"
@@ -131,12 +140,10 @@ def test_boot_timeout_spares_a_worker_ready_in_time(
 def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(
     make_pool: MakePool, sentinel_dir: Path
 ) -> None:
-    starts = sentinel_dir / "starts"
-    pool = make_pool([
-        policy_spec("beater", "hangs_once", num=1, heartbeat_timeout=0.4,
-                    env={"STARTS": str(starts), "ONCE": str(sentinel_dir / "once"),
-                         "BEAT_SECONDS": "0.3"}),
-    ])  # fmt: skip
+    pool, starts = noted_pool(
+        make_pool, sentinel_dir, "beater", "hangs_once", num=1, heartbeat_timeout=0.4,
+        env={"ONCE": str(sentinel_dir / "once"), "BEAT_SECONDS": "0.3"},
+    )  # fmt: skip
     first = the_status(pool, "beater").pid
 
     def restarted() -> Any:
@@ -203,11 +210,9 @@ def test_tick_async_returns_false_at_a_drain(make_pool: MakePool, sentinel_dir: 
 def test_a_crash_loop_after_readiness_is_aborted_past_max_restarts(
     make_pool: MakePool, sentinel_dir: Path
 ) -> None:
-    starts = sentinel_dir / "starts"
-    pool = make_pool([
-        policy_spec("looper", "crash_loop", num=1, max_restarts=2, restart_window=60,
-                    env={"STARTS": str(starts)}),
-    ])  # fmt: skip
+    pool, starts = noted_pool(
+        make_pool, sentinel_dir, "looper", "crash_loop", num=1, max_restarts=2, restart_window=60
+    )
     wait_for(lambda: the_status(pool, "looper").state == "aborted", 10, "the crash loop aborted")
     assert len(start_lines(starts)) == 3  # the first run and max_restarts restarts
     diag = pool.diagnostics("looper")
@@ -234,11 +239,10 @@ def test_a_crash_loop_after_readiness_is_aborted_past_max_restarts(
 def test_crashes_further_apart_than_the_window_are_not_aborted(
     make_pool: MakePool, sentinel_dir: Path
 ) -> None:
-    starts = sentinel_dir / "starts"
-    pool = make_pool([
-        policy_spec("spaced", "crash_loop", num=1, max_restarts=1, restart_window=0.2,
-                    env={"STARTS": str(starts), "CRASH_AFTER": "0.3"}),
-    ])  # fmt: skip
+    pool, starts = noted_pool(
+        make_pool, sentinel_dir, "spaced", "crash_loop", num=1, max_restarts=1,
+        restart_window=0.2, env={"CRASH_AFTER": "0.3"},
+    )  # fmt: skip
     wait_for(lambda: len(start_lines(starts)) >= 4, 10, "three crash restarts")
     assert the_status(pool, "spaced").state != "aborted"
     pool.ensure("spaced", timeout=5)

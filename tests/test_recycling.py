@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from helpers import gone, statuses, wait_for
-from test_policies import metric, policy_spec, start_lines, status_command
+from test_policies import metric, noted_pool, start_lines, status_command
 
 MakePool = Callable[..., Any]
 
@@ -25,12 +25,10 @@ MiB = 1 << 20
 def test_a_worker_past_max_memory_is_recycled(make_pool: MakePool, sentinel_dir: Path) -> None:
     """Only the instance over the limit is recycled, gracefully (no crash), and
     its pool keeps a ready instance."""
-    starts = sentinel_dir / "starts"
-    pool = make_pool([
-        policy_spec("hog", "memory_hog", num=2, max_memory=96 * MiB,
-                    env={"STARTS": str(starts), "ONCE": str(sentinel_dir / "once"),
-                         "HOG_BYTES": str(192 * MiB)}),
-    ])  # fmt: skip
+    pool, starts = noted_pool(
+        make_pool, sentinel_dir, "hog", "memory_hog", num=2, max_memory=96 * MiB,
+        env={"ONCE": str(sentinel_dir / "once"), "HOG_BYTES": str(192 * MiB)},
+    )  # fmt: skip
     wait_for(lambda: len(start_lines(starts)) == 2, 10, "both instances started")
     hog = [pid for pid, _, _ in start_lines(starts)]
 
@@ -63,12 +61,11 @@ def test_max_lifetime_recycles_a_pool_at_distinct_times_rolling(
     """Each instance is recycled once its (jittered) lifetime is over, one at a
     time: the pool has a ready instance at every moment we look. Without
     jitter, every instance comes due at once: only the rolling spreads them."""
-    starts = sentinel_dir / "starts"
     num = 3
-    pool = make_pool([
-        policy_spec("aging", "idle_until_stopped", num=num, max_lifetime=1.0,
-                    lifetime_jitter=jitter, env={"STARTS": str(starts)}),
-    ])  # fmt: skip
+    pool, starts = noted_pool(
+        make_pool, sentinel_dir, "aging", "idle_until_stopped", num=num, max_lifetime=1.0,
+        lifetime_jitter=jitter,
+    )  # fmt: skip
     wait_for(lambda: sum(s.state == "ready" for s in statuses(pool, "aging")) == num, 10)
     looks, deadline = 0, time.monotonic() + 20
     while True:
@@ -101,11 +98,10 @@ def test_max_lifetime_recycles_a_pool_at_distinct_times_rolling(
 def test_a_single_instance_is_recycled_by_drain_then_respawn(
     make_pool: MakePool, sentinel_dir: Path
 ) -> None:
-    starts = sentinel_dir / "starts"
-    pool = make_pool([
-        policy_spec("solo", "idle_until_stopped", num=1, max_lifetime=0.5, lifetime_jitter=0,
-                    env={"STARTS": str(starts)}),
-    ])  # fmt: skip
+    pool, starts = noted_pool(
+        make_pool, sentinel_dir, "solo", "idle_until_stopped", num=1, max_lifetime=0.5,
+        lifetime_jitter=0,
+    )  # fmt: skip
     wait_for(lambda: len(start_lines(starts)) >= 3, 10, "two recycles")
     pids = [pid for pid, _, _ in start_lines(starts)]
     assert len(set(pids)) == len(pids)

@@ -33,6 +33,9 @@ from .timers import Timer
 
 log = logging.getLogger("bgpool")
 
+OVER = frozenset({State.CRASHED, State.BACKOFF, State.ABORTED, State.STOPPED})
+"""The states that end a recycle's wait for its replacement."""
+
 
 class Recycling(Policies):
     """Graceful restarts for memory and lifetime, rolling."""
@@ -136,27 +139,14 @@ class Recycling(Policies):
             for chain in rollout.chains
         )
 
-    def _replaced(self, inst: Instance) -> None:
-        """The recycle of `inst` is over without a ready replacement (it failed
-        to boot, or was drained for good): the next one may go."""
-        worker = inst.worker
-        if worker.recycling is inst:
-            worker.recycling = None
-            self._next_recycle(worker)
-
-    def _after_run(
-        self,
-        inst: Instance,
-        status: int | None,
-        run_seconds: float,
-        error: dict[str, Any] | None,
-        *,
-        give_up: bool = False,
+    def _transition(
+        self, inst: Instance, target: State, detail: str, level: int = logging.INFO
     ) -> None:
-        super()._after_run(inst, status, run_seconds, error, give_up=give_up)
-        self._replaced(inst)
-
-    def _drained(self, inst: Instance, status: int) -> None:
-        super()._drained(inst, status)
-        if inst.state != State.STARTING:  # not respawned
-            self._replaced(inst)
+        """A recycle is over without a ready replacement when the instance
+        fails to boot again, or is drained for good: the next one may go (once
+        this transition's handler is done)."""
+        super()._transition(inst, target, detail, level)
+        worker = inst.worker
+        if worker.recycling is inst and target in OVER:
+            worker.recycling = None
+            self.timers.call_later(0, functools.partial(self._next_recycle, worker))
