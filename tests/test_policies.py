@@ -95,8 +95,9 @@ def test_boot_timeout_kills_a_worker_that_never_takes_its_handle(
     attempts = start_lines(starts)
     assert len(attempts) == 2, attempts
     assert all(gone(pid) for pid, _, _ in attempts)
-    # stopped at its deadline, not before: the second attempt began after the first's 0.3 s
-    assert attempts[1][2] - attempts[0][2] >= 0.3
+    # stopped at its deadline, not before: the second attempt began after the first's
+    # 0.3 s (less what a spawned interpreter's start-up may vary between attempts)
+    assert attempts[1][2] - attempts[0][2] >= 0.2
     assert metric(pool, "bgpool_worker_crashes_total", "slow") == 2
 
 
