@@ -9,9 +9,10 @@ is tests/test_recycling.py.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,13 @@ import pytest
 from helpers import gone, read_text, subprocess_env, the_status, wait_for
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from test_transitions import Clock, Machine, assert_only_allowed_moves, decl, state, the_instance
 
 import bgpool
 import bgpool.metrics
+from bgpool.states import State
 from bgpool.supervisor import policy
+from bgpool.supervisor.instances import Instance
 
 MakePool = Callable[..., Any]
 
@@ -298,3 +302,84 @@ def test_lifetime_and_sampling_rules() -> None:
     assert policy.sampling_interval(100) == 2.0
     assert policy.sampling_interval(10_000) == 5.0
     assert policy.beat_interval(0.3) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------ decisions, on a fake clock
+
+
+class PolicyMachine(Machine):
+    """`Machine`, its fake runs given their boot deadlines as real ones are."""
+
+    def _spawn_all(self, insts: list[Instance]) -> None:
+        super()._spawn_all(insts)
+        for inst in insts:
+            self._arm_boot(inst)
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Machine]:
+    """test_transitions' supervisor that forks nothing, for one worker with
+    policies: max_restarts=2 within 10 s, boot_timeout=1, heartbeat_timeout=2."""
+    policies = {"max_restarts": 2, "restart_window": 10.0, "boot_timeout": 1.0,
+                "heartbeat_timeout": 2.0}  # fmt: skip
+    sup = PolicyMachine(
+        [dataclasses.replace(decl(), **policies)], str(tmp_path / "c.sock"), Clock()
+    )
+    try:
+        yield sup
+    finally:
+        sup.release()
+
+
+def test_crashes_past_max_restarts_within_the_window_abort(guarded: Machine) -> None:
+    inst = the_instance(guarded)
+    guarded.start_eager()
+    guarded.ready(inst)
+    for _ in range(2):  # two crashes within the window: restarted
+        guarded.exit(inst, 1)
+        guarded.advance(1.0)
+        guarded.ready(inst)
+    guarded.exit(inst, 1)  # the third: aborted, from ready
+    assert state(inst) == State.ABORTED and inst.exhausted is not None
+    assert "3 crashes within 10s, over max_restarts=2" in inst.exhausted
+    assert not inst.worker.name_ready
+    assert guarded.moves[-1] == ("ready", "aborted")
+    assert_only_allowed_moves(guarded)
+
+
+def test_crashes_that_left_the_window_no_longer_count(guarded: Machine) -> None:
+    inst = the_instance(guarded)
+    guarded.start_eager()
+    guarded.ready(inst)
+    for _ in range(6):  # a crash every 6 s: never more than two within 10 s
+        guarded.exit(inst, 1)
+        guarded.advance(1.0)  # the backoff (at most 1 s)
+        guarded.ready(inst)
+        for _ in range(5):  # heartbeats, well within the 2 s timeout
+            guarded.advance(1.0)
+            assert inst.run is not None
+            inst.run.last_beat = guarded.timers.clock()
+    assert state(inst) == State.READY and inst.hangs == 0 and inst.crashes == 6
+    assert_only_allowed_moves(guarded)
+
+
+def test_a_missed_heartbeat_is_a_hang_a_late_boot_a_boot_timeout(guarded: Machine) -> None:
+    inst = the_instance(guarded)
+    guarded.start_eager()
+    guarded.advance(0.99)
+    assert inst.run is not None and inst.run.verdict is None
+    guarded.advance(0.02)  # boot_timeout passed
+    assert inst.run.verdict is not None and inst.run.verdict["type"] == "BootTimeout"
+    guarded.exit(inst, -15)
+    assert inst.failures == 1 and state(inst) == State.STARTING  # a boot failure
+    guarded.ready(inst)
+    run = inst.run
+    assert run is not None
+    guarded.advance(1.5)
+    run.last_beat = guarded.timers.clock()  # a beat: the deadline moves to 2 s after it
+    guarded.advance(1.9)
+    assert run.verdict is None
+    guarded.advance(0.2)
+    assert run.verdict is not None and run.verdict["type"] == "Hung" and inst.hangs == 1
+    assert "no heartbeat for 2.10s" in run.verdict["message"]
+    assert_only_allowed_moves(guarded)

@@ -37,6 +37,10 @@ class Policies(Rollouts):
 
     def _started(self, inst: Instance, pid: int, fds: list[int]) -> None:
         super()._started(inst, pid, fds)
+        self._arm_boot(inst)
+
+    def _arm_boot(self, inst: Instance) -> None:
+        """Set the boot deadline of `inst`'s new run, if it has one."""
         timeout, run = inst.worker.decl.boot_timeout, inst.run
         if timeout is not None and run is not None:
             run.watchdog = self.timers.call_at(
