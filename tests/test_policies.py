@@ -295,6 +295,13 @@ def test_restart_intensity_rule() -> None:
     assert policy.restarts_exhausted(3, 2)
 
 
+def test_heartbeat_checks_fall_on_a_grid_of_a_quarter_timeout() -> None:
+    assert policy.beat_check_time(10.0, 2.0) == 10.0
+    assert policy.beat_check_time(10.1, 2.0) == 10.5
+    assert policy.beat_check_time(10.5, 2.0) == 10.5
+    assert policy.beat_check_time(0.31, 0.4) == pytest.approx(0.4)
+
+
 def test_lifetime_and_sampling_rules() -> None:
     assert policy.lifetime(10.0, 0.1, 0.0) == 10.0
     assert policy.lifetime(10.0, 0.1, 1.0) == pytest.approx(11.0)
@@ -381,10 +388,11 @@ def test_a_missed_heartbeat_is_a_hang_a_late_boot_a_boot_timeout(guarded: Machin
     guarded.advance(1.5)
     assert inst.run is not None
     inst.run.last_beat = guarded.timers.clock()  # a beat: the deadline moves to 2 s after it
-    guarded.advance(1.9)
+    guarded.advance(1.0)  # the first check finds the beat
+    guarded.advance(1.45)  # the deadline, 2 s after the beat, is checked on a 0.5 s grid
     assert verdict(inst) is None
-    guarded.advance(0.2)
+    guarded.advance(0.1)
     hung = verdict(inst) or {}
     assert hung.get("type") == "Hung" and inst.hangs == 1
-    assert "no heartbeat for 2.10s" in hung["message"]
+    assert "no heartbeat for 2.55s" in hung["message"]
     assert_only_allowed_moves(guarded)

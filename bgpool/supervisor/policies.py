@@ -14,8 +14,9 @@ each beat with its CLOCK_MONOTONIC time, the supervisor's own clock (one
 clock for the whole machine on Linux). When the deadline's timer fires, it
 reads the beats waiting in the pipe (the worker sends at most
 `policy.BEATS_PER_TIMEOUT` per timeout) and, if the latest was recent
-enough, sets itself again from that beat's time: one wake-up per run and
-timeout, however often the worker beats.
+enough, sets itself again from that beat's time: about one check per run and
+timeout, however often the worker beats, and deadlines on a grid
+(`policy.beat_check_time`) so one wake-up of the loop checks every run due.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import signal
 
 from .. import texts
+from . import policy
 from .drains import FORCE_KILL_DELAY
 from .instances import Instance, Run, policy_error
 from .rollouts import Rollouts
@@ -58,9 +60,7 @@ class Policies(Rollouts):
             run.last_beat = self.timers.clock()  # readiness is the first heartbeat
             if run.notify_r is not None:  # read at each deadline from now on
                 self.selector.unregister(run.notify_r)
-            run.watchdog = self.timers.call_at(
-                run.last_beat + timeout, functools.partial(self._beat_overdue, inst, run, timeout)
-            )
+            self._check_beat_at(inst, run, timeout)
 
     def _boot_overdue(self, inst: Instance, run: Run, timeout: float) -> None:
         """`timeout` (the run's `boot_timeout`, as declared when it was
@@ -83,14 +83,20 @@ class Policies(Rollouts):
             return
         self._on_notify(inst)  # a beat written but not read yet counts
         now = self.timers.clock()
-        due = run.last_beat + timeout
-        if now < due:
-            check = functools.partial(self._beat_overdue, inst, run, timeout)
-            run.watchdog = self.timers.call_at(due, check)
+        if now < run.last_beat + timeout:
+            self._check_beat_at(inst, run, timeout)
             return
         inst.hangs += 1
         self._kill_run(inst, run, policy_error("Hung", texts.hung(now - run.last_beat, timeout)))
         self._publish(inst)
+
+    def _check_beat_at(self, inst: Instance, run: Run, timeout: float) -> None:
+        """Check `run`'s heartbeats once `timeout` has passed since the latest
+        (at the next point of the timeout's grid: one wake-up checks them all)."""
+        when = policy.beat_check_time(run.last_beat + timeout, timeout)
+        run.watchdog = self.timers.call_at(
+            when, functools.partial(self._beat_overdue, inst, run, timeout)
+        )
 
     def _kill_run(self, inst: Instance, run: Run, verdict: dict[str, object]) -> None:
         """Stop `run` for a policy: SIGTERM to its process tree, SIGKILL a

@@ -4,6 +4,8 @@ step. No I/O and no clock of their own, so every case is cheap to test.
 
 from __future__ import annotations
 
+import math
+
 MAX_BACKOFF = 1.0
 """The longest wait between two restarts, in seconds."""
 
@@ -66,6 +68,20 @@ spaced under the timeout always has one counted within it."""
 def beat_interval(heartbeat_timeout: float) -> float:
     """The shortest time between two heartbeats a worker sends."""
     return heartbeat_timeout / BEATS_PER_TIMEOUT
+
+
+CHECKS_PER_TIMEOUT = 4
+"""Heartbeat deadlines are checked on a grid of `heartbeat_timeout / 4`
+(seconds of the monotonic clock), so every run with the same timeout is
+checked in the same wake-up of the loop: a hang is found between 1 and 1.25
+timeouts after the last heartbeat."""
+
+
+def beat_check_time(due: float, heartbeat_timeout: float) -> float:
+    """When a run whose heartbeat deadline is `due` is checked: the first
+    point of its timeout's grid at or after it."""
+    step = heartbeat_timeout / CHECKS_PER_TIMEOUT
+    return math.ceil(due / step) * step
 
 
 def lifetime(max_lifetime: float, jitter: float, draw: float) -> float:
