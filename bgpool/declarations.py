@@ -45,6 +45,10 @@ MAX_LOG_LINES = 10_000_000
 """The most `log_lines` a pool keeps per worker name (a bound, so a typo cannot
 ask the supervisor for a ring it cannot make)."""
 
+POLICY_FIELDS = frozenset({"boot_timeout", "heartbeat_timeout", "max_restarts", "restart_window",
+                           "max_memory", "max_lifetime", "lifetime_jitter"})  # fmt: skip
+"""The `WorkerSpec` fields of the lifecycle policies (supervisor/policies.py)."""
+
 _MODULE_TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
@@ -119,7 +123,10 @@ class WorkerSpec(BaseModel):
     the handle alone or the handle and a first `set_vars()`; `watch`, glob
     patterns of files whose change restarts the worker on new code;
     `requires`, named workers of the same scope that must be ready before it
-    starts. The README's "Declaring workers" has the table.
+    starts; the lifecycle policies (`boot_timeout`, `heartbeat_timeout`,
+    `max_restarts` within `restart_window`, `max_memory`, `max_lifetime` with
+    `lifetime_jitter`), all off by default. The README's "Declaring workers"
+    has the table.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -136,6 +143,14 @@ class WorkerSpec(BaseModel):
     ready_on: Literal["handle", "vars"] = "handle"
     watch: list[str] = Field(default_factory=list)
     requires: list[str] = Field(default_factory=list)
+    # lifecycle policies (SPEC "Lifecycle policies"; README "Lifecycle policies")
+    boot_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    heartbeat_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    max_restarts: Annotated[int, Field(ge=0)] | None = None
+    restart_window: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
+    max_memory: Annotated[int, Field(gt=0)] | None = None
+    max_lifetime: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    lifetime_jitter: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
 
     @field_validator("target")
     @classmethod
@@ -219,6 +234,10 @@ class WorkerSpec(BaseModel):
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
+
+    def policies(self) -> dict[str, Any]:
+        """The lifecycle policies' fields, as the supervisor receives them."""
+        return self.model_dump(include=set(POLICY_FIELDS))
 
     @property
     def instance_cap(self) -> int:
@@ -348,6 +367,7 @@ class PoolConfig(BaseModel):
                 "ready_on": spec.ready_on,
                 "watch": spec.watch,
                 "requires": spec.requires,
+                **spec.policies(),
             }
             for index, spec in enumerate(self.workers)
         ]

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+RecycleReasonName = Literal["memory", "lifetime"]
+
 StateName = Literal["starting", "ready", "backoff", "crashed", "aborted", "stopping", "stopped"]
 
 
@@ -27,7 +29,10 @@ class ErrorInfo(_Report):
 class WorkerStatus(_Report):
     """One worker instance, as the readiness table shows it. `eager`: it
     belongs to a worker that should run whether or not anyone ensured it
-    (`num >= 1`, as declared or as `scale()` set it; a stopped one included)."""
+    (`num >= 1`, as declared or as `scale()` set it; a stopped one included).
+    `hangs`: times it was killed for a missed heartbeat; `recycles`: graceful
+    restarts `max_memory` or `max_lifetime` asked for, the latest's reason in
+    `last_recycle_reason`."""
 
     name: str
     scope: str
@@ -41,6 +46,9 @@ class WorkerStatus(_Report):
     started_at: datetime | None
     ready_at: datetime | None
     eager: bool = False
+    hangs: int = 0
+    recycles: int = 0
+    last_recycle_reason: RecycleReasonName | None = None
 
 
 class LogLine(_Report):
@@ -72,7 +80,8 @@ class WorkerDiagnostics(_Report):
     in `last_signal`; `last_error` is the exception of the last failed run and
     `last_output` the last lines it wrote (when its output is relayed);
     `waiting_for` the requirements (`WorkerSpec.requires`) not ready yet
-    while its start waits for them.
+    while its start waits for them; `last_recycle_reason` why an instance of
+    it was last recycled (`"memory"` or `"lifetime"`), None if none was.
     """
 
     name: str
@@ -89,4 +98,5 @@ class WorkerDiagnostics(_Report):
     waiting_for: list[str] = []
     vars_generation: int = 0
     vars_published_at: datetime | None = None
+    last_recycle_reason: RecycleReasonName | None = None
     instances: list[WorkerStatus]

@@ -316,6 +316,28 @@ def _walk(pid: int) -> list[psutil.Process] | None:
     return tree
 
 
+def tree_rss(pids: Collection[int]) -> dict[int, int]:
+    """The resident memory, in bytes, of each of `pids` with its descendants
+    (/proc/<pid>/statm, one read per process; the trees found in one pass).
+    A pid that is gone is left out."""
+    import psutil
+
+    trees = descendants(pids)
+    page = os.sysconf("SC_PAGE_SIZE")
+    sizes: dict[int, int] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as statm:
+                total = int(statm.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+        for proc in trees.get(pid, []):
+            with contextlib.suppress(psutil.Error, OSError):
+                total += proc.memory_info().rss
+        sizes[pid] = total
+    return sizes
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     """`pid` and all its descendants, parents first; empty if it is gone.
     Reading /proc can fail (out of descriptors): then as much as was found."""

@@ -10,7 +10,8 @@ state; clients, metrics and the CLI read it.
        │                 ▼  │                       ▼
        │     ABORTED ◀── CRASHED ──▶ BACKOFF     STOPPING ──exit──▶ STOPPED
        │  (boot failures     (restart waits)        │
-       │   reached the cap)                         └──exit, restart──▶ STARTING
+       │   reached the cap;                         └──exit, restart──▶ STARTING
+       │   or from READY: crashes past max_restarts)
        └── a drain cancels a pending restart (BACKOFF, CRASHED); stop() of an ABORTED one
 """
 
@@ -27,7 +28,7 @@ class State(enum.IntEnum):
     READY = 2  # ready in this run
     BACKOFF = 3  # exited; waiting before the next start
     CRASHED = 4  # exited abnormally; the next step (restart, backoff) follows at once
-    ABORTED = 5  # given up after max_consecutive_failures boot failures
+    ABORTED = 5  # given up: max_consecutive_failures boot failures, or crashes past max_restarts
     STOPPING = 6  # drain in progress
 
     @property
@@ -45,8 +46,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset(
         {State.READY, State.CRASHED, State.ABORTED, State.BACKOFF, State.STARTING, State.STOPPING}
     ),
-    # the run ended (a crash, or a clean exit restarted at once or paced), or a drain began
-    State.READY: frozenset({State.CRASHED, State.BACKOFF, State.STARTING, State.STOPPING}),
+    # the run ended (a crash, or a clean exit restarted at once or paced; a crash
+    # past max_restarts within restart_window aborts), or a drain began
+    State.READY: frozenset(
+        {State.CRASHED, State.ABORTED, State.BACKOFF, State.STARTING, State.STOPPING}
+    ),
     # a failure is followed at once by its restart, or by a backoff wait; a
     # drain cancels the pending restart
     State.CRASHED: frozenset({State.STARTING, State.BACKOFF, State.STOPPED}),

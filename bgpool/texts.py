@@ -117,6 +117,32 @@ def aborted(name: str, failures: int, failure: Failure) -> str:
     )
 
 
+def boot_timed_out(missing: str, boot_timeout: float) -> str:
+    """The error message of a run stopped at its `boot_timeout`: `did not
+    call get_worker_handle() within 0.3s of starting`."""
+    return f"did not {missing} within {seconds(boot_timeout)} of starting"
+
+
+def hung(silent: float, heartbeat_timeout: float) -> str:
+    """The error message of a run killed as hung (`last_error.type == "Hung"`)."""
+    return (
+        f"no heartbeat for {silent:.2f}s (heartbeat_timeout {seconds(heartbeat_timeout)}): "
+        "killed as hung"
+    )
+
+
+def restarts_exhausted(
+    name: str, crashes: int, window: float, max_restarts: int, failure: Failure
+) -> str:
+    """WorkerAborted's message when a worker that was ready crashed more than
+    `max_restarts` times within `restart_window` (its restart intensity)."""
+    return (
+        f'background worker "{name}" was aborted: {crashes} crashes within '
+        f"{seconds(window)}, over max_restarts={max_restarts} (restart_window "
+        f"{seconds(window)}); start_workers() starts it again (last {failure.cause()}"
+    )
+
+
 GENERATION_DIED = (
     "the new code generation's process died while it imported the targets "
     "(see the supervisor's log); nothing was restarted"

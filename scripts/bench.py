@@ -125,6 +125,12 @@ idle_cpu           The supervisor's CPU (psutil cpu_times user+system) over a
                    Peers: each daemon with N idle processes (pm2: its God
                    daemon), in the drain phase at --workers.
 supervisor_rss     The supervisor's RSS then (and the peers' daemons').
+idle_cost_policies The supervisor's CPU, as idle_cpu, over the idle window with N
+                   idle ready workers of one pool (num=N): a row with no policy
+                   (workers wait on their handle), and a row with every
+                   lifecycle policy on (boot_timeout, heartbeat_timeout=5 with
+                   workers that loop on tick(1.0), max_restarts, max_memory,
+                   so memory is sampled, and max_lifetime, never due).
 worker_uss         The USS (psutil memory_full_info) of each of 16 idle ready
                    workers of one pool, read after they idled 0.5 s; a row of
                    the largest. Baseline (the floor): the child a plain `python

@@ -188,3 +188,13 @@ if __name__ == "__main__":
     else:
         usage = "bench_workers.py peer [FIFO [TRIGGER]] | bench_workers.py idle (a bgpool script)"
         sys.exit(f"usage: {usage}")
+
+
+def ticking() -> None:
+    """Take the handle (ready), then `tick(1.0)` until the stop signal: a worker
+    that heartbeats (WorkerSpec.heartbeat_timeout) while it has nothing to do."""
+    import bgpool
+
+    handle = bgpool.get_worker_handle()
+    while handle.tick(1.0):
+        pass

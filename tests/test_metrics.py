@@ -40,6 +40,8 @@ FAMILIES = {
     "bgpool_ready_workers": "gauge",
     "bgpool_worker_crashes": "counter",
     "bgpool_worker_restarts": "counter",
+    "bgpool_worker_hangs": "counter",
+    "bgpool_worker_recycles": "counter",
     "bgpool_worker_boot_seconds": "histogram",
 }
 
@@ -81,7 +83,8 @@ class Scrape:
         self.samples: dict[tuple[str, str | None, str | None], float] = {}
         for family in self.families.values():
             for s in family.samples:
-                key = (s.name, s.labels.get("worker"), s.labels.get("le"))
+                # the third part: a bucket's bound, or a recycle's reason
+                key = (s.name, s.labels.get("worker"), s.labels.get("le", s.labels.get("reason")))
                 assert key not in self.samples, f"duplicate sample {key} in:\n{text}"
                 self.samples[key] = s.value
 
@@ -166,6 +169,9 @@ def check_exposition(s: Scrape) -> None:
             extra = set(sample.labels) - {"worker"}
             if sample.name.endswith("_bucket"):
                 assert extra == {"le"}, sample
+            elif name == "bgpool_worker_recycles":
+                assert extra == {"reason"}, sample
+                assert sample.labels["reason"] in ("memory", "lifetime"), sample
             else:
                 assert not extra, sample
         names = {sample.name for sample in family.samples}

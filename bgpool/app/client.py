@@ -1034,6 +1034,9 @@ def status_of(slot: Slot) -> WorkerStatus:
         started_at=_when(slot.started_at),
         ready_at=_when(slot.ready_at),
         eager=slot.eager,
+        hangs=slot.hangs,
+        recycles=slot.recycles_memory + slot.recycles_lifetime,
+        last_recycle_reason=slot.recycle_reason.label,  # type: ignore[arg-type]
     )
 
 

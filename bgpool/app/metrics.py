@@ -62,6 +62,8 @@ class TableCollector(Collector):
         GaugeMetricFamily,
         CounterMetricFamily,
         CounterMetricFamily,
+        CounterMetricFamily,
+        CounterMetricFamily,
         HistogramMetricFamily,
     ]:
         """bgpool's metric families, without samples."""
@@ -81,12 +83,22 @@ class TableCollector(Collector):
             "Worker respawns: after a crash, a clean exit or restart_workers().",
             labels=["worker"],
         )
+        hangs = CounterMetricFamily(
+            "bgpool_worker_hangs",
+            "Workers killed as hung: no heartbeat within heartbeat_timeout.",
+            labels=["worker"],
+        )
+        recycles = CounterMetricFamily(
+            "bgpool_worker_recycles",
+            "Graceful restarts asked for by max_memory or max_lifetime, by reason.",
+            labels=["worker", "reason"],
+        )
         boot = HistogramMetricFamily(
             "bgpool_worker_boot_seconds",
             "Time from spawn to get_worker_handle().",
             labels=["worker"],
         )
-        return total, ready, crashes, restarts, boot
+        return total, ready, crashes, restarts, hangs, recycles, boot
 
     def describe(self) -> Iterator[Metric]:
         """The families, without samples: what a registry learns when this is
@@ -96,7 +108,7 @@ class TableCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """One sample per worker name (a pool's instances are summed)."""
-        total, ready, crashes, restarts, boot = self._families()
+        total, ready, crashes, restarts, hangs, recycles, boot = self._families()
         by_worker: dict[str, list[Slot]] = defaultdict(list)
         for slot in self._client._reader().slots():
             if slot.kind != Kind.FREE:
@@ -106,13 +118,16 @@ class TableCollector(Collector):
             ready.add_metric([label], sum(s.state == State.READY for s in slots))
             crashes.add_metric([label], sum(s.crashes for s in slots))
             restarts.add_metric([label], sum(s.restarts for s in slots))
+            hangs.add_metric([label], sum(s.hangs for s in slots))
+            recycles.add_metric([label, "memory"], sum(s.recycles_memory for s in slots))
+            recycles.add_metric([label, "lifetime"], sum(s.recycles_lifetime for s in slots))
             counts = [sum(s.boot_buckets[i] for s in slots) for i in range(len(BOOT_BUCKETS))]
             cumulative, buckets = 0, []
             for bound, count in zip(BOOT_BUCKETS, counts, strict=True):
                 cumulative += count
                 buckets.append((_bound(bound), cumulative))
             boot.add_metric([label], buckets, sum_value=sum(s.boot_sum for s in slots))
-        yield from (total, ready, crashes, restarts, boot)
+        yield from (total, ready, crashes, restarts, hangs, recycles, boot)
 
 
 def _bound(value: float) -> str:

@@ -56,6 +56,26 @@ def status_rows(statuses: Sequence[WorkerStatus]) -> list[tuple[str, ...]]:
     ]  # fmt: skip
 
 
+def policy_notes(statuses: Sequence[WorkerStatus]) -> list[str]:
+    """A line for each instance a lifecycle policy acted on: killed as hung,
+    recycled (and why, the last time). `bgpool status` prints them under its
+    table."""
+    notes = []
+    for s in statuses:
+        done = []
+        if s.hangs:
+            done.append(f"killed as hung {_times(s.hangs)}")
+        if s.recycles:
+            done.append(f"recycled {_times(s.recycles)} (last: {s.last_recycle_reason})")
+        if done:
+            notes.append(f"{_label(s.name, s.scope, s.instance)}: {', '.join(done)}")
+    return notes
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
+
+
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = STATUS_COLUMNS) -> str:
     """Rows as aligned columns under a header."""
     table = [tuple(header), *rows]
@@ -75,6 +95,8 @@ def format_diagnostics(d: WorkerDiagnostics) -> str:
         f"attempts:     {d.attempts}, consecutive failures {d.consecutive_failures}",
         f"last exit:    {last_exit}" + (f" ({d.last_signal})" if d.last_signal else ""),
     ]
+    if d.last_recycle_reason is not None:
+        lines.append(f"recycled:     last for {d.last_recycle_reason}")
     if d.vars_generation:
         published = d.vars_published_at
         when = f", published {published.astimezone():%Y-%m-%d %H:%M:%S}" if published else ""

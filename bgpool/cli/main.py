@@ -31,7 +31,14 @@ from .. import texts
 from ..app.client import LogFollow, PoolClient, connect, locate
 from ..errors import BgpoolError
 from ..models import WorkerStatus
-from .display import format_diagnostics, format_log_line, format_table, print_error, status_rows
+from .display import (
+    format_diagnostics,
+    format_log_line,
+    format_table,
+    policy_notes,
+    print_error,
+    status_rows,
+)
 from .run import run
 
 
@@ -75,6 +82,9 @@ def status(address: str | None, as_json: bool) -> int:
             print(json.dumps([s.model_dump(mode="json") for s in statuses], indent=2))
         else:
             print(format_table(status_rows(statuses)))
+            notes = policy_notes(statuses)
+            if notes:
+                print("\n" + "\n".join(notes))
             if client.name is None:
                 print(f"\n{texts.unnamed_pool(client.address)}")
         due = [s for s in statuses if _should_run(s)]

@@ -82,7 +82,7 @@ class Kind(enum.IntEnum):
 MAGIC = b"BGPOOL\x01\x00"
 HEADER = struct.Struct("<8sIIIi")  # magic, version, nslots, slot size, supervisor pid
 HEADER_SIZE = 64
-VERSION = 4  # 3 added the in-use count and the status; 4 made the counter 64 bits
+VERSION = 5  # 3: the in-use count and the status; 4: a 64-bit counter; 5: hangs, recycles
 _IN_USE = HEADER.size  # offset of the in-use slot count (u32)
 _STATUS = HEADER.size + 4  # offset of the status byte
 _DECLARATIONS = HEADER.size + 8  # offset of the declarations' version (u32): reload() bumps it
@@ -94,6 +94,19 @@ class Status(enum.IntEnum):
     SERVING = 0
     SHUTTING_DOWN = 1  # draining: no new work
     CLOSED = 2  # the supervisor is gone
+
+
+class RecycleReason(enum.IntEnum):
+    """Why an instance was last recycled (a graceful restart a policy asked for)."""
+
+    NONE = 0
+    MEMORY = 1
+    LIFETIME = 2
+
+    @property
+    def label(self) -> str | None:
+        """`"memory"`, `"lifetime"`, or None: the `reason` label of the recycles metric."""
+        return None if self is RecycleReason.NONE else self.name.lower()
 
 
 BOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
@@ -125,6 +138,11 @@ _FIELDS = (
     ("last_exit", "i"),
     ("crashes", "I"),
     ("restarts", "I"),
+    ("hangs", "I"),  # killed for a missed heartbeat
+    ("recycles_memory", "I"),  # graceful restarts for max_memory
+    ("recycles_lifetime", "I"),  # graceful restarts for max_lifetime
+    ("recycle_reason", "B"),  # the latest recycle's (`RecycleReason`)
+    ("", "3x"),
     ("started_at", "d"),  # wall clock, 0 = never
     ("ready_at", "d"),  # wall clock, 0 = never
     ("boot_sum", "d"),  # seconds
@@ -176,6 +194,10 @@ class Slot:
     failures: int = 0
     crashes: int = 0
     restarts: int = 0
+    hangs: int = 0
+    recycles_memory: int = 0
+    recycles_lifetime: int = 0
+    recycle_reason: RecycleReason = RecycleReason.NONE
     started_at: float = 0.0
     ready_at: float = 0.0
     boot_sum: float = 0.0
@@ -194,6 +216,7 @@ def _pack_body(slot: Slot) -> bytes:
         slot.eager,
         slot.scope_id, slot.decl, slot.instance, slot.pool_size, len(name),
         slot.pid, slot.attempts, slot.failures, slot.last_exit or 0, slot.crashes, slot.restarts,
+        slot.hangs, slot.recycles_memory, slot.recycles_lifetime, slot.recycle_reason,
         slot.started_at, slot.ready_at, slot.boot_sum, *slot.boot_buckets,
         name, len(label), label,
     )  # fmt: skip
@@ -220,7 +243,8 @@ def _unpack_body(body: bytes) -> Slot:
     """The slot `body` holds; `ValueError` saying which field is out of its range."""
     (gen, name_ready, kind, state, ever_ready, has_exit, eager, scope_id, decl, instance,
      pool_size, name_len, pid, attempts, failures, last_exit, crashes, restarts,
-     started_at, ready_at, boot_sum, *rest) = _BODY.unpack_from(body)  # fmt: skip
+     hangs, recycles_memory, recycles_lifetime, recycle_reason, started_at, ready_at, boot_sum,
+     *rest) = _BODY.unpack_from(body)  # fmt: skip
     buckets = tuple(rest[: len(BOOT_BUCKETS)])
     name, label_len, label = rest[len(BOOT_BUCKETS) :]
     return Slot(
@@ -228,7 +252,9 @@ def _unpack_body(body: bytes) -> Slot:
         ever_ready=bool(ever_ready), last_exit=last_exit if has_exit else None,
         scope_id=scope_id, decl=decl, instance=instance, pool_size=pool_size, pid=pid,
         attempts=attempts, failures=failures, crashes=crashes, restarts=restarts,
-        started_at=started_at, ready_at=ready_at, boot_sum=boot_sum, boot_buckets=buckets,
+        hangs=hangs, recycles_memory=recycles_memory, recycles_lifetime=recycles_lifetime,
+        recycle_reason=_member(RecycleReason, recycle_reason), started_at=started_at,
+        ready_at=ready_at, boot_sum=boot_sum, boot_buckets=buckets,
         name=_text(name, name_len, "name"), scope_label=_text(label, label_len, "scope label"),
         eager=bool(eager),
     )  # fmt: skip

@@ -3,7 +3,8 @@ workers, the descriptors it waits on, the pending waiters, and the one way an
 instance changes state (`_transition`, checked against `states.TRANSITIONS`).
 
 The supervisor is layered, one job per module, each layer using the ones
-below it: `Core` (here), `Drains`, `Lifecycle`, `Requirements`, `Rollouts`, `Reloads`,
+below it: `Core` (here), `Drains`, `Lifecycle`, `Requirements`, `Rollouts`,
+`Policies`, `Recycling`, `Reloads`,
 `Control`, `Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
 in the supervisor's single thread.
 """
@@ -134,6 +135,8 @@ class Core:
                 inst.label, inst.state.label, target.label,
             )  # fmt: skip
         inst.state = target
+        if target != State.ABORTED:
+            inst.exhausted = None  # max_restarts' verdict holds while it stays aborted
         if target in (State.STOPPED, State.ABORTED):
             inst.generation = None  # a later start is a fresh one, from the newest code
         self._publish(inst)

@@ -16,7 +16,7 @@ import psutil
 
 from .. import texts
 from ..protocol import FrameDecoder, Message
-from ..shm.table import BOOT_BUCKETS, Kind, Slot
+from ..shm.table import BOOT_BUCKETS, Kind, RecycleReason, Slot
 from ..states import State
 from . import logs, relay
 from .registry import Decl
@@ -41,6 +41,18 @@ class Run:
     handle_taken: bool = False
     published: bool = False  # set_vars() called
     ready: bool = False
+    # lifecycle policies (policies.py, recycling.py)
+    last_beat: float = 0.0  # the latest heartbeat (or readiness), supervisor's clock
+    watchdog: Timer | None = None  # the boot timeout, then the heartbeat deadline
+    lifetime: Timer | None = None  # max_lifetime's recycle
+    killer: Timer | None = None  # SIGKILL, a second after a policy's SIGTERM
+    verdict: dict[str, Any] | None = None  # why a policy killed it (an error record)
+
+    def cancel_timers(self) -> None:
+        """Drop the policies' timers: the process is gone."""
+        for timer in (self.watchdog, self.lifetime, self.killer):
+            if timer is not None:
+                timer.cancel()
 
 
 @dataclass(eq=False)
@@ -68,6 +80,11 @@ class Instance:
         self.failures = 0
         self.crashes = 0
         self.restarts = 0
+        self.hangs = 0
+        self.recycles = {RecycleReason.MEMORY: 0, RecycleReason.LIFETIME: 0}
+        self.recycle_reason = RecycleReason.NONE  # the latest recycle's
+        self.crash_times: collections.deque[float] = collections.deque()  # for max_restarts
+        self.exhausted: str | None = None  # WorkerAborted's text once max_restarts aborted it
         self.ever_ready = False
         self.last_exit: int | None = None
         self.started_at = 0.0  # wall clock, for display
@@ -108,6 +125,10 @@ class Instance:
             failures=self.failures,
             crashes=self.crashes,
             restarts=self.restarts,
+            hangs=self.hangs,
+            recycles_memory=self.recycles[RecycleReason.MEMORY],
+            recycles_lifetime=self.recycles[RecycleReason.LIFETIME],
+            recycle_reason=self.recycle_reason,
             started_at=self.started_at,
             ready_at=self.ready_at,
             boot_sum=self.boot_sum,
@@ -136,6 +157,11 @@ class Worker:
         self.last_failure: texts.Failure | None = None
         # the requirements not ready yet, while its start waits for them
         self.waiting_for: list[str] = []
+        self.last_recycle_reason = RecycleReason.NONE
+        self.recycling: Instance | None = None  # replaced now by a recycle (recycling.py)
+        self.recycle_queue: collections.deque[tuple[Instance, Run, RecycleReason]] = (
+            collections.deque()
+        )  # recycles waiting for their turn: each instance, the run to replace, why
 
     def keep_lines(self, limit: int) -> None:
         """Keep `limit` lines from now on (a reload changed `log_lines`): the
@@ -204,6 +230,7 @@ class Worker:
             "last_error": failure.error if failure is not None else None,
             "last_output": list(failure.output) if failure is not None else [],
             "waiting_for": list(self.waiting_for),
+            "last_recycle_reason": self.last_recycle_reason.label,
             "slots": [i.slot for i in insts],
         }
 
@@ -223,6 +250,12 @@ STATE_RANK = {
     )
 }
 """Which instance state stands for a pool's name: the most alive one."""
+
+
+def policy_error(kind: str, message: str) -> dict[str, Any]:
+    """An error record the supervisor writes itself (a run it could not
+    start, or stopped for a lifecycle policy): no file, no traceback."""
+    return {"type": kind, "message": message, "filename": None, "lineno": None, "traceback": ""}
 
 
 def error_record(message: Message) -> dict[str, Any]:

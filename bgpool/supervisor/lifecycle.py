@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import selectors
 import sys
@@ -26,7 +28,7 @@ from ..worker.runtime import Boot, exec_spawned
 from . import logs, policy, relay
 from .drains import Drains
 from .generations import Generation
-from .instances import Instance, Run, Worker, error_record
+from .instances import Instance, Run, Worker, error_record, policy_error
 from .registry import Decl
 from .waiters import failure_reply
 
@@ -160,17 +162,22 @@ class Lifecycle(Drains):
         del self.workers[(decl.scope_id, worker.name)]
         self.slots.give_back([inst.slot for inst in worker.instances])
 
-    def _wake(self, workers: list[Worker]) -> None:
+    def _wake(self, workers: list[Worker], *, revive: bool = False) -> None:
         """Start the instances of workers that are not running (a fresh try
         after an abort or a stop), from the newest code (`_transition` forgot
         their generation); one that `stop()` is draining starts again once it
-        has exited. Nothing holds these workers stopped any more."""
+        has exited. Nothing holds these workers stopped any more. An instance
+        `max_restarts` aborted starts again only when `revive` says so
+        (`start_workers()`): `ensure()` hears `WorkerAborted` instead."""
         stopped = []
         for worker in workers:
             worker.held = False
             for inst in worker.instances:
+                if inst.exhausted is not None and not revive:
+                    continue
                 if inst.state in (State.STOPPED, State.ABORTED):
                     inst.failures = 0
+                    inst.crash_times.clear()
                     stopped.append(inst)
                 elif inst.drain is not None:
                     inst.drain.respawn = True
@@ -274,6 +281,9 @@ class Lifecycle(Drains):
             pool=self.pool_label,
             stdout_fd=outputs[1] if outputs else None,
             stderr_fd=outputs[3] if outputs else None,
+            heartbeat_interval=(
+                policy.beat_interval(decl.heartbeat_timeout) if decl.heartbeat_timeout else None
+            ),
         )
 
     def _fork_all(self, requests: list[tuple[Instance, Boot]]) -> list[int | OSError]:
@@ -316,8 +326,7 @@ class Lifecycle(Drains):
         one that was ready backs off and tries again, as after a crash."""
         cause = f"cannot start a process: {platform.os_error_words(exc)}"
         self._transition(inst, State.STARTING, f"attempt {inst.attempts}: {cause}")
-        error = {"type": "OSError", "message": cause, "filename": None, "lineno": None,
-                 "traceback": ""}  # fmt: skip
+        error = policy_error("OSError", cause)
         self._after_run(inst, None, 0.0, error, give_up=not inst.ever_ready)
 
     def _respawn(self, inst: Instance) -> None:
@@ -356,12 +365,24 @@ class Lifecycle(Drains):
                 # run's: it counts for readiness all the same).
                 run.published = True
                 self._maybe_ready(inst, run)
+            elif message.get("t") == "beat":
+                run.last_beat = self._beat_time(message.get("at"), run.last_beat)
             elif message.get("t") == "error":
                 run.error = error_record(message)
 
+    def _beat_time(self, at: object, latest: float) -> float:
+        """When a heartbeat was sent: the worker's monotonic stamp (the same
+        clock as the supervisor's, on Linux), never later than now; now if it
+        sent none that makes sense."""
+        now = self.timers.clock()
+        if type(at) is not float or not math.isfinite(at):
+            return now
+        return max(latest, min(at, now))
+
     def _close_notify(self, run: Run) -> None:
         if run.notify_r is not None:
-            self.selector.unregister(run.notify_r)
+            with contextlib.suppress(KeyError):  # a heartbeating run's is read at deadlines
+                self.selector.unregister(run.notify_r)
             os.close(run.notify_r)
             run.notify_r = None
 
@@ -424,12 +445,15 @@ class Lifecycle(Drains):
             self.relay.drain(fd)
         if run.stop_w is not None:
             os.close(run.stop_w)
+        run.cancel_timers()
         inst.run = None
         inst.last_exit = status
         if inst.state == State.STOPPING:
             self._drained(inst, status)
         else:
-            self._after_run(inst, status, self.timers.clock() - inst.started_mono, run.error)
+            # a policy's verdict (boot timeout, hung) says why, whatever it printed as it died
+            error = run.verdict or run.error
+            self._after_run(inst, status, self.timers.clock() - inst.started_mono, error)
         if len(self.generations) > 1:  # an older one may have lost its last instance
             self._release_generations()
 
@@ -459,13 +483,21 @@ class Lifecycle(Drains):
             if boot_failure:
                 worker.boot_failures += 1
             words += f": {texts.error_words(error)}" if error else ""
-        if give_up or policy.should_abort(inst.failures, inst.ever_ready, decl.max_failures):
-            self._transition(
-                inst,
-                State.ABORTED,
-                f"gave up after {inst.failures} consecutive boot failures; last: {words}",
-                logging.ERROR,
+        exhausted = failed and not boot_failure and self._count_crash(inst)
+        if (
+            exhausted
+            or give_up
+            or policy.should_abort(inst.failures, inst.ever_ready, decl.max_failures)
+        ):
+            why = (
+                f"gave up after {len(inst.crash_times)} crashes within "
+                f"{texts.seconds(decl.restart_window)} (max_restarts={decl.max_restarts})"
+                if exhausted
+                else f"gave up after {inst.failures} consecutive boot failures"
             )
+            self._transition(inst, State.ABORTED, f"{why}; last: {words}", logging.ERROR)
+            if exhausted:
+                self._exhausted(inst)
             if decl.name is None:
                 self._release(worker)
             self._settle_all()
@@ -483,3 +515,31 @@ class Lifecycle(Drains):
         else:
             self._respawn(inst)
         self._settle_all()
+
+    def _count_crash(self, inst: Instance) -> bool:
+        """Count a crash after readiness against `max_restarts` (within
+        `restart_window`); return whether the instance is to be aborted."""
+        decl = inst.worker.decl
+        if decl.max_restarts is None:
+            return False
+        now = self.timers.clock()
+        inst.crash_times.append(now)
+        while inst.crash_times and inst.crash_times[0] <= now - decl.restart_window:
+            inst.crash_times.popleft()
+        return policy.restarts_exhausted(len(inst.crash_times), decl.max_restarts)
+
+    def _exhausted(self, inst: Instance) -> None:
+        """`inst` was aborted for its restart intensity: what waiters (and
+        later `ensure()` calls) hear from now on is said once; a name none of
+        whose instances is left is not ready any more, so `ensure()` asks the
+        supervisor and hears it."""
+        worker, decl = inst.worker, inst.worker.decl
+        assert worker.last_failure is not None and decl.max_restarts is not None
+        inst.exhausted = texts.restarts_exhausted(
+            worker.name, len(inst.crash_times), decl.restart_window, decl.max_restarts,
+            worker.last_failure,
+        )  # fmt: skip
+        if worker.aborted and worker.name_ready:
+            worker.name_ready = False
+            for other in worker.instances:
+                self._publish(other)

@@ -31,6 +31,8 @@ Where each job lives (one layer per module, each using those below it):
                   hosting, the code generations workers fork from (generations.py)
     requirements.py  fresh starts held back until what they require is ready
     rollouts.py   restarts on new code: load a generation, replace instances, rolling
+    policies.py   boot_timeout and heartbeat_timeout: a run's deadlines, the kill of one that misses
+    recycling.py  recycles for max_memory (the memory sampler) and max_lifetime, rolling
     reloads.py    reload(config): declarations added, removed, changed, kept (slots.py)
     control.py    stop(), start_workers(), scale(): one worker, on an operator's request
     watches.py    file watch: a change restarts its worker on new code (watch.py)

@@ -35,6 +35,14 @@ class Decl:
     ready_on: str = "handle"
     watch: list[str] = field(default_factory=list)
     requires: list[str] = field(default_factory=list)  # named workers of its scope
+    # lifecycle policies (policies.py, recycling.py); None: off
+    boot_timeout: float | None = None
+    heartbeat_timeout: float | None = None
+    max_restarts: int | None = None
+    restart_window: float = 60.0
+    max_memory: int | None = None
+    max_lifetime: float | None = None
+    lifetime_jitter: float = 0.1
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
 
     @property

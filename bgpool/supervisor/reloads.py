@@ -23,8 +23,9 @@ from .core import Settings
 from .generations import Generation
 from .instances import Instance, Worker
 from .listener import Connection
+from .recycling import Recycling
 from .registry import Decl, Registry
-from .rollouts import Rollout, Rollouts
+from .rollouts import Rollout
 from .waiters import Waiter
 
 log = logging.getLogger("bgpool")
@@ -65,7 +66,7 @@ class ReloadWaiter(Waiter):
         return {"ok": True, "report": self.report.__dict__}
 
 
-class Reloads(Rollouts):
+class Reloads(Recycling):
     """Applying a new set of declarations to the running pool."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -148,7 +149,8 @@ class Reloads(Rollouts):
 
         log.info("reload: %s", report)
         self._begin(Rollout(restart, gen, rolled))  # new code first for what runs, then:
-        self._wake(eager)  # what is new, or a pool's new instances
+        # what is new, a pool's new instances, and what max_restarts gave up (new settings)
+        self._wake(eager, revive=True)
 
     def _move(self, before: Decl, decl: Decl) -> list[Worker]:
         """Hand `before`'s workers to `decl` (same scope and name); return them.

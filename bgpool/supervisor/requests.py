@@ -195,7 +195,7 @@ class Requests(Watches):
             return
         workers = self._resolve(conn, self._declared_scope(message), names)
         if workers is not None:
-            self._wake(workers)
+            self._wake(workers, revive=True)
             conn.send({"ok": True})
 
     def _scale_request(self, conn: Connection, message: Message) -> None:

@@ -80,8 +80,7 @@ class Waiter:
         if failure is None:
             return None
         if worker.aborted:
-            failures = max(i.failures for i in worker.instances)
-            return "WorkerAborted", texts.aborted(worker.name, failures, failure)
+            return "WorkerAborted", _aborted(worker, failure)
         seen = self.seen.get(id(worker), 0)
         if self.fail_fast and (worker.boot_failures > seen or worker.failing):
             return "WorkerBootFailed", texts.boot_failed(worker.name, failure)
@@ -152,6 +151,16 @@ def _trouble(worker: Worker) -> int:
     return 2 if worker.failing else 3
 
 
+def _aborted(worker: Worker, failure: texts.Failure) -> str:
+    """WorkerAborted's message: the restart intensity `max_restarts` exceeded,
+    or the boot failures that reached the cap."""
+    exhausted = next((i.exhausted for i in worker.instances if i.exhausted), None)
+    if exhausted is not None:
+        return exhausted
+    failures = max(i.failures for i in worker.instances)
+    return texts.aborted(worker.name, failures, failure)
+
+
 def _any_aborted(worker: Worker) -> bool:
     return any(i.state == State.ABORTED for i in worker.instances)
 
@@ -184,8 +193,7 @@ def _reason(worker: Worker, timeout: float) -> str:
     ready within `timeout`."""
     failure = worker.last_failure
     if _any_aborted(worker) and failure is not None:
-        failures = max(i.failures for i in worker.instances)
-        return texts.aborted(worker.name, failures, failure)
+        return _aborted(worker, failure)
     return texts.not_ready(worker.name, timeout, failure, worker.missing_step)
 
 

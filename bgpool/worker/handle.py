@@ -13,6 +13,7 @@ import contextlib
 import os
 import select
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ class Context:
     notify_fd: int
     vars_segment: str
     max_vars_bytes: int
+    heartbeat_interval: float | None = None  # the shortest time between two sent heartbeats
 
 
 _context: Context | None = None
@@ -40,6 +42,7 @@ _handle: WorkerHandle | None = None
 _publisher: Publisher | None = None
 _announced = False  # whether this run told the supervisor it published
 _lock = threading.Lock()
+_write_lock = threading.Lock()  # one report at a time on the notify pipe, whole
 
 
 class WorkerHandle:
@@ -50,8 +53,10 @@ class WorkerHandle:
     (which `wait_async()` uses).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, heartbeat_interval: float | None = None) -> None:
         self._fd = fd
+        self._interval = heartbeat_interval
+        self._next_beat = 0.0  # monotonic time from which heartbeat() sends one
         self._stopped = False
         self._stopping: asyncio.Future[None] | None = None  # what wait_async() awaits
 
@@ -99,6 +104,60 @@ class WorkerHandle:
             loop.add_reader(self._fd, readable)
         return stopping
 
+    def heartbeat(self) -> None:
+        """Tell the supervisor this worker is alive (`WorkerSpec.heartbeat_timeout`:
+        one that goes longer without calling it, or `tick()`, is killed as
+        hung). Cheap enough for a tight loop: at most a few per timeout are
+        sent (one small write each, which the supervisor reads only when its
+        deadline comes), the other calls cost a clock read; without a
+        heartbeat_timeout nothing is sent."""
+        interval = self._interval
+        if interval is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + interval
+            # when: the supervisor reads beats only at its deadline (CLOCK_MONOTONIC
+            # is the same clock in every process of the machine)
+            _send(protocol.encode({"t": "beat", "at": now}))
+
+    def tick(self, timeout: float | None = None) -> bool:
+        """Heartbeat, then wait up to `timeout` seconds for a stop request;
+        return True to go on working, False once a stop was requested:
+        `while handle.tick(1.0): work()`. The wait heartbeats as it goes, so
+        time spent in `tick()` never counts as hung, however long `timeout`."""
+        self.heartbeat()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = self._step(deadline)
+            if self.wait(step):
+                return False
+            self.heartbeat()
+            if deadline is not None and time.monotonic() >= deadline:
+                return True
+
+    async def tick_async(self, timeout: float | None = None) -> bool:
+        """`tick()` for an async target: heartbeat, then await a stop request
+        for up to `timeout` seconds (heartbeating as it waits); False once a
+        stop was requested."""
+        self.heartbeat()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = self._step(deadline)
+            if await self.wait_async(step):
+                return False
+            self.heartbeat()
+            if deadline is not None and time.monotonic() >= deadline:
+                return True
+
+    def _step(self, deadline: float | None) -> float | None:
+        """How long one wait of `tick()` lasts: until `deadline`, but no
+        longer than the heartbeat interval (None: no bound)."""
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._interval is None:
+            return remaining
+        return self._interval if remaining is None else min(remaining, self._interval)
+
     @property
     def stop_requested(self) -> bool:
         """Whether the supervisor asked this worker to stop (never blocks)."""
@@ -115,7 +174,7 @@ def get_worker_handle() -> WorkerHandle:
         raise RuntimeError("get_worker_handle() can only be called inside a bgpool worker")
     with _lock:
         if _handle is None:
-            _handle = WorkerHandle(_context.stop_fd)
+            _handle = WorkerHandle(_context.stop_fd, _context.heartbeat_interval)
             notify({"t": "ready"})
         return _handle
 
@@ -156,14 +215,20 @@ def set_vars(mapping: Mapping[str, object]) -> None:
 def notify(message: protocol.Message) -> None:
     """Send `message` to the supervisor. If it is gone, there is nobody to tell:
     the stop pipe's EOF tells the worker the same."""
-    if _context is None:
-        return
-    data = protocol.encode(message)
-    try:
-        while data:
-            data = data[os.write(_context.notify_fd, data) :]
-    except OSError:
-        pass
+    if _context is not None:
+        _send(protocol.encode(message))
+
+
+def _send(data: bytes) -> None:
+    """Write one encoded report whole (a thread's heartbeat never lands
+    inside another's report)."""
+    assert _context is not None
+    with _write_lock:
+        try:
+            while data:
+                data = data[os.write(_context.notify_fd, data) :]
+        except OSError:
+            pass
 
 
 def install(context: Context) -> None:

@@ -61,6 +61,7 @@ class Boot:
     pool: str  # the pool's label in process titles
     stdout_fd: int | None = None  # pipes to the supervisor's relay, or inherit stdio
     stderr_fd: int | None = None
+    heartbeat_interval: float | None = None  # heartbeat_timeout's pace (None: off)
 
     FDS: ClassVar[tuple[str, ...]] = ("stop_fd", "notify_fd", "stdout_fd", "stderr_fd")
     """The fields that hold descriptors, passed along as such to a generation."""
@@ -134,7 +135,8 @@ def warm_up() -> None:
     (its identity and handle records, the encoding of its readiness message):
     a spare does, before it is asked for."""
     identity.WorkerInfo("", "", 0)
-    handle.Context(stop_fd=-1, notify_fd=-1, vars_segment="", max_vars_bytes=0)
+    handle.Context(stop_fd=-1, notify_fd=-1, vars_segment="", max_vars_bytes=0,
+                   heartbeat_interval=None)  # fmt: skip
     protocol.encode({"t": "ready"})
 
 
@@ -198,6 +200,7 @@ def _run(boot: Boot) -> int:
             notify_fd=boot.notify_fd,
             vars_segment=boot.vars_segment,
             max_vars_bytes=boot.max_vars_bytes,
+            heartbeat_interval=boot.heartbeat_interval,
         )
     )
     os.environ["BGPOOL_WORKER"] = boot.name

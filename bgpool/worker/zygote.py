@@ -244,7 +244,8 @@ def _decode(data: bytes, fds: list[int]) -> runtime.Boot:
 def _made_up_request() -> bytes:
     """A spawn request as the supervisor makes them (`Generation.spawn_many`),
     with made-up values, for a spare to decode before its real one."""
-    values = {"str": "", "int": 0, "str | None": None, "int | None": None, "list[str]": [],
+    values = {"str": "", "int": 0, "str | None": None, "int | None": None,
+              "float | None": None, "list[str]": [],
               "dict[str, str]": {}}  # fmt: skip
     boot = {field.name: values[str(field.type)] for field in dataclasses.fields(runtime.Boot)}
     return json.dumps({"t": "spawn", "boot": boot, "fds": list(runtime.Boot.FDS)}).encode()

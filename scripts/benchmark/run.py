@@ -24,7 +24,16 @@ import bench_workers
 
 import bgpool
 
-from . import asgi_cases, baselines, cases, floors, peers, reload_cases, vars_cases
+from . import (
+    asgi_cases,
+    baselines,
+    cases,
+    floors,
+    peers,
+    policy_cases,
+    reload_cases,
+    vars_cases,
+)
 from .channels import FORK
 from .config import Config
 from .harness import Bench
@@ -235,6 +244,9 @@ def run(config: Config, only: set[str] | None) -> tuple[Bench, dict[str, Any]]:
             phase(f"idle worker USS, {cases.USS_WORKERS} workers", _worker_uss, bench)
         if wanted(*IDLE_CASES):
             phase(f"idle cost and drain, {config.workers} workers", _idle_and_drain, bench, helpers)
+        if wanted("idle_cost_policies"):
+            title = f"idle cost without and with every lifecycle policy, {config.workers} workers"
+            phase(title, policy_cases.idle_cost_policies, bench)
         if wanted("scale", "drain"):
             title = f"start and drain of {config.scale} workers"
             phase(title, _scale, bench, helpers, wanted("scale"), wanted("drain"))

@@ -94,6 +94,12 @@ CASES: dict[str, Case] = {
         "drain: shutdown() of idle workers", "ms", "< 500 ms", lambda r, _: r.median < 500
     ),
     "idle_cpu": Case("idle supervisor CPU", "% core", "< 1% of a core", lambda r, _: r.median < 1),
+    "idle_cost_policies": Case(
+        "idle supervisor CPU, without and with every lifecycle policy",
+        "% core",
+        "< 1% of a core",
+        lambda r, _: r.median < 1,
+    ),
     "supervisor_rss": Case("supervisor RSS", "MiB", None, None),
     "worker_uss": Case("idle worker USS", "MiB", "median <= 1.2 MiB", lambda r, _: r.median <= 1.2),
     "scale": Case(
