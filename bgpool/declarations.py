@@ -40,6 +40,12 @@ from .names import GLOBAL_SCOPE, Scope, name_problem, pool_name_problem
 
 DEFAULT_MAX_INSTANCES = 16
 
+MIN_LEASE_TTL = 0.5
+"""The shortest `lease_ttl`: renewed at a third of it, a lease shorter than this
+would leave no time for a Redis round trip and a drain before it expires."""
+
+COORDINATOR_SCHEMES = ("redis://", "rediss://", "unix://")
+
 MAX_LOG_LINES = 10_000_000
 """The most `log_lines` a pool keeps per worker name (a bound, so a typo cannot
 ask the supervisor for a ring it cannot make)."""
@@ -116,8 +122,10 @@ class WorkerSpec(BaseModel):
     before the instance is aborted (`-1`: never); `env` and `args` for the
     worker; `scope`; `output` relayed with a prefix or inherited; `ready_on`
     the handle alone or the handle and a first `set_vars()`; `watch`, glob
-    patterns of files whose change restarts the worker on new code. The
-    README's "Declaring workers" has the table.
+    patterns of files whose change restarts the worker on new code;
+    `singleton`, one instance across every pool that shares the pool's
+    `coordinator` and name (README, "Singletons across hosts"). The README's
+    "Declaring workers" has the table.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -133,6 +141,7 @@ class WorkerSpec(BaseModel):
     output: Literal["prefix", "inherit"] = "prefix"
     ready_on: Literal["handle", "vars"] = "handle"
     watch: list[str] = Field(default_factory=list)
+    singleton: bool = False
 
     @field_validator("target")
     @classmethod
@@ -198,6 +207,12 @@ class WorkerSpec(BaseModel):
                 "max_instances", "named_max_instances",
                 "max_instances applies only to a catch-all (name=None)", self.max_instances,
             ))  # fmt: skip
+        if self.singleton and (self.name is None or self.num > 1):
+            errors.append(_field_error(
+                "singleton", "singleton_shape",
+                "a singleton is one named instance: it needs a name and num 0 or 1",
+                self.singleton,
+            ))  # fmt: skip
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
@@ -221,7 +236,9 @@ class PoolConfig(BaseModel):
     """A pool's declarations and settings. Building it checks every target exists.
 
     `name` makes the pool findable by name (its socket at a fixed place, see
-    `bgpool.naming`) and unique: a second pool of that name cannot start."""
+    `bgpool.naming`) and unique: a second pool of that name cannot start.
+    `coordinator` (a Redis URL) and `lease_ttl` are for singleton workers: the
+    pools sharing both the coordinator and the name run each singleton once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -236,6 +253,8 @@ class PoolConfig(BaseModel):
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
     log_lines: Annotated[int, Field(ge=0, le=MAX_LOG_LINES)] = 1000
     name: str | None = None
+    coordinator: str | None = None
+    lease_ttl: Annotated[float, Field(ge=MIN_LEASE_TTL)] = 10.0
 
     _scripts: dict[int, Path] = PrivateAttr(default_factory=dict)
 
@@ -248,6 +267,29 @@ class PoolConfig(BaseModel):
     @classmethod
     def _check_grace(cls, value: float) -> float:
         return _finite(value, positive=False)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _check_ttl(cls, value: float) -> float:
+        return _finite(value, positive=True)
+
+    @field_validator("coordinator")
+    @classmethod
+    def _check_coordinator(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        _no_nul(url, "coordinator")
+        if not url.startswith(COORDINATOR_SCHEMES):
+            raise ValueError(
+                "coordinator must be a Redis URL (redis://host:port/db, rediss://..., "
+                f"unix:///path), not {url!r}"
+            )
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError(
+                "a coordinator needs the Redis client, which is not installed: "
+                "pip install 'bgpool[redis]'"
+            )
+        return url
 
     @field_validator("root", mode="before")
     @classmethod
@@ -283,6 +325,7 @@ class PoolConfig(BaseModel):
             errors.sort(key=lambda e: (e["loc"][:1] != ("workers",), e["loc"][1:2]))  # stable
             raise ValidationError.from_exception_data(cls.__name__, errors) from None
         errors = _check_across(list(enumerate(config.workers)), config.root, config._scripts)
+        errors += _check_singletons(config)
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return config
@@ -323,6 +366,7 @@ class PoolConfig(BaseModel):
                 "output": spec.output,
                 "ready_on": spec.ready_on,
                 "watch": spec.watch,
+                "singleton": spec.singleton,
             }
             for index, spec in enumerate(self.workers)
         ]
@@ -338,11 +382,34 @@ class PoolConfig(BaseModel):
             "log_lines": self.log_lines,
             "root": str(self.root),
             "name": self.name,
+            "coordinator": self.coordinator,
+            "lease_ttl": self.lease_ttl,
         }
 
     def script_path(self, index: int) -> Path | None:
         """The absolute path of declaration `index`'s script target, if it is one."""
         return self._scripts.get(index)
+
+
+def _check_singletons(config: PoolConfig) -> list[Any]:
+    """What singletons need of the pool: a coordinator to hold their leases,
+    and a pool name, which (with the coordinator) says which pools share them."""
+    errors = [
+        _field_error(
+            ("workers", index, "singleton"), "singleton_without_coordinator",
+            "a singleton needs PoolConfig.coordinator (a Redis URL) to hold its lease",
+            True,
+        )
+        for index, spec in enumerate(config.workers)
+        if spec.singleton and config.coordinator is None
+    ]  # fmt: skip
+    if config.coordinator is not None and config.name is None:
+        errors.append(_field_error(
+            "name", "coordinator_without_name",
+            "a pool with a coordinator needs a name: the pools that share the "
+            "coordinator and the name share their singletons", None,
+        ))  # fmt: skip
+    return errors
 
 
 def _check_across(

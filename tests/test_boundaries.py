@@ -9,6 +9,9 @@ a function, under ``if TYPE_CHECKING:``), relative or absolute, and
 - ``app/`` never imports ``supervisor``, ``worker`` or ``cli``;
 - ``shm/`` imports none of ``app``, ``supervisor``, ``worker``, ``cli``;
 - ``cli/`` never imports ``supervisor`` or ``worker``;
+- ``coordinator/`` (the lease process) imports none of ``app``, ``supervisor``,
+  ``worker``, ``cli``, ``shm``, and nothing else imports it (the supervisor
+  starts it as a fresh interpreter, so it never loads redis);
 - the top-level modules (the shared vocabulary) import none of ``app``,
   ``supervisor``, ``worker``, ``cli``, ``shm``, except the public re-export points
   ``bgpool/__init__.py``, ``bgpool/metrics.py`` and ``bgpool/__main__.py``;
@@ -27,15 +30,16 @@ import pytest
 from helpers import ROOT
 
 PACKAGE = ROOT / "bgpool"
-SIDES = ("app", "supervisor", "worker", "shm", "cli")
+SIDES = ("app", "supervisor", "worker", "shm", "cli", "coordinator")
 REEXPORTS = {"bgpool", "bgpool.metrics", "bgpool.__main__"}
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "worker": ("supervisor", "app", "cli"),
-    "supervisor": ("app", "cli"),
-    "app": ("supervisor", "worker", "cli"),
-    "shm": ("app", "supervisor", "worker", "cli"),
-    "cli": ("supervisor", "worker"),
-    "": ("app", "supervisor", "worker", "cli", "shm"),  # the top-level modules
+    "worker": ("supervisor", "app", "cli", "coordinator"),
+    "supervisor": ("app", "cli", "coordinator"),
+    "app": ("supervisor", "worker", "cli", "coordinator"),
+    "shm": ("app", "supervisor", "worker", "cli", "coordinator"),
+    "cli": ("supervisor", "worker", "coordinator"),
+    "coordinator": ("app", "supervisor", "worker", "cli", "shm"),
+    "": ("app", "supervisor", "worker", "cli", "shm", "coordinator"),  # the top-level modules
 }
 PLATFORM = "bgpool.platform"
 PLATFORM_MODULES = {"ctypes", "resource"}

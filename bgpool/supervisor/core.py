@@ -52,6 +52,8 @@ class Settings:
     root: str  # what watch patterns are relative to
     log_lines: int  # relayed lines kept per worker name, for logs()
     name: str | None = None  # PoolConfig.name: the pool's socket is its name's (naming.py)
+    coordinator: str | None = None  # Redis URL holding the singletons' leases (leases.py)
+    lease_ttl: float = 10.0
 
 
 def guarded(handler: Callable[..., None], *args: Any) -> None:

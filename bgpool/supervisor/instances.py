@@ -9,6 +9,7 @@ processes, with the history the table and diagnostics show.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,8 @@ class Worker:
         self.held = False  # stop()ped: nothing starts it but ensure() or start_workers()
         self.boot_failures = 0
         self.last_failure: texts.Failure | None = None
+        # a singleton's: who holds its lease (`Leases._lease_of` sets it)
+        self.lease_report: Callable[[], dict[str, Any] | None] | None = None
 
     def keep_lines(self, limit: int) -> None:
         """Keep `limit` lines from now on (a reload changed `log_lines`): the
@@ -171,6 +174,8 @@ class Worker:
     @property
     def missing_step(self) -> str:
         """What the worker has not done yet to be ready, for timeout messages."""
+        if any(inst.state == State.STANDBY for inst in self.instances):
+            return "become ready on the pool that holds its lease"
         waits_for_vars = self.decl.ready_on == "vars"
         runs = [i.run for i in self.instances if i.run is not None]
         if waits_for_vars and any(r.handle_taken and not r.published for r in runs):
@@ -201,6 +206,8 @@ class Worker:
             "last_signal": texts.signal_name(last.last_exit),
             "last_error": failure.error if failure is not None else None,
             "last_output": list(failure.output) if failure is not None else [],
+            "singleton": self.decl.singleton,
+            "holder": self.lease_report() if self.lease_report is not None else None,
             "slots": [i.slot for i in insts],
         }
 
@@ -212,6 +219,7 @@ STATE_RANK = {
             State.READY,
             State.STARTING,
             State.STOPPING,
+            State.STANDBY,
             State.CRASHED,
             State.BACKOFF,
             State.ABORTED,

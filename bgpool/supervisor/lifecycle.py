@@ -352,6 +352,11 @@ class Lifecycle(Drains):
                 self._maybe_ready(inst, run)
             elif message.get("t") == "error":
                 run.error = error_record(message)
+            elif message.get("t") == "guarded":
+                self._lease_guarded(inst)
+
+    def _lease_guarded(self, inst: Instance) -> None:
+        """A singleton's worker armed its lease guard (`Leases`'s)."""
 
     def _close_notify(self, run: Run) -> None:
         if run.notify_r is not None:

@@ -34,6 +34,7 @@ class Decl:
     output: str = "prefix"
     ready_on: str = "handle"
     watch: list[str] = field(default_factory=list)
+    singleton: bool = False  # one instance across the pools sharing the coordinator
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
 
     @property

@@ -245,7 +245,7 @@ def _made_up_request() -> bytes:
     """A spawn request as the supervisor makes them (`Generation.spawn_many`),
     with made-up values, for a spare to decode before its real one."""
     values = {"str": "", "int": 0, "str | None": None, "int | None": None, "list[str]": [],
-              "dict[str, str]": {}}  # fmt: skip
+              "dict[str, str]": {}, "float": 0.0}  # fmt: skip
     boot = {field.name: values[str(field.type)] for field in dataclasses.fields(runtime.Boot)}
     return json.dumps({"t": "spawn", "boot": boot, "fds": list(runtime.Boot.FDS)}).encode()
 
