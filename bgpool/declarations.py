@@ -284,7 +284,11 @@ class PoolConfig(BaseModel):
                 "coordinator must be a Redis URL (redis://host:port/db, rediss://..., "
                 f"unix:///path), not {url!r}"
             )
-        if importlib.util.find_spec("redis") is None:
+        try:
+            found = importlib.util.find_spec("redis") is not None
+        except (ImportError, ValueError):  # a broken install, or an import blocked on purpose
+            found = False
+        if not found:
             raise ValueError(
                 "a coordinator needs the Redis client, which is not installed: "
                 "pip install 'bgpool[redis]'"
@@ -321,11 +325,14 @@ class PoolConfig(BaseModel):
             config = handler(data)
         except ValidationError as exc:
             workers, root = cls._valid_parts(data)
+            given = data if isinstance(data, dict) else {}
             errors = _line_errors(exc) + _check_across(workers, root, {})
+            errors += _check_singletons(workers, given.get("coordinator"), given.get("name"))
             errors.sort(key=lambda e: (e["loc"][:1] != ("workers",), e["loc"][1:2]))  # stable
             raise ValidationError.from_exception_data(cls.__name__, errors) from None
         errors = _check_across(list(enumerate(config.workers)), config.root, config._scripts)
-        errors += _check_singletons(config)
+        errors += _check_singletons(list(enumerate(config.workers)), config.coordinator,
+                                    config.name)  # fmt: skip
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return config
@@ -391,7 +398,9 @@ class PoolConfig(BaseModel):
         return self._scripts.get(index)
 
 
-def _check_singletons(config: PoolConfig) -> list[Any]:
+def _check_singletons(
+    workers: list[tuple[int, WorkerSpec]], coordinator: object, name: object
+) -> list[Any]:
     """What singletons need of the pool: a coordinator to hold their leases,
     and a pool name, which (with the coordinator) says which pools share them."""
     errors = [
@@ -400,10 +409,10 @@ def _check_singletons(config: PoolConfig) -> list[Any]:
             "a singleton needs PoolConfig.coordinator (a Redis URL) to hold its lease",
             True,
         )
-        for index, spec in enumerate(config.workers)
-        if spec.singleton and config.coordinator is None
+        for index, spec in workers
+        if spec.singleton and coordinator is None
     ]  # fmt: skip
-    if config.coordinator is not None and config.name is None:
+    if coordinator is not None and name is None:
         errors.append(_field_error(
             "name", "coordinator_without_name",
             "a pool with a coordinator needs a name: the pools that share the "

@@ -31,7 +31,14 @@ from .. import texts
 from ..app.client import LogFollow, PoolClient, connect, locate
 from ..errors import BgpoolError
 from ..models import WorkerStatus
-from .display import format_diagnostics, format_log_line, format_table, print_error, status_rows
+from .display import (
+    format_diagnostics,
+    format_log_line,
+    format_table,
+    holder_words,
+    print_error,
+    status_rows,
+)
 from .run import run
 
 
@@ -61,8 +68,8 @@ def _should_run(s: WorkerStatus) -> bool:
     """Whether `bgpool status` counts an instance: every one of an eager
     worker (one stopped by `bgpool stop` too: it is down), and one of a lazy
     worker or a catch-all name unless it is stopped (never started, or
-    stopped on purpose)."""
-    return s.eager or s.state != "stopped"
+    stopped on purpose); not a singleton on standby (it runs elsewhere)."""
+    return (s.eager or s.state != "stopped") and s.state != "standby"
 
 
 def status(address: str | None, as_json: bool) -> int:
@@ -75,6 +82,10 @@ def status(address: str | None, as_json: bool) -> int:
             print(json.dumps([s.model_dump(mode="json") for s in statuses], indent=2))
         else:
             print(format_table(status_rows(statuses)))
+            for s in statuses:  # a singleton held elsewhere: by whom
+                if s.state == "standby" and s.instance == 0:
+                    d = client.diagnostics(s.name, scope=s.scope)
+                    print(f"{s.name}: standby, {holder_words(d)}")
             if client.name is None:
                 print(f"\n{texts.unnamed_pool(client.address)}")
         due = [s for s in statuses if _should_run(s)]

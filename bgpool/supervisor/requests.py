@@ -100,6 +100,7 @@ class Requests(Leases):
                 "table": self.table.name,
                 "pid": self.pid,
                 "name": self.settings.name,
+                "coordinated": self.settings.coordinator is not None,
                 "ensure_timeout": self.settings.ensure_timeout,
                 "scopes": [[sid, label] for sid, label in self.registry.scopes.items()],
             }
