@@ -16,8 +16,8 @@ state; clients, metrics and the CLI read it.
 A singleton (supervisor/leases.py) waits in STANDBY while another pool holds its
 lease (or none can be taken):
 
-    STOPPED, CRASHED, BACKOFF, ABORTED ──no lease──▶ STANDBY ──lease taken──▶ STARTING
-                                                       └──drain, stop()──▶ STOPPED
+    STOPPED, CRASHED, BACKOFF, ABORTED, STOPPING ──no lease──▶ STANDBY ──lease──▶ STARTING
+                                                                 └──drain, stop()──▶ STOPPED
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     # holds it stopped
     State.ABORTED: frozenset({State.STARTING, State.STOPPED, State.STANDBY}),
     # the drained process exited: stopped for good, or respawned by a restart
-    State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
+    # (a singleton that lost its lease: its respawn waits for the lease)
+    State.STOPPING: frozenset({State.STOPPED, State.STARTING, State.STANDBY}),
     # a singleton: its lease taken, so it starts; or a drain, stop(), a shutdown
     State.STANDBY: frozenset({State.STARTING, State.STOPPED}),
 }

@@ -156,4 +156,3 @@ def wait_single_holder(
         return alive[0] if len(alive) == 1 else None
 
     return wait_for(one, timeout=timeout, what="one singleton holder")
-

@@ -34,7 +34,13 @@ if TYPE_CHECKING:
     from .metrics import HealthServer
 
 FIXED_SETTINGS = (
-    "start_method", "metrics_port", "metrics_host", "root", "name", "coordinator", "lease_ttl"
+    "start_method",
+    "metrics_port",
+    "metrics_host",
+    "root",
+    "name",
+    "coordinator",
+    "lease_ttl",
 )
 """The settings `reload()` cannot change: the supervisor, its coordinator or the
 metrics server were set up with them (and the code of instances already running

@@ -98,7 +98,7 @@ class Coordinator:
             if lease is None:
                 lease = self.leases[key] = Lease(key, Keys.of(self.pool, key))
             if message.get("token"):  # resume one held (this process was restarted)
-                lease.token, lease.fence = message["token"], fence
+                lease.token, lease.fence = message["token"], int(message["fence"])
                 lease.until = message["until"]
             self.step(lease)
         elif lease is None or (fence is not None and lease.token and fence != lease.fence):
@@ -143,8 +143,9 @@ class Coordinator:
             lease.until = leases.safe_deadline(sent, self.ttl)
             lease.holder = None
             log.info("lease of %s taken, fencing token %d", lease.key, found.fence)
+            start_at = platform.boottime() + found.wait  # from the reply: later than Redis's
             self.send({"t": "acquired", "key": lease.key, "fence": found.fence, "token": token,
-                       "until": lease.until, "start_at": platform.boottime() + found.wait})  # fmt: skip
+                       "until": lease.until, "start_at": start_at})  # fmt: skip
         elif found is not None or self.reachable:
             holder = found if isinstance(found, dict) else None
             if holder != lease.holder:

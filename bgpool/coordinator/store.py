@@ -161,5 +161,3 @@ class Store:
     def reset(self) -> None:
         """Drop the connection after an error: the next command connects anew."""
         self._redis.connection_pool.disconnect()
-        if self._redis.connection is not None:
-            self._redis.connection.disconnect()

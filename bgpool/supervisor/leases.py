@@ -227,7 +227,8 @@ class Leases(Watches):
             self._tell({"t": "release", "key": message["key"], "fence": message["fence"]})
             return
         lease.fence, lease.token = message["fence"], message["token"]
-        lease.until, lease.start_at, lease.since = message["until"], message["start_at"], time.time()
+        lease.until, lease.start_at = message["until"], message["start_at"]
+        lease.since = time.time()
         lease.acquisitions += 1
         log.info("lease of %s acquired, fencing token %d", lease.key, lease.fence)
         self._arm(lease)
@@ -289,7 +290,11 @@ class Leases(Watches):
             super()._spawn_all([inst])
 
     def _expiring(self, lease: Lease) -> None:
-        self._lose(lease, "not renewed in time (the coordinator is unreachable)", tell=True)
+        self._lose(
+            lease,
+            "not renewed in time (Redis, or the coordinator process, did not answer)",
+            tell=True,
+        )
 
     def _lose(self, lease: Lease, why: str, *, tell: bool) -> None:
         """The lease is lost: its worker is drained, SIGKILLed at its deadline

@@ -24,10 +24,10 @@ from ..protocol import Message, ProtocolError, error_reply
 from . import logs
 from .core import Settings
 from .instances import Worker
+from .leases import Leases
 from .listener import Connection
 from .registry import Decl
 from .waiters import Waiter
-from .leases import Leases
 
 log = logging.getLogger("bgpool")
 

@@ -105,9 +105,7 @@ class Host:
 
 
 @pytest.fixture
-def hosts(
-    redis_server: RedisServer, sentinel_dir: Path
-) -> Iterator[Callable[..., list[Host]]]:
+def hosts(redis_server: RedisServer, sentinel_dir: Path) -> Iterator[Callable[..., list[Host]]]:
     """`hosts(target)` starts three owners whose pools share `redis_server` and
     the name "shared": a singleton "cron" running `target` and a plain worker.
     Whatever a test SIGSTOPped (`frozen`) gets SIGCONT at teardown."""
@@ -165,6 +163,10 @@ def _host_of(all_hosts: list[Host], record: dict[str, Any]) -> Host:
 
 def _plain_pids(all_hosts: list[Host], skip: Host | None = None) -> dict[int, int | None]:
     return {h.index: h.status()["plain"].pid for h in all_hosts if h is not skip}
+
+
+def _all_standby(all_hosts: list[Host]) -> bool:
+    return all(h.status()["cron"].state == "standby" for h in all_hosts)
 
 
 def _takes_over(
@@ -245,6 +247,26 @@ def test_a_frozen_coordinator_gets_its_worker_killed_before_the_lease_expires(
     sampler.check()
 
 
+def test_a_killed_coordinator_is_replaced(
+    hosts: Callable[..., list[Host]], sentinel_dir: Path
+) -> None:
+    """SIGKILL of the holder's coordinator: its lease runs out on the
+    supervisor's timers (the worker drained, then killed), another pool takes
+    over; the supervisor starts a new coordinator, and its pool contends
+    again (standby), never running a second singleton."""
+    all_hosts = hosts("fixtures.singleton_workers:stubborn")
+    with Sampler(sentinel_dir) as sampler:
+        first = _holder(sentinel_dir, TAKEOVER + 5)
+        victim = _host_of(all_hosts, first)
+        old = victim.coordinator()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: gone(first["pid"]), timeout=DEADLINE + SLACK, what="the stale worker")
+        _takes_over(sentinel_dir, first, TAKEOVER + SLACK)
+        wait_for(lambda: victim.coordinator() != old, timeout=5, what="a new coordinator")
+        wait_for(lambda: victim.status()["cron"].state == "standby", timeout=5, what="standby")
+    sampler.check()
+
+
 def test_a_frozen_pool_gets_its_worker_killed_by_its_own_timer(
     hosts: Callable[..., list[Host]], sentinel_dir: Path
 ) -> None:
@@ -291,11 +313,9 @@ def test_redis_stopped_and_restarted(
         plain = _plain_pids(all_hosts)
         redis_server.stop()
         wait_for(lambda: gone(first["pid"]), timeout=DEADLINE + SLACK, what="the drain")
-        for host in all_hosts:
-            wait_for(lambda h=host: h.status()["cron"].state == "standby", timeout=5,
-                     what="standby")  # fmt: skip
+        wait_for(lambda: _all_standby(all_hosts), timeout=5, what="standby everywhere")
         redis_server.start(persist=persist)
-        new, took = _takes_over(sentinel_dir, first, TAKEOVER + TTL + SLACK)
+        _, took = _takes_over(sentinel_dir, first, TAKEOVER + TTL + SLACK)
         assert took >= TTL * 0.9, "the first holder after a restart waits out the quarantine"
         assert _plain_pids(all_hosts) == plain
     sampler.check()
