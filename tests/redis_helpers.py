@@ -39,13 +39,15 @@ class RedisServer:
     def url(self) -> str:
         return f"unix://{self.socket}"
 
-    def start(self, *, persist: bool = False) -> None:
+    def start(self, *, persist: bool = False, bind: tuple[str, ...] = (), port: int = 0) -> None:
         """Start it (again), answering PING before this returns; with `persist`
-        it saves its data at shutdown and loads it at start (an RDB file)."""
+        it saves its data at shutdown and loads it at start (an RDB file); with
+        `bind` it also listens on TCP `port` at those addresses."""
         assert REDIS_SERVER is not None
         save = ["--save", "3600 1"] if persist else ["--save", ""]
+        tcp = ["--bind", *bind, "--protected-mode", "no"] if bind else []
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", "0", "--unixsocket", str(self.socket),
+            [REDIS_SERVER, "--port", str(port), *tcp, "--unixsocket", str(self.socket),
              "--unixsocketperm", "700", "--appendonly", "no", *save,
              "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_python, wait_for
+from helpers import run_python
 from pydantic import ValidationError
 from redis_helpers import RedisServer, holders, live_holders, short_dir, wait_single_holder
 
@@ -53,18 +53,34 @@ def _config(redis_server: RedisServer, sentinel_dir: Path, **kwargs: Any) -> bgp
     )
 
 
+HostPool = Callable[..., bgpool.Pool]
+
+
 @pytest.fixture
 def host_pool(
-    make_pool: Callable[..., bgpool.Pool], monkeypatch: pytest.MonkeyPatch
-) -> Callable[[bgpool.PoolConfig], bgpool.Pool]:
-    """Start a pool as if on a host of its own: its named pool's directory in a
-    private XDG_RUNTIME_DIR, so several pools of one name run side by side."""
+    redis_server: RedisServer,
+    make_pool: Callable[..., bgpool.Pool],
+    monkeypatch: pytest.MonkeyPatch,
+    sentinel_dir: Path,
+) -> HostPool:
+    """`host_pool(num=1)` starts a pool of `_config()` on `redis_server` as if on
+    a host of its own: its named pool's directory in a private
+    XDG_RUNTIME_DIR, so several pools of one name run side by side."""
 
-    def start(config: bgpool.PoolConfig) -> bgpool.Pool:
+    def start(num: int = 1) -> bgpool.Pool:
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir("bgx-")))
-        return make_pool(config=config)
+        return make_pool(config=_config(redis_server, sentinel_dir, num=num))
 
     return start
+
+
+def _holder_and_standby(host_pool: HostPool) -> tuple[bgpool.Pool, bgpool.Pool]:
+    """A pool that holds the singleton, then one on standby."""
+    a = host_pool()
+    a.ensure("cron", timeout=TAKEOVER + 5)
+    b = host_pool()
+    b.ensure("cron", timeout=5)
+    return a, b
 
 
 def _singleton(pool: bgpool.Pool) -> bgpool.WorkerStatus:
@@ -120,16 +136,13 @@ def test_a_coordinator_without_the_redis_client_says_what_to_install() -> None:
 
 
 def test_three_pools_run_the_singleton_once_and_name_its_holder(
-    redis_server: RedisServer,
-    host_pool: Callable[[bgpool.PoolConfig], bgpool.Pool],
-    sentinel_dir: Path,
+    host_pool: HostPool, sentinel_dir: Path
 ) -> None:
     """Of three pools sharing the coordinator and the name, one runs the
     singleton; the others show it on standby with the holder's host, pid and
     since when, and their ensure() returns (it is ready somewhere); every pool
     runs its plain worker."""
-    config = _config(redis_server, sentinel_dir)
-    pools = [host_pool(config) for _ in range(3)]
+    pools = [host_pool() for _ in range(3)]
     for pool in pools:
         pool.ensure("cron", timeout=TAKEOVER + 5)
     holder = wait_single_holder(sentinel_dir, timeout=5)
@@ -155,13 +168,11 @@ def test_three_pools_run_the_singleton_once_and_name_its_holder(
 
 
 def test_the_worker_gets_its_fencing_token(
-    redis_server: RedisServer,
-    host_pool: Callable[[bgpool.PoolConfig], bgpool.Pool],
-    sentinel_dir: Path,
+    host_pool: HostPool, sentinel_dir: Path, redis_server: RedisServer
 ) -> None:
     """current_worker().lease_token and BGPOOL_LEASE_TOKEN carry the token
     the coordinator handed out, as the holder's diagnostics do."""
-    pool = host_pool(_config(redis_server, sentinel_dir))
+    pool = host_pool()
     pool.ensure("cron", timeout=TAKEOVER + 5)
     record = wait_single_holder(sentinel_dir, timeout=5)
     assert isinstance(record["token"], int) and record["env_token"] == str(record["token"])
@@ -172,15 +183,12 @@ def test_the_worker_gets_its_fencing_token(
 
 
 def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
-    redis_server: RedisServer,
-    host_pool: Callable[[bgpool.PoolConfig], bgpool.Pool],
-    sentinel_dir: Path,
+    host_pool: HostPool, sentinel_dir: Path
 ) -> None:
     """A holder that shuts down releases its lease once its worker has exited;
     another pool takes over at once (well within lease_ttl plus a renewal
     period), under a larger fencing token, each time."""
-    config = _config(redis_server, sentinel_dir)
-    pools = [host_pool(config) for _ in range(3)]
+    pools = [host_pool() for _ in range(3)]
     for _ in range(2):
         first = wait_single_holder(sentinel_dir, timeout=TAKEOVER + 5)
         holder_pool = next(p for p in pools if _singleton(p).pid == first["pid"])
@@ -195,14 +203,11 @@ def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
 
 
 def test_ensure_of_a_lazy_singleton_held_elsewhere_returns_once_ready_there(
-    redis_server: RedisServer,
-    host_pool: Callable[[bgpool.PoolConfig], bgpool.Pool],
-    sentinel_dir: Path,
+    host_pool: HostPool, sentinel_dir: Path
 ) -> None:
     """A lazy singleton ensured on one pool starts there; ensure() on another
     returns without starting it (standby), and stop() there lets it go."""
-    config = _config(redis_server, sentinel_dir, num=0)
-    a, b = host_pool(config), host_pool(config)
+    a, b = host_pool(num=0), host_pool(num=0)
     assert _singleton(a).state == _singleton(b).state == "stopped"
     a.ensure("cron", timeout=TAKEOVER + 5)
     b.ensure("cron", timeout=5)
@@ -213,19 +218,13 @@ def test_ensure_of_a_lazy_singleton_held_elsewhere_returns_once_ready_there(
 
 
 def test_metrics_count_acquisitions_and_show_the_holder(
-    redis_server: RedisServer,
-    host_pool: Callable[[bgpool.PoolConfig], bgpool.Pool],
-    sentinel_dir: Path,
+    host_pool: HostPool, sentinel_dir: Path
 ) -> None:
     """bgpool_lease_acquisitions_total, bgpool_lease_held and
     bgpool_lease_holder_info on the holder and on a standby pool."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    config = _config(redis_server, sentinel_dir)
-    a = host_pool(config)
-    a.ensure("cron", timeout=TAKEOVER + 5)
-    b = host_pool(config)
-    b.ensure("cron", timeout=5)
+    a, b = _holder_and_standby(host_pool)
     assert a._process is not None
     for pool, held in ((a, 1.0), (b, 0.0)):
         registry = CollectorRegistry()
@@ -239,28 +238,18 @@ def test_metrics_count_acquisitions_and_show_the_holder(
         assert "m#:plain" not in text.split("bgpool_lease_")[-1]
 
 
-def test_scale_refuses_a_second_instance(
-    redis_server: RedisServer,
-    host_pool: Callable[[bgpool.PoolConfig], bgpool.Pool],
-    sentinel_dir: Path,
-) -> None:
-    pool = host_pool(_config(redis_server, sentinel_dir))
+def test_scale_refuses_a_second_instance(host_pool: HostPool, sentinel_dir: Path) -> None:
+    pool = host_pool()
     with pytest.raises(ValueError, match="a singleton runs one instance"):
         pool.scale("cron", 2)
 
 
 def test_status_command_shows_standby_and_the_holder(
-    redis_server: RedisServer,
-    host_pool: Callable[[bgpool.PoolConfig], bgpool.Pool],
-    sentinel_dir: Path,
+    host_pool: HostPool, sentinel_dir: Path
 ) -> None:
     """`bgpool status` on a standby pool: the singleton's row says standby, a
     line names its holder, and the exit status is 0 (it runs elsewhere)."""
-    config = _config(redis_server, sentinel_dir)
-    a = host_pool(config)
-    a.ensure("cron", timeout=TAKEOVER + 5)
-    b = host_pool(config)
-    b.ensure("cron", timeout=5)
+    a, b = _holder_and_standby(host_pool)
     assert a._process is not None
     result = run_python(
         "import sys; from bgpool.cli.main import main; sys.argv = ['bgpool', 'status', "
@@ -275,4 +264,4 @@ def test_status_command_shows_standby_and_the_holder(
         f"'--json', '--address', {b.address!r}]; main()"
     )
     assert any(s["state"] == "standby" for s in json.loads(as_json.stdout))
-    wait_for(lambda: len(holders(sentinel_dir)) == 1, timeout=1, what="one run")
+    assert len(holders(sentinel_dir)) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,16 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import ROOT, gone, kill_all, procs_with_address, read_json, subprocess_env, wait_for
+from helpers import (
+    ROOT,
+    free_port,
+    gone,
+    kill_all,
+    procs_with_address,
+    read_json,
+    subprocess_env,
+    wait_for,
+)
 from redis_helpers import RedisServer, Sampler, holders, live_holders, short_dir
 
 import bgpool
@@ -38,7 +48,9 @@ DEADLINE = TTL * 0.9  # a lease's safe deadline after its last renewal (bgpool/l
 class Host:
     """An owner process with its pool, as one host of several."""
 
-    def __init__(self, index: int, plan: dict[str, Any], directory: Path) -> None:
+    def __init__(
+        self, index: int, plan: dict[str, Any], directory: Path, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.index = index
         self.info_path = directory / f"host{index}.json"
         self.stderr_path = directory / f"host{index}.stderr"
@@ -47,7 +59,7 @@ class Host:
         env.pop("BGPOOL_ADDRESS", None)
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fixtures.singleton_owner",
+                [*prefix, sys.executable, "-m", "fixtures.singleton_owner",
                  json.dumps({**plan, "info": str(self.info_path)})],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -107,22 +119,29 @@ class Host:
 @pytest.fixture
 def hosts(redis_server: RedisServer, sentinel_dir: Path) -> Iterator[Callable[..., list[Host]]]:
     """`hosts(target)` starts three owners whose pools share `redis_server` and
-    the name "shared": a singleton "cron" running `target` and a plain worker.
-    Whatever a test SIGSTOPped (`frozen`) gets SIGCONT at teardown."""
+    the name "shared": a singleton "cron" running `target` and a plain worker;
+    `hosts(target, urls, prefixes)` gives each its own coordinator URL and
+    command prefix (a network namespace). Whatever a test SIGSTOPped
+    (`frozen`) gets SIGCONT at teardown."""
     made: list[Host] = []
     frozen: list[int] = []
 
-    def start(target: str = "fixtures.singleton_workers:holder") -> list[Host]:
-        plan = {
-            "name": "shared", "coordinator": redis_server.url, "lease_ttl": TTL,
-            "grace_period": 1.0,
-            "workers": [
-                {"name": "cron", "target": target, "num": 1, "singleton": True,
-                 "env": {"BGPOOL_TEST_HOLDERS": str(sentinel_dir)}},
-                {"name": "plain", "target": "fixtures.singleton_workers:plain", "num": 1},
-            ],
-        }  # fmt: skip
-        made.extend(Host(i, plan, sentinel_dir.parent) for i in range(3))
+    def start(
+        target: str = "fixtures.singleton_workers:holder",
+        urls: list[str] | None = None,
+        prefixes: list[tuple[str, ...]] | None = None,
+    ) -> list[Host]:
+        for i in range(3):
+            plan = {
+                "name": "shared", "coordinator": urls[i] if urls else redis_server.url,
+                "lease_ttl": TTL, "grace_period": 1.0,
+                "workers": [
+                    {"name": "cron", "target": target, "num": 1, "singleton": True,
+                     "env": {"BGPOOL_TEST_HOLDERS": str(sentinel_dir)}},
+                    {"name": "plain", "target": "fixtures.singleton_workers:plain", "num": 1},
+                ],
+            }  # fmt: skip
+            made.append(Host(i, plan, sentinel_dir.parent, prefixes[i] if prefixes else ()))
         for host in made:
             host.info()
         return made
@@ -163,6 +182,13 @@ def _host_of(all_hosts: list[Host], record: dict[str, Any]) -> Host:
 
 def _plain_pids(all_hosts: list[Host], skip: Host | None = None) -> dict[int, int | None]:
     return {h.index: h.status()["plain"].pid for h in all_hosts if h is not skip}
+
+
+def _wait_gone(pid: int, bound: float = DEADLINE + SLACK) -> float:
+    """Wait until `pid` is dead; how long it took."""
+    t0 = time.monotonic()
+    wait_for(lambda: gone(pid), timeout=bound, what=f"process {pid} to die")
+    return time.monotonic() - t0
 
 
 def _all_standby(all_hosts: list[Host]) -> bool:
@@ -230,9 +256,7 @@ def test_a_frozen_coordinator_gets_its_worker_killed_before_the_lease_expires(
         plain = _plain_pids(all_hosts)
         coordinator = victim.coordinator()
         _freeze(hosts, coordinator)
-        t0 = time.monotonic()
-        wait_for(lambda: gone(first["pid"]), timeout=DEADLINE + SLACK, what="the stale worker")
-        assert time.monotonic() - t0 < DEADLINE + 0.5
+        assert _wait_gone(first["pid"]) < DEADLINE + 0.5
         new, _ = _takes_over(sentinel_dir, first, TAKEOVER + SLACK)
         _thaw(coordinator)
         hosts.frozen.remove(coordinator)  # type: ignore[attr-defined]
@@ -260,7 +284,7 @@ def test_a_killed_coordinator_is_replaced(
         victim = _host_of(all_hosts, first)
         old = victim.coordinator()
         os.kill(old, signal.SIGKILL)
-        wait_for(lambda: gone(first["pid"]), timeout=DEADLINE + SLACK, what="the stale worker")
+        _wait_gone(first["pid"])
         _takes_over(sentinel_dir, first, TAKEOVER + SLACK)
         wait_for(lambda: victim.coordinator() != old, timeout=5, what="a new coordinator")
         wait_for(lambda: victim.status()["cron"].state == "standby", timeout=5, what="standby")
@@ -281,9 +305,7 @@ def test_a_frozen_pool_gets_its_worker_killed_by_its_own_timer(
         victim = _host_of(all_hosts, first)
         frozen = [victim.supervisor, victim.coordinator()]
         _freeze(hosts, *frozen)
-        t0 = time.monotonic()
-        wait_for(lambda: gone(first["pid"]), timeout=DEADLINE + SLACK, what="the stale worker")
-        assert time.monotonic() - t0 < DEADLINE + 0.5
+        assert _wait_gone(first["pid"]) < DEADLINE + 0.5
         _takes_over(sentinel_dir, first, TAKEOVER + SLACK)
         _thaw(*frozen)
         wait_for(lambda: victim.status()["cron"].state == "standby", timeout=5, what="standby")
@@ -309,10 +331,9 @@ def test_redis_stopped_and_restarted(
         redis_server.start(persist=True)
     all_hosts = hosts()
     with Sampler(sentinel_dir) as sampler:
-        first = _holder(sentinel_dir, TAKEOVER + 5)
-        plain = _plain_pids(all_hosts)
+        first, plain = _holder(sentinel_dir, TAKEOVER + 5), _plain_pids(all_hosts)
         redis_server.stop()
-        wait_for(lambda: gone(first["pid"]), timeout=DEADLINE + SLACK, what="the drain")
+        _wait_gone(first["pid"])
         wait_for(lambda: _all_standby(all_hosts), timeout=5, what="standby everywhere")
         redis_server.start(persist=persist)
         _, took = _takes_over(sentinel_dir, first, TAKEOVER + TTL + SLACK)
@@ -329,12 +350,107 @@ def test_redis_paused(
     the lease can expire; resumed, one pool takes over; never two."""
     all_hosts = hosts()
     with Sampler(sentinel_dir) as sampler:
-        first = _holder(sentinel_dir, TAKEOVER + 5)
-        plain = _plain_pids(all_hosts)
+        first, plain = _holder(sentinel_dir, TAKEOVER + 5), _plain_pids(all_hosts)
         redis_server.pause()
-        wait_for(lambda: gone(first["pid"]), timeout=DEADLINE + SLACK, what="the drain")
+        _wait_gone(first["pid"])
         time.sleep(TTL)  # past the lease's expiry in Redis, by its clock
         redis_server.resume()
         _takes_over(sentinel_dir, first, TAKEOVER + SLACK)
+        assert _plain_pids(all_hosts) == plain
+    sampler.check()
+
+
+class Network:
+    """Three network namespaces, each joined to this one by a veth pair, as
+    three hosts on a network with Redis: `cut(i)` takes host `i`'s link down
+    (its packets are dropped: a partition, not a refused connection)."""
+
+    def __init__(self) -> None:
+        tag = os.getpid() % 100000
+        self.subnet = 20 + os.getpid() % 200  # 10.SUBNET.i.0/24: unlikely to be another run's
+        self.names = [f"bgp{tag}n{i}" for i in range(3)]
+        self.links = [f"bgp{tag}v{i}" for i in range(3)]
+        self.made: list[str] = []
+
+    def address(self, i: int) -> str:
+        """This side's address on host `i`'s link (where Redis listens)."""
+        return f"10.{self.subnet}.{i}.1"
+
+    def up(self) -> None:
+        for i, (ns, link) in enumerate(zip(self.names, self.links, strict=True)):
+            _ip("netns", "add", ns)
+            self.made.append(ns)
+            _ip("link", "add", link, "type", "veth", "peer", "name", f"{link}p")
+            _ip("link", "set", f"{link}p", "netns", ns)
+            _ip("addr", "add", f"{self.address(i)}/24", "dev", link)
+            _ip("link", "set", link, "up")
+            inside = [
+                ("addr", "add", f"10.{self.subnet}.{i}.2/24", "dev", f"{link}p"),
+                ("link", "set", f"{link}p", "up"),
+                ("link", "set", "lo", "up"),
+            ]
+            for command in inside:
+                _ip("netns", "exec", ns, "ip", *command)
+
+    def cut(self, i: int, up: bool = False) -> None:
+        _ip("link", "set", self.links[i], "up" if up else "down")
+
+    def down(self) -> None:
+        for link in self.links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+        for ns in self.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def _namespaces_work() -> bool:
+    """Whether this machine lets the test make network namespaces (root, ip)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"bgpprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return made.returncode == 0
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    if not _namespaces_work():
+        pytest.skip("needs root and `ip netns` (network namespaces) to run pools as hosts")
+    net = Network()
+    try:
+        net.up()
+        yield net
+    finally:
+        net.down()
+
+
+def test_three_hosts_in_network_namespaces_and_one_cut_off(
+    hosts: Callable[..., list[Host]],
+    sentinel_dir: Path,
+    redis_server: RedisServer,
+    network: Network,
+) -> None:
+    """Three pools in three network namespaces reach Redis over TCP; the
+    holder's link goes down (a partition: its packets are dropped). It drains
+    its singleton before the lease can expire, another host takes over, the
+    plain workers run on; once the link is back, the cut-off host stays on
+    standby. Never two alive."""
+    port = free_port()
+    redis_server.stop()
+    redis_server.start(bind=tuple(network.address(i) for i in range(3)), port=port)
+    urls = [f"redis://{network.address(i)}:{port}/0" for i in range(3)]
+    all_hosts = hosts(urls=urls, prefixes=[("ip", "netns", "exec", ns) for ns in network.names])
+    with Sampler(sentinel_dir) as sampler:
+        first, plain = _holder(sentinel_dir, TAKEOVER + 5), _plain_pids(all_hosts)
+        victim = _host_of(all_hosts, first)
+        network.cut(victim.index)
+        assert _wait_gone(first["pid"]) < DEADLINE + 0.5
+        _takes_over(sentinel_dir, first, TAKEOVER + SLACK)
+        network.cut(victim.index, up=True)
+        wait_for(lambda: victim.status()["cron"].state == "standby", timeout=5, what="standby")
         assert _plain_pids(all_hosts) == plain
     sampler.check()
