@@ -228,25 +228,18 @@ class Leases(Watches):
             return
         lease.fence, lease.token = message["fence"], message["token"]
         lease.until, lease.start_at = message["until"], message["start_at"]
-        lease.since = time.time()
+        lease.since, lease.holder = time.time(), None  # the holder is this pool now
         lease.acquisitions += 1
         log.info("lease of %s acquired, fencing token %d", lease.key, lease.fence)
         self._arm(lease)
-        inst = self._instance(lease)
-        if inst is not None and inst.state == State.STANDBY:
-            wait = lease.start_at - platform.boottime()
-            if wait > 0:
-                log.warning("%s waits %.1fs to start: Redis is new or restarted, and a holder from "
-                            "before may still run", inst.label, wait)  # fmt: skip
-                lease.start = self.timers.call_later(wait, lambda: self._start_held(lease))
-            else:
-                self._start_held(lease)
+        self._start_held(lease)
 
     def _renewed(self, message: Message) -> None:
         lease = self.leases.get(message["key"])
         if lease is not None and lease.fence == message["fence"]:
             lease.until = message["until"]
             self._arm(lease)
+            self._start_held(lease)  # if it waits on standby (its restart came before this)
 
     def _lost(self, message: Message) -> None:
         lease = self.leases.get(message["key"])
@@ -284,10 +277,22 @@ class Leases(Watches):
             platform.move_lease_guard(inst.pid, lease.until)
 
     def _start_held(self, lease: Lease) -> None:
-        """Start the worker of a lease just taken (its quarantine, if any, over)."""
+        """Start the worker of a held lease if it waits on standby: now, or
+        once the quarantine after a Redis restart is over."""
         inst = self._instance(lease)
-        if inst is not None and inst.state == State.STANDBY and lease.fence is not None:
+        if inst is None or inst.state != State.STANDBY or lease.fence is None:
+            return
+        wait = lease.start_at - platform.boottime()
+        if wait <= 0:
             super()._spawn_all([inst])
+        elif lease.start is None:
+            log.warning("%s waits %.1fs to start: Redis is new or restarted, and a holder from "
+                        "before may still run", inst.label, wait)  # fmt: skip
+            lease.start = self.timers.call_later(wait, lambda: self._quarantine_over(lease))
+
+    def _quarantine_over(self, lease: Lease) -> None:
+        lease.start = None
+        self._start_held(lease)
 
     def _expiring(self, lease: Lease) -> None:
         self._lose(

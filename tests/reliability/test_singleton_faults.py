@@ -454,3 +454,24 @@ def test_three_hosts_in_network_namespaces_and_one_cut_off(
         wait_for(lambda: victim.status()["cron"].state == "standby", timeout=5, what="standby")
         assert _plain_pids(all_hosts) == plain
     sampler.check()
+
+
+def test_a_frozen_supervisor_keeps_its_lease_and_restarts_its_worker(
+    hosts: Callable[..., list[Host]], sentinel_dir: Path
+) -> None:
+    """SIGSTOP of the holder's supervisor alone: its coordinator goes on
+    renewing, but nothing moves the worker's kernel timer on, so the worker is
+    killed at the deadline it last had; no other pool runs one meanwhile (the
+    lease is still held). Resumed, the supervisor starts it again under the
+    same lease."""
+    all_hosts = hosts("fixtures.singleton_workers:stubborn")
+    with Sampler(sentinel_dir) as sampler:
+        first = _holder(sentinel_dir, TAKEOVER + 5)
+        victim = _host_of(all_hosts, first)
+        _freeze(hosts, victim.supervisor)
+        assert _wait_gone(first["pid"]) < DEADLINE + 0.5
+        _thaw(victim.supervisor)
+        hosts.frozen.remove(victim.supervisor)  # type: ignore[attr-defined]
+        again = _holder(sentinel_dir, 5 + SLACK, exclude=frozenset({first["pid"]}))
+        assert again["pool"] == first["pool"] and again["token"] == first["token"]
+    sampler.check()
