@@ -183,7 +183,7 @@ def test_the_worker_gets_its_fencing_token(
 
 
 def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
-    host_pool: HostPool, sentinel_dir: Path
+    host_pool: HostPool, sentinel_dir: Path, redis_server: RedisServer
 ) -> None:
     """A holder that shuts down releases its lease once its worker has exited;
     another pool takes over at once (well within lease_ttl plus a renewal
@@ -195,6 +195,10 @@ def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
         t0 = time.monotonic()
         holder_pool.shutdown()
         pools.remove(holder_pool)
+        with redis_server.client() as client:  # released, not left to expire
+            assert (
+                client.hget("bgpool:{shared}:holder::cron", "fence") != str(first["token"]).encode()
+            )
         second = wait_single_holder(sentinel_dir, timeout=TAKEOVER + SLACK,
                                     exclude=frozenset({first["pid"]}))  # fmt: skip
         assert time.monotonic() - t0 < TAKEOVER + SLACK

@@ -45,6 +45,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -68,6 +69,9 @@ log = logging.getLogger("bgpool")
 
 RESTART_DELAY = 1.0
 """Seconds before a coordinator process that died is started again."""
+
+RELEASE_SECONDS = 1.0
+"""How long a closing supervisor waits for its coordinator to release the leases."""
 
 
 @dataclass(eq=False)
@@ -119,6 +123,7 @@ class Leases(Watches):
         self.leases: dict[str, Lease] = {}
         self.guarded: set[int] = set()  # pids of workers whose lease guard is armed
         self.link: socket.socket | None = None
+        self.coordinator_pid = 0
         self.outbox: list[bytes] = []
         if self.settings.coordinator is not None:
             self._start_coordinator()
@@ -138,7 +143,7 @@ class Leases(Watches):
                 settings.name, settings.coordinator, repr(settings.lease_ttl),
             )  # fmt: skip
             try:
-                os.posix_spawn(sys.executable, command, os.environ)
+                self.coordinator_pid = os.posix_spawn(sys.executable, command, os.environ)
             except OSError as exc:
                 ours.close()
                 log.error("cannot start the coordinator process (%s): retrying", exc)
@@ -208,16 +213,24 @@ class Leases(Watches):
             self.timers.call_later(RESTART_DELAY, self._start_coordinator)
 
     def close_coordinator(self) -> None:
-        """Teardown: send what is queued (releases), then close the socket: the
-        coordinator exits at EOF."""
+        """Teardown: send what is queued (releases), close the socket, and give
+        the coordinator `RELEASE_SECONDS` to carry the releases out and exit
+        at EOF (so other pools take over at once, not when the leases expire)
+        before the leftovers are killed."""
         if self.link is None:
             return
-        self.link.settimeout(1.0)
+        self.link.settimeout(RELEASE_SECONDS)
         with contextlib.suppress(OSError):
             for data in self.outbox:
                 self.link.send(data)
         self.link.close()
         self.link = None
+        with contextlib.suppress(OSError):
+            pidfd = platform.pidfd_open(self.coordinator_pid)
+            try:
+                select.select([pidfd], [], [], RELEASE_SECONDS)
+            finally:
+                os.close(pidfd)
 
     # -- what the coordinator reports ------------------------------------------------
 
