@@ -278,7 +278,8 @@ def _parser() -> argparse.ArgumentParser:
         "attempts, consecutive failures, last exit status, uptime, time ready. Exits 0 "
         "when every instance that should run is ready, 3 when one is not: each instance "
         "of an eager worker (one stopped by `bgpool stop` too), and each of a lazy "
-        "worker or catch-all name that is not stopped.",
+        "worker or catch-all name that is not stopped (not a singleton on standby, which "
+        "runs on another pool: a line names its holder).",
     )  # fmt: skip
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     ensure_parser = against_a_pool(
