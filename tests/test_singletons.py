@@ -42,7 +42,7 @@ def _config(redis_server: RedisServer, sentinel_dir: Path, **kwargs: Any) -> bgp
     return bgpool.PoolConfig(
         name="shared",
         coordinator=redis_server.url,
-        lease_ttl=TTL,
+        lease_ttl=kwargs.pop("lease_ttl", TTL),
         grace_period=2.0,
         ensure_timeout=10.0,
         workers=[
@@ -67,9 +67,10 @@ def host_pool(
     a host of its own: its named pool's directory in a private
     XDG_RUNTIME_DIR, so several pools of one name run side by side."""
 
-    def start(num: int = 1) -> bgpool.Pool:
+    def start(num: int = 1, lease_ttl: float = TTL) -> bgpool.Pool:
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir("bgx-")))
-        return make_pool(config=_config(redis_server, sentinel_dir, num=num))
+        config = _config(redis_server, sentinel_dir, num=num, lease_ttl=lease_ttl)
+        return make_pool(config=config)
 
     return start
 
@@ -185,12 +186,15 @@ def test_the_worker_gets_its_fencing_token(
 def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
     host_pool: HostPool, sentinel_dir: Path, redis_server: RedisServer
 ) -> None:
-    """A holder that shuts down releases its lease once its worker has exited;
-    another pool takes over at once (well within lease_ttl plus a renewal
-    period), under a larger fencing token, each time."""
-    pools = [host_pool() for _ in range(3)]
+    """A holder that shuts down releases its lease once its worker has exited
+    (the lease is gone when shutdown() returns); another pool takes over at
+    once, sooner than the lease could have expired, under a larger fencing
+    token, each time. Leases of 3 s here: on a loaded machine a 1 s lease may
+    be lost to a slow renewal just before the shutdown, and then expires."""
+    ttl = 3.0
+    pools = [host_pool(lease_ttl=ttl) for _ in range(3)]
     for _ in range(2):
-        first = wait_single_holder(sentinel_dir, timeout=TAKEOVER + 5)
+        first = wait_single_holder(sentinel_dir, timeout=ttl + 5)
         holder_pool = next(p for p in pools if _singleton(p).pid == first["pid"])
         t0 = time.monotonic()
         holder_pool.shutdown()
@@ -199,9 +203,9 @@ def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
             assert (
                 client.hget("bgpool:{shared}:holder::cron", "fence") != str(first["token"]).encode()
             )
-        second = wait_single_holder(sentinel_dir, timeout=TAKEOVER + SLACK,
+        second = wait_single_holder(sentinel_dir, timeout=ttl + SLACK,
                                     exclude=frozenset({first["pid"]}))  # fmt: skip
-        assert time.monotonic() - t0 < TAKEOVER + SLACK
+        assert time.monotonic() - t0 < ttl  # a period to notice (ttl/3), a fork: not an expiry
         assert second["token"] > first["token"]
     assert len(live_holders(sentinel_dir)) == 1
 

@@ -4,7 +4,7 @@ instance changes state (`_transition`, checked against `states.TRANSITIONS`).
 
 The supervisor is layered, one job per module, each layer using the ones
 below it: `Core` (here), `Drains`, `Lifecycle`, `Rollouts`, `Reloads`,
-`Control`, `Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
+`Control`, `Watches`, `Leases`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
 in the supervisor's single thread.
 """
 

@@ -4,7 +4,8 @@ coordinator and pool name; elsewhere it waits in STANDBY.
 
 Data flow::
 
-    supervisor (this layer)          coordinator process (coordinator/main.py)      Redis
+    supervisor (this layer,          coordinator process (coordinator/main.py)      Redis
+     its link: coordination.py)
       want / ready / lost / release ──socketpair──▶  take, renew, release  ──────▶ lease keys
       ◀── acquired / renewed / lost / holder ──┘     (blocking redis-py, timeouts)
       │ its own timers: drain at drain_at(until), SIGKILL at until
@@ -40,26 +41,20 @@ before the restart may still be running while its key is gone
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
-import os
-import select
-import selectors
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .. import leases, platform
-from ..launch import python_command
 from ..protocol import Message
 from ..states import State
 from ..worker.runtime import Boot
+from .coordination import Link
 from .instances import Instance, Run, Worker
 from .listener import Connection
 from .timers import Timer
@@ -69,9 +64,6 @@ log = logging.getLogger("bgpool")
 
 RESTART_DELAY = 1.0
 """Seconds before a coordinator process that died is started again."""
-
-RELEASE_SECONDS = 1.0
-"""How long a closing supervisor waits for its coordinator to release the leases."""
 
 
 @dataclass(eq=False)
@@ -122,37 +114,27 @@ class Leases(Watches):
         super().__init__(*args, **kwargs)
         self.leases: dict[str, Lease] = {}
         self.guarded: set[int] = set()  # pids of workers whose lease guard is armed
-        self.link: socket.socket | None = None
-        self.coordinator_pid = 0
-        self.outbox: list[bytes] = []
+        self.link: Link | None = None
         if self.settings.coordinator is not None:
+            self.link = Link(
+                self.selector, self.settings, self.pid, self._on_report, self._coordinator_gone
+            )
             self._start_coordinator()
 
     # -- the coordinator process -----------------------------------------------------
 
     def _start_coordinator(self) -> None:
-        """Start the coordinator (a fresh interpreter: it imports redis, which
-        the supervisor never does) on one end of a socketpair."""
-        settings = self.settings
-        assert settings.coordinator is not None and settings.name is not None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs:
-            theirs.set_inheritable(True)
-            command = python_command(
-                "bgpool.coordinator.main", "main", str(theirs.fileno()), str(self.pid),
-                settings.name, settings.coordinator, repr(settings.lease_ttl),
-            )  # fmt: skip
-            try:
-                self.coordinator_pid = os.posix_spawn(sys.executable, command, os.environ)
-            except OSError as exc:
-                ours.close()
-                log.error("cannot start the coordinator process (%s): retrying", exc)
-                self.timers.call_later(RESTART_DELAY, self._start_coordinator)
-                return
-        ours.setblocking(False)
-        self.link = ours
-        self.selector.register(ours, selectors.EVENT_READ, self._on_link)
-        for lease in self.leases.values():  # a restarted one resumes what its predecessor did
+        """Start the coordinator process, and tell it what its predecessor (if
+        any) was doing: the leases held (it resumes renewing them, if still
+        in time) and those wanted."""
+        assert self.link is not None
+        try:
+            self.link.start()
+        except OSError as exc:
+            log.error("cannot start the coordinator process (%s): retrying", exc)
+            self.timers.call_later(RESTART_DELAY, self._start_coordinator)
+            return
+        for lease in self.leases.values():
             if lease.fence is not None:
                 self._tell({"t": "want", "key": lease.key, "fence": lease.fence,
                             "token": lease.token, "until": lease.until})  # fmt: skip
@@ -160,77 +142,23 @@ class Leases(Watches):
                 self._tell({"t": "want", "key": lease.key})
 
     def _tell(self, message: Message) -> None:
-        """Send one message to the coordinator (queued while it does not read)."""
-        if self.link is None:
-            return
-        self.outbox.append(json.dumps(message).encode())
-        self._flush_link()
+        if self.link is not None:
+            self.link.tell(message)
 
-    def _flush_link(self) -> None:
-        assert self.link is not None
-        while self.outbox:
-            try:
-                self.link.send(self.outbox[0])
-            except BlockingIOError:
-                break
-            except OSError:
-                self.outbox.clear()
-                return
-            self.outbox.pop(0)
-        self.selector.modify(
-            self.link, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0),
-            self._on_link,
-        )  # fmt: skip
-
-    def _on_link(self, _sock: object) -> None:
-        """The coordinator wrote (or its socket can take more of the outbox)."""
-        assert self.link is not None
-        if self.outbox:
-            self._flush_link()
-        while self.link is not None:
-            try:
-                data = self.link.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._coordinator_gone()
-                return
-            message = json.loads(data)
-            HANDLERS[message["t"]](self, message)
+    def _on_report(self, message: Message) -> None:
+        HANDLERS[message["t"]](self, message)
 
     def _coordinator_gone(self) -> None:
         """The coordinator exited: leases it held run out on their timers; a new
         one is started, and resumes renewing them if it can in time."""
-        assert self.link is not None
-        self.selector.unregister(self.link)
-        self.link.close()
-        self.link = None
-        self.outbox.clear()
         if not self.closing:
             log.error("the coordinator process exited: starting another in %gs", RESTART_DELAY)
             self.timers.call_later(RESTART_DELAY, self._start_coordinator)
 
     def close_coordinator(self) -> None:
-        """Teardown: send what is queued (releases), close the socket, and give
-        the coordinator `RELEASE_SECONDS` to carry the releases out and exit
-        at EOF (so other pools take over at once, not when the leases expire)
-        before the leftovers are killed."""
-        if self.link is None:
-            return
-        self.link.settimeout(RELEASE_SECONDS)
-        with contextlib.suppress(OSError):
-            for data in self.outbox:
-                self.link.send(data)
-        self.link.close()
-        self.link = None
-        with contextlib.suppress(OSError):
-            pidfd = platform.pidfd_open(self.coordinator_pid)
-            try:
-                select.select([pidfd], [], [], RELEASE_SECONDS)
-            finally:
-                os.close(pidfd)
+        """Teardown: the coordinator carries out the releases, then exits."""
+        if self.link is not None:
+            self.link.close()
 
     # -- what the coordinator reports ------------------------------------------------
 
