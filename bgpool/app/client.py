@@ -971,12 +971,9 @@ class LogFollow(_Subscription):
 
     def _receive(self) -> None:
         """Read what has arrived, without blocking; note the end."""
-        try:
-            data = self._sock.recv(65536)
-        except BlockingIOError:
+        data = protocol.available(self._sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         try:
             self._pending.extend(self._decoder.feed(data))
         except protocol.ProtocolError:

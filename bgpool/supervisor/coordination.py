@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from .. import platform
+from .. import platform, protocol
 from ..launch import python_command
 from ..protocol import Message
 from .core import Settings
@@ -104,12 +104,9 @@ class Link:
         if self._outbox:
             self._flush()
         while self._sock is not None:
-            try:
-                data = self._sock.recv(65536)
-            except BlockingIOError:
+            data = protocol.available(self._sock)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 self._drop()
                 self._on_gone()
