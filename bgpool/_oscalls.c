@@ -1,5 +1,6 @@
 /* bgpool._oscalls: the system calls bgpool makes that Python's os module has
-no function for (prctl, clone with CLONE_PARENT, inotify). Only bgpool/platform.py
+no function for (prctl, clone with CLONE_PARENT, inotify, sigqueue, and a
+singleton worker's lease guard: a POSIX timer that kills it). Only bgpool/platform.py
 imports it; everything else goes through platform's functions.
 
 Why C and not ctypes: these run in code generations and workers, right after a
@@ -23,7 +24,10 @@ platform.py says what is missing. */
 #include <signal.h>
 #include <sys/inotify.h>
 #include <sys/prctl.h>
+#include <stdint.h>
+#include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #endif
 
@@ -144,6 +148,96 @@ oscalls_rm_watch(PyObject *Py_UNUSED(module), PyObject *args)
 #endif
 }
 
+/* The lease guard of a singleton worker (supervisor/leases.py says why).
+
+A POSIX timer on CLOCK_BOOTTIME (it counts a suspended machine's sleep, as
+the lease's expiry in Redis does) that sends SIGKILL to this process at an
+absolute deadline: the worker dies by then even if its supervisor and the
+coordinator that renews its lease are frozen. Each renewal moves the deadline
+on: the supervisor sigqueue()s the lease signal with the new deadline (in
+nanoseconds) as its value, and the handler below re-arms the timer from
+inside the signal, with no Python code involved (timer_settime and getppid
+are async-signal-safe), so a worker busy in C code, or holding the GIL, is
+re-armed all the same. Only its parent (the supervisor) may move it. */
+#ifdef __linux__
+static timer_t lease_timer;
+static volatile sig_atomic_t lease_timer_made = 0;
+
+static int
+lease_arm(int64_t deadline_ns)
+{
+    struct itimerspec when;
+    memset(&when, 0, sizeof(when));
+    if (deadline_ns <= 0)
+        deadline_ns = 1; /* at once: 0 would disarm it */
+    when.it_value.tv_sec = (time_t)(deadline_ns / 1000000000LL);
+    when.it_value.tv_nsec = (long)(deadline_ns % 1000000000LL);
+    return timer_settime(lease_timer, TIMER_ABSTIME, &when, NULL);
+}
+
+static void
+on_lease_signal(int Py_UNUSED(sig), siginfo_t *info, void *Py_UNUSED(context))
+{
+    int saved = errno;
+    if (lease_timer_made && info->si_code == SI_QUEUE && info->si_pid == getppid())
+        lease_arm((int64_t)(intptr_t)info->si_value.sival_ptr);
+    errno = saved;
+}
+#endif
+
+/* lease_guard(deadline_ns, signal): SIGKILL to this process at deadline_ns
+(CLOCK_BOOTTIME), moved by `signal` queued by the parent with a new deadline. */
+static PyObject *
+oscalls_lease_guard(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    long long deadline;
+    int signo;
+    if (!PyArg_ParseTuple(args, "Li:lease_guard", &deadline, &signo))
+        return NULL;
+#if defined(__linux__) && UINTPTR_MAX >= 0xffffffffffffffffULL
+    if (!lease_timer_made) {
+        struct sigevent event;
+        memset(&event, 0, sizeof(event));
+        event.sigev_notify = SIGEV_SIGNAL;
+        event.sigev_signo = SIGKILL;
+        if (timer_create(CLOCK_BOOTTIME, &event, &lease_timer) != 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        lease_timer_made = 1;
+        struct sigaction action;
+        memset(&action, 0, sizeof(action));
+        action.sa_sigaction = on_lease_signal;
+        action.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigemptyset(&action.sa_mask);
+        if (sigaction(signo, &action, NULL) != 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (lease_arm((int64_t)deadline) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+#else
+    return unsupported();
+#endif
+}
+
+/* sigqueue(pid, signal, value): queue `signal` to `pid` with a 64-bit value. */
+static PyObject *
+oscalls_sigqueue(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int pid, signo;
+    long long value;
+    if (!PyArg_ParseTuple(args, "iiL:sigqueue", &pid, &signo, &value))
+        return NULL;
+#if defined(__linux__) && UINTPTR_MAX >= 0xffffffffffffffffULL
+    union sigval sv;
+    sv.sival_ptr = (void *)(intptr_t)value;
+    if (sigqueue(pid, signo, sv) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+#else
+    return unsupported();
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"fork_sibling", oscalls_fork_sibling, METH_NOARGS, "Fork with CLONE_PARENT: 0 in the child."},
     {"prctl", oscalls_prctl_int, METH_VARARGS, "prctl(option, value)."},
@@ -151,6 +245,8 @@ static PyMethodDef methods[] = {
     {"inotify_init", oscalls_inotify_init, METH_NOARGS, "inotify_init1(IN_NONBLOCK | IN_CLOEXEC)."},
     {"inotify_add_watch", oscalls_add_watch, METH_VARARGS, "inotify_add_watch(fd, path, mask)."},
     {"inotify_rm_watch", oscalls_rm_watch, METH_VARARGS, "inotify_rm_watch(fd, wd)."},
+    {"lease_guard", oscalls_lease_guard, METH_VARARGS, "SIGKILL to self at a deadline (boottime ns)."},
+    {"sigqueue", oscalls_sigqueue, METH_VARARGS, "sigqueue(pid, signal, value)."},
     {NULL, NULL, 0, NULL},
 };
 

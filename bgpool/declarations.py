@@ -41,6 +41,12 @@ from .names import GLOBAL_SCOPE, Scope, name_problem, pool_name_problem
 
 DEFAULT_MAX_INSTANCES = 16
 
+MIN_LEASE_TTL = 0.5
+"""The shortest `lease_ttl`: renewed at a third of it, a lease shorter than this
+would leave no time for a Redis round trip and a drain before it expires."""
+
+COORDINATOR_SCHEMES = ("redis://", "rediss://", "unix://")
+
 MAX_LOG_LINES = 10_000_000
 """The most `log_lines` a pool keeps per worker name (a bound, so a typo cannot
 ask the supervisor for a ring it cannot make)."""
@@ -125,8 +131,9 @@ class WorkerSpec(BaseModel):
     `requires`, named workers of the same scope that must be ready before it
     starts; the lifecycle policies (`boot_timeout`, `heartbeat_timeout`,
     `max_restarts` within `restart_window`, `max_memory`, `max_lifetime` with
-    `lifetime_jitter`), all off by default. The README's "Declaring workers"
-    has the table.
+    `lifetime_jitter`), all off by default; `singleton`, one instance across
+    every pool that shares the pool's `coordinator` and name (README,
+    "Singletons across hosts"). The README's "Declaring workers" has the table.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -151,6 +158,7 @@ class WorkerSpec(BaseModel):
     max_memory: Annotated[int, Field(gt=0)] | None = None
     max_lifetime: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     lifetime_jitter: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
+    singleton: bool = False
 
     @field_validator("target")
     @classmethod
@@ -231,6 +239,12 @@ class WorkerSpec(BaseModel):
             errors.append(_field_error(
                 "requires", "requires_itself", texts.requires_itself(self.name), self.requires,
             ))  # fmt: skip
+        if self.singleton and (self.name is None or self.num > 1):
+            errors.append(_field_error(
+                "singleton", "singleton_shape",
+                "a singleton is one named instance: it needs a name and num 0 or 1",
+                self.singleton,
+            ))  # fmt: skip
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
@@ -258,7 +272,9 @@ class PoolConfig(BaseModel):
     """A pool's declarations and settings. Building it checks every target exists.
 
     `name` makes the pool findable by name (its socket at a fixed place, see
-    `bgpool.naming`) and unique: a second pool of that name cannot start."""
+    `bgpool.naming`) and unique: a second pool of that name cannot start.
+    `coordinator` (a Redis URL) and `lease_ttl` are for singleton workers: the
+    pools sharing both the coordinator and the name run each singleton once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -273,6 +289,8 @@ class PoolConfig(BaseModel):
     max_vars_bytes: Annotated[int, Field(ge=1)] = 1048576
     log_lines: Annotated[int, Field(ge=0, le=MAX_LOG_LINES)] = 1000
     name: str | None = None
+    coordinator: str | None = None
+    lease_ttl: Annotated[float, Field(ge=MIN_LEASE_TTL)] = 10.0
 
     _scripts: dict[int, Path] = PrivateAttr(default_factory=dict)
 
@@ -285,6 +303,33 @@ class PoolConfig(BaseModel):
     @classmethod
     def _check_grace(cls, value: float) -> float:
         return _finite(value, positive=False)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _check_ttl(cls, value: float) -> float:
+        return _finite(value, positive=True)
+
+    @field_validator("coordinator")
+    @classmethod
+    def _check_coordinator(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        _no_nul(url, "coordinator")
+        if not url.startswith(COORDINATOR_SCHEMES):
+            raise ValueError(
+                "coordinator must be a Redis URL (redis://host:port/db, rediss://..., "
+                f"unix:///path), not {url!r}"
+            )
+        try:
+            found = importlib.util.find_spec("redis") is not None
+        except (ImportError, ValueError):  # a broken install, or an import blocked on purpose
+            found = False
+        if not found:
+            raise ValueError(
+                "a coordinator needs the Redis client, which is not installed: "
+                "pip install 'bgpool[redis]'"
+            )
+        return url
 
     @field_validator("root", mode="before")
     @classmethod
@@ -316,10 +361,14 @@ class PoolConfig(BaseModel):
             config = handler(data)
         except ValidationError as exc:
             workers, root, invalid = cls._valid_parts(data)
+            given = data if isinstance(data, dict) else {}
             errors = _line_errors(exc) + _check_across(workers, root, {}, invalid)
+            errors += _check_singletons(workers, given.get("coordinator"), given.get("name"))
             errors.sort(key=lambda e: (e["loc"][:1] != ("workers",), e["loc"][1:2]))  # stable
             raise ValidationError.from_exception_data(cls.__name__, errors) from None
         errors = _check_across(list(enumerate(config.workers)), config.root, config._scripts)
+        errors += _check_singletons(list(enumerate(config.workers)), config.coordinator,
+                                    config.name)  # fmt: skip
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return config
@@ -368,6 +417,7 @@ class PoolConfig(BaseModel):
                 "watch": spec.watch,
                 "requires": spec.requires,
                 **spec.policies(),
+                "singleton": spec.singleton,
             }
             for index, spec in enumerate(self.workers)
         ]
@@ -383,11 +433,36 @@ class PoolConfig(BaseModel):
             "log_lines": self.log_lines,
             "root": str(self.root),
             "name": self.name,
+            "coordinator": self.coordinator,
+            "lease_ttl": self.lease_ttl,
         }
 
     def script_path(self, index: int) -> Path | None:
         """The absolute path of declaration `index`'s script target, if it is one."""
         return self._scripts.get(index)
+
+
+def _check_singletons(
+    workers: list[tuple[int, WorkerSpec]], coordinator: object, name: object
+) -> list[Any]:
+    """What singletons need of the pool: a coordinator to hold their leases,
+    and a pool name, which (with the coordinator) says which pools share them."""
+    errors = [
+        _field_error(
+            ("workers", index, "singleton"), "singleton_without_coordinator",
+            "a singleton needs PoolConfig.coordinator (a Redis URL) to hold its lease",
+            True,
+        )
+        for index, spec in workers
+        if spec.singleton and coordinator is None
+    ]  # fmt: skip
+    if coordinator is not None and name is None:
+        errors.append(_field_error(
+            "name", "coordinator_without_name",
+            "a pool with a coordinator needs a name: the pools that share the "
+            "coordinator and the name share their singletons", None,
+        ))  # fmt: skip
+    return errors
 
 
 def _check_across(

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class WorkerInfo:
     """Who the current worker is: `name` as it was ensured (a catch-all instance
-    sees the name it hosts), `scope` label (`""` for the global scope) and
-    `instance` index within a pool (from 0)."""
+    sees the name it hosts), `scope` label (`""` for the global scope),
+    `instance` index within a pool (from 0), and for a singleton the fencing
+    token of the lease it runs under (`lease_token`, None otherwise: a larger
+    one means a later holder, see the README's "Singletons across hosts")."""
 
     name: str
     scope: str
     instance: int
+    lease_token: int | None = None
 
 
 _current: tuple[WorkerInfo, int] | None = None

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict
 
 RecycleReasonName = Literal["memory", "lifetime"]
 
-StateName = Literal["starting", "ready", "backoff", "crashed", "aborted", "stopping", "stopped"]
+StateName = Literal[
+    "starting", "ready", "backoff", "crashed", "aborted", "stopping", "stopped", "standby"
+]
 
 
 class _Report(BaseModel):
@@ -73,6 +75,20 @@ class ReloadReport(_Report):
     unchanged: list[str]
 
 
+class LeaseHolder(_Report):
+    """Who holds a singleton's lease, as its coordinator (Redis) says: the host
+    name and supervisor pid of the holding pool, since when (UTC) it holds it,
+    its fencing token, whether its worker is ready there, and whether it is
+    this pool."""
+
+    host: str
+    pid: int
+    since: datetime
+    lease_token: int
+    ready: bool
+    here: bool
+
+
 class WorkerDiagnostics(_Report):
     """Why a worker is in the state it is in: one per name, with its instances.
 
@@ -99,4 +115,6 @@ class WorkerDiagnostics(_Report):
     vars_generation: int = 0
     vars_published_at: datetime | None = None
     last_recycle_reason: RecycleReasonName | None = None
+    singleton: bool = False
+    holder: LeaseHolder | None = None  # a singleton's lease holder, None if nobody holds it
     instances: list[WorkerStatus]

@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
@@ -46,6 +47,31 @@ def set_parent_death_signal(sig: signal.Signals) -> None:
     which in the supervisor is its only thread.
     """
     _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+LEASE_SIGNAL = signal.SIGRTMIN + 6 if LINUX else 0
+"""The signal a singleton worker's supervisor queues to move its lease guard's
+deadline (`guard_lease`): a real-time one, so each renewal is delivered, in
+order, with its value."""
+
+
+def boottime() -> float:
+    """Seconds on CLOCK_BOOTTIME: monotonic, and counting the time a suspended
+    machine slept (CLOCK_MONOTONIC does not), as a lease's expiry does."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def guard_lease(deadline: float) -> None:
+    """Runs in a singleton worker, before its target: the kernel kills this
+    process (SIGKILL) at `deadline` (`boottime()` seconds), a deadline its
+    supervisor moves on with `move_lease_guard` (see _oscalls.c)."""
+    _oscalls.lease_guard(int(deadline * 1e9), LEASE_SIGNAL)
+
+
+def move_lease_guard(pid: int, deadline: float) -> None:
+    """Move the lease guard of worker `pid` (our child) to `deadline`."""
+    with contextlib.suppress(ProcessLookupError):
+        _oscalls.sigqueue(pid, LEASE_SIGNAL, int(deadline * 1e9))
 
 
 def set_child_subreaper() -> None:

@@ -19,6 +19,17 @@ _LENGTH = struct.Struct(">I")
 Message = dict[str, Any]
 
 
+def available(sock: socket.socket, size: int = 65536) -> bytes | None:
+    """What a non-blocking socket has to read now: None if nothing yet, b""
+    once the peer is gone (or the socket failed)."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def error_reply(error: str, message: str, **extra: Any) -> Message:
     """The reply that makes a client raise the `bgpool.errors` class named
     `error` with `message` (and `extra` fields, such as diagnostics)."""

@@ -13,6 +13,12 @@ state; clients, metrics and the CLI read it.
        │   reached the cap;                         └──exit, restart──▶ STARTING
        │   or from READY: crashes past max_restarts)
        └── a drain cancels a pending restart (BACKOFF, CRASHED); stop() of an ABORTED one
+
+A singleton (supervisor/leases.py) waits in STANDBY while another pool holds its
+lease (or none can be taken):
+
+    STOPPED, CRASHED, BACKOFF, ABORTED, STOPPING ──no lease──▶ STANDBY ──lease──▶ STARTING
+                                                                 └──drain, stop()──▶ STOPPED
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class State(enum.IntEnum):
     CRASHED = 4  # exited abnormally; the next step (restart, backoff) follows at once
     ABORTED = 5  # given up: max_consecutive_failures boot failures, or crashes past max_restarts
     STOPPING = 6  # drain in progress
+    STANDBY = 7  # a singleton whose lease this pool does not hold: it runs elsewhere, or waits
 
     @property
     def label(self) -> str:
@@ -39,7 +46,7 @@ class State(enum.IntEnum):
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     # spawned (eagerly at start(), or by ensure())
-    State.STOPPED: frozenset({State.STARTING}),
+    State.STOPPED: frozenset({State.STARTING, State.STANDBY}),
     # ready; or the run ended: a failure (CRASHED, or ABORTED at the cap), a
     # clean exit of a worker that was ready before (restarted, perhaps paced);
     # or a drain began
@@ -52,14 +59,18 @@ TRANSITIONS: dict[State, frozenset[State]] = {
         {State.CRASHED, State.ABORTED, State.BACKOFF, State.STARTING, State.STOPPING}
     ),
     # a failure is followed at once by its restart, or by a backoff wait; a
-    # drain cancels the pending restart
-    State.CRASHED: frozenset({State.STARTING, State.BACKOFF, State.STOPPED}),
-    # the wait is over, or a drain cut it short
-    State.BACKOFF: frozenset({State.STARTING, State.STOPPED}),
-    # ensure() tries afresh after an abort; stop() holds it stopped
-    State.ABORTED: frozenset({State.STARTING, State.STOPPED}),
+    # drain cancels the pending restart; a singleton that lost its lease waits for it
+    State.CRASHED: frozenset({State.STARTING, State.BACKOFF, State.STOPPED, State.STANDBY}),
+    # the wait is over, or a drain cut it short (a singleton without its lease: STANDBY)
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPED, State.STANDBY}),
+    # ensure() tries afresh after an abort (a singleton: for its lease first); stop()
+    # holds it stopped
+    State.ABORTED: frozenset({State.STARTING, State.STOPPED, State.STANDBY}),
     # the drained process exited: stopped for good, or respawned by a restart
-    State.STOPPING: frozenset({State.STOPPED, State.STARTING}),
+    # (a singleton that lost its lease: its respawn waits for the lease)
+    State.STOPPING: frozenset({State.STOPPED, State.STARTING, State.STANDBY}),
+    # a singleton: its lease taken, so it starts; or a drain, stop(), a shutdown
+    State.STANDBY: frozenset({State.STARTING, State.STOPPED}),
 }
 """Every allowed move: `TRANSITIONS[from]` is the set of states it may go to."""
 

@@ -334,6 +334,11 @@ def not_started(name: str, path: list[str]) -> str:
     return f'background worker "{name}" was not started, {_required_through(name, path)}'
 
 
+def scale_singleton(label: str, num: int) -> str:
+    """Why `scale()` refused a singleton more than one instance."""
+    return f'cannot scale "{label}" to {num}: a singleton runs one instance (num 0 or 1)'
+
+
 def scale_catch_all(name: str) -> str:
     """Why `scale()` refused a name a catch-all serves."""
     return (

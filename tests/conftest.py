@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 import pytest
 from helpers import TOKEN_VAR, BgpoolRun, LeakCheck, StartRun, TrackedPool
+from redis_helpers import REDIS_SERVER, RedisServer
 
 import bgpool
 from fixtures.reload_fixtures import Sources
@@ -160,6 +161,21 @@ def sigcont_on_exit(make_pool: Callable[..., Any]) -> Iterator[list[int]]:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a private unix socket, started; stopped
+    (and its directory removed) afterwards, even when the test failed. Request it
+    before ``make_pool``, so pools shut down while it still answers."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (./scripts/test installs it)")
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -9,6 +9,10 @@ a function, under ``if TYPE_CHECKING:``), relative or absolute, and
 - ``app/`` never imports ``supervisor``, ``worker`` or ``cli``;
 - ``shm/`` imports none of ``app``, ``supervisor``, ``worker``, ``cli``;
 - ``cli/`` never imports ``supervisor`` or ``worker``;
+- ``coordinator/`` (the lease process) imports none of ``app``, ``supervisor``,
+  ``worker``, ``cli``, ``shm``, and nothing else imports it (the supervisor
+  starts it as a fresh interpreter, so it never loads redis), and nothing
+  outside it imports ``redis``;
 - the top-level modules (the shared vocabulary) import none of ``app``,
   ``supervisor``, ``worker``, ``cli``, ``shm``, except the public re-export points
   ``bgpool/__init__.py``, ``bgpool/metrics.py`` and ``bgpool/__main__.py``;
@@ -27,19 +31,21 @@ import pytest
 from helpers import ROOT
 
 PACKAGE = ROOT / "bgpool"
-SIDES = ("app", "supervisor", "worker", "shm", "cli")
+SIDES = ("app", "supervisor", "worker", "shm", "cli", "coordinator")
 REEXPORTS = {"bgpool", "bgpool.metrics", "bgpool.__main__"}
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "worker": ("supervisor", "app", "cli"),
-    "supervisor": ("app", "cli"),
-    "app": ("supervisor", "worker", "cli"),
-    "shm": ("app", "supervisor", "worker", "cli"),
-    "cli": ("supervisor", "worker"),
-    "": ("app", "supervisor", "worker", "cli", "shm"),  # the top-level modules
+    "worker": ("supervisor", "app", "cli", "coordinator"),
+    "supervisor": ("app", "cli", "coordinator"),
+    "app": ("supervisor", "worker", "cli", "coordinator"),
+    "shm": ("app", "supervisor", "worker", "cli", "coordinator"),
+    "cli": ("supervisor", "worker", "coordinator"),
+    "coordinator": ("app", "supervisor", "worker", "cli", "shm"),
+    "": ("app", "supervisor", "worker", "cli", "shm", "coordinator"),  # the top-level modules
 }
 PLATFORM = "bgpool.platform"
 PLATFORM_MODULES = {"ctypes", "resource"}
 PLATFORM_NAMES = {"pidfd_open", "pidfd_send_signal", "prctl", "SO_PEERCRED"}
+COORDINATOR_MODULES = {"redis"}  # blocking client code: only the coordinator process runs it
 
 
 def module_name(path: Path) -> str:
@@ -141,6 +147,9 @@ def check_source(module: str, source: str, path: str, is_package: bool = False) 
                 problems.append(f"{path}:{line}: {module} imports {name}: {rule}")
         if module != PLATFORM and name.split(".")[0] in PLATFORM_MODULES:
             problems.append(f"{path}:{line}: {module} imports {name}: only {PLATFORM} may")
+        if side != "coordinator" and name.split(".")[0] in COORDINATOR_MODULES:
+            rule = "only bgpool/coordinator/ may (the supervisor never loads redis)"
+            problems.append(f"{path}:{line}: {module} imports {name}: {rule}")
         if (
             module != PLATFORM
             and name.rsplit(".", 1)[-1] in PLATFORM_NAMES
@@ -276,6 +285,16 @@ def _check(module: str, source: str, is_package: bool = False) -> list[str]:
             "os.prctl",
             id="from-import-prctl",
         ),
+        pytest.param(
+            "bgpool.supervisor.leases", "import redis\n", 1, "redis", id="redis-off-coordinator"
+        ),
+        pytest.param(
+            "bgpool.supervisor.leases",
+            "from ..coordinator import store\n",
+            1,
+            "bgpool.coordinator.store",
+            id="supervisor-imports-coordinator",
+        ),
     ],
 )
 def test_the_checker_names_module_line_and_import(
@@ -306,6 +325,7 @@ def test_the_checker_allows_what_the_rules_allow() -> None:
         "bgpool.__main__": "from .cli.main import main\n",
         "bgpool.platform": "import ctypes, resource, os\nfd = os.pidfd_open(1)\n",
         "bgpool.errors": "from . import texts\n",
+        "bgpool.coordinator.store": "import redis\nfrom ..leases import Keys\n",
     }
     for module, source in allowed.items():
         assert _check(module, source) == [], module

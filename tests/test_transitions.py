@@ -148,7 +148,10 @@ def test_every_state_is_reachable_from_stopped() -> None:
 
 
 def test_a_stopped_instance_can_only_be_started() -> None:
-    assert TRANSITIONS[State.STOPPED] == {State.STARTING}
+    """Started, or (a singleton) waiting on standby for its lease, which is
+    itself only started or stopped."""
+    assert TRANSITIONS[State.STOPPED] == {State.STARTING, State.STANDBY}
+    assert TRANSITIONS[State.STANDBY] == {State.STARTING, State.STOPPED}
     assert not allowed(State.STOPPED, State.READY)
     assert not allowed(State.ABORTED, State.READY)
     assert allowed(State.STOPPING, State.STOPPED)

@@ -241,6 +241,7 @@ class PoolClient:
         self._own_scope = 0
         self._ensure_timeout = ensure_timeout
         self._name: str | None = None
+        self._coordinated = False  # the pool has a coordinator (singleton leases)
         # whether the supervisor ever answered: if it no longer does, the pool
         # has closed; if it never did, there was no pool at the address
         self._reached = False
@@ -252,6 +253,7 @@ class PoolClient:
         hello = self._run(self._learn_scopes())
         self._reached = True
         self._name = hello["name"]
+        self._coordinated = bool(hello.get("coordinated"))
         self._ensure_timeout = float(hello["ensure_timeout"])
         own = identity.own_scope_id()
         self._own_scope = own if own is not None and own in self._scopes else 0
@@ -1001,12 +1003,9 @@ class LogFollow(_Subscription):
 
     def _receive(self) -> None:
         """Read what has arrived, without blocking; note the end."""
-        try:
-            data = self._sock.recv(65536)
-        except BlockingIOError:
+        data = protocol.available(self._sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         try:
             self._pending.extend(self._decoder.feed(data))
         except protocol.ProtocolError:

@@ -35,6 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .. import texts
+from ..errors import BgpoolError
 from ..shm.table import BOOT_BUCKETS, Kind, Slot
 from ..states import State
 from .probes import Answer, Probes
@@ -48,6 +49,10 @@ if TYPE_CHECKING:
 def worker_label(scope_label: str, name: str) -> str:
     """The `worker` label: `m#<scope-label>:<name>` (regex `m#([^:]*):(.+)`)."""
     return f"m#{scope_label}:{name}"
+
+
+LEASES_TIMEOUT = 2.0
+"""Seconds a scrape waits for the supervisor's lease counters."""
 
 
 class TableCollector(Collector):
@@ -128,6 +133,43 @@ class TableCollector(Collector):
                 buckets.append((_bound(bound), cumulative))
             boot.add_metric([label], buckets, sum_value=sum(s.boot_sum for s in slots))
         yield from (total, ready, crashes, restarts, hangs, recycles, boot)
+        yield from self._lease_families()
+
+    def _lease_families(self) -> Iterator[Metric]:
+        """Each singleton's lease, as the supervisor counts it (one request per
+        scrape, only for a pool with a coordinator: the table has no room for
+        a holder's host): acquisitions and losses (counters), whether this
+        pool holds it, and who does (`bgpool_lease_holder_info`, 1)."""
+        if not self._client._coordinated:
+            return
+        try:
+            reply = self._client._request({"op": "leases"}, timeout=LEASES_TIMEOUT)
+        except BgpoolError:  # the pool is closing, or too busy: leave them out of this scrape
+            return
+        labels = ["worker"]
+        acquired = CounterMetricFamily(
+            "bgpool_lease_acquisitions", "Singleton leases this pool acquired.", labels=labels
+        )
+        lost = CounterMetricFamily(
+            "bgpool_lease_losses", "Singleton leases this pool held and lost.", labels=labels
+        )
+        held = GaugeMetricFamily(
+            "bgpool_lease_held", "1 while this pool holds the singleton's lease.", labels=labels
+        )
+        holder = GaugeMetricFamily(
+            "bgpool_lease_holder_info",
+            "The singleton's current holder (host, supervisor pid), as this pool sees it.",
+            labels=["worker", "host", "pid"],
+        )
+        for lease in reply["leases"]:
+            label = worker_label(lease["scope"], lease["name"])
+            acquired.add_metric([label], lease["acquisitions"])
+            lost.add_metric([label], lease["losses"])
+            held.add_metric([label], 1 if lease["held"] else 0)
+            if lease["holder"] is not None:
+                who = lease["holder"]
+                holder.add_metric([label, who["host"], str(who["pid"])], 1)
+        yield from (acquired, lost, held, holder)
 
 
 def _bound(value: float) -> str:

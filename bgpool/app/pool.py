@@ -33,10 +33,18 @@ from .client import REPLY_MARGIN, PoolClient
 if TYPE_CHECKING:
     from .metrics import HealthServer
 
-FIXED_SETTINGS = ("start_method", "metrics_port", "metrics_host", "root", "name")
-"""The settings `reload()` cannot change: the supervisor or the metrics server
-were set up with them (and the code of instances already running was found
-under the root)."""
+FIXED_SETTINGS = (
+    "start_method",
+    "metrics_port",
+    "metrics_host",
+    "root",
+    "name",
+    "coordinator",
+    "lease_ttl",
+)
+"""The settings `reload()` cannot change: the supervisor, its coordinator or the
+metrics server were set up with them (and the code of instances already running
+was found under the root)."""
 
 POOL_MARK = "BGPOOL_POOL"
 """Environment variable that marks every process of one pool (its value is the

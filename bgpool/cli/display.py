@@ -97,6 +97,8 @@ def format_diagnostics(d: WorkerDiagnostics) -> str:
     ]
     if d.last_recycle_reason is not None:
         lines.append(f"recycled:     last for {d.last_recycle_reason}")
+    if d.singleton:
+        lines.append(f"lease:        {holder_words(d)}")
     if d.vars_generation:
         published = d.vars_published_at
         when = f", published {published.astimezone():%Y-%m-%d %H:%M:%S}" if published else ""
@@ -112,6 +114,17 @@ def format_diagnostics(d: WorkerDiagnostics) -> str:
     if d.instances:
         lines.append(format_table(status_rows(d.instances)))
     return "\n".join(lines)
+
+
+def holder_words(d: WorkerDiagnostics) -> str:
+    """Who holds a singleton's lease: `held by HOST pid N since TIME, ...`."""
+    h = d.holder
+    if h is None:
+        return "held by no pool (the coordinator may be unreachable)"
+    where = "this pool" if h.here else f"{h.host} pid {h.pid}"
+    ready = "ready" if h.ready else "not ready yet"
+    return (f"held by {where} since {h.since.astimezone():%Y-%m-%d %H:%M:%S}, "
+            f"fencing token {h.lease_token}, {ready}")  # fmt: skip
 
 
 def format_log_line(name: str, line: LogLine) -> str:
@@ -273,6 +286,7 @@ STATE_STYLES = {
     "crashed": "red",
     "aborted": "bold red",
     "stopped": "dim",
+    "standby": "blue",
 }
 """How the live table colours each state."""
 

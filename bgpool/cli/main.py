@@ -35,6 +35,7 @@ from .display import (
     format_diagnostics,
     format_log_line,
     format_table,
+    holder_words,
     policy_notes,
     print_error,
     status_rows,
@@ -68,8 +69,8 @@ def _should_run(s: WorkerStatus) -> bool:
     """Whether `bgpool status` counts an instance: every one of an eager
     worker (one stopped by `bgpool stop` too: it is down), and one of a lazy
     worker or a catch-all name unless it is stopped (never started, or
-    stopped on purpose)."""
-    return s.eager or s.state != "stopped"
+    stopped on purpose); not a singleton on standby (it runs elsewhere)."""
+    return (s.eager or s.state != "stopped") and s.state != "standby"
 
 
 def status(address: str | None, as_json: bool) -> int:
@@ -82,6 +83,10 @@ def status(address: str | None, as_json: bool) -> int:
             print(json.dumps([s.model_dump(mode="json") for s in statuses], indent=2))
         else:
             print(format_table(status_rows(statuses)))
+            for s in statuses:  # a singleton held elsewhere: by whom
+                if s.state == "standby" and s.instance == 0:
+                    d = client.diagnostics(s.name, scope=s.scope)
+                    print(f"{s.name}: standby, {holder_words(d)}")
             notes = policy_notes(statuses)
             if notes:
                 print("\n" + "\n".join(notes))
@@ -277,7 +282,8 @@ def _parser() -> argparse.ArgumentParser:
         "attempts, consecutive failures, last exit status, uptime, time ready. Exits 0 "
         "when every instance that should run is ready, 3 when one is not: each instance "
         "of an eager worker (one stopped by `bgpool stop` too), and each of a lazy "
-        "worker or catch-all name that is not stopped.",
+        "worker or catch-all name that is not stopped (not a singleton on standby, which "
+        "runs on another pool: a line names its holder).",
     )  # fmt: skip
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     ensure_parser = against_a_pool(

@@ -121,8 +121,8 @@ class ReadyCount:
             self._states[(e["scope"], e["worker"], e["instance"])] = e["state"]
 
     def text(self) -> str:
-        """`<ready>/<total> workers ready`."""
-        states = [state for state in self._states.values() if state != "stopped"]
+        """`<ready>/<total> workers ready` (a singleton on standby runs elsewhere: not counted)."""
+        states = [s for s in self._states.values() if s not in ("stopped", "standby")]
         return f"{states.count('ready')}/{len(states)} workers ready"
 
 

@@ -4,8 +4,8 @@ instance changes state (`_transition`, checked against `states.TRANSITIONS`).
 
 The supervisor is layered, one job per module, each layer using the ones
 below it: `Core` (here), `Drains`, `Lifecycle`, `Requirements`, `Rollouts`,
-`Policies`, `Recycling`, `Reloads`,
-`Control`, `Watches`, `Requests`, `Teardown`, and `Supervisor` (the loop). Everything runs
+`Policies`, `Recycling`, `Reloads`, `Control`, `Watches`, `Leases`, `Requests`,
+`Teardown`, and `Supervisor` (the loop). Everything runs
 in the supervisor's single thread.
 """
 
@@ -53,6 +53,8 @@ class Settings:
     root: str  # what watch patterns are relative to
     log_lines: int  # relayed lines kept per worker name, for logs()
     name: str | None = None  # PoolConfig.name: the pool's socket is its name's (naming.py)
+    coordinator: str | None = None  # Redis URL holding the singletons' leases (leases.py)
+    lease_ttl: float = 10.0
 
 
 def guarded(handler: Callable[..., None], *args: Any) -> None:

@@ -9,6 +9,7 @@ processes, with the history the table and diagnostics show.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +163,8 @@ class Worker:
         self.recycle_queue: collections.deque[tuple[Instance, Run, RecycleReason]] = (
             collections.deque()
         )  # recycles waiting for their turn: each instance, the run to replace, why
+        # a singleton's: who holds its lease (`Leases._lease_of` sets it)
+        self.lease_report: Callable[[], dict[str, Any] | None] | None = None
 
     def keep_lines(self, limit: int) -> None:
         """Keep `limit` lines from now on (a reload changed `log_lines`): the
@@ -199,6 +202,8 @@ class Worker:
     @property
     def missing_step(self) -> str:
         """What the worker has not done yet to be ready, for timeout messages."""
+        if any(inst.state == State.STANDBY for inst in self.instances):
+            return "become ready on the pool that holds its lease"
         waits_for_vars = self.decl.ready_on == "vars"
         runs = [i.run for i in self.instances if i.run is not None]
         if waits_for_vars and any(r.handle_taken and not r.published for r in runs):
@@ -231,6 +236,8 @@ class Worker:
             "last_output": list(failure.output) if failure is not None else [],
             "waiting_for": list(self.waiting_for),
             "last_recycle_reason": self.last_recycle_reason.label,
+            "singleton": self.decl.singleton,
+            "holder": self.lease_report() if self.lease_report is not None else None,
             "slots": [i.slot for i in insts],
         }
 
@@ -242,6 +249,7 @@ STATE_RANK = {
             State.READY,
             State.STARTING,
             State.STOPPING,
+            State.STANDBY,
             State.CRASHED,
             State.BACKOFF,
             State.ABORTED,

@@ -369,6 +369,11 @@ class Lifecycle(Drains):
                 run.last_beat = self._beat_time(message.get("at"), run.last_beat)
             elif message.get("t") == "error":
                 run.error = error_record(message)
+            elif message.get("t") == "guarded":
+                self._lease_guarded(inst)
+
+    def _lease_guarded(self, inst: Instance) -> None:
+        """A singleton's worker armed its lease guard (`Leases`'s)."""
 
     def _beat_time(self, at: object, latest: float) -> float:
         """When a heartbeat was sent: the worker's monotonic stamp (the same

@@ -36,6 +36,8 @@ Where each job lives (one layer per module, each using those below it):
     reloads.py    reload(config): declarations added, removed, changed, kept (slots.py)
     control.py    stop(), start_workers(), scale(): one worker, on an operator's request
     watches.py    file watch: a change restarts its worker on new code (watch.py)
+    leases.py     singletons: leases held through a coordinator process (coordination.py),
+                  standby, the timers that kill a worker at its lease's deadline
     requests.py   control requests, dispatched by operation name (`HANDLERS`)
     teardown.py   kill and release everything once the loop ends
     loop.py       this module: setup, signals, the owner's death, the loop itself

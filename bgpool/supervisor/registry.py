@@ -43,6 +43,7 @@ class Decl:
     max_memory: int | None = None
     max_lifetime: float | None = None
     lifetime_jitter: float = 0.1
+    singleton: bool = False  # one instance across the pools sharing the coordinator
     hosted: set[str] = field(default_factory=set)  # catch-all: names it hosts now
 
     @property

@@ -143,7 +143,9 @@ class Reloads(Recycling):
 
         def rolled(reply: Message) -> None:
             if reply.get("ok"):
-                self._wait(ReloadWaiter(conn, eager, self.settings.ensure_timeout, report))
+                # as start(): a singleton may be held elsewhere, or wait for its lease
+                waited = [w for w in eager if not w.decl.singleton]
+                self._wait(ReloadWaiter(conn, waited, self.settings.ensure_timeout, report))
             else:
                 conn.send(reply)
 

@@ -24,10 +24,10 @@ from ..protocol import Message, ProtocolError, error_reply
 from . import logs
 from .core import Settings
 from .instances import Worker
+from .leases import Leases
 from .listener import Connection
 from .registry import Decl
 from .waiters import Waiter
-from .watches import Watches
 
 log = logging.getLogger("bgpool")
 
@@ -38,7 +38,7 @@ ACCEPT_PAUSE = 0.1
 """Seconds the listener rests after such an error."""
 
 
-class Requests(Watches):
+class Requests(Leases):
     """Accepting connections and answering their requests."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -100,6 +100,7 @@ class Requests(Watches):
                 "table": self.table.name,
                 "pid": self.pid,
                 "name": self.settings.name,
+                "coordinated": self.settings.coordinator is not None,
                 "ensure_timeout": self.settings.ensure_timeout,
                 "scopes": [[sid, label] for sid, label in self.registry.scopes.items()],
             }
@@ -134,7 +135,8 @@ class Requests(Watches):
         if self.startup_problem is not None:
             conn.send(self.startup_problem)
             return
-        eager = [w for w in self.workers.values() if w.decl.eager]
+        # a singleton may be held elsewhere, or wait out a quarantine: ensure() waits for it
+        eager = [w for w in self.workers.values() if w.decl.eager and not w.decl.singleton]
         self._wait(Waiter(conn, eager, self.settings.ensure_timeout, startup=True))
 
     def _diagnostics(self, conn: Connection, message: Message) -> None:
@@ -212,6 +214,9 @@ class Requests(Watches):
         decl, worker = found
         if decl.name is None or worker is None:
             conn.send(error_reply("ValueError", texts.scale_catch_all(message["name"])))
+            return
+        if decl.singleton and num > 1:
+            conn.send(error_reply("ValueError", texts.scale_singleton(worker.label, num)))
             return
         more = Worker.instance_count(num) - len(worker.instances)
         if more > self.slots.available:
@@ -413,5 +418,6 @@ HANDLERS: dict[str, Callable[[Requests, Connection, Message], None]] = {
     "config_reloaded": Requests._config_reloaded,
     "watch": Requests._watch,
     "logs": Requests._logs,
+    "leases": Leases._leases_request,
 }
 """The handler of each control operation, by its `op`."""

@@ -37,6 +37,7 @@ class Teardown(Requests):
         steps: list[Callable[[], None]] = [
             *(gen.close for gen in self.generations),  # each exits at EOF, the seed too
             *([self.seed.close] if self.seed is not None else []),
+            self.close_coordinator,  # its releases sent: every worker has exited
             self._reap_leftovers,
             self.close_file_watch,
             self.relay.close,

@@ -62,6 +62,8 @@ class Boot:
     stdout_fd: int | None = None  # pipes to the supervisor's relay, or inherit stdio
     stderr_fd: int | None = None
     heartbeat_interval: float | None = None  # heartbeat_timeout's pace (None: off)
+    lease_token: int | None = None  # a singleton's fencing token
+    lease_deadline: float = 0.0  # and when its lease guard kills it (boottime seconds)
 
     FDS: ClassVar[tuple[str, ...]] = ("stop_fd", "notify_fd", "stdout_fd", "stderr_fd")
     """The fields that hold descriptors, passed along as such to a generation."""
@@ -185,6 +187,16 @@ def spawned_main() -> NoReturn:
     os._exit(_run(boot))
 
 
+def _guard_lease(boot: Boot) -> None:
+    """Arm the singleton's lease guard (the kernel kills this process at the
+    lease's safe deadline, whatever its supervisor does: supervisor/leases.py),
+    tell the supervisor it may move it from now on, and publish the fencing
+    token as `BGPOOL_LEASE_TOKEN`."""
+    platform.guard_lease(boot.lease_deadline)
+    os.write(boot.notify_fd, protocol.encode({"t": "guarded"}))
+    os.environ["BGPOOL_LEASE_TOKEN"] = str(boot.lease_token)
+
+
 def _set_title(boot: Boot) -> None:
     """Show the worker in ps as `bgpool: worker NAME.INSTANCE POOL`."""
     label = f"{boot.scope_label}:{boot.name}" if boot.scope_label else boot.name
@@ -193,7 +205,10 @@ def _set_title(boot: Boot) -> None:
 
 def _run(boot: Boot) -> int:
     """Run the target; return the exit status the process should end with."""
-    identity.assume(identity.WorkerInfo(boot.name, boot.scope_label, boot.instance), boot.scope_id)
+    if boot.lease_token is not None:  # first: a singleton must not outlive its lease
+        _guard_lease(boot)
+    info = identity.WorkerInfo(boot.name, boot.scope_label, boot.instance, boot.lease_token)
+    identity.assume(info, boot.scope_id)
     handle.install(
         handle.Context(
             stop_fd=boot.stop_fd,

@@ -246,7 +246,7 @@ def _made_up_request() -> bytes:
     with made-up values, for a spare to decode before its real one."""
     values = {"str": "", "int": 0, "str | None": None, "int | None": None,
               "float | None": None, "list[str]": [],
-              "dict[str, str]": {}}  # fmt: skip
+              "dict[str, str]": {}, "float": 0.0}  # fmt: skip
     boot = {field.name: values[str(field.type)] for field in dataclasses.fields(runtime.Boot)}
     return json.dumps({"t": "spawn", "boot": boot, "fds": list(runtime.Boot.FDS)}).encode()
 

@@ -1,0 +1,1 @@
+"""The coordinator process: a pool's singleton leases on Redis (main.py)."""
