@@ -50,15 +50,25 @@ class Event:
     instance: int
     pid: int
     t: float
+    wall: float
 
 
 def events(log: Path, kind: str | None = None, name: str | None = None) -> list[Event]:
     out = []
     for line in (read_text(log) or "").splitlines():
-        k, n, i, p, t = line.split()
+        k, n, i, p, t, w = line.split()
         if (kind is None or k == kind) and (name is None or n == name):
-            out.append(Event(k, n, int(i), int(p), float(t)))
+            out.append(Event(k, n, int(i), int(p), float(t), float(w)))
     return out
+
+
+def spawned_at(pool: Any, name: str, seen: dict[int, float]) -> None:
+    """Note in ``seen`` when each run of ``name`` now running was spawned
+    (``WorkerStatus.started_at``, wall clock), by pid: a worker's own first event
+    comes later than its spawn, by a whole interpreter's start with ``spawn``."""
+    for s in statuses(pool, name):
+        if s.pid is not None and s.started_at is not None:
+            seen.setdefault(s.pid, s.started_at.timestamp())
 
 
 def kinds(log: Path) -> list[str]:
@@ -196,7 +206,7 @@ def test_every_bad_policy_is_reported_at_once_with_its_path() -> None:
 # ------------------------------------------------------------------ boot_timeout
 
 
-def boot_timing_out(log: Path, func: str = "never_ready", **kw: Any) -> WorkerSpec:
+def boot_timing_out(log: Path, func: str = "never_ready", **kw: Any) -> Any:
     kw.setdefault("boot_timeout", 0.4)
     return worker("slow", func, log, **kw)
 
@@ -229,6 +239,14 @@ def test_boot_timeout_counts_from_the_spawn_and_sends_sigterm(
 ) -> None:
     log = tmp_path / "log"
     pool = make_pool([boot_timing_out(log, "deaf_boot", max_consecutive_failures=1)])
+    pool.start_workers("slow")
+    spawns: dict[int, float] = {}
+
+    def spawn_seen() -> bool:
+        spawned_at(pool, "slow", spawns)
+        return any(e.pid in spawns for e in events(log, "start"))
+
+    wait_for(spawn_seen, 5, "the run's spawn time")
     with pytest.raises(bgpool.WorkerAborted):
         pool.ensure("slow", timeout=8)
     (start,) = events(log, "start")
@@ -236,23 +254,27 @@ def test_boot_timeout_counts_from_the_spawn_and_sends_sigterm(
     terms = events(log, "sigterm")
     # SIGTERM to the whole tree (the worker and its child), 0.4 s after the spawn
     assert {e.pid for e in terms} == {start.pid, child.pid}, terms
-    assert all(0.4 - 0.05 <= e.t - start.t <= 0.4 + 2.0 for e in terms), terms
+    since_spawn = [e.wall - spawns[start.pid] for e in terms]
+    assert all(0.4 - 0.05 <= t <= 0.4 + 2.0 for t in since_spawn), since_spawn
     # both ignored it: SIGKILL ended them
-    assert gone(start.pid) and gone(child.pid)
+    assert gone(start.pid)
+    wait_for(lambda: gone(child.pid), 1, "the child killed")
     diag = pool.diagnostics("slow")
     assert diag.last_exit_status == -9
     assert diag.last_signal == "SIGKILL"
 
 
+@pytest.mark.parametrize(("timeout", "shown"), [(0.3, "0.3"), (1.0, "1")])
 def test_boot_timeout_diagnostic_is_in_worker_boot_failed(
-    make_pool: MakePool, tmp_path: Path
+    make_pool: MakePool, tmp_path: Path, timeout: float, shown: str
 ) -> None:
-    pool = make_pool([boot_timing_out(tmp_path / "log", boot_timeout=0.3)])
+    """The timeout is shown as EnsureTimeout shows its deadline (``within 5s``)."""
+    pool = make_pool([boot_timing_out(tmp_path / "log", boot_timeout=timeout)])
     with pytest.raises(bgpool.WorkerBootFailed) as info:
         pool.ensure("slow", timeout=8, fail_fast=True)
     assert not isinstance(info.value, bgpool.WorkerAborted)
     assert 'background worker "slow" failed to boot: attempt 1 failed' in str(info.value)
-    assert BOOT_TEXT.format("0.3") in str(info.value)
+    assert BOOT_TEXT.format(shown) in str(info.value)
     assert info.value.diagnostics.name == "slow"
 
 
@@ -278,6 +300,25 @@ def test_boot_timeout_diagnostic_is_in_startup_error(make_pool: MakePool, tmp_pa
     assert info.value.diagnostics
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="divergence: a drain cancels the boot deadline; the run gets the whole grace_period",
+)
+def test_boot_timeout_still_stops_a_boot_that_a_shutdown_drains(
+    make_pool: MakePool, tmp_path: Path
+) -> None:
+    """A run not ready within boot_timeout is stopped then, drain or not: it does
+    not get the whole grace_period (5 s here) because a shutdown began first."""
+    log = tmp_path / "log"
+    pool = make_pool([boot_timing_out(log, boot_timeout=0.5)])
+    pool.start_workers("slow")
+    wait_for(lambda: events(log, "start"), 5, "the spawn")
+    t0 = time.monotonic()
+    pool.shutdown()
+    assert time.monotonic() - t0 < 0.5 + 1.0 + 1.0
+
+
 def test_boot_timeout_spares_a_worker_ready_in_time(make_pool: MakePool, tmp_path: Path) -> None:
     log = tmp_path / "log"
     pool = make_pool([boot_timing_out(log, "plain", boot_timeout=1.0, env={"BOOT_DELAY": "0.3"})])
@@ -301,25 +342,30 @@ def beating(log: Path, **env: str) -> Any:
     return worker("beat", "beating", log, env=env, heartbeat_timeout=0.5)
 
 
+@pytest.mark.parametrize("deaf", ["", "1"], ids=["plain", "ignoring-sigterm"])
 def test_a_worker_that_stops_heartbeating_is_hung_killed_and_restarted(
-    make_pool: MakePool, tmp_path: Path
+    make_pool: MakePool, tmp_path: Path, deaf: str
 ) -> None:
     log = tmp_path / "log"
-    pool = make_pool([beating(log, HANG_RUNS="1")], metrics_port=0)
+    pool = make_pool([beating(log, HANG_RUNS="1", DEAF=deaf)], metrics_port=0)
     pool.ensure("beat")
     wait_for(lambda: len(events(log, "ready")) >= 2, 8, "the restart after the hang")
     (beat,) = events(log, "beat")
     first, second = events(log, "start")[:2]
     assert first.pid == beat.pid
     wait_for(lambda: gone(first.pid), 3, "the hung run killed")
-    # hung only once its heartbeat_timeout passed after its last heartbeat
+    # hung once its heartbeat_timeout passed after its last heartbeat, not before
     assert second.t - beat.t >= 0.5 - 0.05
+    if not deaf:
+        assert second.t - beat.t < 0.5 + 1.5
     diag = pool.diagnostics("beat")
     assert diag.last_error is not None and diag.last_error.type == "Hung"
     assert diag.last_exit_status is not None and diag.last_exit_status < 0
     wait_state(pool, "beat", "ready")
     label = {"worker": "m#:beat"}
     assert metric(pool, "bgpool_worker_hangs_total", **label) == 1.0
+    # killed outside a drain: an abnormal exit, as SPEC's Metrics counts crashes
+    assert metric(pool, "bgpool_worker_crashes_total", **label) == 1.0
     restarts = metric(pool, "bgpool_worker_restarts_total", **label)
     assert restarts is not None and restarts >= 1
     scraped = http_metrics(pool.metrics_port)
@@ -380,23 +426,25 @@ def crasher(log: Path, **kw: Any) -> Any:
     return worker("crash", "crashing", log, env=env, **kw)
 
 
-@pytest.mark.parametrize(("crashes", "aborted"), [(2, False), (3, True)])
+@pytest.mark.parametrize(
+    ("most", "crashes", "aborted"), [(2, 2, False), (2, 3, True), (0, 1, True)]
+)
 def test_more_crashes_than_max_restarts_within_the_window_abort(
-    make_pool: MakePool, tmp_path: Path, crashes: int, aborted: bool
+    make_pool: MakePool, tmp_path: Path, most: int, crashes: int, aborted: bool
 ) -> None:
     log = tmp_path / "log"
     pool = make_pool(
-        [crasher(log, max_restarts=2, restart_window=30, env={"CRASHES": crashes, "RUN": 0.05})]
+        [crasher(log, max_restarts=most, restart_window=30, env={"CRASHES": crashes, "RUN": 0.05})]
     )
     pool.ensure("crash")
     if aborted:
         wait_state(pool, "crash", "aborted")
-        assert len(events(log, "start")) == 3
+        assert len(events(log, "start")) == most + 1
         with pytest.raises(bgpool.WorkerAborted) as info:
             pool.ensure("crash", timeout=5)
         assert 'background worker "crash"' in str(info.value)
         assert info.value.diagnostics.name == "crash"
-        assert metric(pool, "bgpool_worker_crashes_total", worker="m#:crash") == 3.0
+        assert metric(pool, "bgpool_worker_crashes_total", worker="m#:crash") == most + 1
     else:
         wait_for(lambda: len(events(log, "ready")) == 3, 8, "the run after two crashes")
         wait_state(pool, "crash", "ready")
@@ -411,11 +459,7 @@ def test_crashes_spread_wider_than_the_window_do_not_abort(
     log = tmp_path / "log"
     # each run lives 0.6 s, longer than a 0.4 s window: never two crashes in one
     pool = make_pool(
-        [
-            crasher(
-                log, max_restarts=1, restart_window=window, env={"CRASHES": 3, "RUN": 0.6}
-            )
-        ]
+        [crasher(log, max_restarts=1, restart_window=window, env={"CRASHES": 3, "RUN": 0.6})]
     )
     pool.ensure("crash")
     if aborted:
@@ -457,7 +501,6 @@ def hogging(log: Path, where: str) -> Any:
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where", ["self", "child"])
 def test_a_worker_past_max_memory_is_recycled_gracefully(
     make_pool: MakePool, tmp_path: Path, where: str
@@ -497,19 +540,39 @@ def test_each_run_lives_max_lifetime_times_one_plus_jitter(
 ) -> None:
     log = tmp_path / "log"
     life = 0.4
-    pool = make_pool([worker("life", "plain", log, max_lifetime=life, lifetime_jitter=jitter)])
+    pool = make_pool(
+        [
+            worker(
+                "life",
+                "plain",
+                log,
+                env={"STOP_DELAY": "0.2"},
+                max_lifetime=life,
+                lifetime_jitter=jitter,
+            )
+        ]
+    )
     pool.ensure("life")
-    wait_for(lambda: len(events(log, "stop")) >= 3, 10, "three recycles")
-    starts = {e.pid: e.t for e in events(log, "start")}
-    for stop in events(log, "stop")[:3]:
-        lived = stop.t - starts[stop.pid]
-        # from the spawn (a little before the worker's first line), to the stop
-        assert life - 0.05 <= lived <= life * (1 + jitter) + 0.6, (stop, lived)
+    spawns: dict[int, float] = {}
+
+    def recycled_four_times() -> bool:
+        spawned_at(pool, "life", spawns)
+        return len(events(log, "exit")) >= 4
+
+    wait_for(recycled_four_times, 12, "four recycles")
+    # graceful: each recycled run saw its stop and ended by itself, after STOP_DELAY
+    assert [e.pid for e in events(log, "exit")][:4] == [e.pid for e in events(log, "stop")][:4]
+    lives = [stop.wall - spawns[stop.pid] for stop in events(log, "stop")[:4]]
+    # from its spawn to the drain it saw: in [max_lifetime, max_lifetime * (1 + jitter)]
+    assert all(life - 0.05 <= lived <= life * (1 + jitter) + 0.6 for lived in lives), lives
+    if jitter:
+        # u uniform in [0, 1]: all four below 0.15 has a chance of 0.15**4 (0.05%)
+        assert max(lives) > life * 1.15, f"no jitter seen: {lives}"
     diag = pool.diagnostics("life")
     assert diag.last_recycle_reason == "lifetime"
     assert diag.last_error is None
     recycled = metric(pool, "bgpool_worker_recycles_total", reason="lifetime", worker="m#:life")
-    assert recycled is not None and recycled >= 3
+    assert recycled is not None and recycled >= 4
 
 
 @dataclass
@@ -532,9 +595,7 @@ def test_a_pool_recycles_one_instance_at_a_time_never_without_a_ready_one(
     make_pool: MakePool, tmp_path: Path
 ) -> None:
     log = tmp_path / "log"
-    pool = make_pool(
-        [worker("trio", "plain", log, num=3, max_lifetime=1.0, lifetime_jitter=0.5)]
-    )
+    pool = make_pool([worker("trio", "plain", log, num=3, max_lifetime=1.0, lifetime_jitter=0.5)])
     wait_for(lambda: states_of(pool, "trio") == ["ready"] * 3, 8, "three ready instances")
     seen = Readiness()
 
@@ -548,7 +609,7 @@ def test_a_pool_recycles_one_instance_at_a_time_never_without_a_ready_one(
         seen.sample(pool, "trio")
     assert seen.least_ready >= 1, seen
     assert seen.most_not_ready <= 1, f"not rolling: {seen}"
-    first_stops = {}
+    first_stops: dict[int, float] = {}
     for e in events(log, "stop"):
         first_stops.setdefault(e.instance, e.t)
     times = sorted(first_stops.values())
@@ -604,7 +665,9 @@ def test_reload_starts_a_new_dependants_requirement_first(
     if start_method is not None:
         settings["start_method"] = start_method
     pool = make_pool(config=PoolConfig(workers=[needing("db", log)], **settings))
-    pool.reload(PoolConfig(workers=[needing("db", log), needing("api", log, "db", num=1)], **settings))
+    pool.reload(
+        PoolConfig(workers=[needing("db", log), needing("api", log, "db", num=1)], **settings)
+    )
     assert_order(log, "start db", "up db", "start api")
     wait_state(pool, "api", "ready")
 
@@ -639,10 +702,12 @@ def test_a_cycle_is_a_declaration_error_naming_it_in_order(
     workers: list[tuple[str, list[str]]], loc: tuple[Any, ...], cycle: str
 ) -> None:
     with pytest.raises(ValidationError) as info:
-        PoolConfig(
-            workers=[
-                {"name": n, "target": f"{FIXTURE}:plain", "requires": r} for n, r in workers
-            ]
+        PoolConfig.model_validate(
+            {
+                "workers": [
+                    {"name": n, "target": f"{FIXTURE}:plain", "requires": r} for n, r in workers
+                ]
+            }
         )
     found = {tuple(e["loc"]): e["msg"] for e in info.value.errors()}
     assert loc in found, found
