@@ -109,7 +109,9 @@ def error_locs(**kwargs: Any) -> dict[tuple[Any, ...], str]:
     """``loc -> message`` of each error building one declaration (as a dict in a
     ``PoolConfig``) reports."""
     with pytest.raises(ValidationError) as info:
-        PoolConfig(workers=[{"name": "w", "target": f"{FIXTURE}:plain", **kwargs}])
+        PoolConfig.model_validate(
+            {"workers": [{"name": "w", "target": f"{FIXTURE}:plain", **kwargs}]}
+        )
     return {tuple(e["loc"]): e["msg"] for e in info.value.errors()}
 
 
