@@ -302,11 +302,6 @@ def test_boot_timeout_diagnostic_is_in_startup_error(make_pool: MakePool, tmp_pa
     assert info.value.diagnostics
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="divergence: a drain cancels the boot deadline; the run gets the whole grace_period",
-)
 def test_boot_timeout_still_stops_a_boot_that_a_shutdown_drains(
     make_pool: MakePool, tmp_path: Path
 ) -> None:

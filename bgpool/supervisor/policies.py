@@ -65,9 +65,11 @@ class Policies(Rollouts):
     def _boot_overdue(self, inst: Instance, run: Run, timeout: float) -> None:
         """`timeout` (the run's `boot_timeout`, as declared when it was
         spawned) passed and the run is not ready: stop it; its exit is a boot
-        failure saying which step it missed."""
+        failure saying which step it missed. A drain does not hold the
+        deadline off: a boot that cannot finish would only keep a shutdown or
+        a restart waiting for its whole grace period."""
         run.watchdog = None
-        if inst.run is not run or run.ready or inst.drain is not None:
+        if inst.run is not run or run.ready:
             return
         missing = "call set_vars()" if run.handle_taken else "call get_worker_handle()"
         verdict = policy_error("BootTimeout", texts.boot_timed_out(missing, timeout))
