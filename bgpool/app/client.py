@@ -261,15 +261,15 @@ class PoolClient:
         self._table = TableReader.attach(self._table_name)
         for index, slot in enumerate(self._table.slots()):
             if slot.kind == Kind.NAMED and slot.instance == 0:
-                self._remember(slot.scope_id, slot.name, index, slot.gen)
+                self._remember(self._table, slot.scope_id, slot.name, index, slot.gen)
 
-    def _remember(self, scope_id: int, name: str, slot: int, gen: int) -> None:
-        """Note that `name` in scope `scope_id` is hosted at table slot `slot`
+    def _remember(self, table: TableReader, scope_id: int, name: str, slot: int, gen: int) -> None:
+        """Note that `name` in scope `scope_id` is hosted at slot `slot` of
+        `table` (the caller's: another thread may close this client meanwhile)
         with identity generation `gen`."""
-        assert self._table is not None
-        offset = self._table.offset(slot)
+        offset = table.offset(slot)
         self._directory[(scope_id, name)] = (offset, gen)
-        self._ready[(scope_id, name)] = self._table.ready_check(offset, gen)
+        self._ready[(scope_id, name)] = table.ready_check(offset, gen)
 
     def _learn_scopes(self) -> Steps[protocol.Message]:
         """Ask the supervisor which scopes are declared (a reload may have
@@ -625,7 +625,7 @@ class PoolClient:
             lambda: EnsureTimeout(texts.no_answer(batch, deadline)),
         )
         for name, slot, gen in reply["resolved"]:
-            self._remember(scope_id, name, slot, gen)
+            self._remember(table, scope_id, name, slot, gen)
 
     @_reads_shared_memory
     def status(self) -> list[WorkerStatus]:
@@ -729,9 +729,11 @@ class PoolClient:
                 self._reader()  # a pool that stopped meanwhile removed it: PoolClosed
                 raise VarsNotPublished(texts.vars_not_published(name))
             view.value, view.generation = decode(found[2]), found[0]
-            view.current = table.vars_check(
-                view.offset, view.slot_generation, view.reader.mapping(), view.generation
-            )
+            mapped = view.reader.mapping()  # None if closed meanwhile: no hot path then
+            if mapped is not None:
+                view.current = table.vars_check(
+                    view.offset, view.slot_generation, mapped, view.generation
+                )
         except (ValueError, TimeoutError) as exc:  # SnapshotError is a ValueError
             if self._table is None:
                 raise self._closed() from None

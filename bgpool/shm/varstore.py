@@ -114,10 +114,9 @@ class Reader:
             self._capacity = (len(mapping) - HEADER_SIZE) // 2
         return self._map
 
-    def mapping(self) -> mmap.mmap:
+    def mapping(self) -> mmap.mmap | None:
         """The mapped segment, once a `read()` found it (for checks done in
-        one C call: `TableReader.vars_check`)."""
-        assert self._map is not None, "mapping() before a read() that found the segment"
+        one C call: `TableReader.vars_check`); None before, or once closed."""
         return self._map
 
     def generation(self) -> int:
