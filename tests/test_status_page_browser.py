@@ -190,17 +190,27 @@ def test_the_page_shows_the_pool_and_follows_it_live(
             os.kill(pid, signal.SIGCONT)
         wait_for(lambda: banner(driver) == "", what="the banner gone")
 
-        # a diagnostics field this page does not know (a later bgpool's) is
-        # still shown, by its name: the page's own render() of a document with one
+        # what a requirement, a policy and a lease add is shown in words, and a
+        # diagnostics field this page does not know (a later bgpool's) by its
+        # name: the page's own render() of a document with them
         shown = driver.execute_async_script(
             """const done = arguments[arguments.length - 1];
             fetch("status.json").then(r => r.json()).then(doc => {
-              doc.diagnostics.find(d => d.name === "thumbnailer").last_recycle_reason = "memory";
+              const d = doc.diagnostics.find(d => d.name === "thumbnailer");
+              Object.assign(d, {waiting_for: ["db-proxy"], last_recycle_reason: "memory",
+                singleton: true, favourite_colour: "teal", holder: {host: "web-2", pid: 41,
+                since: new Date().toISOString(), lease_token: 7, ready: true, here: false}});
+              const c = doc.counters.find(c => c.name === "thumbnailer");
+              Object.assign(c, {hangs: 2, recycles: 3});
               render(doc);
               done(document.querySelector('section[data-worker=":thumbnailer"]').innerText);
             });"""
         )
-        assert re.search(r"last recycle reason\s+memory", shown), shown
+        assert re.search(r"waiting for\s+db-proxy", shown), shown
+        assert re.search(r"lease\s+held by web-2, pid 41 since .* ago \(token 7, ready\)", shown)
+        assert re.search(r"hangs\s+2\s+recycles\s+3 \(last: memory\)", shown), shown
+        assert re.search(r"favourite colour\s+teal", shown), shown
+        assert "singleton" not in shown.lower(), shown  # laid out, not listed again
 
         # nothing came from anywhere but the page's own origin, and nothing failed
         origins = driver.execute_script(

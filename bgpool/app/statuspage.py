@@ -89,6 +89,8 @@ def _counters(slots: list[Slot]) -> dict[str, Any]:
         "scope": slots[0].scope_label,
         "crashes": sum(s.crashes for s in slots),
         "restarts": sum(s.restarts for s in slots),
+        "hangs": sum(s.hangs for s in slots),
+        "recycles": sum(s.recycles_memory + s.recycles_lifetime for s in slots),
         "boots": sum(s.boot_buckets[i] for s in slots for i in range(len(BOOT_BUCKETS))),
         "boot_seconds_sum": sum(s.boot_sum for s in slots),
     }
