@@ -96,11 +96,13 @@ def test_status_json_carries_status_diagnostics_and_counters(
         document = status_document(port)
         counters = by_name(document, "counters")
         diagnostics = by_name(document, "diagnostics")
+        restarted = [s for s in document["status"] if s["name"] == "thumbnailer"]
         calm = (
             counters[":thumbnailer"]["restarts"] == 1
             and diagnostics[":feeds"]["vars_generation"] == 3
+            and [s["state"] for s in restarted] == ["ready"]  # in this document, not later
         )
-        return document if calm and statuses(pool, "thumbnailer")[0].state == "ready" else None
+        return document if calm else None
 
     document = wait_for(settled, timeout=10, what="the thumbnailer's crash and the feeds' vars")
     assert document["pool"] == {
