@@ -103,6 +103,13 @@ class Link:
         """The coordinator wrote, or its socket can take more of the outbox."""
         if self._outbox:
             self._flush()
+        self.receive()
+
+    def receive(self) -> None:
+        """Handle every report the coordinator has sent so far (the loop does
+        on each wake-up; a timer about to give a lease up does first, in case
+        a renewal waits unread: the supervisor was frozen, and its timers came
+        due before its next `select()`)."""
         while self._sock is not None:
             data = protocol.available(self._sock)
             if data is None:

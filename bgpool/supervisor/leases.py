@@ -238,6 +238,11 @@ class Leases(Watches):
         self._start_held(lease)
 
     def _expiring(self, lease: Lease) -> None:
+        until = lease.until
+        if self.link is not None:
+            self.link.receive()
+        if lease.fence is None or lease.until > until:  # lost, or renewed, meanwhile
+            return
         self._lose(
             lease,
             "not renewed in time (Redis, or the coordinator process, did not answer)",
