@@ -291,7 +291,9 @@ class Pool(PoolClient):
         the table could answer). If it did not end cleanly (killed, or crashed,
         even in the middle of a shutdown), its workers got SIGKILL from their
         parent-death signal but what they forked did not: kill every process
-        that still carries this pool's mark."""
+        that still carries this pool's mark. Then remove the shared-memory
+        names at once (clients keep their mappings): an application killed
+        before it calls `shutdown()` must not leave them behind."""
         assert self._process is not None and self._pidfd is not None
         select.select([self._pidfd], [], [])
         status = platform.exit_status(self._pidfd)  # None: the application reaped it
@@ -299,10 +301,17 @@ class Pool(PoolClient):
         self._gone = True
         if self._table_name:  # its clients, in every process, must hear it from the table
             mark_closed(self._table_name)
-        if status == 0:
-            return
-        stragglers = platform.processes_with_env(POOL_MARK, self._address)
-        platform.signal_tree(stragglers, signal.SIGKILL)
+        if status != 0:
+            stragglers = platform.processes_with_env(POOL_MARK, self._address)
+            platform.signal_tree(stragglers, signal.SIGKILL)
+        self._remove_segments()
+
+    def _remove_segments(self) -> None:
+        """Remove the table and the vars segments, if the supervisor did not
+        (it died, even mid-start)."""
+        if self._table_name:
+            platform.unlink_shm(self._table_name)
+            varstore.remove_all(self._table_name)
 
     def _signal_supervisor(self, sig: signal.Signals) -> None:
         """Signal the supervisor through its pidfd: never another process that
@@ -390,9 +399,7 @@ class Pool(PoolClient):
             self._pidfd = None
         self._stop_metrics()
         self.close()
-        if self._table_name:  # left over only if the supervisor died, even mid-start
-            platform.unlink_shm(self._table_name)
-            varstore.remove_all(self._table_name)
+        self._remove_segments()
         if self._name_lock is not None:  # the supervisor removed its files, unless it died
             self._name_lock.close()
             naming.clear_stale(self._name_lock.directory)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from helpers import (
     ROOT,
+    SHM,
     Background,
     Resources,
     assert_clean,
@@ -83,7 +84,7 @@ def _kill_supervisor_and_check(
     """SIGKILL the supervisor; check that the pool's processes are gone within
     DEATH_BOUND, that blocked calls and every later call raise PoolClosed (a new
     client finds no pool listening), and that shutdown() cleans what the supervisor
-    could not."""
+    could not (the shared memory at once, before shutdown())."""
     with reaping(lambda: res.address):
         t0 = time.monotonic()
         os.kill(res.supervisor, signal.SIGKILL)
@@ -106,6 +107,9 @@ def _kill_supervisor_and_check(
 
         wait_for(lambda: raises_closed(pool), timeout=DEATH_BOUND, what="Pool to notice")
         assert_pool_closed(pool, "plain", "lazy", "pool is closed")
+        segments = res.refresh_segments()  # an application killed now leaves none behind
+        wait_for(lambda: not any((SHM / s).exists() for s in segments), timeout=DEATH_BOUND,
+                 what="the owner to remove the shared memory before shutdown()")  # fmt: skip
         with pytest.raises(bgpool.BgpoolError) as info:  # a new client: nobody listens there
             bgpool.connect(res.address)
         assert str(info.value) == f"no pool is listening at {res.address}"
