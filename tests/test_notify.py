@@ -97,8 +97,15 @@ def monotonic_usec() -> int:
 
 
 def command_children(run: BgpoolRun) -> list[psutil.Process]:
+    """bgpool run's children running COMMAND. A child's command line reads
+    empty for a moment inside its exec (its parent's spawn call has returned,
+    the new program's arguments are not set up yet): waited out."""
+
+    def cmdline(child: psutil.Process) -> list[str]:
+        return wait_for(child.cmdline, timeout=5, what=f"the command line of {child.pid}")
+
     return [
-        p for p in psutil.Process(run.proc.pid).children() if "fixtures/command.py" in p.cmdline()
+        p for p in psutil.Process(run.proc.pid).children() if "fixtures/command.py" in cmdline(p)
     ]
 
 

@@ -174,8 +174,8 @@ def test_readyz_of_one_worker(make_pool: Callable[..., Any], sentinel_dir: Path)
     pool.stop("steady")
     code, body = answer(port, "/readyz?worker=steady")
     assert (code, body["states"]) == (503, ["stopped", "stopped"]), body
-    pool.start_workers("steady")
-    assert answer(port, "/readyz?worker=steady")[0] == 200
+    pool.start_workers("steady")  # returns without waiting for readiness (SPEC)
+    wait_for(lambda: answer(port, "/readyz?worker=steady")[0] == 200, what="ready again")
 
 
 def test_a_worker_ready_during_its_stop_drain_stays_unready(
