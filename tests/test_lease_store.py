@@ -5,6 +5,7 @@ fencing token, the quarantine after a Redis restart."""
 from __future__ import annotations
 
 import pytest
+from helpers import wait_for
 from redis_helpers import RedisServer
 
 from bgpool import leases
@@ -61,6 +62,16 @@ def test_take_renew_ready_release(redis_server: RedisServer) -> None:
         b.release(keys, "token-b")  # not its lease: nothing happens
         assert isinstance(b.take(keys, "token-b", 10.0), dict)
         a.release(keys, "token-a")
+        # The fence of a first take is Redis's clock in us; its waits are in ms:
+        # let Redis's clock pass the next millisecond, so a quarantine that began
+        # again would show.
+        with redis_server.client() as client:
+
+            def redis_us() -> int:
+                seconds, micros = client.time()
+                return int(seconds) * 1_000_000 + int(micros)
+
+            wait_for(lambda: redis_us() >= taken.fence + 2000, what="Redis's clock to move on")
         again = b.take(keys, "token-b", 10.0)
         assert isinstance(again, Taken) and again.fence > taken.fence
         assert again.wait < taken.wait  # the quarantine began with the first take
