@@ -338,8 +338,25 @@ def is_generation(proc: psutil.Process) -> bool:
 
 
 def worker_children(pid: int) -> list[psutil.Process]:
-    """The supervisor `pid`'s children that are workers (not its generations)."""
-    return [c for c in psutil.Process(pid).children() if not is_generation(c)]
+    """The supervisor `pid`'s children that are workers (not its generations).
+    A child just forked still has the supervisor's name until it names itself
+    (a seed, a generation or a spare on its way up): waited out, so it is not
+    taken for a worker."""
+    supervisor = psutil.Process(pid)
+    own = supervisor.name()
+
+    def named(child: psutil.Process) -> Callable[[], bool]:
+        def check() -> bool:
+            with contextlib.suppress(psutil.Error):
+                return child.name() != own
+            return True  # gone: nothing to wait for
+
+        return check
+
+    children = supervisor.children()
+    for child in children:
+        wait_for(named(child), timeout=5, what=f"{child.pid} to name itself")
+    return [c for c in children if not is_generation(c)]
 
 
 def worker_pids() -> set[int]:
