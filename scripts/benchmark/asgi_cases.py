@@ -110,12 +110,8 @@ def _cpu_seconds(pids: list[int]) -> float:
     """The CPU time the processes `pids` (every thread) have used so far, from
     /proc's schedstat: nanoseconds, where cpu_times() counts clock ticks of
     10 ms, which over a 0.25 s sample is an error of several percent."""
-    total = 0
-    for pid in pids:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            ns = schedstat_ns(int(task))
-            total += ns or 0
-    return total / 1e9
+    tasks = [int(task) for pid in pids for task in os.listdir(f"/proc/{pid}/task")]
+    return sum(schedstat_ns(task) or 0 for task in tasks) / 1e9
 
 
 def _load(port: int, rounds: int, seconds: float, servers: list[int]) -> dict[str, Any]:
