@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_python
+from helpers import run_python, wait_for
 from pydantic import ValidationError
 from redis_helpers import RedisServer, holders, live_holders, short_dir, wait_single_holder
 
@@ -195,7 +195,11 @@ def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
     pools = [host_pool(lease_ttl=ttl) for _ in range(3)]
     for _ in range(2):
         first = wait_single_holder(sentinel_dir, timeout=ttl + 5)
-        holder_pool = next(p for p in pools if _singleton(p).pid == first["pid"])
+        pid = first["pid"]  # noted by the worker, maybe before its pool's status has it
+        holder_pool = wait_for(
+            lambda pid=pid: next((p for p in pools if _singleton(p).pid == pid), None),
+            what="the holder's pool to report its worker",
+        )
         t0 = time.monotonic()
         holder_pool.shutdown()
         pools.remove(holder_pool)
