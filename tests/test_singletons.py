@@ -196,10 +196,11 @@ def test_takeover_after_the_holder_shuts_down_with_a_larger_token(
     for _ in range(2):
         first = wait_single_holder(sentinel_dir, timeout=ttl + 5)
         pid = first["pid"]  # noted by the worker, maybe before its pool's status has it
-        holder_pool = wait_for(
-            lambda pid=pid: next((p for p in pools if _singleton(p).pid == pid), None),
-            what="the holder's pool to report its worker",
-        )
+
+        def reporting(pid: int = pid) -> bgpool.Pool | None:
+            return next((p for p in pools if _singleton(p).pid == pid), None)
+
+        holder_pool = wait_for(reporting, what="the holder's pool to report its worker")
         t0 = time.monotonic()
         holder_pool.shutdown()
         pools.remove(holder_pool)
