@@ -327,13 +327,19 @@ def tree_pids() -> list[int]:
     return [me.pid] + [p.pid for p in me.children(recursive=True)]
 
 
+NOT_WORKERS = ("bgpool-gen", "bgpool-seed", "bgpool-spare",
+               "bgpool: generat", "bgpool: seed", "bgpool: spare")  # fmt: skip
+"""The comms of a pool's processes that are not workers: a code generation
+(a child of the supervisor that workers are forked from, bgpool-gen<N>), the
+seed generations are forked from (bgpool-seed), a generation's spare not yet a
+worker (bgpool-spare), and each of them for the moment between its title,
+which sets the comm to the title's first 15 bytes, and its name."""
+
+
 def is_generation(proc: psutil.Process) -> bool:
-    """Whether `proc` is a code generation (a child of the supervisor that
-    workers are forked from, named bgpool-gen<N>), the seed generations are
-    forked from (bgpool-seed) or a generation's spare not yet a worker
-    (bgpool-spare)."""
+    """Whether `proc` is a code generation, the seed or a spare (`NOT_WORKERS`)."""
     with contextlib.suppress(psutil.Error):
-        return proc.name().startswith(("bgpool-gen", "bgpool-seed", "bgpool-spare"))
+        return proc.name().startswith(NOT_WORKERS)
     return False
 
 

@@ -11,6 +11,7 @@ a stopped one is not started again by anything but ``ensure()`` or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from helpers import (
     ROOT,
@@ -189,11 +191,19 @@ def test_a_stopped_eager_worker_stays_stopped_whatever_else_happens(
     crashy = the_status(pool, "crashy").pid
     assert crashy is not None
     os.kill(crashy, signal.SIGUSR1)  # another worker crashes and is restarted
-    wait_for(
-        lambda: (s := the_status(pool, "crashy")).state == "ready" and s.pid != crashy,
-        timeout=10,
-        what="crashy restarted",
-    )
+    seen: list[bgpool.WorkerStatus] = []
+
+    def restarted() -> bool:
+        seen[:] = [the_status(pool, "crashy")]
+        return seen[0].state == "ready" and seen[0].pid != crashy
+
+    try:
+        wait_for(restarted, timeout=10, what="crashy restarted")
+    except AssertionError as exc:  # say which side is stuck: the worker or the supervisor
+        process = "gone"
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(crashy).status()
+        raise AssertionError(f"{exc}; last seen {seen[0]}; the crashed one: {process}") from None
     pool.restart_workers()  # new code for what runs: not for what is stopped
     report = pool.reload(pool.config)  # the same declarations again
     assert "kept" in report.unchanged
