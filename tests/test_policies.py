@@ -317,8 +317,8 @@ def test_lifetime_and_sampling_rules() -> None:
 class PolicyMachine(Machine):
     """`Machine`, its fake runs given their boot deadlines as real ones are."""
 
-    def _spawn_all(self, insts: list[Instance]) -> None:
-        super()._spawn_all(insts)
+    def _spawn_all(self, insts: list[Instance], announce: Callable[[], None] | None = None) -> None:
+        super()._spawn_all(insts, announce)
         for inst in insts:
             self._arm_boot(inst)
 

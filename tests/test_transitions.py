@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,7 +57,9 @@ class Machine(Supervisor):
     def _newest_code(self) -> None:
         return None  # no code generation is loaded, so no target is checked
 
-    def _spawn_all(self, insts: list[Instance]) -> None:
+    def _spawn_all(self, insts: list[Instance], announce: Callable[[], None] | None = None) -> None:
+        if announce is not None:  # as the real one: once the processes are asked for
+            announce()
         for inst in insts:
             inst.attempts += 1
             pid = next(FAKE_PIDS)

@@ -29,6 +29,7 @@ more of their memory.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -63,10 +64,18 @@ def start_seed(pool: str) -> socket.socket:
     return ours
 
 
-def _pid(data: bytes) -> int:
+def _readable(sock: socket.socket, timeout: float | None) -> bool:
+    """Whether `sock` has something to read (or hung up) within `timeout`
+    seconds (None: no limit); poll, not select, as a supervisor of many
+    workers holds descriptors past select's 1,024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _pid(reply: dict[str, Any]) -> int:
     """The pid a fork request's answer gives (`zygote._fork_on_request`), or
     the OSError it reports."""
-    reply = json.loads(data)
     if reply["t"] != "spawned":
         code = int(reply["errno"])
         raise OSError(code, os.strerror(code))
@@ -77,13 +86,12 @@ def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socke
     """Have the seed fork a generation that serves on `child`; its pid."""
     try:
         socket.send_fds(seed, [json.dumps(request).encode()], [child.fileno()])
-        ready, _, _ = select.select([seed], [], [], SPAWN_REPLY_SECONDS)
-        data = seed.recv(zygote.MAX_PACKET) if ready else b""
+        data = seed.recv(zygote.MAX_PACKET) if _readable(seed, SPAWN_REPLY_SECONDS) else b""
     except OSError as exc:
         raise OSError(exc.errno, f"the seed of code generations is gone: {exc}") from None
     if not data:
         raise OSError("the seed of code generations did not answer")
-    return _pid(data)
+    return _pid(json.loads(data))
 
 
 class Generation:
@@ -113,6 +121,7 @@ class Generation:
         self.started = time.monotonic()
         self.loaded = False
         self.failures: dict[str, dict[str, Any]] = {}
+        self.spares: collections.deque[tuple[int, socket.socket]] = collections.deque()
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.pid = _from_seed(seed, request, child) if seed is not None else os.fork()
@@ -161,7 +170,7 @@ class Generation:
 
     def wait_loaded(self) -> bool:
         """Block until the generation has loaded (at start, before any worker)."""
-        select.select([self.sock], [], [])
+        _readable(self.sock, None)
         return self.take_load()
 
     def failure(self, decl: Decl) -> dict[str, Any] | None:
@@ -181,38 +190,73 @@ class Generation:
         return self.failures.get(decl.target) if decl.script is None else None
 
     def spawn_many(self, boots: list[Boot]) -> list[int | OSError]:
-        """Have the generation fork the workers `boots` describe: each one's
-        pid (a child of the supervisor), or why it could not. Up to
-        `SPAWN_WINDOW` requests are in flight at once, so the generation forks
-        the next worker while the supervisor reads the answer for the last."""
-        results: list[int | OSError] = []
+        """Start the workers `boots` describe: each one's pid (a child of the
+        supervisor), or why it could not be made. Each request goes straight
+        to a spare the generation offered, if one is left (its pid is known at
+        once, and the generation is not in the way); the others have the
+        generation fork, up to `SPAWN_WINDOW` requests in flight at once, so
+        it forks the next worker while the supervisor reads the answer for
+        the last."""
+        results: list[int | OSError | None] = [None] * len(boots)
+        asked: collections.deque[int] = collections.deque()  # waiting for the generation's answer
         try:
-            for sent, boot in enumerate(boots, start=1):
+            if self._receive(0) is not None:
+                raise OSError(errno.EPROTO, "it answered a request it was not sent")
+            for index, boot in enumerate(boots):
                 names = [name for name in Boot.FDS if getattr(boot, name) is not None]
-                request = {"t": "spawn", "boot": boot.__dict__, "fds": names}
+                data = json.dumps({"t": "spawn", "boot": boot.__dict__, "fds": names}).encode()
                 fds = [getattr(boot, name) for name in names]
-                socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
-                if sent - len(results) >= SPAWN_WINDOW:
-                    results.append(self._answer())
-            while len(results) < len(boots):
-                results.append(self._answer())
+                results[index] = self._to_spare(data, fds)
+                if results[index] is None:
+                    socket.send_fds(self.sock, [data], fds)
+                    asked.append(index)
+                if len(asked) >= SPAWN_WINDOW:
+                    results[asked.popleft()] = self._answer()
+            while asked:
+                results[asked.popleft()] = self._answer()
         except OSError as exc:
             self.close()
             gone = OSError(exc.errno, f"code generation {self.number} is gone: {exc.strerror}")
-            results += [gone] * (len(boots) - len(results))
-        return results
+            results = [gone if result is None else result for result in results]
+        return [result for result in results if result is not None]
+
+    def _to_spare(self, data: bytes, fds: list[int]) -> int | None:
+        """Hand a spawn request to the oldest spare on offer: its pid, or None
+        if none is left (one killed by someone is passed over)."""
+        while self.spares:
+            pid, sock = self.spares.popleft()
+            with sock:
+                try:
+                    socket.send_fds(sock, [data], fds)
+                except OSError:
+                    continue
+            return pid
+        return None
 
     def _answer(self) -> int | OSError:
         """The next spawn request's answer: a pid, or the error the generation
         met (OSError raised if it is gone or silent)."""
-        ready, _, _ = select.select([self.sock], [], [], SPAWN_REPLY_SECONDS)
-        data = self.sock.recv(zygote.MAX_PACKET) if ready else b""
-        if not data:
+        reply = self._receive(SPAWN_REPLY_SECONDS)
+        if reply is None:
             raise OSError(errno.EPIPE, "it did not answer a spawn request")
         try:
-            return _pid(data)
+            return _pid(reply)
         except OSError as exc:
             return exc
+
+    def _receive(self, timeout: float) -> dict[str, Any] | None:
+        """The generation's next answer, if one comes within `timeout` seconds;
+        the spares it offers meanwhile are kept for the next requests.
+        OSError if it is gone."""
+        while _readable(self.sock, timeout):
+            data, fds, _, _ = socket.recv_fds(self.sock, zygote.MAX_PACKET, 1)
+            if not data:
+                raise OSError(errno.EPIPE, "it exited")
+            reply = json.loads(data)
+            if reply["t"] != "spare":
+                return dict(reply)
+            self.spares.append((int(reply["pid"]), socket.socket(fileno=fds[0])))
+        return None
 
     def close(self) -> None:
         """Let the generation go: it exits once its socket closes (the
@@ -220,3 +264,6 @@ class Generation:
         if self.alive:
             log.info("code generation %d released", self.number)
             self.sock.close()
+            for _, sock in self.spares:  # each spare exits once it sees its socket close
+                sock.close()
+            self.spares.clear()

@@ -312,19 +312,24 @@ class Leases(Watches):
 
     # -- hooks into the lifecycle ------------------------------------------------------
 
-    def _spawn_all(self, insts: list[Instance]) -> None:
+    def _spawn_all(self, insts: list[Instance], announce: Callable[[], None] | None = None) -> None:
         """A singleton starts only under a lease it holds (past any quarantine);
-        else it waits for one on standby."""
+        else it waits for one on standby (announced first)."""
         now = platform.boottime()
-        spawn = []
+        spawn, standby = [], []
         for inst in insts:
             lease = self._lease_of(inst)
             if lease is None or (lease.fence is not None and lease.start_at <= now < lease.until):
                 spawn.append(inst)
             else:
-                self._standby(inst, lease)
+                standby.append((inst, lease))
+        if standby and announce is not None:
+            announce()
+            announce = None
+        for inst, lease in standby:
+            self._standby(inst, lease)
         if spawn:
-            super()._spawn_all(spawn)
+            super()._spawn_all(spawn, announce)
 
     def _boot(self, inst: Instance, fds: list[int]) -> Boot:
         boot = super()._boot(inst, fds)

@@ -17,6 +17,7 @@ import os
 import selectors
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import platform, texts
@@ -191,16 +192,16 @@ class Lifecycle(Drains):
         (`Requirements` holds back those whose requirements are not ready)."""
         self._spawn_all(insts)
 
-    def _spawn(self, inst: Instance) -> None:
-        """Fork a new process for `inst` (to STARTING)."""
-        self._spawn_all([inst])
-
-    def _spawn_all(self, insts: list[Instance]) -> None:
+    def _spawn_all(self, insts: list[Instance], announce: Callable[[], None] | None = None) -> None:
         """Fork a new process for each of `insts` (each to STARTING), the
         requests to a generation sent without waiting for each answer in
         turn. A process that cannot be made (out of descriptors or processes)
-        is a failed start, told to its waiters at once."""
+        is a failed start, told to its waiters at once. `announce` runs once
+        the processes are asked for, before they are booked: what a restart
+        records about the run that ended (its crash, published and logged)
+        then no longer delays the new one, which boots meanwhile."""
         prepared: list[tuple[Instance, list[int], Boot]] = []
+        unmade: list[tuple[Instance, list[int], OSError]] = []
         for inst in insts:
             assert inst.run is None
             inst.attempts += 1
@@ -209,13 +210,17 @@ class Lifecycle(Drains):
                 for _ in range(2 + (2 if inst.worker.decl.output == "prefix" else 0)):
                     made.extend(os.pipe2(os.O_CLOEXEC))
             except OSError as exc:
-                self._not_started(inst, made, exc)
+                unmade.append((inst, made, exc))
                 continue
             prepared.append((inst, made, self._boot(inst, made)))
             # spawn to ready counts from here: its fork is part of it, however
             # late in a batch its generation's answer is read
             inst.started_at, inst.started_mono = time.time(), self.timers.clock()
         forked = self._fork_all([(inst, boot) for inst, _, boot in prepared])
+        if announce is not None:
+            announce()
+        for inst, made, error in unmade:
+            self._not_started(inst, made, error)
         for (inst, made, _), pid in zip(prepared, forked, strict=True):
             if isinstance(pid, OSError):
                 self._not_started(inst, made, pid)
@@ -329,12 +334,12 @@ class Lifecycle(Drains):
         error = policy_error("OSError", cause)
         self._after_run(inst, None, 0.0, error, give_up=not inst.ever_ready)
 
-    def _respawn(self, inst: Instance) -> None:
+    def _respawn(self, inst: Instance, announce: Callable[[], None] | None = None) -> None:
         """Start `inst` again after an exit (from BACKOFF, CRASHED, STOPPING, or
-        at once after a clean exit)."""
+        at once after a clean exit; `announce`: as `_spawn_all`'s)."""
         inst.timer = None
         inst.restarts += 1
-        self._spawn(inst)
+        self._spawn_all([inst], announce)
 
     # -- what a worker reports -------------------------------------------------------
 
@@ -510,15 +515,17 @@ class Lifecycle(Drains):
         delay = policy.restart_delay(
             failed=failed, failures=inst.failures, since_last_start=run_seconds
         )
-        if failed:
-            self._transition(inst, State.CRASHED, words, logging.WARNING)
-        else:
-            log.info("%s exited (%s); restarting it", inst.label, words)
+        record = (
+            functools.partial(self._transition, inst, State.CRASHED, words, logging.WARNING)
+            if failed
+            else functools.partial(log.info, "%s exited (%s); restarting it", inst.label, words)
+        )
         if delay > 0:
+            record()
             self._transition(inst, State.BACKOFF, f"restart in {delay:g}s after {words}")
             inst.timer = self.timers.call_later(delay, lambda: self._respawn(inst))
         else:
-            self._respawn(inst)
+            self._respawn(inst, record)  # the new process is asked for first
         self._settle_all()
 
     def _count_crash(self, inst: Instance) -> bool:

@@ -16,14 +16,18 @@ Workers are forked with `platform.fork_sibling()`, so each is the supervisor's
 child, not this process's: the supervisor waits for, signals and reaps its
 workers as if it had forked them itself, and this process never has to. While
 no request waits, a generation keeps two **spares** forked ahead (`_Spare`,
-`bgpool-spare` in ps), which take the next requests: a cold start or a crash
-restart then waits for no fork.
+`bgpool-spare` in ps), and offers each to the supervisor, which hands the
+next requests to them itself: a cold start or a crash restart then waits for
+no fork, and for no hop through this process.
 
 The socket is SOCK_SEQPACKET, one JSON message per packet. This process sends
-``{"t": "loaded", "failures": {target: error}, "threads": n}`` once, then
-answers each ``{"t": "spawn", "boot": {...}}`` (its pipe ends passed along as
-SCM_RIGHTS, in the order of `Boot.FDS`) with ``{"t": "spawned", "pid": n}`` or
-``{"t": "failed", "errno": n}``. It exits when the supervisor closes its end.
+``{"t": "loaded", "failures": {target: error}, "threads": n}`` once; then
+``{"t": "spare", "pid": n}`` for each spare, with the supervisor's end of the
+spare's own socket as SCM_RIGHTS (the supervisor sends a spawn request there,
+as it would here); and it answers each ``{"t": "spawn", "boot": {...}}`` (its
+pipe ends passed along as SCM_RIGHTS, in the order of `Boot.FDS`) with
+``{"t": "spawned", "pid": n}`` or ``{"t": "failed", "errno": n}``. It exits
+when the supervisor closes its end.
 """
 
 from __future__ import annotations
@@ -256,22 +260,25 @@ MADE_UP_REQUEST = _made_up_request()
 
 class _Spare:
     """A worker process forked before it is asked for, as Android's zygote
-    keeps unspecialised app processes: the next spawn request is handed to
-    it, so a cold start or a crash restart waits for no fork. It prepares
-    itself as far as it can without its request (`runtime.prepare_forked`),
-    then waits on a socket of its own; it exits if that closes first (its
-    generation ended). Like every worker, it is the supervisor's child."""
+    keeps unspecialised app processes: the supervisor hands it the next spawn
+    request itself, so a cold start or a crash restart waits for no fork and
+    no generation. It prepares itself as far as it can without its request
+    (`runtime.prepare_forked`), then waits on a socket of its own, whose other
+    end the generation passes to the supervisor; it exits if that closes
+    first (its generation was released). Like every worker, it is the
+    supervisor's child."""
 
     def __init__(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
-        self.sock = sock
+        self.sock = sock  # our copy of the supervisor's end: it hangs up when the spare is taken
 
     @classmethod
     def fork(
         cls, generation: socket.socket, others: list[_Spare], max_fds: int, title: str
     ) -> _Spare | None:
-        """Fork a spare beside `others`, `title` in ps (None if the fork fails:
-        requests fork then)."""
+        """Fork a spare beside `others`, `title` in ps, and offer it to the
+        supervisor on `generation` (None if the fork fails: requests fork
+        then)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = platform.fork_sibling()
@@ -287,18 +294,8 @@ class _Spare:
             finally:
                 os._exit(1)
         theirs.close()
+        socket.send_fds(generation, [b'{"t": "spare", "pid": %d}' % pid], [ours.fileno()])
         return cls(pid, ours)
-
-    def take(self, data: bytes, fds: list[int]) -> bytes | None:
-        """Hand the spare a spawn request; the answer for the generation's
-        client, or None if the spare is gone (killed by someone)."""
-        try:
-            socket.send_fds(self.sock, [data], fds)
-        except OSError:
-            return None
-        finally:
-            self.sock.close()
-        return b'{"t": "spawned", "pid": %d}' % self.pid
 
 
 def _wait_for_request(sock: socket.socket, max_fds: int, title: str) -> NoReturn:
@@ -316,7 +313,7 @@ def _wait_for_request(sock: socket.socket, max_fds: int, title: str) -> NoReturn
     data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
     if not data:
         os._exit(0)
-    sock.close()
+    sock.close()  # which tells the generation this spare is taken
     _become(data, fds)
 
 
@@ -329,24 +326,29 @@ def _fork_on_request(
     """Fork one child per request (which runs `child` with the request and its
     descriptors), answering each with its pid, until the socket closes. With
     `spare_title` (their title in ps), keep up to `SPARES` spares, forked while
-    no request waits; each takes a request (the oldest first)."""
+    no request waits and offered to the supervisor, which hands requests to
+    them itself; each one's socket hangs up here once it is taken (or dead)."""
     spares = SPARES if spare_title is not None else 0
-    ready: list[_Spare] = []
-    patience = 0.0  # the first spare at once: no worker of ours is booting yet
+    waiting: list[_Spare] = []
+    patience: float | None = 0.0  # the first spare at once: no worker of ours is booting yet
     while True:
-        if len(ready) < spares and not select.select([sock], [], [], patience)[0]:
-            spare = _Spare.fork(sock, ready, max_fds, spare_title or "")
-            ready += [spare] if spare is not None else []
+        wanted = len(waiting) < spares
+        readable = select.select([sock, *(s.sock for s in waiting)], [], [],
+                                 patience if wanted else None)[0]  # fmt: skip
+        if not readable:
+            spare = _Spare.fork(sock, waiting, max_fds, spare_title or "")
+            waiting += [spare] if spare is not None else []
             continue
-        patience = SPARE_AFTER
+        patience = SPARE_AFTER  # a worker of ours boots now: leave it the CPUs a moment
+        for spare in [s for s in waiting if s.sock in readable]:
+            waiting.remove(spare)
+            spare.sock.close()
+        if sock not in readable:
+            continue
         data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
         if not data:
             return
-        reply = None
-        while reply is None and ready:
-            reply = ready.pop(0).take(data, fds)
-        if reply is None:
-            reply = _fork_child(sock, data, fds, child)
+        reply = _fork_child(sock, data, fds, child)
         for fd in fds:
             os.close(fd)
         sock.send(reply)

@@ -286,8 +286,11 @@ def test_supervisor_death_spares_the_applications_own_processes(
         stdin=subprocess.PIPE,
     )
     try:
-        assert helper.pid in {p.pid for p in procs_with_address(res.address)}, (
-            "the application's subprocess inherits BGPOOL_ADDRESS (documented)"
+        # (polled: Popen returns as the child's exec begins, and /proc shows
+        # the new environment only a moment later)
+        wait_for(
+            lambda: helper.pid in {p.pid for p in procs_with_address(res.address)},
+            what="the application's subprocess to inherit BGPOOL_ADDRESS (documented)",
         )
         os.kill(res.supervisor, signal.SIGKILL)
         wait_all_gone([res.supervisor, *pids, grandchild], DEATH_BOUND, "pool processes")
