@@ -76,8 +76,11 @@ class Core:
         address: str,
         table: str,
         seed: socket.socket | None = None,
+        first: Generation | None = None,
         lock: NameLock | None = None,
     ) -> None:
+        """The state of a supervisor of `decls`; `first`, if given, is the
+        generation asked of `seed` at start, still loading."""
         self.settings = settings
         self.seed = seed  # what generations are forked from (None: from the supervisor)
         self.pool_label = texts.pool_label(settings.name, address)  # in process titles
@@ -101,10 +104,11 @@ class Core:
         self.waiters: list[Waiter] = []
         self.watchers: list[Connection] = []  # subscribed to state changes
         self.followers: dict[tuple[int, str], list[Follower]] = {}  # of a name's lines
-        self.generations: list[Generation] = []  # loaded or loading, oldest first
-        # the newest loaded: fresh starts fork from it (with spawn: closed, it checked the code)
-        self.current: Generation | None = None
-        self.generation_count = 0
+        self.generations: list[Generation] = [first] if first else []  # oldest first
+        # the newest loaded (or the first, loading): fresh starts fork from it
+        # (with spawn: closed, it checked the code)
+        self.current: Generation | None = first
+        self.generation_count = len(self.generations)
         self.closing = False  # shutting down: drains are final, requests refused
         self.finished = False  # the loop may end
         self.startup_problem: Message | None = None  # start()'s error reply, before any spawn

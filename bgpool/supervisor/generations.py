@@ -24,7 +24,8 @@ Generations are forked, with CLONE_PARENT too, from the **seed**: a process the
 supervisor forks first thing, before it imports its own modules (psutil, its
 loop, the table writer), so a generation and each worker it forks carry what
 workers need and no more: their forks copy fewer page tables, and they share
-more of their memory.
+more of their memory. The supervisor asks the seed for its first generation
+at once, too, so the targets load while it imports its own modules.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import time
 from typing import Any
 
@@ -62,6 +64,13 @@ def start_seed(pool: str) -> socket.socket:
         zygote.seed(theirs, pool)
     theirs.close()
     return ours
+
+
+def module_path(root: str) -> list[str]:
+    """The module search path of generations and spawned workers: the pool's
+    `root` first, then the application's `sys.path` (the supervisor's), so a
+    module target resolves the same from any current directory."""
+    return [root, *(entry for entry in sys.path if entry != root)]
 
 
 def _readable(sock: socket.socket, timeout: float | None) -> bool:

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import selectors
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +27,7 @@ from ..states import State
 from ..worker.runtime import Boot, exec_spawned
 from . import logs, policy, relay
 from .drains import Drains
-from .generations import Generation
+from .generations import Generation, module_path
 from .instances import Instance, Run, Worker, error_record, policy_error
 from .registry import Decl
 from .waiters import failure_reply
@@ -100,18 +99,14 @@ class Lifecycle(Drains):
         """Fork a generation that loads the code of `decls` afresh."""
         self.generation_count += 1
         gen = Generation(
-            self.generation_count, decls, self.seed, self._module_path(), self.pool_label
+            self.generation_count,
+            decls,
+            self.seed,
+            module_path(self.settings.root),
+            self.pool_label,
         )
         self.generations.append(gen)
         return gen
-
-    def _module_path(self) -> list[str]:
-        """The module search path of generations and spawned workers: the
-        pool's root first, then the application's `sys.path` (the
-        supervisor's), so a module target resolves the same from any
-        current directory."""
-        root = self.settings.root
-        return [root, *(entry for entry in sys.path if entry != root)]
 
     def _newest_code(self) -> Generation | None:
         """The newest loaded code, which a fresh start runs (loaded now,
@@ -132,12 +127,16 @@ class Lifecycle(Drains):
 
     def _current_generation(self) -> Generation:
         """The newest loaded generation; one is loaded now (blocking) if there
-        is none, or it died."""
-        if self.current is None or not self.current.alive:
+        is none, or it died. The first, asked for at start, is waited for (and
+        returned closed if it died before it loaded, as a new one would be)."""
+        gen = self.current
+        if gen is not None and gen.alive and not gen.loaded:
+            gen.wait_loaded()
+        elif gen is None or not gen.alive:
             gen = self._new_generation(self.registry.decls)
             gen.wait_loaded()
             self.current = gen
-        return self.current
+        return gen
 
     def _release_generations(self) -> None:
         """Close every generation that is neither the newest nor loading nor
@@ -280,7 +279,7 @@ class Lifecycle(Drains):
             supervisor_pid=self.pid,
             stop_fd=stop_r,
             notify_fd=notify_w,
-            sys_path=self._module_path(),
+            sys_path=module_path(self.settings.root),
             vars_segment=varstore.segment_name(self.table.name, worker.instances[0].slot),
             max_vars_bytes=self.settings.max_vars_bytes,
             pool=self.pool_label,

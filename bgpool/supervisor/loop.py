@@ -55,6 +55,7 @@ import socket
 from .. import platform
 from ..naming import NameLock
 from .core import Settings, guarded
+from .generations import Generation
 from .listener import Connection
 from .registry import Decl
 from .teardown import Teardown
@@ -73,9 +74,10 @@ class Supervisor(Teardown):
         address: str,
         table: str,
         seed: socket.socket | None = None,
+        first: Generation | None = None,
         lock: NameLock | None = None,
     ) -> None:
-        super().__init__(decls, settings, address, table, seed, lock)
+        super().__init__(decls, settings, address, table, seed, first, lock)
         self._watch_owner(owner_pid)
         self.selector.register(self.listener.sock, selectors.EVENT_READ, self._accept)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 from .. import platform, texts
 from ..launch import TRANSITIONS_SHOWN
-from .generations import start_seed
+from .generations import Generation, module_path, start_seed
+from .registry import Decl
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -119,17 +120,22 @@ def _serve() -> None:
     platform.raise_fd_limit()
     pool = texts.pool_label(bootstrap["settings"]["name"], os.environ["BGPOOL_ADDRESS"])
     platform.set_process_title(texts.process_title("supervisor", pool))
+    decls = [Decl.from_message(d) for d in bootstrap["workers"]]
     # First, before the supervisor's own modules are imported: the process
-    # every generation, and so every worker, is forked from.
-    seed = start_seed(pool) if bootstrap["settings"]["start_method"] == "fork" else None
+    # every generation, and so every worker, is forked from; then the first
+    # generation, which loads the targets while the supervisor imports.
+    seed, first = None, None
+    if bootstrap["settings"]["start_method"] == "fork":
+        seed = start_seed(pool)
+        root = bootstrap["settings"]["root"]
+        with contextlib.suppress(OSError):  # the first spawn asks again, and says why
+            first = Generation(1, decls, seed, module_path(root), pool)
     from ..naming import NameLock
     from .core import Settings
     from .loop import Supervisor
-    from .registry import Decl
 
     with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
         logging.getLogger("bgpool.transitions").disabled = transitions_shown
-        decls = [Decl.from_message(d) for d in bootstrap["workers"]]
         # A named pool's: the owner took it, and we hold it (and remove the
         # socket and pid file) until we exit.
         lock = NameLock(**bootstrap["name_lock"]) if bootstrap["name_lock"] else None
@@ -146,9 +152,12 @@ def _serve() -> None:
                 os.environ["BGPOOL_ADDRESS"],
                 bootstrap["table"],
                 seed,
+                first,
                 lock,
             )
         except Exception as exc:  # the owner raises StartupError with this
+            if first is not None:
+                first.close()
             with boot:
                 boot.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
             raise SystemExit(1) from None
