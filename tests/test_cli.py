@@ -4,6 +4,8 @@ workers on SIGHUP, drains on SIGTERM/SIGINT, fails loudly when start-up fails.
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import ROOT, BgpoolRun, alive, gone, starts, subprocess_env, wait_for
+
+from bgpool.cli.wakeup import signal_wakeup
 
 StartRun = Callable[..., BgpoolRun]
 """The ``cli`` fixture: ``cli(config=..., unbuffered=True)`` starts a ``bgpool run``."""
@@ -121,3 +125,30 @@ def test_run_shows_pool_members_catch_all_names_and_scopes(cli: StartRun) -> Non
     run.wait_line("api:tenant-7.0", "starting")
     run.wait_line("api:tenant-7.0", "ready")
     assert run.stop() == 0
+
+
+def test_a_signal_wakes_a_select_on_the_wakeup_pipe_and_the_pipe_is_released() -> None:
+    # `bgpool logs -f` and `bgpool run` wait in a select: a signal that comes
+    # just before it must still wake it, through the C handler's write
+    def wakeup_fd() -> int:
+        fd = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+        return fd
+
+    before = wakeup_fd()
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: caught.append(signum))
+    try:
+        with signal_wakeup() as (wake_r, wake_w):
+            assert wakeup_fd() == wake_w
+            signal.raise_signal(signal.SIGUSR1)
+            readable, _, _ = select.select([wake_r], [], [], 5.0)
+            assert readable == [wake_r]
+            assert os.read(wake_r, 64) == bytes([signal.SIGUSR1])
+        assert caught == [signal.SIGUSR1]
+        assert wakeup_fd() == before
+        for fd in (wake_r, wake_w):
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -251,22 +251,49 @@ def test_a_restart_drain_respawns_and_a_shutdown_drain_stops(machine: Machine) -
     assert_only_allowed_moves(machine)
 
 
+class Conn:
+    """A control connection that keeps the replies sent on it."""
+
+    def __init__(self) -> None:
+        self.on_close: list[object] = []
+        self.replies: list[dict[str, object]] = []
+
+    def send(self, message: dict[str, object]) -> None:
+        self.replies.append(message)
+
+
 def test_ensure_waiters_hear_of_readiness(machine: Machine, tmp_path: Path) -> None:
     inst = the_instance(machine)
-    replies: list[dict[str, object]] = []
-
-    class Conn:
-        def __init__(self) -> None:
-            self.on_close: list[object] = []
-
-        def send(self, message: dict[str, object]) -> None:
-            replies.append(message)
-
+    conn = Conn()
     machine._wake([inst.worker])
-    machine._wait(Waiter(Conn(), [inst.worker], 5.0))  # type: ignore[arg-type]
-    assert not replies
+    machine._wait(Waiter(conn, [inst.worker], 5.0))  # type: ignore[arg-type]
+    assert not conn.replies
     machine.ready(inst)
-    assert replies and replies[0]["ok"] is True
+    assert conn.replies and conn.replies[0]["ok"] is True
+
+
+def test_start_hears_of_a_requirement_given_up_before_it_asked(tmp_path: Path) -> None:
+    # The owner's start() request reaches the supervisor only after it began
+    # the eager starts: on a loaded machine, "db" may have been given up, and
+    # "app" with it, by then. start() must still say why, not time out.
+    app = Decl(**{**vars(decl("app")), "requires": ["db"]})
+    db = Decl(**{**vars(decl("db", num=0, max_failures=2)), "index": 1})
+    sup = Machine([app, db], str(tmp_path / "c.sock"), Clock())
+    try:
+        sup.start_eager()
+        (db_inst,) = sup.workers[(0, "db")].instances
+        sup.exit(db_inst, 1)
+        sup.exit(db_inst, 1)  # the second boot failure: given up
+        assert state(db_inst) == State.ABORTED
+        conn = Conn()
+        sup._start(conn, {})  # type: ignore[arg-type]
+        (reply,) = conn.replies
+        assert reply["ok"] is False and reply["error"] == "StartupError"
+        message = str(reply["message"])
+        assert 'background worker "db" failed to start' in message
+        assert 'background worker "app" was not started, as it requires "db"' in message
+    finally:
+        sup.release()
 
 
 def test_a_move_outside_the_table_is_logged_as_a_bug(

@@ -41,6 +41,7 @@ from .display import (
     status_rows,
 )
 from .run import run
+from .wakeup import signal_wakeup
 
 
 def _client_command(action: Callable[[PoolClient], int], address: str | None) -> int:
@@ -209,10 +210,12 @@ def logs(address: str | None, name: str, lines: int, follow: bool, scope: str | 
 
 def _follow(name: str, following: LogFollow) -> int:
     """Print `following`'s lines as they come, and what was dropped, until the
-    pool closes."""
+    pool closes (or Ctrl-C, which the wakeup pipe lets interrupt the wait
+    whenever it comes)."""
     dropped = 0
-    with selectors.DefaultSelector() as selector:
+    with selectors.DefaultSelector() as selector, signal_wakeup() as (wake_r, _):
         selector.register(following, selectors.EVENT_READ)
+        selector.register(wake_r, selectors.EVENT_READ)
         while True:
             found = following.lines()
             if found is None:
@@ -229,7 +232,9 @@ def _follow(name: str, following: LogFollow) -> int:
                 print(format_log_line(name, line))
             sys.stdout.flush()
             if not found:
-                selector.select()
+                for key, _ in selector.select():
+                    if key.fd == wake_r:  # a signal's handler ran (or raises now)
+                        os.read(wake_r, 64)
 
 
 def _parser() -> argparse.ArgumentParser:

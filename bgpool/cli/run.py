@@ -37,6 +37,7 @@ from .command import FORWARDED, NOT_EXECUTABLE, NOT_FOUND, Command
 from .config import format_load_error, load_config
 from .display import LiveView, PlainView, View, colour_labels, print_error
 from .notify import Notifier, ReadyCount, Watchdog
+from .wakeup import signal_wakeup
 
 OPTIONS = {"metrics_port": "--metrics-port", "metrics_host": "--metrics-host"}
 """`bgpool run`'s options that set a `PoolConfig` field: field -> option."""
@@ -237,9 +238,11 @@ class _Session:
     def serve(self, selector: selectors.BaseSelector, command: Sequence[str]) -> int:
         """Show the pool until it is drained (the exit status: 0, or
         COMMAND's) or its supervisor dies (1)."""
+        with signal_wakeup() as (wake_r, self.wake_w):
+            return self._serve(selector, command, wake_r)
+
+    def _serve(self, selector: selectors.BaseSelector, command: Sequence[str], wake_r: int) -> int:
         watch = self.pool.watch()
-        wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        previous = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         caught = (*FORWARDED, signal.SIGCHLD) if command else (*STOP_SIGNALS, signal.SIGHUP)
         handlers = {s: signal.signal(s, lambda *_: None) for s in caught}
         watchdog: Watchdog | None = None
@@ -288,11 +291,8 @@ class _Session:
                 selector.unregister(watch)
             selector.unregister(wake_r)
             watch.close()
-            signal.set_wakeup_fd(previous)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            os.close(wake_r)
-            os.close(self.wake_w)
 
     def _start_command(self, argv: Sequence[str]) -> None:
         """Run COMMAND (`BGPOOL_ADDRESS` is in our environment now); if it

@@ -158,6 +158,9 @@ class Worker:
         self.last_failure: texts.Failure | None = None
         # the requirements not ready yet, while its start waits for them
         self.waiting_for: list[str] = []
+        # those its last fresh start was given up on (they could not come), so
+        # that a call asking only afterwards still hears why it did not start
+        self.given_up_on: list[str] = []
         self.last_recycle_reason = RecycleReason.NONE
         self.recycling: Instance | None = None  # replaced now by a recycle (recycling.py)
         self.recycle_queue: collections.deque[tuple[Instance, Run, RecycleReason]] = (

@@ -50,6 +50,7 @@ class Requirements(Lifecycle):
             by_worker.setdefault(inst.worker, []).append(inst)
         now = []
         for worker, group in by_worker.items():
+            worker.given_up_on = []
             missing = [r for r in self._requirements(worker) if not r.name_ready]
             if missing:
                 self._hold_back(worker, missing)
@@ -105,6 +106,7 @@ class Requirements(Lifecycle):
                                   if i.state == State.STOPPED and i.drain is None])  # fmt: skip
             return "started"
         if lost:
+            worker.given_up_on = [r.name for r in lost]
             log.warning("%s is not started: %s cannot start now", worker.label,
                         ", ".join(r.name for r in lost))  # fmt: skip
         if current and worker.decl.name is None:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 class Waiter:
     """One pending call, answered exactly once: all its workers ready, one of
     them aborted (or, with `fail_fast`, failed to boot), or its deadline. A
-    worker whose start waits for its requirements (`Worker.waiting_for`) is
+    worker whose start waits for its requirements (`Worker.waiting_for`), or
+    was given up on one (`Worker.given_up_on`, before the call came), is
     answered for the requirement that holds it back: the deepest one not
     ready, the first in trouble."""
 
@@ -62,10 +63,11 @@ class Waiter:
 
     def _blocker(self, worker: Worker) -> list[Worker]:
         """The requirements holding back `worker`'s start, from the one it
-        requires down to the deepest not ready; [] if its start is not waiting."""
+        requires down to the deepest not ready; [] if its start is not waiting
+        (or was not given up on one of them)."""
         path: list[Worker] = []
         current = worker
-        while current.waiting_for:
+        while current.waiting_for or current.given_up_on:
             unready = [r for r in self.requirements(current) if not r.name_ready]
             if not unready:
                 break
