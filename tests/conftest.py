@@ -37,6 +37,16 @@ from fixtures.reload_fixtures import Sources
 
 SESSION = uuid.uuid4().hex[:12]
 
+# A suite started as a background job of a non-interactive shell (`./.ci/run &`
+# in a script) inherits SIGINT ignored, and every process it starts would too:
+# a Python program started with SIGINT ignored never raises KeyboardInterrupt,
+# so `bgpool logs -f` would ignore the Ctrl-C a test sends it (as it should,
+# in such a job). The tests mean Ctrl-C at a terminal: the suite takes SIGINT
+# as an interactive shell's foreground job does, and its children start with
+# the default action (a Python handler is not inherited through exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # A private temp dir for the whole session (short: AF_UNIX paths are limited),
 # exported so that the supervisors and CLI subprocesses use it too.
 _TMP = tempfile.mkdtemp(prefix="bgpt-", dir="/tmp")

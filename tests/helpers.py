@@ -257,6 +257,26 @@ def describe(procs: Iterable[psutil.Process]) -> str:
     return "; ".join(out) or "none"
 
 
+def stuck(pid: int) -> str:
+    """Why process ``pid`` may not have ended, for a failure message: its state,
+    signal masks (SigBlk/SigIgn/SigCgt/SigPnd/ShdPnd, hex, bit N-1 for signal N),
+    what each of its threads waits in, and its children."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return f"{pid}: gone"
+    keep = ("State", "Sig", "ShdPnd", "Threads")
+    out = [" ".join(line.split()) for line in status if line.startswith(keep)]
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(OSError):
+            wchan = Path(f"/proc/{pid}/task/{task}/wchan").read_text()
+            syscall = Path(f"/proc/{pid}/task/{task}/syscall").read_text().split()[:1]
+            out.append(f"task {task}: {wchan or '-'} (syscall {' '.join(syscall)})")
+    with contextlib.suppress(psutil.Error):
+        out.append(f"children: {describe(psutil.Process(pid).children(recursive=True))}")
+    return f"{pid}: " + "; ".join(out)
+
+
 def wait_all_gone(pids: Iterable[int], timeout: float, what: str) -> float:
     """Wait until every pid is gone (absent or a zombie); return the time it took."""
     pids = list(pids)

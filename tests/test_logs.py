@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, spec, subprocess_env, wait_for
+from helpers import ROOT, spec, stuck, subprocess_env, wait_for
 from test_cli_commands import cli
 
 import bgpool
@@ -272,7 +272,10 @@ class Follower:
 
     def finish(self, timeout: float = 15.0) -> tuple[int, str]:
         """Its exit status and stderr, once it has exited."""
-        _, err = self.proc.communicate(timeout=timeout)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"bgpool logs -f has not ended: {stuck(self.proc.pid)}") from None
         return self.proc.returncode, err.decode()
 
     def close(self) -> None:
