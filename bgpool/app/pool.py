@@ -292,8 +292,9 @@ class Pool(PoolClient):
         even in the middle of a shutdown), its workers got SIGKILL from their
         parent-death signal but what they forked did not: kill every process
         that still carries this pool's mark. Then remove the shared-memory
-        names at once (clients keep their mappings): an application killed
-        before it calls `shutdown()` must not leave them behind."""
+        names and the control socket's files at once (clients keep their
+        mappings): an application killed before it calls `shutdown()` must not
+        leave them behind."""
         assert self._process is not None and self._pidfd is not None
         select.select([self._pidfd], [], [])
         status = platform.exit_status(self._pidfd)  # None: the application reaped it
@@ -304,14 +305,20 @@ class Pool(PoolClient):
         if status != 0:
             stragglers = platform.processes_with_env(POOL_MARK, self._address)
             platform.signal_tree(stragglers, signal.SIGKILL)
-        self._remove_segments()
+        self._remove_leftovers()
 
-    def _remove_segments(self) -> None:
-        """Remove the table and the vars segments, if the supervisor did not
-        (it died, even mid-start)."""
+    def _remove_leftovers(self) -> None:
+        """Remove the table and the vars segments and the control socket's
+        files, if the supervisor did not (it died, even mid-start): an unnamed
+        pool's private directory; a named pool's socket and pid file, unless
+        a pool that took the name over holds them now."""
         if self._table_name:
             platform.unlink_shm(self._table_name)
             varstore.remove_all(self._table_name)
+        if self._name_lock is not None:
+            naming.clear_stale(self._name_lock.directory)
+        elif self._address:
+            shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
 
     def _signal_supervisor(self, sig: signal.Signals) -> None:
         """Signal the supervisor through its pidfd: never another process that
@@ -399,12 +406,9 @@ class Pool(PoolClient):
             self._pidfd = None
         self._stop_metrics()
         self.close()
-        self._remove_segments()
-        if self._name_lock is not None:  # the supervisor removed its files, unless it died
+        if self._name_lock is not None:  # ours, if the supervisor died before it was handed over
             self._name_lock.close()
-            naming.clear_stale(self._name_lock.directory)
-        elif self._address:
-            shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
+        self._remove_leftovers()
         if self._address and os.environ.get("BGPOOL_ADDRESS") == self._address:
             del os.environ["BGPOOL_ADDRESS"]
         self._closed_for_good = True

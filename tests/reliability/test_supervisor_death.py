@@ -3,7 +3,8 @@ exits within 2 s of the kill, including one that ignores its handle and SIGTERM
 (``hostile:ignores_everything``) and one whose grandchild started its own session
 (``hostile:forks_session_leader``); the application's ``Pool`` then raises
 ``PoolClosed("pool is closed")`` on every call, and ``shutdown()`` still removes
-everything the pool owned (table, vars segments, socket, directory).
+everything the pool owned (table, vars segments, socket, directory): the
+owner removes them as soon as it sees the supervisor die, before ``shutdown()``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 import pytest
 from helpers import (
     ROOT,
-    SHM,
     Background,
     Resources,
     assert_clean,
@@ -84,7 +84,7 @@ def _kill_supervisor_and_check(
     """SIGKILL the supervisor; check that the pool's processes are gone within
     DEATH_BOUND, that blocked calls and every later call raise PoolClosed (a new
     client finds no pool listening), and that shutdown() cleans what the supervisor
-    could not (the shared memory at once, before shutdown())."""
+    could not (the shared memory and the socket at once, before shutdown())."""
     with reaping(lambda: res.address):
         t0 = time.monotonic()
         os.kill(res.supervisor, signal.SIGKILL)
@@ -107,9 +107,11 @@ def _kill_supervisor_and_check(
 
         wait_for(lambda: raises_closed(pool), timeout=DEATH_BOUND, what="Pool to notice")
         assert_pool_closed(pool, "plain", "lazy", "pool is closed")
-        segments = res.refresh_segments()  # an application killed now leaves none behind
-        wait_for(lambda: not any((SHM / s).exists() for s in segments), timeout=DEATH_BOUND,
-                 what="the owner to remove the shared memory before shutdown()")  # fmt: skip
+        wait_for(  # an application killed now leaves nothing behind
+            lambda: not res.left_behind(),
+            timeout=DEATH_BOUND,
+            what="the owner to remove the shared memory and the socket before shutdown()",
+        )
         with pytest.raises(bgpool.BgpoolError) as info:  # a new client: nobody listens there
             bgpool.connect(res.address)
         assert str(info.value) == f"no pool is listening at {res.address}"
