@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,28 +63,37 @@ def _pool(check: LeakCheck) -> bgpool.Pool:
 
 
 def test_a_segment_left_by_the_tests_own_pool_is_reported(check: LeakCheck) -> None:
-    """The supervisor is SIGKILLed: the Pool removes its table at once, but the
-    socket directory and the Pool's descriptors are leaks until shutdown(), and
-    so is a segment of the pool's left in /dev/shm (made here, as a vars
-    segment would be if nobody removed it); once shutdown() ran there are none."""
+    """The supervisor is SIGKILLed: the Pool removes its table and its socket
+    directory at once, but its descriptors are leaks until shutdown(), and so
+    are a segment of the pool's left in /dev/shm and a socket directory left
+    (made here, as they would be if nobody removed them); once shutdown() ran
+    and the directory is gone there are none."""
     pool = _pool(check)
+    directory: Path | None = None
     try:
         (table,) = check.tables
-        directory = Path(pool.address).parent.name
         hello = check.track(pool)
         os.kill(hello.supervisor, signal.SIGKILL)
         wait_for(lambda: gone(hello.supervisor), what="the supervisor's death")
-        wait_for(lambda: not (SHM / table).exists(), what="the Pool to remove its table")
+        own = Path(pool.address).parent
+        wait_for(
+            lambda: not (SHM / table).exists() and not own.exists(),
+            what="the Pool to remove its table and socket directory",
+        )
         left = f"{table}_v0"
         os.close(os.open(SHM / left, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+        directory = Path(tempfile.mkdtemp(prefix="bgpool-"))
         leaks = check.find()
         assert leaks.segments == [left], leaks.report()
-        assert leaks.dirs == [directory], leaks.report()
+        assert leaks.dirs == [directory.name], leaks.report()
         assert leaks.fds, "the Pool still holds its descriptors"
         assert not leaks.children and not leaks.orphans, leaks.report()
         assert f"shared-memory segments left behind: ['{left}']" in leaks.report()
+        assert f"socket directories left behind: ['{directory.name}']" in leaks.report()
     finally:
         pool.shutdown()
+        if directory is not None:
+            directory.rmdir()
     assert check.find().report() == []
 
 
