@@ -6,10 +6,10 @@ where it is not installed.
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 TRANSITIONS_SHOWN = "BGPOOL_TRANSITIONS_SHOWN"
 """Set to 1 in the supervisor's environment by an owner that shows every state

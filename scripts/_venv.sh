@@ -1,8 +1,11 @@
 # Sourced by scripts/demo, scripts/test and scripts/bench: make sure a virtual
 # environment exists and has the project installed with the requested extra,
 # reinstalling only when the build's inputs (pyproject.toml, setup.py, the C
-# sources) changed since the last install or a compiled module is missing,
-# and byte-compiles the package.
+# sources, this file) changed since the last install or a compiled module is
+# missing, and byte-compiles the package. The editable install is setuptools'
+# "compat" mode, a plain path in a .pth file: its default mode's import finder
+# loads pathlib, re and urllib in every interpreter's `site`, 12 ms of each
+# supervisor's start that an install from a wheel does not pay.
 #   ensure_venv [EXTRA [PYTHON_VERSION]]
 # Without a version: .venv, with $PYTHON or the first of python3.11, 3.12, 3.13,
 # python3 found. With one (e.g. 3.13): .venv-3.13, with that interpreter from
@@ -53,7 +56,7 @@ ensure_venv() {
   fi
   local stale="" input tag
   tag="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-  for input in pyproject.toml setup.py bgpool/*.c bgpool/shm/*.c; do
+  for input in pyproject.toml setup.py scripts/_venv.sh bgpool/*.c bgpool/shm/*.c; do
     if [ "$input" -nt "$stamp" ]; then stale=1; fi
   done
   for input in bgpool/*.c bgpool/shm/*.c; do
@@ -62,7 +65,7 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ -n "$stale" ]; then
     echo "installing bgpool${extra:+ with the $extra extra} into $VENV" >&2
     if ! { "$VENV/bin/python" -m pip install --quiet --upgrade pip &&
-           "$VENV/bin/python" -m pip install --quiet -e "$spec"; } >"$VENV/install.log" 2>&1; then
+           "$VENV/bin/python" -m pip install --quiet -e "$spec" --config-settings editable_mode=compat; } >"$VENV/install.log" 2>&1; then
       cat "$VENV/install.log" >&2
       echo "installing bgpool failed (log above, also in $VENV/install.log)" >&2
       exit 1

@@ -51,13 +51,9 @@ import functools
 import logging
 import mmap
 import os
-import secrets
 import struct
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
 from typing import Any, TypeVar
 
 from .. import platform
@@ -469,7 +465,7 @@ def new_name() -> str:
     """A fresh table name, `bgp_` and 16 hex digits (short: some platforms cap
     segment names at 31 bytes, and vars segments add `_v<slot>`). The owner
     picks it, so it can remove the table whatever becomes of the supervisor."""
-    return "bgp_" + secrets.token_hex(8)
+    return "bgp_" + os.urandom(8).hex()
 
 
 def mark_closed(name: str) -> None:
@@ -483,27 +479,6 @@ def mark_closed(name: str) -> None:
             os.close(fd)
 
 
-@contextmanager
-def _untracked() -> Iterator[None]:
-    """Keep multiprocessing's resource tracker out of segment creation and unlink.
-
-    On Python < 3.13 SharedMemory registers every segment with a tracker process
-    that unlinks it, with a "leaked shared_memory" warning, when the registering
-    process exits (CPython #82300). The supervisor owns the segment's lifetime
-    itself, and is single-threaded, so swapping the hooks around the calls is safe.
-    """
-    saved = resource_tracker.register, resource_tracker.unregister
-
-    def _skip(name: Any, rtype: str) -> None:
-        return None
-
-    resource_tracker.register = resource_tracker.unregister = _skip
-    try:
-        yield
-    finally:
-        resource_tracker.register, resource_tracker.unregister = saved
-
-
 class TableWriter:
     """The supervisor's side: creates, writes and removes the segment.
 
@@ -515,16 +490,9 @@ class TableWriter:
 
     def __init__(self, nslots: int, supervisor_pid: int, name: str | None = None) -> None:
         self._size = HEADER_SIZE + max(nslots, 1) * SLOT.size
-        name = name or new_name()
-        if sys.version_info >= (3, 13):
-            self._shm = shared_memory.SharedMemory(name, create=True, size=self._size, track=False)
-        else:
-            with _untracked():
-                self._shm = shared_memory.SharedMemory(name, create=True, size=self._size)
-        self.name = self._shm.name
+        self.name = name or new_name()
+        self._buf = platform.create_shm(self.name, self._size)
         self.nslots = nslots
-        assert self._shm.buf is not None
-        self._buf = self._shm.buf
         self._header = HEADER.pack(MAGIC, VERSION, nslots, SLOT.size, supervisor_pid)
         self._bodies: dict[int, bytes] = {}
         self._in_use = 0
@@ -544,10 +512,8 @@ class TableWriter:
 
     def destroy(self) -> None:
         """Unmap and unlink the segment."""
-        self._buf.release()
-        self._shm.close()
-        with _untracked(), contextlib.suppress(FileNotFoundError):
-            self._shm.unlink()
+        self._buf.close()
+        platform.unlink_shm(self.name)
 
     def use(self, count: int) -> None:
         """Say that slots below `count` may be in use (a release store after

@@ -22,9 +22,7 @@ import logging
 import os
 import signal
 from collections.abc import Collection
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from .. import platform, texts
 from ..protocol import error_reply
@@ -32,6 +30,9 @@ from ..shm.table import Status
 from ..states import State
 from .core import Core
 from .instances import Drain, Instance, Run, Worker
+
+if TYPE_CHECKING:
+    import psutil
 
 log = logging.getLogger("bgpool")
 

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from .. import texts
 from ..protocol import FrameDecoder, Message
 from ..shm.table import BOOT_BUCKETS, Kind, RecycleReason, Slot
@@ -24,6 +22,8 @@ from .registry import Decl
 from .timers import Timer
 
 if TYPE_CHECKING:
+    import psutil
+
     from .generations import Generation
 
 

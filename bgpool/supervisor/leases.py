@@ -48,9 +48,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from .. import leases, platform
 from ..protocol import Message
@@ -61,6 +59,9 @@ from .instances import Instance, Run, Worker
 from .listener import Connection
 from .timers import Timer
 from .watches import Watches
+
+if TYPE_CHECKING:
+    import psutil
 
 log = logging.getLogger("bgpool")
 

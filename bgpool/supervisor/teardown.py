@@ -11,8 +11,6 @@ import os
 import signal
 from collections.abc import Callable
 
-import psutil
-
 from .. import platform
 from ..shm import varstore
 from ..shm.table import Status
@@ -65,9 +63,9 @@ class Teardown(Requests):
         workers left behind were re-parented to us (we are their subreaper)."""
         leftovers = platform.process_tree(self.pid)[1:]
         platform.signal_tree(leftovers, signal.SIGTERM)
-        _, alive = psutil.wait_procs(leftovers, timeout=FORCE_KILL_DELAY)
+        alive = platform.wait_gone(leftovers, FORCE_KILL_DELAY)
         platform.signal_tree(alive, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=FORCE_KILL_DELAY)
+        platform.wait_gone(alive, FORCE_KILL_DELAY)
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass

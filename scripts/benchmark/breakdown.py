@@ -11,6 +11,8 @@ public API only, so that the README's "Where the time goes" can be checked:
 - a start of N eager workers: CPU time of the supervisor, of the code
   generation and of each worker (/proc/<pid>/schedstat, nanoseconds), and
   each worker's page faults;
+- a start of 1,000 as it comes and once the memory it needs was touched just
+  before (what the host's backing of fresh memory costs it);
 - memory: an idle worker's USS beside a forked child that does nothing at all,
   of a plain interpreter, of one that has imported `threading`, of one that
   has imported what a generation imports, and of the latter once its parent
@@ -20,6 +22,7 @@ public API only, so that the README's "Where the time goes" can be checked:
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import shutil
 import signal
@@ -108,28 +111,32 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return [(c.pid, c.name()) for c in psutil.Process(pid).children()]
 
 
-def start_split(n: int) -> None:
-    def started(count: int) -> tuple[float, float, float, list[float], list[int]]:
-        pool = pool_of([bgpool.WorkerSpec(name="e", target=IDLE, num=count)], ensure_timeout=600)
-        t0 = time.perf_counter()
-        try:
-            pool.start()
-            wait_until(
-                lambda: sum(s.state == "ready" for s in pool.status()) == count, 600,
-                f"{count} ready workers", poll=0.002,
-            )  # fmt: skip
-            wall = time.perf_counter() - t0
-            sup = _supervisor_pid(pool)
-            kids = _children(sup)
-            generation = sum(_cpu_ms(p) for p, name in kids if name.startswith("bgpool-gen"))
-            workers = [p for p, name in kids if not name.startswith("bgpool-")]
-            return (wall, _cpu_ms(sup), generation, [_cpu_ms(p) for p in workers],
-                    [_minor_faults(p) for p in workers])  # fmt: skip
-        finally:
-            pool.shutdown()
+def _started(count: int) -> tuple[float, float, float, list[float], list[int]]:
+    """A start of `count` eager workers: the wall time until all are ready,
+    the supervisor's CPU, its generations' CPU, each worker's CPU and page
+    faults (ms, from /proc/<pid>/schedstat)."""
+    pool = pool_of([bgpool.WorkerSpec(name="e", target=IDLE, num=count)], ensure_timeout=600)
+    t0 = time.perf_counter()
+    try:
+        pool.start()
+        wait_until(
+            lambda: sum(s.state == "ready" for s in pool.status()) == count, 600,
+            f"{count} ready workers", poll=0.002,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+        sup = _supervisor_pid(pool)
+        kids = _children(sup)
+        generation = sum(_cpu_ms(p) for p, name in kids if name.startswith("bgpool-gen"))
+        workers = [p for p, name in kids if not name.startswith("bgpool-")]
+        return (wall, _cpu_ms(sup), generation, [_cpu_ms(p) for p in workers],
+                [_minor_faults(p) for p in workers])  # fmt: skip
+    finally:
+        pool.shutdown()
 
-    base_wall, base_sup, base_gen, _, _ = started(1)
-    wall, sup, gen, workers, faults = started(n)
+
+def start_split(n: int) -> None:
+    base_wall, base_sup, base_gen, _, _ = _started(1)
+    wall, sup, gen, workers, faults = _started(n)
     per = n - 1
     print(f"start of {n} eager workers (CPU from /proc/<pid>/schedstat):")
     print(f"  all ready after          {wall * 1000:.0f} ms (1 worker: {base_wall * 1000:.0f} ms)")
@@ -138,6 +145,34 @@ def start_split(n: int) -> None:
     print(f"  code generation          {(gen - base_gen) / per:.3f} ms per worker (its forks)")
     print(f"  each worker, to ready    {statistics.median(workers):.3f} ms, "
           f"{statistics.median(faults):.0f} page faults")  # fmt: skip
+
+
+def _touch(mib: int) -> float:
+    """Map `mib` MiB of anonymous memory, write one byte per page, unmap it:
+    microseconds per page."""
+    size = mib << 20
+    t0 = time.perf_counter()
+    with mmap.mmap(-1, size) as memory:
+        for offset in range(0, size, mmap.PAGESIZE):
+            memory[offset] = 1
+    return (time.perf_counter() - t0) / (size // mmap.PAGESIZE) * 1e6
+
+
+def fresh_memory(n: int, mib_per_worker: int = 3) -> None:
+    """A start of `n` eager workers as it comes, then right after this process
+    touched (and freed) what they need: in a VM whose balloon takes back freed
+    memory (free page reporting), a page the host no longer backs costs a
+    host fault on its first write, which a worker's copy-on-write pays and a
+    bare fork, which writes almost nothing, does not."""
+    print(f"start of {n} eager workers, as it comes and with its memory backed beforehand:")
+    for label in ("as it comes", "memory backed"):
+        if label == "memory backed":
+            cost = _touch(n * mib_per_worker)
+            print(f"  (touched {n * mib_per_worker} MiB first: {cost:.1f} us per page)")
+        wall, _, gen, workers, _ = _started(n)
+        print(f"  {label:14} all ready after {wall * 1000:5.0f} ms; CPU per worker "
+              f"{statistics.median(workers):.3f} ms, per fork of the generation "
+              f"{gen / n:.3f} ms")  # fmt: skip
 
 
 def _supervisor_pid(pool: bgpool.Pool) -> int:
@@ -191,6 +226,7 @@ def main() -> None:
     cold_path(20)
     crash_path(10)
     start_split(256)
+    fresh_memory(1000)
     memory_split()
 
 
