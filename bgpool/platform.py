@@ -408,6 +408,13 @@ def signal_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:
             proc.send_signal(sig)
 
 
+def preload() -> None:
+    """Import psutil, which the process-tree functions here import on first
+    use: a process that will need them calls this when it has nothing else to
+    do, and its first drain does not wait for the import."""
+    import psutil  # noqa: F401
+
+
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait up to `timeout` seconds for `procs` to end (reaping those that are
     our children); those still alive."""

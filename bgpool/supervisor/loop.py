@@ -63,6 +63,10 @@ from .teardown import Teardown
 __all__ = ["Settings", "Supervisor"]
 
 
+IDLE_BEFORE_PRELOAD = 0.05
+"""Seconds without an event or timer after which the loop preloads psutil."""
+
+
 class Supervisor(Teardown):
     """The event loop over every job of the supervisor."""
 
@@ -101,9 +105,20 @@ class Supervisor(Teardown):
             signal.signal(sig, lambda *_: None)
 
     def run(self) -> None:
-        """Serve until shut down: wait on descriptors and timers, dispatch."""
+        """Serve until shut down: wait on descriptors and timers, dispatch.
+        The first time nothing happened for `IDLE_BEFORE_PRELOAD` seconds, load
+        what only a drain needs (`platform.preload`), so that neither the
+        pool's start nor its drain waits for that import."""
+        preloaded = False
         while not self.finished:
-            for key, events in self.selector.select(self.timers.next_timeout()):
+            timeout = self.timers.next_timeout()
+            if not preloaded and (timeout is None or timeout > IDLE_BEFORE_PRELOAD):
+                timeout = IDLE_BEFORE_PRELOAD
+            ready = self.selector.select(timeout)
+            if not ready and not preloaded and timeout == IDLE_BEFORE_PRELOAD:
+                guarded(platform.preload)
+                preloaded = True
+            for key, events in ready:
                 # An earlier handler in this batch may have closed this descriptor
                 # (a worker's exit closes its notify pipe): skip stale events.
                 if self.selector.get_map().get(key.fd) is not key:
