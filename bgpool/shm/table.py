@@ -491,14 +491,14 @@ class TableWriter:
     def __init__(self, nslots: int, supervisor_pid: int, name: str | None = None) -> None:
         self._size = HEADER_SIZE + max(nslots, 1) * SLOT.size
         self.name = name or new_name()
-        self._buf = platform.create_shm(self.name, self._size)
+        self._map = platform.create_shm(self.name, self._size)
         self.nslots = nslots
         self._header = HEADER.pack(MAGIC, VERSION, nslots, SLOT.size, supervisor_pid)
         self._bodies: dict[int, bytes] = {}
         self._in_use = 0
         self._status = Status.SERVING
         self._declarations = 0
-        self._store(_segment.write_bytes, self._buf, 0, self._header)
+        self._store(_segment.write_bytes, self._map, 0, self._header)
 
     def write(self, index: int, slot: Slot) -> None:
         """Publish slot `index` (seqlock: odd while writing, even when done)."""
@@ -506,13 +506,13 @@ class TableWriter:
             raise IndexError(f"slot {index} is not in a table of {self.nslots}")
         body = self._bodies[index] = _pack_body(slot)
         try:  # not _store(): the supervisor's most frequent call, kept short
-            _segment.write_slot(self._buf, _offset(index), body)
+            _segment.write_slot(self._map, _offset(index), body)
         except _segment.Truncated as exc:
             self._repair(exc)
 
     def destroy(self) -> None:
         """Unmap and unlink the segment."""
-        self._buf.close()
+        self._map.close()
         platform.unlink_shm(self.name)
 
     def use(self, count: int) -> None:
@@ -520,17 +520,17 @@ class TableWriter:
         writing them, so a reader that sees the count sees them written)."""
         if count > self._in_use:
             self._in_use = min(count, self.nslots)
-            self._store(_segment.set_in_use, self._buf, self._in_use)
+            self._store(_segment.set_in_use, self._map, self._in_use)
 
     def set_status(self, status: Status) -> None:
         """Say whether the pool serves, drains or is gone (a release store)."""
         self._status = status
-        self._store(_segment.set_status, self._buf, status)
+        self._store(_segment.set_status, self._map, status)
 
     def declarations_changed(self) -> None:
         """Say that the declarations changed (a reload): bump their version."""
         self._declarations += 1
-        self._store(_segment.write_bytes, self._buf, _DECLARATIONS, self._declarations_bytes())
+        self._store(_segment.write_bytes, self._map, _DECLARATIONS, self._declarations_bytes())
 
     def _declarations_bytes(self) -> bytes:
         return self._declarations.to_bytes(4, "little")
@@ -553,11 +553,11 @@ class TableWriter:
             finally:
                 os.close(fd)
             for index, body in self._bodies.items():
-                _segment.write_slot(self._buf, _offset(index), body)
-            _segment.set_in_use(self._buf, self._in_use)
-            _segment.set_status(self._buf, self._status)
-            _segment.write_bytes(self._buf, _DECLARATIONS, self._declarations_bytes())
-            _segment.write_bytes(self._buf, 0, self._header)  # last: attach() refuses till then
+                _segment.write_slot(self._map, _offset(index), body)
+            _segment.set_in_use(self._map, self._in_use)
+            _segment.set_status(self._map, self._status)
+            _segment.write_bytes(self._map, _DECLARATIONS, self._declarations_bytes())
+            _segment.write_bytes(self._map, 0, self._header)  # last: attach() refuses till then
         except (OSError, _segment.Truncated) as failed:
             raise BgpoolError(
                 f"the readiness table {self.name} is truncated (damaged by another process: "
