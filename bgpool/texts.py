@@ -143,10 +143,15 @@ def restarts_exhausted(
     )
 
 
-GENERATION_DIED = (
-    "the new code generation's process died while it imported the targets "
-    "(see the supervisor's log); nothing was restarted"
-)
+def generation_died(status: int | None, module: str | None) -> str:
+    """Why a code generation loaded nothing: its process ended before it
+    reported (`status` as reaped; None if unknown), while it imported `module`
+    if it did (which only something that import ran can do: `os._exit()`, a
+    crash in an extension module, the OOM killer)."""
+    how = f" ({exit_words(status)})" if status is not None else ""
+    if module is None:
+        return f"its process died before it loaded the targets{how}"
+    return f"importing {module} ended its process{how}"
 
 
 def no_generation(cause: str) -> str:

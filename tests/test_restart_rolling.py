@@ -185,7 +185,7 @@ def test_crash_restart_keeps_the_code_the_instance_started_with(
     assert start_of(log, fourth).version == "v2", starts(log)
 
 
-@pytest.mark.parametrize("kind", ["import", "syntax"])
+@pytest.mark.parametrize("kind", ["import", "syntax", "exit"])
 def test_module_that_fails_to_import_leaves_old_instances_serving(
     make_pool: MakePool, sources: Sources, tmp_path: Path, kind: Broken
 ) -> None:
@@ -218,6 +218,9 @@ def test_module_that_fails_to_import_leaves_old_instances_serving(
     if kind == "import":
         assert diag.last_error.type == "ImportError", diag.last_error
         assert IMPORT_ERROR_TEXT in diag.last_error.message, diag.last_error
+    elif kind == "exit":  # the generation died importing it, and loaded again without it
+        assert diag.last_error.type == "ImportError", diag.last_error
+        assert "ended its process (exit status 3)" in diag.last_error.message, diag.last_error
     else:
         assert diag.last_error.type == "SyntaxError", diag.last_error
         assert diag.last_error.message, diag.last_error

@@ -41,6 +41,7 @@ import sys
 import time
 from typing import Any
 
+from .. import texts
 from ..worker import zygote
 from ..worker.runtime import Boot
 from .registry import Decl
@@ -52,6 +53,10 @@ SPAWN_REPLY_SECONDS = 5.0
 
 SPAWN_WINDOW = 16
 """Spawn requests sent to a generation before the first answer is read."""
+
+EXIT_SECONDS = 1.0
+"""How long a generation that hung up before it loaded is waited for, for its
+exit status (it hangs up by exiting: a moment)."""
 
 
 def start_seed(pool: str) -> socket.socket:
@@ -103,6 +108,23 @@ def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socke
     return _pid(json.loads(data))
 
 
+def _exit_status(pid: int) -> int | None:
+    """The exit status of child `pid`, which is exiting (negative: killed by a
+    signal); None if it was reaped already or is still there after
+    `EXIT_SECONDS`."""
+    deadline = time.monotonic() + EXIT_SECONDS
+    while True:
+        try:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if reaped:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.001)
+
+
 class Generation:
     """One generation process, seen from the supervisor."""
 
@@ -113,22 +135,28 @@ class Generation:
         seed: socket.socket | None,
         path: list[str],
         pool: str,
+        skipped: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Fork generation `number` (from `seed`, else from this process), which
         loads the code of `decls` with `path` as its module search path (`pool`:
-        the pool's label in process titles)."""
+        the pool's label in process titles), but for the modules in `skipped`,
+        whose import ended the process of an earlier attempt (why, as
+        diagnostics data: each becomes one of its `failures`)."""
+        self.skipped = skipped or {}
         targets = sorted({d.target for d in decls if d.script is None})
         request = {
             "number": number,
             "path": path,
             "pool": pool,
-            "modules": sorted({t.partition(":")[0] for t in targets}),
+            "modules": sorted({t.partition(":")[0] for t in targets} - self.skipped.keys()),
             "scripts": sorted({d.script for d in decls if d.script is not None}),
             "targets": targets,
         }
         self.number = number
         self.started = time.monotonic()
         self.loaded = False
+        self.importing: str | None = None  # the module it said it imports now
+        self.death = ""  # why it exited before it loaded, once it has
         self.failures: dict[str, dict[str, Any]] = {}
         self.spares: collections.deque[tuple[int, socket.socket]] = collections.deque()
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -144,7 +172,7 @@ class Generation:
         child.close()
 
     def fileno(self) -> int:
-        """The socket to the generation: readable once it has loaded (or died)."""
+        """The socket to the generation: readable as it loads (`take_load`)."""
         return self.sock.fileno()
 
     @property
@@ -152,22 +180,39 @@ class Generation:
         """Whether it can still fork workers (not closed, not dead)."""
         return self.sock.fileno() >= 0
 
-    def take_load(self) -> bool:
-        """Read the generation's load report, once its socket is readable;
-        False if it died before reporting (it is closed then)."""
-        try:
-            data = self.sock.recv(zygote.MAX_PACKET)
-        except OSError:
-            data = b""
-        if not data:
-            log.error("code generation %d exited before it loaded the targets", self.number)
-            self.close()
-            return False
-        report = json.loads(data)
-        self.failures = report["failures"]
+    def take_load(self) -> bool | None:
+        """Read what the loading generation said, once its socket is readable:
+        True once it has loaded, False if it died first (it is closed then;
+        `death` says why, and `importing` names the module whose import it
+        died in, if it did), None while it imports."""
+        while True:
+            try:
+                data = self.sock.recv(zygote.MAX_PACKET)
+            except OSError:
+                data = b""
+            if not data:
+                self.death = texts.generation_died(_exit_status(self.pid), self.importing)
+                log.error("code generation %d: %s", self.number, self.death)
+                self.close()
+                return False
+            report = json.loads(data)
+            if report["t"] != "importing":
+                break
+            self.importing = report["module"]
+            if not _readable(self.sock, 0):
+                return None
+        self.importing = None
+        self.failures = {**self.skipped, **report["failures"]}
         self.loaded = True
         took = (time.monotonic() - self.started) * 1000
         log.info("code generation %d loaded in %.1f ms (pid %d)", self.number, took, self.pid)
+        if self.skipped:
+            log.warning(
+                "code generation %d loaded without %s, whose import ended an earlier one's "
+                "process: the workers that need it import it themselves",
+                self.number,
+                ", ".join(sorted(self.skipped)),
+            )
         if report["threads"] > 1:
             log.warning(
                 "importing the targets started %d thread(s) in code generation %d: "
@@ -178,9 +223,20 @@ class Generation:
         return True
 
     def wait_loaded(self) -> bool:
-        """Block until the generation has loaded (at start, before any worker)."""
-        _readable(self.sock, None)
-        return self.take_load()
+        """Block until the generation has loaded (True) or died (False)."""
+        while (loaded := self.take_load()) is None:
+            _readable(self.sock, None)
+        return loaded
+
+    def without_culprit(self) -> dict[str, dict[str, Any]] | None:
+        """For a generation that died importing a module: the `skipped` of the
+        next attempt at its code (its own, and that module, with why); None
+        if it died in no import, where a next attempt would die as well."""
+        if self.importing is None:
+            return None
+        why = {"type": "ImportError", "message": f"code generation {self.number}: {self.death}",
+               "filename": None, "lineno": None, "traceback": ""}  # fmt: skip
+        return {**self.skipped, self.importing: why}
 
     def failure(self, decl: Decl) -> dict[str, Any] | None:
         """Why this generation cannot run `decl`'s target (its module failed to
@@ -206,6 +262,8 @@ class Generation:
         generation fork, up to `SPAWN_WINDOW` requests in flight at once, so
         it forks the next worker while the supervisor reads the answer for
         the last."""
+        if not self.alive:  # it died before it loaded (`take_load`)
+            return [OSError(f"code generation {self.number}: {self.death}")] * len(boots)
         results: list[int | OSError | None] = [None] * len(boots)
         asked: collections.deque[int] = collections.deque()  # waiting for the generation's answer
         try:

@@ -95,8 +95,11 @@ class Lifecycle(Drains):
 
     # -- code generations ------------------------------------------------------------
 
-    def _new_generation(self, decls: list[Decl]) -> Generation:
-        """Fork a generation that loads the code of `decls` afresh."""
+    def _new_generation(
+        self, decls: list[Decl], skipped: dict[str, dict[str, Any]] | None = None
+    ) -> Generation:
+        """Fork a generation that loads the code of `decls` afresh (but for the
+        modules `skipped` names: `Generation`)."""
         self.generation_count += 1
         gen = Generation(
             self.generation_count,
@@ -104,6 +107,7 @@ class Lifecycle(Drains):
             self.seed,
             module_path(self.settings.root),
             self.pool_label,
+            skipped,
         )
         self.generations.append(gen)
         return gen
@@ -127,15 +131,23 @@ class Lifecycle(Drains):
 
     def _current_generation(self) -> Generation:
         """The newest loaded generation; one is loaded now (blocking) if there
-        is none, or it died. The first, asked for at start, is waited for (and
-        returned closed if it died before it loaded, as a new one would be)."""
+        is none, or it died. The first, asked for at start, is waited for.
+        Returned closed if it died before it loaded, other than in an import
+        (`_loaded`), as a new one would."""
         gen = self.current
-        if gen is not None and gen.alive and not gen.loaded:
-            gen.wait_loaded()
-        elif gen is None or not gen.alive:
+        if gen is None or not gen.alive:
             gen = self._new_generation(self.registry.decls)
-            gen.wait_loaded()
-            self.current = gen
+        if not gen.loaded:
+            gen = self.current = self._loaded(gen)
+        return gen
+
+    def _loaded(self, gen: Generation) -> Generation:
+        """`gen` once loaded (blocking); if its process died importing a
+        module, a new generation of the same code loaded without that module,
+        and so on: the workers that need such a module import it themselves,
+        and their boot fails as the generation did, theirs alone."""
+        while not gen.wait_loaded() and (skipped := gen.without_culprit()) is not None:
+            gen = self._new_generation(self.registry.decls, skipped)
         return gen
 
     def _release_generations(self) -> None:

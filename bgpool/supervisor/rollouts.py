@@ -73,22 +73,33 @@ class Rollouts(Requirements):
         decls: list[Decl],
         then: Callable[[Generation], None],
         done: Callable[[Message], None],
+        skipped: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Load a new generation of `decls`' code without blocking the loop;
-        `then` gets it once loaded, `done` hears why if it cannot be."""
+        """Load a new generation of `decls`' code without blocking the loop
+        (but for the modules `skipped` names: `Generation`); `then` gets it
+        once loaded, `done` hears why if it cannot be. If its process dies
+        importing a module, it is loaded again without that module, as
+        `_loaded` does."""
         if self.closing:
             done(error_reply("PoolClosed", texts.SHUTTING_DOWN))
             return
         try:
-            gen = self._new_generation(decls)
+            gen = self._new_generation(decls, skipped)
         except OSError as exc:
             done(error_reply("BgpoolError", texts.no_generation(platform.os_error_words(exc))))
             return
+        fd = gen.fileno()  # (take_load closes it if the generation died)
 
         def loaded(_fd: object) -> None:
-            self.selector.unregister(gen.fileno())
-            if not gen.take_load():
-                done(error_reply("BgpoolError", texts.GENERATION_DIED))
+            result = gen.take_load()
+            if result is None:
+                return  # it still imports
+            self.selector.unregister(fd)
+            again = None if result else gen.without_culprit()
+            if again is not None:
+                self._load(decls, then, done, again)
+            elif not result:
+                done(error_reply("BgpoolError", texts.no_generation(gen.death)))
             elif self.closing:
                 gen.close()
                 done(error_reply("PoolClosed", texts.SHUTTING_DOWN))
@@ -96,7 +107,7 @@ class Rollouts(Requirements):
                 then(gen)
             self._release_generations()
 
-        self.selector.register(gen.fileno(), selectors.EVENT_READ, loaded)
+        self.selector.register(fd, selectors.EVENT_READ, loaded)
 
     def _roll(self, workers: list[Worker], done: Callable[[Message], None]) -> None:
         """Restart `workers` on a new generation; `done` hears the outcome."""

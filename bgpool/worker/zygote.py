@@ -21,7 +21,11 @@ next requests to them itself: a cold start or a crash restart then waits for
 no fork, and for no hop through this process.
 
 The socket is SOCK_SEQPACKET, one JSON message per packet. This process sends
-``{"t": "loaded", "failures": {target: error}, "threads": n}`` once; then
+``{"t": "importing", "module": name}`` before it imports each module (if
+that import ends the process, with `os._exit()`, a crash in an extension
+module or the OOM killer, the supervisor knows which module it was, and loads
+a generation without it) and
+``{"t": "loaded", "failures": {target: error}, "threads": n}`` once all are; then
 ``{"t": "spare", "pid": n}`` for each spare, with the supervisor's end of the
 spare's own socket as SCM_RIGHTS (the supervisor sends a spawn request there,
 as it would here); and it answers each ``{"t": "spawn", "boot": {...}}`` (its
@@ -100,13 +104,17 @@ def _fresh_imports() -> None:
             del sys.path_importer_cache[directory]
 
 
-def _load(modules: list[str], scripts: list[str], targets: list[str]) -> dict[str, object]:
-    """Import `modules`, compile `scripts` (into `runtime.COMPILED`) and look
-    up each module target's function; return what failed, by module name,
-    script path or target, as diagnostics data."""
+def _load(
+    sock: socket.socket, modules: list[str], scripts: list[str], targets: list[str]
+) -> dict[str, object]:
+    """Import `modules` (saying so on `sock` before each), compile `scripts`
+    (into `runtime.COMPILED`) and look up each module target's function;
+    return what failed, by module name, script path or target, as
+    diagnostics data."""
     failures: dict[str, object] = {}
     loaded: dict[str, ModuleType] = {}
     for module in modules:
+        sock.send(json.dumps({"t": "importing", "module": module}).encode())
         try:
             loaded[module] = importlib.import_module(module)
         except BaseException as exc:  # the workers that need it report it as a boot failure
@@ -214,7 +222,7 @@ def serve(sock: socket.socket, request: dict[str, Any]) -> NoReturn:
         _set_apart(sock, f"bgpool-gen{number}", title)
         sys.path[:] = request["path"]
         _fresh_imports()
-        failures = _load(request["modules"], request["scripts"], request["targets"])
+        failures = _load(sock, request["modules"], request["scripts"], request["targets"])
         gc.freeze()  # what is loaded now is shared with every worker, untouched
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}

@@ -386,6 +386,49 @@ def test_eager_target_whose_module_fails_to_import(make_pool: Any) -> None:
     assert not psutil.Process().children(recursive=True), "start() failed but left processes"
 
 
+def test_target_whose_import_ends_the_process(make_pool: Any) -> None:
+    """Its module's import kills the code generation (os._exit(3)): the
+    generation is loaded again without it, so the rest of the pool starts,
+    and the worker that needs it imports it itself and fails as it does."""
+    pool = make_pool(
+        [
+            bgpool.WorkerSpec(
+                name="exits", target="fixtures.exits_at_import:run", max_consecutive_failures=2
+            ),
+            spec("fine", "idle", num=1),
+        ]
+    )
+    with pytest.raises(bgpool.WorkerBootFailed) as info:
+        pool.ensure("exits", timeout=10)
+    assert "exit status 3" in str(info.value), info.value
+    assert pool.diagnostics("exits").last_exit_status == 3
+    pool.ensure("fine")
+    (before,) = [s.pid for s in pool.status() if s.name == "fine"]
+    pool.restart_workers()  # a new generation: it too loads without the module
+    (after,) = [s.pid for s in pool.status() if s.name == "fine"]
+    assert after != before and pool.diagnostics("fine").state == "ready"
+
+
+def test_eager_target_whose_import_ends_the_process(make_pool: Any) -> None:
+    pool = make_pool(
+        [
+            bgpool.WorkerSpec(
+                name="exits",
+                target="fixtures.exits_at_import:run",
+                num=2,
+                max_consecutive_failures=2,
+            ),
+            spec("fine", "idle", num=1),
+        ],
+        start=False,
+    )
+    with pytest.raises(bgpool.StartupError) as info:
+        pool.start()
+    assert '"exits"' in str(info.value) and "exit status 3" in str(info.value), info.value
+    assert [d.name for d in info.value.diagnostics] == ["exits"], info.value.diagnostics
+    assert not psutil.Process().children(recursive=True), "start() failed but left processes"
+
+
 # ------------------------------------------------------------------ notify pipe
 
 
