@@ -63,10 +63,18 @@ SPARES = 2
 """The spares a generation keeps: two, so that a crash right after a start
 (or two starts in a row) still finds one."""
 
-SPARE_AFTER = 0.01
-"""Seconds without a request before a generation forks its next spare: not
-while the worker it just started boots (they would share the CPUs), nor in
-the middle of a batch."""
+SPARE_AFTER = 0.001
+"""Seconds without a request before a generation forks its next spare: about
+what a worker handed a spare takes to be ready (they would share the CPUs
+before), and never in the middle of a batch. At 10 ms, crash restarts right
+after a start found no spare in 80 of 83 hand-offs (the benchmark's
+crash_to_ready), and forked in the slow way."""
+
+WARM_UPS = 10
+"""How often a generation rehearses the first steps of every worker before it
+forks any (`_rehearse`): CPython rewrites a function's code as it specialises
+it, over its first calls (8 on 3.11, 2 on 3.12 and later), so code run only in
+workers was specialised in each worker's own copy of it, one page at a time."""
 
 
 class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
@@ -223,6 +231,8 @@ def serve(sock: socket.socket, request: dict[str, Any]) -> NoReturn:
         sys.path[:] = request["path"]
         _fresh_imports()
         failures = _load(sock, request["modules"], request["scripts"], request["targets"])
+        for _ in range(WARM_UPS):
+            _rehearse()
         gc.freeze()  # what is loaded now is shared with every worker, untouched
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
@@ -255,7 +265,7 @@ def _decode(data: bytes, fds: list[int]) -> runtime.Boot:
 
 def _made_up_request() -> bytes:
     """A spawn request as the supervisor makes them (`Generation.spawn_many`),
-    with made-up values, for a spare to decode before its real one."""
+    with made-up values, to rehearse with (`_rehearse`)."""
     values = {"str": "", "int": 0, "str | None": None, "int | None": None,
               "float | None": None, "list[str]": [],
               "dict[str, str]": {}, "float": 0.0}  # fmt: skip
@@ -264,6 +274,13 @@ def _made_up_request() -> bytes:
 
 
 MADE_UP_REQUEST = _made_up_request()
+
+
+def _rehearse() -> None:
+    """Take the first steps of every worker on made-up values: decode a spawn
+    request, then `runtime.warm_up()`."""
+    _decode(MADE_UP_REQUEST, [-1] * len(runtime.Boot.FDS))
+    runtime.warm_up()
 
 
 class _Spare:
@@ -308,16 +325,14 @@ class _Spare:
 
 def _wait_for_request(sock: socket.socket, max_fds: int, title: str) -> NoReturn:
     """In a spare: take the spare's name (ps tells it from workers), prepare,
-    run the first steps of every worker once on made-up values (so that what
-    they cost the first time in a new process, copy-on-write faults and the
-    interpreter's specialisation of their code, is paid before the request:
-    a third of a millisecond measured), then become the worker its request
-    describes."""
+    rehearse the first steps of every worker once (so that what they cost the
+    first time in a new process, the copy-on-write faults of what they write,
+    is paid before the request; their code was specialised by the generation
+    already), then become the worker its request describes."""
     platform.set_process_title(title)
     platform.set_process_name(b"bgpool-spare")  # after the title, which set the comm too
     runtime.prepare_forked()
-    _decode(MADE_UP_REQUEST, [-1] * len(runtime.Boot.FDS))
-    runtime.warm_up()
+    _rehearse()
     data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
     if not data:
         os._exit(0)
