@@ -81,6 +81,23 @@ def test_signal_drains_and_exits_zero(cli: StartRun, sentinel_dir: Path, sig: in
     assert "Traceback" not in run.stderr()
 
 
+def test_a_signal_ignored_at_start_stays_ignored(cli: StartRun, sentinel_dir: Path) -> None:
+    """Started as a non-interactive shell starts an `&` job (SIGINT ignored),
+    `bgpool run` does not drain on SIGINT; SIGHUP and SIGTERM work as ever."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the child inherits
+    try:
+        run = cli()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run.wait_line("cli-eager", "ready")
+    run.proc.send_signal(signal.SIGINT)  # ignored: dropped by the kernel at once
+    n = len(run.lines())
+    run.proc.send_signal(signal.SIGHUP)  # handled after it: so not a drain
+    run.wait_line("SIGHUP: loading the config file again", after=n)
+    assert "stopping" not in "\n".join(run.lines()), run.lines()
+    assert run.stop(signal.SIGTERM) == 0, run.stderr()
+
+
 def test_bad_config_exits_nonzero_with_traceback(cli: StartRun) -> None:
     run = cli("fixtures/bad_config.py")
     code = run.wait(20)

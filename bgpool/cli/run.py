@@ -23,7 +23,7 @@ import selectors
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,6 +43,13 @@ OPTIONS = {"metrics_port": "--metrics-port", "metrics_host": "--metrics-host"}
 """`bgpool run`'s options that set a `PoolConfig` field: field -> option."""
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def _heeded(signals: Iterable[signal.Signals]) -> list[signal.Signals]:
+    """Those of `signals` that `bgpool run` was not started ignoring: one its
+    starter ignores (a non-interactive shell starts an `&` job with SIGINT and
+    SIGQUIT ignored) stays ignored, as in any program of such a job."""
+    return [sig for sig in signals if signal.getsignal(sig) != signal.SIG_IGN]
 
 
 def run(
@@ -141,7 +148,8 @@ def _interruptible() -> Iterator[None]:
         raise _Interrupted(signal.Signals(signum))
 
     previous = {
-        sig: signal.signal(sig, interrupt if sig in STOP_SIGNALS else ignore) for sig in FORWARDED
+        sig: signal.signal(sig, interrupt if sig in STOP_SIGNALS else ignore)
+        for sig in _heeded(FORWARDED)
     }
     try:
         yield
@@ -243,7 +251,8 @@ class _Session:
 
     def _serve(self, selector: selectors.BaseSelector, command: Sequence[str], wake_r: int) -> int:
         watch = self.pool.watch()
-        caught = (*FORWARDED, signal.SIGCHLD) if command else (*STOP_SIGNALS, signal.SIGHUP)
+        heeded = _heeded(FORWARDED if command else (*STOP_SIGNALS, signal.SIGHUP))
+        caught = (*heeded, signal.SIGCHLD) if command else heeded
         handlers = {s: signal.signal(s, lambda *_: None) for s in caught}
         watchdog: Watchdog | None = None
         try:
