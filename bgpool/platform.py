@@ -408,11 +408,16 @@ def signal_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:
             proc.send_signal(sig)
 
 
-def preload() -> None:
+def preload() -> bool:
     """Import psutil, which the process-tree functions here import on first
     use: a process that will need them calls this when it has nothing else to
-    do, and its first drain does not wait for the import."""
-    import psutil  # noqa: F401
+    do, and its first drain does not wait for the import. False if it could
+    not be read now (out of descriptors): the caller may try again later."""
+    try:
+        import psutil  # noqa: F401
+    except OSError:
+        return False
+    return True
 
 
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:

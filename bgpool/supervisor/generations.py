@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import sys
 import time
@@ -322,7 +323,13 @@ class Generation:
             reply = json.loads(data)
             if reply["t"] != "spare":
                 return dict(reply)
-            self.spares.append((int(reply["pid"]), socket.socket(fileno=fds[0])))
+            pid = int(reply["pid"])
+            if fds:
+                self.spares.append((pid, socket.socket(fileno=fds[0])))
+            else:  # its socket was not passed: this process is out of descriptors
+                log.warning("spare %d of code generation %d dropped: out of descriptors for "
+                            "its socket", pid, self.number)  # fmt: skip
+                os.kill(pid, signal.SIGKILL)  # (our child, not reaped: its pid is its own)
         return None
 
     def close(self) -> None:

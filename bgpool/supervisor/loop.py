@@ -108,7 +108,8 @@ class Supervisor(Teardown):
         """Serve until shut down: wait on descriptors and timers, dispatch.
         The first time nothing happened for `IDLE_BEFORE_PRELOAD` seconds, load
         what only a drain needs (`platform.preload`), so that neither the
-        pool's start nor its drain waits for that import."""
+        pool's start nor its drain waits for that import (again at the next
+        such time if it found no free descriptor)."""
         preloaded = False
         while not self.finished:
             timeout = self.timers.next_timeout()
@@ -116,8 +117,7 @@ class Supervisor(Teardown):
                 timeout = IDLE_BEFORE_PRELOAD
             ready = self.selector.select(timeout)
             if not ready and not preloaded and timeout == IDLE_BEFORE_PRELOAD:
-                guarded(platform.preload)
-                preloaded = True
+                preloaded = platform.preload()
             for key, events in ready:
                 # An earlier handler in this batch may have closed this descriptor
                 # (a worker's exit closes its notify pipe): skip stale events.
