@@ -56,6 +56,10 @@ MAX_SOCKET_WAIT = 365 * 86400.0
 """Longest a socket wait is armed for: a far deadline (timeout=1e300) is legal,
 but the OS's timeout type cannot hold it."""
 
+HELLO_SECONDS = 10.0
+"""How long a client waits for the supervisor's hello (`Pool.start()` waits
+longer: the supervisor answers once it has loaded the targets' code)."""
+
 REPLY_MARGIN = 30.0
 """Seconds a client waits beyond a request's own duration (a restart's grace
 period, start()'s deadline) before it gives up on the supervisor."""
@@ -248,9 +252,10 @@ class PoolClient:
 
     # -- plumbing ------------------------------------------------------------
 
-    def _attach(self) -> None:
-        """Say hello to the supervisor; map its table; learn the named workers."""
-        hello = self._run(self._learn_scopes())
+    def _attach(self, wait: float = HELLO_SECONDS) -> None:
+        """Say hello to the supervisor (waiting `wait` seconds for its answer);
+        map its table; learn the named workers."""
+        hello = self._run(self._learn_scopes(wait))
         self._reached = True
         self._name = hello["name"]
         self._coordinated = bool(hello.get("coordinated"))
@@ -271,10 +276,11 @@ class PoolClient:
         self._directory[(scope_id, name)] = (offset, gen)
         self._ready[(scope_id, name)] = table.ready_check(offset, gen)
 
-    def _learn_scopes(self) -> Steps[protocol.Message]:
+    def _learn_scopes(self, wait: float = HELLO_SECONDS) -> Steps[protocol.Message]:
         """Ask the supervisor which scopes are declared (a reload may have
-        added some since); returns its whole hello."""
-        hello = yield _Exchange({"op": "hello"}, 10.0)
+        added some since), waiting `wait` seconds for its answer; returns its
+        whole hello."""
+        hello = yield _Exchange({"op": "hello"}, wait)
         self._scopes = {0: ""} | {int(sid): str(label) for sid, label in hello["scopes"]}
         return hello
 

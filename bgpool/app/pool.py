@@ -246,7 +246,9 @@ class Pool(PoolClient):
         finally:
             os.close(boot_r)
         try:
-            self._attach()
+            # it answers once it has loaded the targets' code: an import may
+            # take as long as a worker's boot
+            self._attach(self.config.ensure_timeout + REPLY_MARGIN)
             self._attached = True
             os.environ["BGPOOL_ADDRESS"] = self._address
             self._request({"op": "start"}, timeout=self.config.ensure_timeout + REPLY_MARGIN)

@@ -55,6 +55,11 @@ SPAWN_REPLY_SECONDS = 5.0
 SPAWN_WINDOW = 16
 """Spawn requests sent to a generation before the first answer is read."""
 
+SLOW_IMPORT_SECONDS = 10.0
+"""How long one import in a generation the supervisor waits for may take
+before the supervisor says so in its log, and again each time as long
+passes (it waits on: slow is not stuck)."""
+
 EXIT_SECONDS = 1.0
 """How long a generation that hung up before it loaded is waited for, for its
 exit status (it hangs up by exiting: a moment)."""
@@ -224,10 +229,23 @@ class Generation:
         return True
 
     def wait_loaded(self) -> bool:
-        """Block until the generation has loaded (True) or died (False)."""
-        while (loaded := self.take_load()) is None:
-            _readable(self.sock, None)
-        return loaded
+        """Block until the generation has loaded (True) or died (False). An
+        import that takes longer than `SLOW_IMPORT_SECONDS` is logged with its
+        module's name: one that never returns would otherwise hold up the
+        supervisor without a word."""
+        while True:
+            since = time.monotonic()
+            while not _readable(self.sock, SLOW_IMPORT_SECONDS):
+                doing = f"importing {self.importing}" if self.importing else "starting"
+                log.warning(
+                    "code generation %d has been %s for %.0f s (the supervisor waits for it; "
+                    "a module whose import does not return holds up the pool)",
+                    self.number,
+                    doing,
+                    time.monotonic() - since,
+                )
+            if (loaded := self.take_load()) is not None:
+                return loaded
 
     def without_culprit(self) -> dict[str, dict[str, Any]] | None:
         """For a generation that died importing a module: the `skipped` of the

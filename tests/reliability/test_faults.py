@@ -31,12 +31,14 @@ def faulty(name: str | None, target: str, **kwargs: Any) -> bgpool.WorkerSpec:
     return bgpool.WorkerSpec(name=name, target=f"fixtures.faults:{target}", **kwargs)
 
 
-def run_app(code: str, tmp_path: Path, timeout: float = 60.0) -> dict[str, Any]:
+def run_app(
+    code: str, tmp_path: Path, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run `code` as an application in a fresh interpreter; it writes its
     findings as JSON to the path in `OUT` (its stdio may be closed). They
     come back with its stderr (where its supervisor logs) as "stderr"."""
     out = tmp_path / "out.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(out)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(out), **(env or {})}
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
@@ -171,6 +173,50 @@ def test_a_spawn_out_of_descriptors_answers_at_once_and_frees_the_name(tmp_path:
     # nothing in the supervisor failed on the way (a spare offered once no
     # descriptor was left for its socket, psutil's import at an idle moment)
     assert "internal error" not in result["stderr"], result["stderr"]
+
+
+def test_a_slow_import_is_named_in_the_log_while_the_supervisor_waits(tmp_path: Path) -> None:
+    """A target module whose import does not return (here until the test
+    writes to a FIFO): the supervisor, which waits for its generation to
+    load, says in its log which module it is waiting on; once the import
+    returns, the pool starts as usual."""
+    release = tmp_path / "release.fifo"
+    os.mkfifo(release)
+    log = tmp_path / "supervisor.log"
+    result = run_app(
+        f"""
+        import json, os, threading, time
+        log = open({str(log)!r}, "w")
+        os.dup2(log.fileno(), 2)  # the supervisor's stderr, where it logs
+        import bgpool
+        config = bgpool.PoolConfig(workers=[
+            bgpool.WorkerSpec(name="slow", target="fixtures.slow_import:run")
+        ])
+        pool = bgpool.Pool(config)
+        started = threading.Thread(target=pool.start)
+        t0 = time.monotonic()
+        started.start()
+        deadline = time.monotonic() + 40
+        while "importing fixtures.slow_import" not in open({str(log)!r}).read():
+            assert time.monotonic() < deadline, "no warning"
+            time.sleep(0.05)
+        warned = time.monotonic() - t0
+        with open(os.environ["RELEASE"], "wb") as fifo:
+            fifo.write(b"x")
+        started.join()
+        pool.ensure("slow", timeout=10)
+        found = {{"warned_after": warned, "state": pool.diagnostics("slow").state}}
+        pool.shutdown()
+        with open(os.environ["OUT"], "w") as f:
+            json.dump(found, f)
+        """,
+        tmp_path,
+        env={"RELEASE": str(release)},
+    )
+    assert result["state"] == "ready", result
+    assert result["warned_after"] >= 9.0, "warned before the import was slow"
+    text = log.read_text()
+    assert "code generation 1 has been importing fixtures.slow_import for 10 s" in text, text
 
 
 def test_a_failed_start_leaves_no_shared_memory(tmp_path: Path) -> None:
