@@ -31,6 +31,7 @@ at once, too, so the targets load while it imports its own modules.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import logging
@@ -347,7 +348,8 @@ class Generation:
             else:  # its socket was not passed: this process is out of descriptors
                 log.warning("spare %d of code generation %d dropped: out of descriptors for "
                             "its socket", pid, self.number)  # fmt: skip
-                os.kill(pid, signal.SIGKILL)  # (our child, not reaped: its pid is its own)
+                with contextlib.suppress(ProcessLookupError):  # (our child: not reaped yet)
+                    os.kill(pid, signal.SIGKILL)
         return None
 
     def close(self) -> None:
