@@ -365,27 +365,6 @@ def test_target_whose_module_fails_to_import(make_pool: Any) -> None:
     pool.ensure("fine")  # the rest of the pool is unaffected
 
 
-def test_eager_target_whose_module_fails_to_import(make_pool: Any) -> None:
-    pool = make_pool(
-        [
-            bgpool.WorkerSpec(
-                name="broken",
-                target="fixtures.broken_import:run",
-                num=1,
-                max_consecutive_failures=2,
-            ),
-            spec("fine", "idle", num=1),
-        ],
-        start=False,
-    )
-    with pytest.raises(bgpool.StartupError) as info:
-        pool.start()
-    assert "broken" in str(info.value) and "ModuleNotFoundError" in str(info.value)
-    (diag,) = info.value.diagnostics
-    _check_import_error(diag)
-    assert not psutil.Process().children(recursive=True), "start() failed but left processes"
-
-
 def test_target_whose_import_ends_the_process(make_pool: Any) -> None:
     """Its module's import kills the code generation (os._exit(3)): the
     generation is loaded again without it, so the rest of the pool starts,
@@ -409,12 +388,17 @@ def test_target_whose_import_ends_the_process(make_pool: Any) -> None:
     assert after != before and pool.diagnostics("fine").state == "ready"
 
 
-def test_eager_target_whose_import_ends_the_process(make_pool: Any) -> None:
+@pytest.mark.parametrize(
+    ("module", "cause"),
+    [("broken_import", "ModuleNotFoundError"), ("exits_at_import", "exit status 3")],
+    ids=["fails-to-import", "ends-the-process"],
+)
+def test_eager_target_whose_module_cannot_load(make_pool: Any, module: str, cause: str) -> None:
     pool = make_pool(
         [
             bgpool.WorkerSpec(
-                name="exits",
-                target="fixtures.exits_at_import:run",
+                name="broken",
+                target=f"fixtures.{module}:run",
                 num=2,
                 max_consecutive_failures=2,
             ),
@@ -424,8 +408,12 @@ def test_eager_target_whose_import_ends_the_process(make_pool: Any) -> None:
     )
     with pytest.raises(bgpool.StartupError) as info:
         pool.start()
-    assert '"exits"' in str(info.value) and "exit status 3" in str(info.value), info.value
-    assert [d.name for d in info.value.diagnostics] == ["exits"], info.value.diagnostics
+    assert '"broken"' in str(info.value) and cause in str(info.value), info.value
+    (diag,) = info.value.diagnostics  # "fine" started: the failure is the module's alone
+    if module == "broken_import":
+        _check_import_error(diag)
+    else:
+        assert diag.name == "broken" and diag.last_exit_status == 3, diag
     assert not psutil.Process().children(recursive=True), "start() failed but left processes"
 
 
