@@ -6,6 +6,7 @@ instance goes through, and that every move it made is one the table allows.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -44,6 +45,7 @@ class Machine(Supervisor):
             ensure_timeout=5.0, grace_period=3.0, restart_grace_period=2.0,
             start_method="spawn", max_vars_bytes=1 << 16, root=os.getcwd(), log_lines=100,
         )  # fmt: skip
+        self.published: list[tuple[State, bool]] = []  # each table write: state, name ready
         super().__init__(decls, settings, os.getpid(), address, new_name())
         self.timers = Timers(clock)
         self.moves: list[tuple[str, str]] = []
@@ -53,6 +55,10 @@ class Machine(Supervisor):
     ) -> None:
         self.moves.append((inst.state.label, target.label))
         super()._transition(inst, target, detail, level)
+
+    def _publish(self, inst: Instance) -> None:
+        self.published.append((inst.state, inst.worker.name_ready))
+        super()._publish(inst)
 
     def _newest_code(self) -> None:
         return None  # no code generation is loaded, so no target is checked
@@ -207,6 +213,23 @@ def test_a_crash_after_readiness_restarts_and_is_never_aborted(machine: Machine)
     assert state(inst) == State.READY and inst.crashes == 10
     assert ("ready", "crashed") in machine.moves
     assert_only_allowed_moves(machine)
+
+
+def test_an_instance_aborted_by_max_restarts_is_never_published_ready(tmp_path: Path) -> None:
+    """The name stops being ready in the same table write that shows the
+    instance aborted: a reader that saw it aborted, then called `ensure()`,
+    could otherwise take the name for ready (found by CI, once)."""
+    sup = Machine([dataclasses.replace(decl(), max_restarts=0)], str(tmp_path / "c.sock"), Clock())
+    try:
+        inst = the_instance(sup)
+        sup.start_eager()
+        sup.ready(inst)
+        sup.exit(inst, 1)
+        assert state(inst) == State.ABORTED and not inst.worker.name_ready
+        assert (State.ABORTED, True) not in sup.published, sup.published
+        assert (State.ABORTED, False) in sup.published
+    finally:
+        sup.release()
 
 
 def test_a_clean_exit_is_paced(machine: Machine) -> None:

@@ -516,9 +516,9 @@ class Lifecycle(Drains):
                 if exhausted
                 else f"gave up after {inst.failures} consecutive boot failures"
             )
-            self._transition(inst, State.ABORTED, f"{why}; last: {words}", logging.ERROR)
             if exhausted:
                 self._exhausted(inst)
+            self._transition(inst, State.ABORTED, f"{why}; last: {words}", logging.ERROR)
             if decl.name is None:
                 self._release(worker)
             self._settle_all()
@@ -552,17 +552,20 @@ class Lifecycle(Drains):
         return policy.restarts_exhausted(len(inst.crash_times), decl.max_restarts)
 
     def _exhausted(self, inst: Instance) -> None:
-        """`inst` was aborted for its restart intensity: what waiters (and
+        """`inst` is to be aborted for its restart intensity: what waiters (and
         later `ensure()` calls) hear from now on is said once; a name none of
         whose instances is left is not ready any more, so `ensure()` asks the
-        supervisor and hears it."""
+        supervisor and hears it. Called before the move to ABORTED, whose
+        publication then shows the name not ready at once: a reader that
+        sees the instance aborted never sees the name still ready."""
         worker, decl = inst.worker, inst.worker.decl
         assert worker.last_failure is not None and decl.max_restarts is not None
         inst.exhausted = texts.restarts_exhausted(
             worker.name, len(inst.crash_times), decl.restart_window, decl.max_restarts,
             worker.last_failure,
         )  # fmt: skip
-        if worker.aborted and worker.name_ready:
+        others = [other for other in worker.instances if other is not inst]
+        if worker.name_ready and all(other.state == State.ABORTED for other in others):
             worker.name_ready = False
-            for other in worker.instances:
+            for other in others:
                 self._publish(other)
