@@ -252,10 +252,11 @@ class Generation:
         """For a generation that died importing a module: the `skipped` of the
         next attempt at its code (its own, and that module, with why); None
         if it died in no import, where a next attempt would die as well."""
+        from .instances import policy_error  # here: this module is loaded before the seed forks
+
         if self.importing is None:
             return None
-        why = {"type": "ImportError", "message": f"code generation {self.number}: {self.death}",
-               "filename": None, "lineno": None, "traceback": ""}  # fmt: skip
+        why = policy_error("ImportError", f"code generation {self.number}: {self.death}")
         return {**self.skipped, self.importing: why}
 
     def failure(self, decl: Decl) -> dict[str, Any] | None:
