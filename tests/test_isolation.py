@@ -42,6 +42,7 @@ from helpers import (
 )
 
 import bgpool
+from bgpool import _heap
 
 
 def _reports(
@@ -301,6 +302,19 @@ def test_spawn_start_method(make_pool: Any, sentinel_dir: Path) -> None:
     sup = supervisor_of(r["pid"])
     assert sorted(pipe_holders(r["stop_pipe_inode"], tree_pids())) == sorted([r["pid"], sup.pid])
     assert state(the_status(pool, "s").state) == "ready"
+
+
+@pytest.mark.skipif(not _heap.IMMORTAL_OBJECTS, reason="immortal objects: Python 3.12 and later")
+def test_what_generations_load_is_immortal_in_forked_workers(
+    make_pool: Any, sentinel_dir: Path
+) -> None:
+    """A forked worker writes no reference count of what its seed (bgpool's
+    runtime) and generation (its target's module) loaded, so their pages stay
+    shared; a spawned worker imported them itself, as any interpreter does."""
+    _pool, forked = _reports(make_pool, sentinel_dir, ["f"], start_method="fork")
+    assert forked["f"]["immortal"] == [True, True]
+    _pool, spawned = _reports(make_pool, sentinel_dir, ["s"], start_method="spawn")
+    assert spawned["s"]["immortal"] == [False, False]
 
 
 # ------------------------------------------------------------- control socket

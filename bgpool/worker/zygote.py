@@ -53,7 +53,7 @@ from collections.abc import Callable
 from types import CodeType, ModuleType
 from typing import Any, NoReturn
 
-from .. import platform, texts
+from .. import _heap, platform, texts
 from . import runtime
 
 MAX_PACKET = 1 << 20
@@ -195,6 +195,18 @@ def _set_apart(sock: socket.socket, name: str, title: str) -> None:
     platform.set_process_name(name.encode())  # after the title, which set the comm too
 
 
+def _keep_shared() -> None:
+    """Keep what this process has loaded shared with the processes it forks:
+    never collected (`gc.freeze()`), and on 3.12 and later immortal, so that
+    no reference to it writes its page (`bgpool/_heap.c` says why and what it
+    costs). The seed does it first: a generation then writes only to what it
+    loaded itself, not to the pages it shares with the seed."""
+    if _heap.IMMORTAL_OBJECTS:
+        gc.unfreeze()  # get_objects() lists only what is not frozen
+        _heap.immortalize(gc.get_objects())
+    gc.freeze()
+
+
 def seed(sock: socket.socket, pool: str) -> NoReturn:
     """Entry point of the seed of pool `pool` (its label in process titles),
     forked by the supervisor before it imports its own modules: each
@@ -204,7 +216,7 @@ def seed(sock: socket.socket, pool: str) -> NoReturn:
     code = 1
     try:
         _set_apart(sock, "bgpool-seed", texts.process_title("seed", pool))
-        gc.freeze()
+        _keep_shared()
         _fork_on_request(sock, 1, _generation)
         code = 0
     finally:
@@ -233,7 +245,7 @@ def serve(sock: socket.socket, request: dict[str, Any]) -> NoReturn:
         failures = _load(sock, request["modules"], request["scripts"], request["targets"])
         for _ in range(WARM_UPS):
             _rehearse()
-        gc.freeze()  # what is loaded now is shared with every worker, untouched
+        _keep_shared()
         gc.enable()
         loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
         sock.send(json.dumps(loaded).encode())

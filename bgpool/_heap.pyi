@@ -1,0 +1,3 @@
+IMMORTAL_OBJECTS: bool
+
+def immortalize(objects: list[object], /) -> int: ...
