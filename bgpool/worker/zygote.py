@@ -200,7 +200,9 @@ def _keep_shared() -> None:
     never collected (`gc.freeze()`), and on 3.12 and later immortal, so that
     no reference to it writes its page (`bgpool/_heap.c` says why and what it
     costs). The seed does it first: a generation then writes only to what it
-    loaded itself, not to the pages it shares with the seed."""
+    loaded itself, not to the pages it shares with the seed. Called with the
+    collector disabled: between unfreeze() and freeze() a collection would
+    walk everything, writing to every page."""
     if _heap.IMMORTAL_OBJECTS:
         gc.unfreeze()  # get_objects() lists only what is not frozen
         _heap.immortalize(gc.get_objects())
@@ -215,6 +217,7 @@ def seed(sock: socket.socket, pool: str) -> NoReturn:
     supervisor does. Never returns."""
     code = 1
     try:
+        gc.disable()  # it only forks; and a collection must not catch what _keep_shared unfroze
         _set_apart(sock, "bgpool-seed", texts.process_title("seed", pool))
         _keep_shared()
         _fork_on_request(sock, 1, _generation)
