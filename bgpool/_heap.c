@@ -105,13 +105,11 @@ reach_referents(PyObject *op, Pending *pending)
     return traverse(op, reach, pending);
 }
 
-static PyObject *
-heap_immortalize(PyObject *Py_UNUSED(module), PyObject *objects)
+/* Make every object in `objects`, and all they reach, immortal; how many were
+made so. */
+static Py_ssize_t
+immortalize_all(PyObject *objects)
 {
-    if (!PyList_Check(objects)) {
-        PyErr_SetString(PyExc_TypeError, "immortalize() takes a list (gc.get_objects())");
-        return NULL;
-    }
     Pending pending = {NULL, 0, 0, 0};
     int failed = 0;
     /* Every listed object's referents are visited, even an immortal one's: a
@@ -125,18 +123,25 @@ heap_immortalize(PyObject *Py_UNUSED(module), PyObject *objects)
         }
     }
     PyMem_Free(pending.items);
-    return failed ? NULL : PyLong_FromSsize_t(pending.made);
-}
-
-#else
-
-static PyObject *
-heap_immortalize(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(objects))
-{
-    return PyLong_FromLong(0);
+    return failed ? -1 : pending.made;
 }
 
 #endif
+
+static PyObject *
+heap_immortalize(PyObject *Py_UNUSED(module), PyObject *objects)
+{
+    if (!PyList_Check(objects)) {
+        PyErr_SetString(PyExc_TypeError, "immortalize() takes a list (gc.get_objects())");
+        return NULL;
+    }
+#if HAVE_IMMORTAL
+    Py_ssize_t made = immortalize_all(objects);
+    return made < 0 ? NULL : PyLong_FromSsize_t(made);
+#else
+    return PyLong_FromLong(0);
+#endif
+}
 
 static PyMethodDef methods[] = {
     {"immortalize", heap_immortalize, METH_O,

@@ -1,15 +1,16 @@
-"""Pure building blocks: timers, message framing, failure texts."""
+"""Pure building blocks: timers, message framing, failure texts, immortal objects."""
 
 from __future__ import annotations
 
 import json
 import socket
 import struct
+import sys
 from typing import Any
 
 import pytest
 
-from bgpool import protocol, texts
+from bgpool import _heap, protocol, texts
 from bgpool.supervisor.timers import Timers
 
 
@@ -118,3 +119,43 @@ def test_abort_and_boot_texts_follow_spec() -> None:
         "(raise max_instances or declare it as a named worker)"
     )
     assert texts.not_declared("x") == 'no background worker configured for name "x"'
+
+
+def _graph() -> dict[str, Any]:
+    """Objects that reach nothing global: a dict holding a list and a code
+    object, whose constants are fresh objects of their own."""
+    code = compile("x = ('a', 'b' * 3, 12345678901)", "<graph>", "exec")
+    return {"list": [object()], "code": code}
+
+
+def _immortal(obj: object) -> bool:
+    return sys.getrefcount(obj) == sys.getrefcount(None)
+
+
+@pytest.mark.skipif(not _heap.IMMORTAL_OBJECTS, reason="immortal objects: Python 3.12 and later")
+def test_immortalize_reaches_containers_and_code_constants() -> None:
+    graph = _graph()
+    code = graph["code"]
+    constants = code.co_consts[0]
+    reached = [graph, graph["list"], graph["list"][0], code, constants, constants[2]]
+    assert not any(_immortal(o) for o in reached)
+    assert _heap.immortalize([graph]) >= len(reached)
+    assert all(_immortal(o) for o in reached)
+    assert _heap.immortalize([graph]) == 0
+    graph["later"] = [object()]  # into a container made immortal before
+    assert _heap.immortalize([graph]) == 2
+    assert _immortal(graph["later"]) and _immortal(graph["later"][0])
+
+
+@pytest.mark.skipif(_heap.IMMORTAL_OBJECTS, reason="Python 3.12 and later have immortal objects")
+def test_immortalize_does_nothing_without_immortal_objects() -> None:
+    graph = _graph()
+    before = sys.getrefcount(graph["list"])
+    assert _heap.immortalize([graph]) == 0
+    after = sys.getrefcount(graph["list"])
+    assert after == before
+
+
+def test_immortalize_takes_a_list() -> None:
+    with pytest.raises(TypeError, match="list"):
+        _heap.immortalize((object(),))  # type: ignore[arg-type]
