@@ -8,8 +8,8 @@ what the caller asked for, or would forge a log line.
 
 from __future__ import annotations
 
+import _thread
 import itertools
-import threading
 import unicodedata
 
 _UNPRINTABLE = frozenset({"Cc", "Zl", "Zp"})  # C0, DEL, C1 controls; U+2028, U+2029
@@ -87,7 +87,7 @@ class Scope:
 GLOBAL_SCOPE = Scope(0, "")
 
 _scope_ids = itertools.count(1)
-_scope_lock = threading.Lock()
+_scope_lock = _thread.allocate_lock()  # not threading's: worker/handle.py says why
 
 
 def next_scope(label: str = "") -> Scope:

@@ -88,6 +88,7 @@ def set_process_name(name: bytes) -> None:
 
 
 _titled = False  # setproctitle has found this process's command line (forks inherit it)
+_set_title: Callable[[str], None] | None = None
 
 
 def set_process_title(title: str) -> None:
@@ -101,22 +102,49 @@ def set_process_title(title: str) -> None:
     is then cut to the length of the command line the process was started with.
     setproctitle reads `SPT_NOENV` once, at its first title in a process image:
     it is set for that call only, so workers do not inherit it."""
-    global _titled
-    import setproctitle
-
+    global _titled, _set_title
+    if _set_title is None:
+        _set_title = _setproctitle()
     if _titled:
-        setproctitle.setproctitle(title)
+        _set_title(title)
         return
     before = os.environ.get("SPT_NOENV")
     os.environ["SPT_NOENV"] = "1"
     try:
-        setproctitle.setproctitle(title)
+        _set_title(title)
     finally:
         if before is None:
             del os.environ["SPT_NOENV"]
         else:
             os.environ["SPT_NOENV"] = before
     _titled = True
+
+
+def _setproctitle() -> Callable[[str], None]:
+    """setproctitle's `setproctitle()`, from its C module loaded without the
+    package around it when it can be: the package imports `logging`, and with
+    it `threading`, whose after-fork hooks every process forked from one that
+    imported them runs. The seed, which every worker is forked from, imports
+    what workers need and nothing else (`zygote.seed`); the two hooks made each
+    worker keep about 200 KiB more of its own on 3.11."""
+    from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, FileFinder, PathFinder
+    from importlib.util import module_from_spec
+
+    name = "setproctitle._setproctitle"
+    package = None if name in sys.modules else PathFinder.find_spec("setproctitle")
+    for directory in (package and package.submodule_search_locations) or []:
+        spec = FileFinder(directory, (ExtensionFileLoader, EXTENSION_SUFFIXES)).find_spec(name)
+        if spec is not None and spec.loader is not None:
+            module = module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module  # what a later `import setproctitle` takes
+            break
+    if name in sys.modules:
+        setter: Callable[[str], None] = sys.modules[name].setproctitle
+        return setter
+    import setproctitle  # a layout we do not know: the package, and its imports
+
+    return setproctitle.setproctitle
 
 
 def fork_sibling() -> int:

@@ -317,6 +317,21 @@ def test_what_generations_load_is_immortal_in_forked_workers(
     assert spawned["s"]["immortal"] == [False, False]
 
 
+def test_a_forked_worker_holds_no_module_with_an_after_fork_hook_its_code_did_not_import(
+    make_pool: Any, sentinel_dir: Path
+) -> None:
+    """threading and logging register hooks that every process forked from
+    one that imported them runs (they made each 3.11 worker keep about 200
+    KiB of its own): the supervisor imports both, but what a worker is forked
+    from (the seed, then a generation) holds neither unless the target's
+    module imports them."""
+    report = sentinel_dir / "plain.json"
+    target = "fixtures.plain_worker:report"
+    make_pool([bgpool.WorkerSpec(name="p", target=target, num=1, env={"REPORT": str(report)})],
+              start_method="fork")  # fmt: skip
+    assert wait_for(functools.partial(read_json, report), what="report")["loaded"] == []
+
+
 # ------------------------------------------------------------- control socket
 
 

@@ -40,6 +40,7 @@ import select
 import signal
 import socket
 import sys
+import sysconfig
 import time
 from typing import Any
 
@@ -66,23 +67,20 @@ EXIT_SECONDS = 1.0
 exit status (it hangs up by exiting: a moment)."""
 
 
-def start_seed(pool: str) -> socket.socket:
-    """Fork the seed generations are forked from (`zygote.seed`; `pool` is the
-    pool's label in process titles); the socket to it. Called before the
-    supervisor imports its own modules."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    if os.fork() == 0:  # pragma: no cover - the child never returns
-        ours.close()
-        zygote.seed(theirs, pool)
-    theirs.close()
-    return ours
-
-
 def module_path(root: str) -> list[str]:
     """The module search path of generations and spawned workers: the pool's
     `root` first, then the application's `sys.path` (the supervisor's), so a
     module target resolves the same from any current directory."""
     return [root, *(entry for entry in sys.path if entry != root)]
+
+
+def _installed() -> list[str]:
+    """The interpreter's own module directories (the standard library and
+    installed packages, which nobody edits in place), for a generation to
+    trust the bytecode cached there (`zygote._fresh_imports`; there, sysconfig
+    would import threading, which a generation does not hold: `zygote.seed`)."""
+    paths = sysconfig.get_paths()
+    return sorted({paths[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 def _readable(sock: socket.socket, timeout: float | None) -> bool:
@@ -158,6 +156,7 @@ class Generation:
             "modules": sorted({t.partition(":")[0] for t in targets} - self.skipped.keys()),
             "scripts": sorted({d.script for d in decls if d.script is not None}),
             "targets": targets,
+            "installed": _installed(),
         }
         self.number = number
         self.started = time.monotonic()
@@ -291,9 +290,7 @@ class Generation:
             if self._receive(0) is not None:
                 raise OSError(errno.EPROTO, "it answered a request it was not sent")
             for index, boot in enumerate(boots):
-                names = [name for name in Boot.FDS if getattr(boot, name) is not None]
-                data = json.dumps({"t": "spawn", "boot": boot.__dict__, "fds": names}).encode()
-                fds = [getattr(boot, name) for name in names]
+                data, fds = boot.request()
                 results[index] = self._to_spare(data, fds)
                 if results[index] is None:
                     socket.send_fds(self.sock, [data], fds)

@@ -1,8 +1,8 @@
 """The supervisor process's entry point: read the bootstrap the application sent,
 fork the seed that code generations are forked from (before importing the
-supervisor's own modules, so that generations and workers do not carry them),
-set up logging, then run the `Supervisor` (which imports no user code: its code
-generations do, see `generations.py`).
+supervisor's own modules and logging, so that generations and workers do not
+carry them), set up logging (`logsetup.py`), then run the `Supervisor` (which
+imports no user code: its code generations do, see `generations.py`).
 
 Started by `Pool.start()` as a fresh interpreter (`python -c "...main()"`).
 """
@@ -11,76 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
+import socket
 import sys
 import traceback
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from .. import platform, texts
 from ..launch import TRANSITIONS_SHOWN
-from .generations import Generation, module_path, start_seed
+from ..worker import zygote
 from .registry import Decl
 
-if TYPE_CHECKING:
-    from .relay import Relay
 
-log = logging.getLogger("bgpool")
-
-
-_LOG_FORMAT = "bgpool[%(process)d] %(levelname)s %(message)s"
-
-LOG_LINE_CHARS = 2000
-"""The longest log line the supervisor writes: a worker's 10 kB exception
-message is cut, saying how much was left out."""
-
-
-class _Formatter(logging.Formatter):
-    """bgpool's log format, every record cut to `LOG_LINE_CHARS`."""
-
-    def __init__(self) -> None:
-        super().__init__(_LOG_FORMAT)
-
-    def format(self, record: logging.LogRecord) -> str:
-        return texts.clip(super().format(record), LOG_LINE_CHARS)
-
-
-class _RelayHandler(logging.Handler):
-    """Log records through the output relay, so logging never blocks the loop
-    on a stderr nobody reads (the relay queues and writes when it can)."""
-
-    def __init__(self, relay: Relay) -> None:
-        super().__init__()
-        self._relay = relay
-        self.setFormatter(_Formatter())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._relay.write_log(self.format(record))
-        except Exception:
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def _logging_to_stderr(level: str) -> Iterator[None]:
-    """Plain stderr logging until the loop's relay takes over (`_relay_logging`)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        for other in list(log.handlers):
-            log.removeHandler(other)
-
-
-def _relay_logging(relay: Relay) -> None:
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-    log.addHandler(_RelayHandler(relay))
+def start_seed(pool: str) -> socket.socket:
+    """Fork the seed generations are forked from (`zygote.seed`; `pool` is the
+    pool's label in process titles); the socket to it. Called before the
+    supervisor imports its own modules, and logging."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:  # pragma: no cover - the child never returns
+        ours.close()
+        zygote.seed(theirs, pool)
+    theirs.close()
+    return ours
 
 
 def main() -> NoReturn:
@@ -121,20 +73,26 @@ def _serve() -> None:
     pool = texts.pool_label(bootstrap["settings"]["name"], os.environ["BGPOOL_ADDRESS"])
     platform.set_process_title(texts.process_title("supervisor", pool))
     decls = [Decl.from_message(d) for d in bootstrap["workers"]]
-    # First, before the supervisor's own modules are imported: the process
-    # every generation, and so every worker, is forked from; then the first
-    # generation, which loads the targets while the supervisor imports.
-    seed, first = None, None
-    if bootstrap["settings"]["start_method"] == "fork":
-        seed = start_seed(pool)
+    # First, before the supervisor's own modules and logging are imported
+    # (`zygote.seed` says why): the process every generation, and so every
+    # worker, is forked from; then the first generation, which loads the
+    # targets while the supervisor imports.
+    seed = start_seed(pool) if bootstrap["settings"]["start_method"] == "fork" else None
+    from .generations import Generation, module_path
+
+    first = None
+    if seed is not None:
         root = bootstrap["settings"]["root"]
         with contextlib.suppress(OSError):  # the first spawn asks again, and says why
             first = Generation(1, decls, seed, module_path(root), pool)
+    import logging
+
     from ..naming import NameLock
     from .core import Settings
+    from .logsetup import logging_to_stderr, relay_logging
     from .loop import Supervisor
 
-    with _logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
+    with logging_to_stderr(os.environ.get("BGPOOL_LOG_LEVEL", "WARNING").upper()):
         logging.getLogger("bgpool.transitions").disabled = transitions_shown
         # A named pool's: the owner took it, and we hold it (and remove the
         # socket and pid file) until we exit.
@@ -162,7 +120,7 @@ def _serve() -> None:
                 boot.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
             raise SystemExit(1) from None
         supervisor.relay.decorate(**bootstrap["relay"])
-        _relay_logging(supervisor.relay)
+        relay_logging(supervisor.relay)
         try:
             supervisor.install_signals()
             with boot:

@@ -20,7 +20,8 @@ no request waits, a generation keeps two **spares** forked ahead (`_Spare`,
 next requests to them itself: a cold start or a crash restart then waits for
 no fork, and for no hop through this process.
 
-The socket is SOCK_SEQPACKET, one JSON message per packet. This process sends
+The socket is SOCK_SEQPACKET, one message per packet, JSON but for the spawn
+requests. This process sends
 ``{"t": "importing", "module": name}`` before it imports each module (if
 that import ends the process, with `os._exit()`, a crash in an extension
 module or the OOM killer, the supervisor knows which module it was, and loads
@@ -28,14 +29,15 @@ a generation without it) and
 ``{"t": "loaded", "failures": {target: error}, "threads": n}`` once all are; then
 ``{"t": "spare", "pid": n}`` for each spare, with the supervisor's end of the
 spare's own socket as SCM_RIGHTS (the supervisor sends a spawn request there,
-as it would here); and it answers each ``{"t": "spawn", "boot": {...}}`` (its
-pipe ends passed along as SCM_RIGHTS, in the order of `Boot.FDS`) with
+as it would here); and it answers each spawn request (a `Boot`, in the
+format `Boot.request()` makes, with its pipe ends as SCM_RIGHTS) with
 ``{"t": "spawned", "pid": n}`` or ``{"t": "failed", "errno": n}``. It exits
 when the supervisor closes its end.
 """
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import gc
 import importlib
@@ -47,8 +49,6 @@ import select
 import signal
 import socket
 import sys
-import sysconfig
-import threading
 from collections.abc import Callable
 from types import CodeType, ModuleType
 from typing import Any, NoReturn
@@ -95,20 +95,18 @@ class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
         return super().get_code(fullname)
 
 
-def _fresh_imports() -> None:
+def _fresh_imports(installed: list[str]) -> None:
     """Look for modules on disk as a new interpreter would, with `_FreshSourceLoader`,
-    in every directory but the interpreter's own (the standard library and
-    installed packages, which nobody edits in place)."""
+    in every directory but the interpreter's own, `installed` (the standard
+    library and installed packages, which nobody edits in place)."""
     loaders = [
         (_FreshSourceLoader, importlib.machinery.SOURCE_SUFFIXES),
         (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
         (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
     ]
     sys.path_hooks.insert(0, importlib.machinery.FileFinder.path_hook(*loaders))
-    paths = sysconfig.get_paths()
-    installed = tuple({paths[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")})
     for directory in list(sys.path_importer_cache):
-        if not (directory + os.sep).startswith(installed) and not directory.endswith(".zip"):
+        if not (directory + os.sep).startswith(tuple(installed)) and not directory.endswith(".zip"):
             del sys.path_importer_cache[directory]
 
 
@@ -214,7 +212,13 @@ def seed(sock: socket.socket, pool: str) -> NoReturn:
     forked by the supervisor before it imports its own modules: each
     generation is forked from here (as a child of the supervisor), so a
     generation, and every worker, holds what workers need and not what the
-    supervisor does. Never returns."""
+    supervisor does. Never returns.
+
+    Nor does it hold `threading` or `logging` unless a target's module
+    imports them (the supervisor forks it before it imports logging, and
+    nothing of bgpool's that workers need imports either): each registers a
+    hook that every process forked from one that imported it runs, and on
+    3.11 the two made each worker keep about 200 KiB more of its own."""
     code = 1
     try:
         gc.disable()  # it only forks; and a collection must not catch what _keep_shared unfroze
@@ -233,24 +237,27 @@ def _generation(data: bytes, fds: list[int]) -> NoReturn:
 
 def serve(sock: socket.socket, request: dict[str, Any]) -> NoReturn:
     """Entry point of the generation `request` describes (its number, module
-    search path, modules, scripts and module targets, and the pool's label in
-    process titles), a child of the
-    supervisor (forked from the seed, or from the supervisor itself); never
-    returns."""
+    search path, modules, scripts and module targets, the pool's label in
+    process titles, and the interpreter's own module directories), a child
+    of the supervisor (forked from the seed, or from the supervisor itself);
+    never returns."""
     code = 1
     try:
         gc.disable()  # nothing of the supervisor's may be collected: its objects hold its fds
         number = request["number"]
         title = texts.process_title(f"generation {number}", request["pool"])
         _set_apart(sock, f"bgpool-gen{number}", title)
+        runtime.line_buffered_output()  # for every worker it forks
         sys.path[:] = request["path"]
-        _fresh_imports()
+        _fresh_imports(request["installed"])
         failures = _load(sock, request["modules"], request["scripts"], request["targets"])
         for _ in range(WARM_UPS):
             _rehearse()
         _keep_shared()
         gc.enable()
-        loaded = {"t": "loaded", "failures": failures, "threads": threading.active_count()}
+        # _thread's count of the threads started (threading's are too):
+        # nothing of bgpool's imports threading here (`seed` says why)
+        loaded = {"t": "loaded", "failures": failures, "threads": _thread._count() + 1}
         sock.send(json.dumps(loaded).encode())
         spare_title = texts.process_title(f"spare {number}", request["pool"])
         _fork_on_request(sock, len(runtime.Boot.FDS), _worker, spare_title)
@@ -267,25 +274,17 @@ def _worker(data: bytes, fds: list[int]) -> NoReturn:
 
 def _become(data: bytes, fds: list[int]) -> NoReturn:
     """Run the worker a spawn request describes, in a prepared child."""
-    runtime.run_forked(_decode(data, fds))
-
-
-def _decode(data: bytes, fds: list[int]) -> runtime.Boot:
-    """The Boot a spawn request describes, with `fds` as its descriptors."""
-    request = json.loads(data)
-    fields = request["boot"]
-    fields.update(zip(request["fds"], fds, strict=True))  # our numbers for its descriptors
-    return runtime.Boot(**fields)
+    runtime.run_forked(runtime.Boot.from_request(data, fds))
 
 
 def _made_up_request() -> bytes:
-    """A spawn request as the supervisor makes them (`Generation.spawn_many`),
-    with made-up values, to rehearse with (`_rehearse`)."""
-    values = {"str": "", "int": 0, "str | None": None, "int | None": None,
+    """A spawn request with made-up values, to rehearse with (`_rehearse`)."""
+    values: dict[str, Any] = {"str": "", "int": 0, "str | None": None, "int | None": None,
               "float | None": None, "list[str]": [],
               "dict[str, str]": {}, "float": 0.0}  # fmt: skip
     boot = {field.name: values[str(field.type)] for field in dataclasses.fields(runtime.Boot)}
-    return json.dumps({"t": "spawn", "boot": boot, "fds": list(runtime.Boot.FDS)}).encode()
+    descriptors = dict.fromkeys(runtime.Boot.FDS, -1)  # as relayed output has them all
+    return runtime.Boot(**{**boot, **descriptors}).request()[0]
 
 
 MADE_UP_REQUEST = _made_up_request()
@@ -294,7 +293,7 @@ MADE_UP_REQUEST = _made_up_request()
 def _rehearse() -> None:
     """Take the first steps of every worker on made-up values: decode a spawn
     request, then `runtime.warm_up()`."""
-    _decode(MADE_UP_REQUEST, [-1] * len(runtime.Boot.FDS))
+    runtime.Boot.from_request(MADE_UP_REQUEST, [-1] * len(runtime.Boot.FDS))
     runtime.warm_up()
 
 
