@@ -125,8 +125,8 @@ def _setproctitle() -> Callable[[str], None]:
     package around it when it can be: the package imports `logging`, and with
     it `threading`, whose after-fork hooks every process forked from one that
     imported them runs. The seed, which every worker is forked from, imports
-    what workers need and nothing else (`zygote.seed`); the two hooks made each
-    worker keep about 200 KiB more of its own on 3.11."""
+    what workers need and nothing else (`zygote.seed` says what the hooks
+    cost)."""
     from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, FileFinder, PathFinder
     from importlib.util import module_from_spec
 

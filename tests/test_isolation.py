@@ -321,8 +321,8 @@ def test_a_forked_worker_holds_no_module_with_an_after_fork_hook_its_code_did_no
     make_pool: Any, sentinel_dir: Path
 ) -> None:
     """threading and logging register hooks that every process forked from
-    one that imported them runs (they made each 3.11 worker keep about 200
-    KiB of its own): the supervisor imports both, but what a worker is forked
+    one that imported them runs (they made each 3.11 worker keep about 290
+    KiB more of its own): the supervisor imports both, but what a worker is forked
     from (the seed, then a generation) holds neither unless the target's
     module imports them."""
     report = sentinel_dir / "plain.json"

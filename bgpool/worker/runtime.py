@@ -75,8 +75,8 @@ class Boot:
         (`from_request()` reads it) and the descriptors to pass with it as
         SCM_RIGHTS. In marshal's format, not JSON: the worker decodes it, and
         on 3.11, where reading an object writes its reference count, json's
-        decoder made each worker keep 240 KiB of pages of its own (marshal,
-        in C, about N); both ends run the same interpreter (a generation is
+        decoder made each worker keep about 80 KiB more of its own than
+        marshal's; both ends run the same interpreter (a generation is
         forked from its supervisor)."""
         names = tuple(name for name in self.FDS if getattr(self, name) is not None)
         return marshal.dumps((tuple(vars(self).values()), names)), [getattr(self, n) for n in names]
@@ -173,7 +173,7 @@ def warm_up() -> None:
 def line_buffered_output() -> None:
     """Line-buffer stdout and stderr: a line reaches the relay when printed.
     A generation does it once for the workers it forks (each doing it itself
-    kept 70 KiB more of its own on 3.11); a spawned worker does it itself."""
+    kept 60-70 KiB more of its own on 3.11); a spawned worker does it itself."""
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(line_buffering=True)
