@@ -162,12 +162,11 @@ def prepare_forked() -> None:
 
 def warm_up() -> None:
     """Take, on made-up values, the first steps `_run` takes in every worker
-    (its identity and handle records, the encoding of its readiness message),
-    as a generation and a spare rehearse them (`zygote._rehearse`)."""
+    (its identity and handle records), as a generation and a spare rehearse
+    them (`zygote._rehearse`)."""
     identity.WorkerInfo("", "", 0)
     handle.Context(stop_fd=-1, notify_fd=-1, vars_segment="", max_vars_bytes=0,
                    heartbeat_interval=None)  # fmt: skip
-    protocol.encode({"t": "ready"})
 
 
 def line_buffered_output() -> None:
