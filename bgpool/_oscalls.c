@@ -1,7 +1,9 @@
 /* bgpool._oscalls: the system calls bgpool makes that Python's os module has
 no function for (prctl, clone with CLONE_PARENT, inotify, sigqueue, and a
-singleton worker's lease guard: a POSIX timer that kills it). Only bgpool/platform.py
-imports it; everything else goes through platform's functions.
+singleton worker's lease guard: a POSIX timer that kills it), and the loop in
+which a code generation forks its workers (`fork_server`). Only
+bgpool/platform.py imports it; everything else goes through platform's
+functions.
 
 Why C and not ctypes: these run in code generations and workers, right after a
 fork, where every page the process writes stops being shared with its siblings.
@@ -20,12 +22,15 @@ platform.py says what is missing. */
 #include <errno.h>
 
 #ifdef __linux__
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <sys/inotify.h>
 #include <sys/prctl.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -38,28 +43,217 @@ unsupported(void)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-/* fork_sibling(): fork, the child becoming a child of this process's parent
-(CLONE_PARENT); 0 in the child, its pid here. The interpreter's before- and
-after-fork steps run around the call, as os.fork() runs them. */
-static PyObject *
-oscalls_fork_sibling(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
-{
 #ifdef __linux__
+/* Fork, the child becoming a child of this process's parent (CLONE_PARENT):
+0 in the child, its pid here, -1 with errno set. The interpreter's before- and
+after-fork steps run around the call, as os.fork() runs them. */
+static long
+fork_sibling(void)
+{
     PyOS_BeforeFork();
     /* raw clone: glibc's fork() wrapper takes no flags, and clone() wants a
        new stack; the kernel's clone with a NULL stack is fork with flags */
     long pid = syscall(SYS_clone, (unsigned long)(CLONE_PARENT | SIGCHLD), NULL, NULL, NULL, NULL);
     if (pid == 0) {
         PyOS_AfterFork_Child();
-        return PyLong_FromLong(0);
+        return 0;
     }
     int saved = errno;
     PyOS_AfterFork_Parent();
-    if (pid < 0) {
-        errno = saved;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    errno = saved;
+    return pid;
+}
+
+/* The most spares fork_server keeps (zygote.SPARES is 2), and the most
+descriptors a request may bring (a Boot has four). */
+#define MAX_SPARES 8
+#define MAX_FDS 16
+
+/* One message on `sock`, with `fd` as SCM_RIGHTS when it is not -1. */
+static int
+send_message(int sock, const char *text, int fd)
+{
+    struct iovec part = {.iov_base = (void *)text, .iov_len = strlen(text)};
+    union {
+        char space[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr message = {.msg_iov = &part, .msg_iovlen = 1};
+    if (fd >= 0) {
+        memset(&control, 0, sizeof(control));
+        message.msg_control = control.space;
+        message.msg_controllen = sizeof(control.space);
+        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(header), &fd, sizeof(int));
     }
-    return PyLong_FromLong(pid);
+    return sendmsg(sock, &message, 0) < 0 ? -1 : 0;
+}
+
+/* Wait until one of `count` descriptors is readable or `timeout_ms` passes
+(-1: no limit), the GIL released; the number readable (0: timed out), or -1
+with a Python exception set (a signal handler raised, or poll failed). */
+static int
+wait_readable(struct pollfd *fds, int count, int timeout_ms)
+{
+    while (1) {
+        int ready;
+        Py_BEGIN_ALLOW_THREADS
+        ready = poll(fds, (nfds_t)count, timeout_ms);
+        Py_END_ALLOW_THREADS
+        if (ready >= 0)
+            return ready;
+        if (errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+}
+#endif
+
+/* fork_server(sock, max_fds, spares, spare_after_ms, max_packet): fork one
+child per request read on `sock` (a SOCK_SEQPACKET socket; a request comes
+with up to `max_fds` descriptors), answering each with its pid, and keep up to
+`spares` children forked ahead, each offered on `sock` with its own socket,
+until `sock` closes: zygote.py says what for, and what the messages are.
+
+Returns in the parent only once `sock` closed: None. Returns in each child:
+a request's (data, [descriptors]), or a spare's own socket (an int). The
+children are this process's parent's (CLONE_PARENT).
+
+In C, not Python, because a code generation forks here: every page this
+process writes after a fork stays with the child forked before it as its own.
+The same loop in Python wrote, between forks, the reference counts and the
+specialised code of every function it ran; a worker started as a spare, which
+was forked before the generation first served a request, then kept 130 KiB
+more of its own on 3.11 than one forked on request. */
+static PyObject *
+oscalls_fork_server(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int sock, max_fds, spares, spare_after_ms;
+    Py_ssize_t max_packet;
+    if (!PyArg_ParseTuple(args, "iiiin:fork_server", &sock, &max_fds, &spares, &spare_after_ms,
+                          &max_packet))
+        return NULL;
+#ifdef __linux__
+    if (max_fds < 0 || max_fds > MAX_FDS || spares < 0 || spares > MAX_SPARES || max_packet <= 0) {
+        PyErr_SetString(PyExc_ValueError, "fork_server: bad limits");
+        return NULL;
+    }
+    size_t control_size = CMSG_SPACE((size_t)max_fds * sizeof(int));
+    char *buffer = PyMem_RawMalloc((size_t)max_packet + control_size);
+    if (buffer == NULL)
+        return PyErr_NoMemory();
+    char *control = buffer + max_packet;
+    struct pollfd watched[1 + MAX_SPARES];
+    int waiting = 0; /* spares on offer: our end of each one's socket, watched[1..] */
+    int patience = 0; /* the first spare at once: no worker of ours boots yet */
+    PyObject *result = NULL;
+    char text[64];
+    while (1) {
+        watched[0].fd = sock;
+        for (int i = 0; i <= waiting; i++) {
+            watched[i].events = POLLIN;
+            watched[i].revents = 0;
+        }
+        int ready = wait_readable(watched, 1 + waiting, waiting < spares ? patience : -1);
+        if (ready < 0)
+            break;
+        if (ready == 0) { /* a moment without requests: fork a spare */
+            int pair[2];
+            if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0)
+                continue; /* the next request forks, as without spares */
+            long pid = fork_sibling();
+            if (pid == 0) {
+                close(pair[0]);
+                for (int i = 1; i <= waiting; i++)
+                    close(watched[i].fd);
+                PyMem_RawFree(buffer);
+                return PyLong_FromLong(pair[1]);
+            }
+            close(pair[1]);
+            if (pid < 0) {
+                close(pair[0]);
+                continue;
+            }
+            snprintf(text, sizeof(text), "{\"t\": \"spare\", \"pid\": %ld}", pid);
+            if (send_message(sock, text, pair[0]) != 0) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                close(pair[0]);
+                break;
+            }
+            watched[1 + waiting++].fd = pair[0]; /* it hangs up once the spare is taken */
+            continue;
+        }
+        patience = spare_after_ms; /* a worker of ours boots now: leave it the CPUs a moment */
+        for (int i = waiting; i >= 1; i--) {
+            if (watched[i].revents) { /* taken, or dead */
+                close(watched[i].fd);
+                watched[i] = watched[waiting--];
+            }
+        }
+        if (!watched[0].revents)
+            continue;
+        struct iovec part = {.iov_base = buffer, .iov_len = (size_t)max_packet};
+        struct msghdr message = {.msg_iov = &part, .msg_iovlen = 1, .msg_control = control,
+                                 .msg_controllen = control_size};
+        ssize_t size = recvmsg(sock, &message, 0);
+        if (size < 0) {
+            if (errno == EINTR)
+                continue;
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        if (size == 0) { /* the supervisor closed its end */
+            Py_INCREF(Py_None);
+            result = Py_None;
+            break;
+        }
+        int fds[MAX_FDS];
+        int count = 0;
+        for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header != NULL;
+             header = CMSG_NXTHDR(&message, header)) {
+            if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS)
+                continue;
+            int *data = (int *)CMSG_DATA(header);
+            size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < n && count < MAX_FDS; i++)
+                fds[count++] = data[i];
+        }
+        long pid = fork_sibling();
+        if (pid == 0) {
+            PyObject *list = PyList_New(count);
+            for (int i = 0; list != NULL && i < count; i++) {
+                PyObject *fd = PyLong_FromLong(fds[i]);
+                if (fd == NULL)
+                    Py_CLEAR(list);
+                else
+                    PyList_SET_ITEM(list, i, fd);
+            }
+            result = list == NULL ? NULL : Py_BuildValue("(y#N)", buffer, (Py_ssize_t)size, list);
+            PyMem_RawFree(buffer);
+            return result;
+        }
+        int failure = pid < 0 ? errno : 0;
+        for (int i = 0; i < count; i++)
+            close(fds[i]);
+        if (failure)
+            snprintf(text, sizeof(text), "{\"t\": \"failed\", \"errno\": %d}", failure);
+        else
+            snprintf(text, sizeof(text), "{\"t\": \"spawned\", \"pid\": %ld}", pid);
+        if (send_message(sock, text, -1) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+    }
+    for (int i = 1; i <= waiting; i++)
+        close(watched[i].fd);
+    PyMem_RawFree(buffer);
+    return result;
 #else
     return unsupported();
 #endif
@@ -239,7 +433,7 @@ oscalls_sigqueue(PyObject *Py_UNUSED(module), PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"fork_sibling", oscalls_fork_sibling, METH_NOARGS, "Fork with CLONE_PARENT: 0 in the child."},
+    {"fork_server", oscalls_fork_server, METH_VARARGS, "Fork a child per request, and spares."},
     {"prctl", oscalls_prctl_int, METH_VARARGS, "prctl(option, value)."},
     {"set_name", oscalls_set_name, METH_O, "Rename this process (comm)."},
     {"inotify_init", oscalls_inotify_init, METH_NOARGS, "inotify_init1(IN_NONBLOCK | IN_CLOEXEC)."},

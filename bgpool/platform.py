@@ -147,19 +147,29 @@ def _setproctitle() -> Callable[[str], None]:
     return setproctitle.setproctitle
 
 
-def fork_sibling() -> int:
-    """Fork, making the child a child of this process's parent (CLONE_PARENT):
-    0 in the child, its pid in this process.
+def fork_server(
+    sock: socket.socket, max_fds: int, spares: int, spare_after: float, max_packet: int
+) -> tuple[bytes, list[int]] | int | None:
+    """Fork one child per request read on `sock` (a SOCK_SEQPACKET socket; a
+    request brings up to `max_fds` descriptors, its packet at most
+    `max_packet` bytes), answering each with ``{"t": "spawned", "pid": n}``
+    or ``{"t": "failed", "errno": n}``; and while `spare_after` seconds pass
+    without a request, fork a spare, up to `spares` on offer, each offered as
+    ``{"t": "spare", "pid": n}`` with the other end of its own socket as
+    SCM_RIGHTS (which it hangs up once taken). Returns here, once `sock`
+    closed, None; in a request's child, the request and its descriptors; in
+    a spare, its own socket's descriptor.
 
-    A code generation forks workers this way, so every worker stays a direct
-    child of the supervisor, which alone waits for, signals and reaps them.
-    It is `os.fork()` with one more flag: the interpreter's own before- and
-    after-fork steps run around the system call, as they do for `os.fork()`.
-    Call it from a single-threaded process only.
+    Every child is a child of this process's parent (CLONE_PARENT): a code
+    generation forks workers this way, so every worker stays a direct child
+    of the supervisor, which alone waits for, signals and reaps them. The
+    interpreter's own before- and after-fork steps run around each fork, as
+    they do for `os.fork()`. Call it from a single-threaded process only.
     """
     if not LINUX:
         raise OSError(errno.ENOSYS, "forking a sibling process needs Linux")
-    return _oscalls.fork_sibling()
+    after_ms = round(spare_after * 1000)
+    return _oscalls.fork_server(sock.fileno(), max_fds, spares, after_ms, max_packet)
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -12,10 +12,10 @@ declaration error, with the closest name there is), then forks one worker per
 request it receives on its socket. Its module search path is the one the
 request gives: the pool's root first, then the application's `sys.path`.
 
-Workers are forked with `platform.fork_sibling()`, so each is the supervisor's
+Workers are forked by `platform.fork_server()`, so each is the supervisor's
 child, not this process's: the supervisor waits for, signals and reaps its
 workers as if it had forked them itself, and this process never has to. While
-no request waits, a generation keeps two **spares** forked ahead (`_Spare`,
+no request waits, a generation keeps two **spares** forked ahead (`_fork_on_request`,
 `bgpool-spare` in ps), and offers each to the supervisor, which hands the
 next requests to them itself: a cold start or a crash restart then waits for
 no fork, and for no hop through this process.
@@ -45,7 +45,6 @@ import importlib.machinery
 import importlib.util
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -298,46 +297,6 @@ def _rehearse() -> None:
     runtime.warm_up()
 
 
-class _Spare:
-    """A worker process forked before it is asked for, as Android's zygote
-    keeps unspecialised app processes: the supervisor hands it the next spawn
-    request itself, so a cold start or a crash restart waits for no fork and
-    no generation. It prepares itself as far as it can without its request
-    (`runtime.prepare_forked`), then waits on a socket of its own, whose other
-    end the generation passes to the supervisor; it exits if that closes
-    first (its generation was released). Like every worker, it is the
-    supervisor's child."""
-
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid = pid
-        self.sock = sock  # our copy of the supervisor's end: it hangs up when the spare is taken
-
-    @classmethod
-    def fork(
-        cls, generation: socket.socket, others: list[_Spare], max_fds: int, title: str
-    ) -> _Spare | None:
-        """Fork a spare beside `others`, `title` in ps, and offer it to the
-        supervisor on `generation` (None if the fork fails: requests fork
-        then)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = platform.fork_sibling()
-        except OSError:
-            ours.close()
-            theirs.close()
-            return None
-        if pid == 0:  # pragma: no cover - the child never returns
-            try:
-                for sock in [generation, ours, *(other.sock for other in others)]:
-                    sock.close()
-                _wait_for_request(theirs, max_fds, title)
-            finally:
-                os._exit(1)
-        theirs.close()
-        socket.send_fds(generation, [b'{"t": "spare", "pid": %d}' % pid], [ours.fileno()])
-        return cls(pid, ours)
-
-
 def _wait_for_request(sock: socket.socket, max_fds: int, title: str) -> NoReturn:
     """In a spare: take the spare's name (ps tells it from workers), prepare,
     rehearse the first steps of every worker once (so that what they cost the
@@ -363,52 +322,23 @@ def _fork_on_request(
 ) -> None:
     """Fork one child per request (which runs `child` with the request and its
     descriptors), answering each with its pid, until the socket closes. With
-    `spare_title` (their title in ps), keep up to `SPARES` spares, forked while
-    no request waits and offered to the supervisor, which hands requests to
-    them itself; each one's socket hangs up here once it is taken (or dead)."""
+    `spare_title` (their title in ps), keep up to `SPARES` **spares**: worker
+    processes forked before they are asked for, as Android's zygote keeps
+    unspecialised app processes, each prepared as far as it can be without
+    its request (`runtime.prepare_forked`) and waiting on a socket of its own,
+    whose other end is offered to the supervisor, which hands requests to it
+    itself: a cold start or a crash restart then waits for no fork and no
+    generation. A spare exits if that socket closes first (its generation was
+    released). The loop is `platform.fork_server`, in C: whatever this process
+    writes between forks stops being shared with the processes it forked."""
     spares = SPARES if spare_title is not None else 0
-    waiting: list[_Spare] = []
-    patience: float | None = 0.0  # the first spare at once: no worker of ours is booting yet
-    while True:
-        wanted = len(waiting) < spares
-        readable = select.select([sock, *(s.sock for s in waiting)], [], [],
-                                 patience if wanted else None)[0]  # fmt: skip
-        if not readable:
-            spare = _Spare.fork(sock, waiting, max_fds, spare_title or "")
-            waiting += [spare] if spare is not None else []
-            continue
-        patience = SPARE_AFTER  # a worker of ours boots now: leave it the CPUs a moment
-        for spare in [s for s in waiting if s.sock in readable]:
-            waiting.remove(spare)
-            spare.sock.close()
-        if sock not in readable:
-            continue
-        data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, max_fds)
-        if not data:
-            return
-        reply = _fork_child(sock, data, fds, child)
-        for fd in fds:
-            os.close(fd)
-        sock.send(reply)
-
-
-def _fork_child(
-    sock: socket.socket,
-    data: bytes,
-    fds: list[int],
-    child: Callable[[bytes, list[int]], NoReturn],
-) -> bytes:
-    """Fork a child that runs `child` with a request; the answer to it."""
-    # Fork first, decode in the child: whatever this process writes to
-    # memory between forks stops being shared with the processes it forked.
-    try:
-        pid = platform.fork_sibling()
-    except OSError as exc:
-        return b'{"t": "failed", "errno": %d}' % (exc.errno or 0)
-    if pid == 0:  # pragma: no cover - the child never returns
-        try:
-            sock.close()
-            child(data, fds)
-        finally:
-            os._exit(1)  # never back into the loop: it is the parent's
-    return b'{"t": "spawned", "pid": %d}' % pid
+    forked = platform.fork_server(sock, max_fds, spares, SPARE_AFTER, MAX_PACKET)
+    if forked is None:
+        return  # the supervisor closed its end
+    try:  # a child: never back into the caller, whose loop is the parent's
+        sock.close()
+        if isinstance(forked, int):
+            _wait_for_request(socket.socket(fileno=forked), max_fds, spare_title or "")
+        child(*forked)
+    finally:
+        os._exit(1)
