@@ -115,8 +115,8 @@ def _from_seed(seed: socket.socket, request: dict[str, Any], child: socket.socke
 
 def _exit_status(pid: int) -> int | None:
     """The exit status of child `pid`, which is exiting (negative: killed by a
-    signal); None if it was reaped already or is still there after
-    `EXIT_SECONDS`."""
+    signal); None if it was reaped already (the supervisor's reaper then says
+    so: `Generation.reaped`) or is still there after `EXIT_SECONDS`."""
     deadline = time.monotonic() + EXIT_SECONDS
     while True:
         try:
@@ -163,6 +163,7 @@ class Generation:
         self.loaded = False
         self.importing: str | None = None  # the module it said it imports now
         self.death = ""  # why it exited before it loaded, once it has
+        self.status: int | None = None  # its exit status, if the reaper took it (`reaped`)
         self.failures: dict[str, dict[str, Any]] = {}
         self.spares: collections.deque[tuple[int, socket.socket]] = collections.deque()
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -186,6 +187,12 @@ class Generation:
         """Whether it can still fork workers (not closed, not dead)."""
         return self.sock.fileno() >= 0
 
+    def reaped(self, status: int) -> None:
+        """The supervisor's reaper, which collects every exited child, took
+        this process's exit `status` (negative: killed by a signal): kept for
+        `take_load`, which would otherwise find none to say why it died."""
+        self.status = status
+
     def take_load(self) -> bool | None:
         """Read what the loading generation said, once its socket is readable:
         True once it has loaded, False if it died first (it is closed then;
@@ -197,7 +204,8 @@ class Generation:
             except OSError:
                 data = b""
             if not data:
-                self.death = texts.generation_died(_exit_status(self.pid), self.importing)
+                status = self.status if self.status is not None else _exit_status(self.pid)
+                self.death = texts.generation_died(status, self.importing)
                 log.error("code generation %d: %s", self.number, self.death)
                 self.close()
                 return False

@@ -453,7 +453,10 @@ class Lifecycle(Drains):
             inst = self.by_pid.pop(pid, None)
             if inst is not None:
                 self._on_exit(inst, os.waitstatus_to_exitcode(status))
-            # else: a worker's orphaned descendant, re-parented to us as subreaper
+            for gen in self.generations:  # one that died loading: it says why with this
+                if gen.pid == pid:
+                    gen.reaped(os.waitstatus_to_exitcode(status))
+            # anything else: a worker's orphaned descendant, re-parented to us as subreaper
 
     def _on_exit(self, inst: Instance, status: int) -> None:
         """The worker's process ended with `status` (negative: killed by a signal)."""
