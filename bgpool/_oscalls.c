@@ -113,6 +113,49 @@ wait_readable(struct pollfd *fds, int count, int timeout_ms)
             return -1;
     }
 }
+
+/* One packet read from `sock` into `buffer`, the descriptors it brought (at
+most MAX_FDS) into `fds` and their number into `count`: its size (0: the
+other end closed), or -1 with errno set. */
+static ssize_t
+receive(int sock, char *buffer, Py_ssize_t size, char *control, size_t control_size, int *fds,
+        int *count)
+{
+    struct iovec part = {.iov_base = buffer, .iov_len = (size_t)size};
+    struct msghdr message = {.msg_iov = &part, .msg_iovlen = 1, .msg_control = control,
+                             .msg_controllen = control_size};
+    ssize_t got;
+    do
+        got = recvmsg(sock, &message, 0);
+    while (got < 0 && errno == EINTR);
+    if (got <= 0)
+        return got;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header != NULL;
+         header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS)
+            continue;
+        int *data = (int *)CMSG_DATA(header);
+        size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < n && *count < MAX_FDS; i++)
+            fds[(*count)++] = data[i];
+    }
+    return got;
+}
+
+/* A request as a forked child returns it: (data, [descriptors]). */
+static PyObject *
+request(const char *data, ssize_t size, const int *fds, int count)
+{
+    PyObject *list = PyList_New(count);
+    for (int i = 0; list != NULL && i < count; i++) {
+        PyObject *fd = PyLong_FromLong(fds[i]);
+        if (fd == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, fd);
+    }
+    return list == NULL ? NULL : Py_BuildValue("(y#N)", data, (Py_ssize_t)size, list);
+}
 #endif
 
 /* fork_server(sock, max_fds, spares, spare_after_ms, max_packet): fork one
@@ -200,13 +243,10 @@ oscalls_fork_server(PyObject *Py_UNUSED(module), PyObject *args)
         }
         if (!watched[0].revents)
             continue;
-        struct iovec part = {.iov_base = buffer, .iov_len = (size_t)max_packet};
-        struct msghdr message = {.msg_iov = &part, .msg_iovlen = 1, .msg_control = control,
-                                 .msg_controllen = control_size};
-        ssize_t size = recvmsg(sock, &message, 0);
+        int fds[MAX_FDS];
+        int count = 0;
+        ssize_t size = receive(sock, buffer, max_packet, control, control_size, fds, &count);
         if (size < 0) {
-            if (errno == EINTR)
-                continue;
             PyErr_SetFromErrno(PyExc_OSError);
             break;
         }
@@ -215,28 +255,9 @@ oscalls_fork_server(PyObject *Py_UNUSED(module), PyObject *args)
             result = Py_None;
             break;
         }
-        int fds[MAX_FDS];
-        int count = 0;
-        for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header != NULL;
-             header = CMSG_NXTHDR(&message, header)) {
-            if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS)
-                continue;
-            int *data = (int *)CMSG_DATA(header);
-            size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            for (size_t i = 0; i < n && count < MAX_FDS; i++)
-                fds[count++] = data[i];
-        }
         long pid = fork_sibling();
         if (pid == 0) {
-            PyObject *list = PyList_New(count);
-            for (int i = 0; list != NULL && i < count; i++) {
-                PyObject *fd = PyLong_FromLong(fds[i]);
-                if (fd == NULL)
-                    Py_CLEAR(list);
-                else
-                    PyList_SET_ITEM(list, i, fd);
-            }
-            result = list == NULL ? NULL : Py_BuildValue("(y#N)", buffer, (Py_ssize_t)size, list);
+            result = request(buffer, size, fds, count);
             PyMem_RawFree(buffer);
             return result;
         }

@@ -453,6 +453,7 @@ class Lifecycle(Drains):
             inst = self.by_pid.pop(pid, None)
             if inst is not None:
                 self._on_exit(inst, os.waitstatus_to_exitcode(status))
+                continue
             for gen in self.generations:  # one that died loading: it says why with this
                 if gen.pid == pid:
                     gen.reaped(os.waitstatus_to_exitcode(status))
