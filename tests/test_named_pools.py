@@ -268,8 +268,11 @@ def test_stale_socket_of_a_killed_pool_is_taken_over(make_pool: Any, runtime_dir
         hello = raw_request(address, {"op": "hello"})
         supervisor = psutil.Process(int(hello["pid"]))
         pool_processes = [supervisor, *supervisor.children(recursive=True)]
-        # Killed so that nothing can clean up: the supervisor first (the owner
-        # would clean up at its shutdown), then the owner (which would not drain).
+        # Killed so that nothing can clean up: the owner frozen first (its
+        # watcher removes a dead supervisor's files at once, and would race
+        # this test), then the supervisor killed (the owner would clean up at
+        # its shutdown), then the owner (which would not drain).
+        owner.send_signal(signal.SIGSTOP)
         supervisor.kill()
         wait_all_gone([p.pid for p in pool_processes], 10, "the killed pool's processes")
         owner.kill()
